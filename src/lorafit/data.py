@@ -1,0 +1,455 @@
+"""Datasets: registry and loading, the label space, splits, tokenising and batching.
+
+Where a built-in dataset comes from, in order: the local mirror `$LORAFIT_DATA_DIR/<name>/`, the
+user cache (`$LORAFIT_CACHE_DIR`, default `~/.cache/lorafit`), then the canonical public source,
+checked against its sha256 before it enters the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import DataConfig
+from .errors import UserError
+
+__all__ = [
+    "RemoteFile",
+    "BuiltinDataset",
+    "BUILTINS",
+    "Split",
+    "Dataset",
+    "load",
+    "fetch_builtin",
+    "read_table",
+    "length_grouped_batches",
+    "sorted_batches",
+    "collate",
+]
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".tsv": "tsv"}
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    url: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    name: str
+    text_column: str
+    label_column: str
+    #: split -> file (CSV) at its canonical public address, with its checksum.
+    files: dict[str, RemoteFile] = field(default_factory=dict)
+    #: Or: a Hugging Face hub dataset id (and config) when the canonical source is the hub.
+    hub: tuple[str, str | None] | None = None
+    description: str = ""
+
+
+_POLYAI = "https://raw.githubusercontent.com/PolyAI-LDN/task-specific-datasets/57ec275d8078af65b7731c2a98be812d844a6d6b/banking_data"
+BUILTINS: dict[str, BuiltinDataset] = {
+    "banking77": BuiltinDataset(
+        name="banking77",
+        text_column="text",
+        label_column="category",
+        files={
+            "train": RemoteFile(f"{_POLYAI}/train.csv", "b06e26ac675513959a63135f11b94ea7786ed02da65db93a5650d8838cbc664b"),
+            "test": RemoteFile(f"{_POLYAI}/test.csv", "d12d6e3bc4c3103966ae786dc435913c0c563dfa328f5a3646d0e62cfeeb474d"),
+        },
+        description="77 online-banking intents (Casanueva et al., 2020); 10,003 train / 3,080 test; CC-BY-4.0",
+    ),
+    "emotion": BuiltinDataset(
+        name="emotion",
+        text_column="text",
+        label_column="label",
+        hub=("dair-ai/emotion", "split"),
+        description="6 emotions of English tweets (Saravia et al., 2018); 16,000 / 2,000 / 2,000",
+    ),
+}
+
+
+@dataclass
+class Split:
+    texts: list[str]
+    labels: list[str]
+    #: Row numbers in the source file, so every split can be rebuilt exactly.
+    rows: list[int]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass
+class Dataset:
+    splits: dict[str, Split]
+    label_names: list[str]
+    #: How each split was made: "file" or "carved from train" (with the seed).
+    provenance: dict[str, str]
+    source: str
+    dropped: dict[str, int]
+
+    def label_ids(self, split: str) -> list[int]:
+        index = {name: i for i, name in enumerate(self.label_names)}
+        return [index[label] for label in self.splits[split].labels]
+
+    def splits_record(self) -> dict:
+        """What splits.json holds: the source rows of every split."""
+        return {
+            "source": self.source,
+            "provenance": self.provenance,
+            "dropped_rows": self.dropped,
+            **{name: split.rows for name, split in self.splits.items()},
+        }
+
+
+# -- locating built-in data ---------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORAFIT_CACHE_DIR", Path.home() / ".cache" / "lorafit"))
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(remote: RemoteFile, dest: Path, timeout: float = 60.0) -> Path:
+    """Fetch `remote` to `dest` atomically; a checksum mismatch leaves nothing behind."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(remote.url, timeout=timeout) as response:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                out.write(block)
+        actual = sha256_of(tmp)
+        if actual != remote.sha256:
+            raise UserError(f"download of {remote.url} is corrupt: sha256 {actual}, expected {remote.sha256}")
+        os.replace(tmp, dest)
+        return dest
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        raise UserError(
+            f"cannot download {remote.url} ({getattr(e, 'reason', e)}); offline? put the files in "
+            f"$LORAFIT_DATA_DIR/<dataset>/ (train.csv, test.csv) and set LORAFIT_DATA_DIR"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fetch_builtin(spec: BuiltinDataset) -> Path:
+    """The folder holding the dataset's split files: mirror, else cache, else download."""
+    mirror = os.environ.get("LORAFIT_DATA_DIR")
+    if mirror and (Path(mirror) / spec.name).is_dir():
+        return Path(mirror) / spec.name
+    folder = cache_dir() / "datasets" / spec.name
+    if spec.hub is not None:
+        if not all((folder / f"{s}.csv").is_file() for s in SPLITS):
+            _fetch_from_hub(spec, folder)
+        return folder
+    for split, remote in spec.files.items():
+        target = folder / f"{split}.csv"
+        if not target.is_file() or sha256_of(target) != remote.sha256:
+            log.info("downloading %s %s from %s", spec.name, split, remote.url)
+            download(remote, target)
+    return folder
+
+
+def _fetch_from_hub(spec: BuiltinDataset, folder: Path) -> None:
+    hub_id, hub_config = spec.hub  # type: ignore[misc]
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(hub_id, hub_config)
+    except Exception as e:  # noqa: BLE001 - the hub client raises many kinds
+        raise UserError(
+            f"dataset {spec.name!r} is not in $LORAFIT_DATA_DIR nor the cache, and the hub ({hub_id}) "
+            f"did not provide it ({str(e).splitlines()[0] if str(e) else type(e).__name__}); put "
+            f"train.csv/validation.csv/test.csv in $LORAFIT_DATA_DIR/{spec.name}/ and set LORAFIT_DATA_DIR"
+        ) from None
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        frame = ds[split].to_pandas()
+        names = ds[split].features[spec.label_column].names
+        frame[spec.label_column] = [names[i] for i in frame[spec.label_column]]
+        tmp = folder / f".{split}.csv.part"
+        frame[[spec.text_column, spec.label_column]].to_csv(tmp, index=False)
+        os.replace(tmp, folder / f"{split}.csv")
+
+
+# -- reading tables -----------------------------------------------------------------------------
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A CSV/TSV/JSONL/Parquet file -> a DataFrame of strings; unreadable files are UserErrors."""
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise UserError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(sorted(FORMATS))}")
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    try:
+        if kind in ("csv", "tsv"):
+            frame = pd.read_csv(
+                path, sep="," if kind == "csv" else "\t", dtype=str, keep_default_na=False,
+                na_values=[], encoding="utf-8", on_bad_lines="error", engine="python",
+            )
+        elif kind == "jsonl":
+            frame = pd.read_json(path, lines=True, dtype=False, encoding="utf-8")
+        else:
+            frame = pd.read_parquet(path)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
+    except Exception as e:  # noqa: BLE001 - pandas/pyarrow raise many kinds for a malformed file
+        message = " ".join(str(e).split())[:200] or type(e).__name__
+        raise UserError(f"{path}: cannot read as {kind}: {message}") from None
+    frame.columns = [str(c) for c in frame.columns]
+    return frame
+
+
+def _column(frame: pd.DataFrame, column: str, what: str, path: str) -> list:
+    if column not in frame.columns:
+        raise UserError(
+            f"{path}: no {what} column {column!r}; columns are: {', '.join(frame.columns) or '(none)'} "
+            f"(set data.{what}_column)"
+        )
+    return frame[column].tolist()
+
+
+def _as_text(value: object) -> str | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if not isinstance(value, str):
+        return None
+    return value
+
+
+def _as_label(value: object) -> str | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, np.integer)) or (isinstance(value, (float, np.floating)) and float(value).is_integer()):
+        return str(int(value))
+    if isinstance(value, (str, float, np.floating)):
+        text = str(value).strip()
+        return text or None
+    return None
+
+
+def _read_split(path: Path, text_column: str, label_column: str) -> tuple[Split, int]:
+    frame = read_table(path)
+    texts = _column(frame, text_column, "text", str(path))
+    labels = _column(frame, label_column, "label", str(path))
+    keep_texts, keep_labels, rows = [], [], []
+    for row, (text, label) in enumerate(zip(texts, labels)):
+        t, lab = _as_text(text), _as_label(label)
+        if t is None or not t.strip() or lab is None:
+            continue
+        keep_texts.append(t)
+        keep_labels.append(lab)
+        rows.append(row)
+    dropped = len(texts) - len(rows)
+    if dropped:
+        log.warning("%s: dropped %d rows with an empty text or label", path, dropped)
+    if not rows:
+        raise UserError(f"{path}: no usable rows ({dropped} rows all had an empty text or label)")
+    return Split(keep_texts, keep_labels, rows), dropped
+
+
+def _split_files(folder: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for split in SPLITS:
+        names = [split] + (["valid", "val", "dev"] if split == "validation" else [])
+        for name in names:
+            for suffix in FORMATS:
+                if (folder / f"{name}{suffix}").is_file():
+                    found.setdefault(split, folder / f"{name}{suffix}")
+    if "train" not in found:
+        raise UserError(f"{folder}: no train file (train.csv, train.jsonl or train.parquet)")
+    return found
+
+
+# -- splits -------------------------------------------------------------------------------------
+
+def carve(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Stratified, seeded split of `split` into (rest, carved): each class gives `fraction`."""
+    rng = random.Random(seed)
+    by_label: dict[str, list[int]] = {}
+    for i, label in enumerate(split.labels):
+        by_label.setdefault(label, []).append(i)
+    carved: list[int] = []
+    for label in sorted(by_label):
+        members = by_label[label]
+        rng.shuffle(members)
+        if len(members) >= 2:
+            carved.extend(members[: max(1, round(fraction * len(members)))])
+    carved_set = set(carved)
+    rest = [i for i in range(len(split)) if i not in carved_set]
+    carved.sort()
+    return _subset(split, rest), _subset(split, carved)
+
+
+def _subset(split: Split, index: list[int]) -> Split:
+    return Split([split.texts[i] for i in index], [split.labels[i] for i in index], [split.rows[i] for i in index])
+
+
+def _label_order(labels: list[str]) -> list[str]:
+    unique = set(labels)
+    if all(re.fullmatch(r"-?\d+", label) for label in unique):
+        return sorted(unique, key=int)
+    return sorted(unique)
+
+
+def load(cfg: DataConfig, seed: int) -> tuple[Dataset, DataConfig]:
+    """Read, clean and split the data; returns it with the config's columns filled in."""
+    spec = BUILTINS.get(cfg.name)
+    text_column = cfg.text_column or (spec.text_column if spec else "text")
+    label_column = cfg.label_column or (spec.label_column if spec else "label")
+    resolved = cfg.model_copy(update={"text_column": text_column, "label_column": label_column})
+
+    if spec is not None:
+        files = _split_files(fetch_builtin(spec))
+        source = f"builtin:{spec.name}"
+    elif cfg.name.startswith("hf:"):
+        files = _hub_files(cfg.name[3:], text_column, label_column)
+        source = cfg.name
+    else:
+        path = Path(cfg.name).expanduser()
+        if path.is_dir():
+            files = _split_files(path)
+        elif path.is_file():
+            files = {"train": path}
+        else:
+            raise UserError(
+                f"data.name {cfg.name!r} is not a built-in dataset ({', '.join(BUILTINS)}), "
+                "not an existing file or folder, and not hf:<hub id>"
+            )
+        source = str(path.resolve())
+
+    splits: dict[str, Split] = {}
+    dropped: dict[str, int] = {}
+    for name, path in files.items():
+        splits[name], dropped[name] = _read_split(path, text_column, label_column)
+    provenance = {name: "file" for name in splits}
+
+    train = splits["train"]
+    if cfg.train_limit is not None and cfg.train_limit < len(train):
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        train = _subset(train, sorted(order[: cfg.train_limit]))
+        provenance["train"] = f"first {cfg.train_limit} rows of a shuffle with seed {seed}"
+    for name in ("test", "validation"):
+        if name not in splits:
+            train, splits[name] = carve(train, cfg.validation_fraction, seed + (1 if name == "test" else 0))
+            provenance[name] = f"carved from train (stratified, fraction {cfg.validation_fraction}, seed {seed})"
+    splits["train"] = train
+
+    label_names = _label_order(train.labels)
+    if len(label_names) < 2:
+        raise UserError(f"training data has {len(label_names)} class ({', '.join(label_names)}); need at least 2")
+    known = set(label_names)
+    for name in ("validation", "test"):
+        unseen = sorted(set(splits[name].labels) - known)
+        if unseen:
+            shown = ", ".join(unseen[:10]) + (f" and {len(unseen) - 10} more" if len(unseen) > 10 else "")
+            raise UserError(f"{name} split has labels never seen in training: {shown}")
+    for name in SPLITS:
+        if len(splits[name]) == 0:
+            raise UserError(f"{name} split is empty; add data or lower data.validation_fraction")
+    dataset = Dataset({n: splits[n] for n in SPLITS}, label_names, provenance, source, dropped)
+    return dataset, resolved
+
+
+def _hub_files(hub_id: str, text_column: str, label_column: str) -> dict[str, Path]:
+    """Materialise a hub dataset's splits as Parquet in the cache, then read it like a folder."""
+    folder = cache_dir() / "hub" / hub_id.replace("/", "__")
+    if not (folder / "train.parquet").is_file():
+        try:
+            import datasets
+
+            ds = datasets.load_dataset(hub_id)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"cannot load hub dataset {hub_id!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        folder.mkdir(parents=True, exist_ok=True)
+        aliases = {"valid": "validation", "val": "validation", "dev": "validation"}
+        for split_name, split in ds.items():
+            name = aliases.get(split_name, split_name)
+            if name not in SPLITS:
+                continue
+            frame = split.to_pandas()
+            feature = split.features.get(label_column)
+            if feature is not None and hasattr(feature, "names"):
+                frame[label_column] = [feature.names[i] for i in frame[label_column]]
+            frame.to_parquet(folder / f".{name}.part", index=False)
+            os.replace(folder / f".{name}.part", folder / f"{name}.parquet")
+    return _split_files(folder)
+
+
+# -- tokenising and batching --------------------------------------------------------------------
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random, group: int = 50) -> list[list[int]]:
+    """Shuffled batches of similar-length examples, so padding wastes almost nothing.
+
+    Shuffle, cut into megabatches of `group` batches, sort each by length, cut into batches,
+    shuffle the batch order: random enough for SGD, with ~1.0 padded tokens per real token.
+    """
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches: list[list[int]] = []
+    span = batch_size * group
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Evaluation order: by length, so no batch pads much."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def collate(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to the longest sequence in the batch -> (input_ids, attention_mask), both (B, T)."""
+    longest = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, : len(seq)] = 1
+    return input_ids, attention_mask
+
+
+def iterate(token_ids: list[list[int]], batches: list[list[int]], pad_id: int) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    for batch in batches:
+        input_ids, attention_mask = collate([token_ids[i] for i in batch], pad_id)
+        yield batch, input_ids, attention_mask
+
+
+def label_counts(labels: list[str]) -> dict[str, int]:
+    return dict(Counter(labels))

@@ -1,0 +1,49 @@
+"""Shared plumbing for methods whose engine is peft: inject, save, load, merge.
+
+A peft method only says which `peft.PeftConfig` its settings make (`peft_config`); everything else
+here is common, so what lorafit saves loads in plain peft unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+
+from .base import Method
+
+__all__ = ["PeftMethod"]
+
+
+class PeftMethod(Method):
+    artifact = "adapter"
+
+    def peft_config(self, targets: list[str], total_steps: int) -> PeftConfig:
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module, targets: list[str], total_steps: int) -> nn.Module:
+        config = self.peft_config(targets, total_steps)
+        # The head is new and task-specific: it trains and is saved with the adapter.
+        config.modules_to_save = ["classifier"]
+        config.base_model_name_or_path = getattr(model, "name_or_path", None)
+        return get_peft_model(model, config)
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        result = set_peft_model_state_dict(model, state)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise RuntimeError(f"adapter state has keys the model lacks: {unexpected[:5]}")
+
+    def save(self, model: nn.Module, path: Path) -> None:
+        model.save_pretrained(str(path), safe_serialization=True)
+
+    def load(self, base: nn.Module, path: Path) -> nn.Module:
+        return PeftModel.from_pretrained(base, str(path))
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return model.merge_and_unload()

@@ -1,0 +1,68 @@
+"""Where and how tensors run: device choice, autocast, threads, seeding, memory figures."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import resource
+import sys
+
+import numpy as np
+import torch
+
+from .config import TrainConfig
+from .errors import UserError
+
+__all__ = ["select_device", "autocast", "seed_everything", "peak_memory_mb", "set_threads"]
+
+
+def select_device(choice: str) -> torch.device:
+    if choice == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
+    if choice == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("train.device=mps but MPS is not available; use train.device=auto or cpu")
+    return torch.device(choice)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """Only CUDA autocasts: bf16 where the GPU supports it, else fp16."""
+    if device.type != "cuda" or cfg.precision == "fp32":
+        if cfg.precision in ("bf16", "fp16") and device.type != "cuda":
+            raise UserError(f"train.precision={cfg.precision} needs a CUDA device; use precision=auto or fp32")
+        return None
+    if cfg.precision == "fp16":
+        return torch.float16
+    if cfg.precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated on a GPU; peak resident set size of this process elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024

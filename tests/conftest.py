@@ -1,0 +1,91 @@
+"""Tiny random encoders and synthetic data, built locally: the suite needs no network or weights."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+FILLER = "the a my an is was please card money account help when where why how can could".split()
+KEYWORDS = {"travel": ["flight", "hotel", "trip"], "food": ["pizza", "pasta", "salad"], "sport": ["tennis", "soccer", "golf"]}
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+VOCAB = SPECIAL + sorted(set(FILLER) | {w for ws in KEYWORDS.values() for w in ws})
+
+ARCHS = ("bert", "distilbert", "roberta")
+
+
+def write_tokenizer(folder: Path) -> None:
+    from transformers import BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+
+
+def build_tiny_encoder(folder: Path, arch: str = "bert", seed: int = 0) -> Path:
+    """A 2-layer, 32-wide random encoder of `arch` with a WordPiece tokenizer, saved as safetensors."""
+    from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(VOCAB), max_position_embeddings=64, pad_token_id=0)
+    if arch == "bert":
+        model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, **common))
+    elif arch == "distilbert":
+        model = DistilBertModel(DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, **common))
+    elif arch == "roberta":
+        model = RobertaModel(RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                           bos_token_id=2, eos_token_id=3, **common))
+    else:
+        raise ValueError(arch)
+    model.save_pretrained(folder, safe_serialization=True)
+    write_tokenizer(folder)
+    return folder
+
+
+def synthetic_frame(n: int, seed: int = 0) -> pd.DataFrame:
+    rng = random.Random(seed)
+    rows = []
+    labels = sorted(KEYWORDS)
+    for i in range(n):
+        label = labels[i % len(labels)]
+        words = [rng.choice(FILLER) for _ in range(rng.randint(2, 9))]
+        words.insert(rng.randint(0, len(words)), rng.choice(KEYWORDS[label]))
+        rows.append({"text": " ".join(words), "label": label})
+    return pd.DataFrame(rows)
+
+
+def write_dataset(folder: Path, n_train: int = 120, n_test: int = 30, seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    synthetic_frame(n_train, seed).to_csv(folder / "train.csv", index=False)
+    synthetic_frame(n_test, seed + 1).to_csv(folder / "test.csv", index=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {arch: build_tiny_encoder(root / arch, arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tiny_models) -> Path:
+    return tiny_models["bert"]
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    return write_dataset(tmp_path / "data")
+
+
+def tiny_overrides(model: Path, data: Path, **extra) -> list[str]:
+    """Overrides for a seconds-long run on the tiny model."""
+    base = {
+        "model.name": str(model), "data.name": str(data), "train.epochs": 2, "train.batch_size": 8,
+        "train.lr": 5e-3, "train.progress": False, "train.log_every": 2, "method.rank": 4, "method.alpha": 8,
+        "train.threads": 1,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
