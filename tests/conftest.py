@@ -18,11 +18,12 @@ ARCHS = ("bert", "distilbert", "roberta")
 
 
 def write_tokenizer(folder: Path) -> None:
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(VOCAB)}, do_lower_case=True)
+    assert tokenizer.convert_tokens_to_ids("pizza") == VOCAB.index("pizza")
+    tokenizer.save_pretrained(folder)
 
 
 def build_tiny_encoder(folder: Path, arch: str = "bert", seed: int = 0) -> Path:

@@ -199,10 +199,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_to_stderr() -> None:
+    """The library logs; the CLI shows lorafit's INFO lines (the epoch table) on stderr."""
+    logger = logging.getLogger("lorafit")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        if getattr(handler, "_lorafit_cli", False):
+            logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler._lorafit_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("lorafit").setLevel(logging.INFO)
+    _log_to_stderr()
     _quiet_libraries()
     try:
         return args.func(args)

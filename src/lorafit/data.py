@@ -360,8 +360,9 @@ def load(cfg: DataConfig, seed: int) -> tuple[Dataset, DataConfig]:
         provenance["train"] = f"first {cfg.train_limit} rows of a shuffle with seed {seed}"
     for name in ("test", "validation"):
         if name not in splits:
-            train, splits[name] = carve(train, cfg.validation_fraction, seed + (1 if name == "test" else 0))
-            provenance[name] = f"carved from train (stratified, fraction {cfg.validation_fraction}, seed {seed})"
+            carve_seed = seed + (1 if name == "test" else 0)
+            train, splits[name] = carve(train, cfg.validation_fraction, carve_seed)
+            provenance[name] = f"carved from train (stratified, fraction {cfg.validation_fraction}, seed {carve_seed})"
     splits["train"] = train
 
     label_names = _label_order(train.labels)

@@ -1,0 +1,176 @@
+"""End to end: `lorafit train` in a temp dir on a tiny random encoder, then predict/eval from the folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from peft import PeftModel
+
+import lorafit
+from lorafit.cli import main
+from lorafit.models import build_classifier
+from lorafit.rundir import RunDir
+
+from conftest import tiny_overrides
+
+RUN_FILES = {"config.yaml", "labels.json", "splits.json", "metrics.jsonl", "eval.json", "summary.json"}
+
+
+@pytest.mark.parametrize("method,artifact", [("lora", "adapter"), ("full", "model")])
+def test_train_writes_exactly_the_run_folder(tiny_bert, tiny_data, tmp_path, method, artifact, capsys):
+    out = tmp_path / "run"
+    extra = {"method.name": method}
+    overrides = tiny_overrides(tiny_bert, tiny_data, **extra)
+    if method == "full":
+        overrides = [o for o in overrides if not o.startswith(("method.rank", "method.alpha"))]
+    assert main(["train", *overrides, "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == RUN_FILES | {artifact}
+    if artifact == "adapter":
+        assert {p.name for p in (out / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    else:
+        assert {p.name for p in (out / "model").iterdir()} >= {"config.json", "model.safetensors", "head.safetensors"}
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt")), "weights must be safetensors only"
+
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("trainable_params", "total_params", "trainable_percent", "adapter_bytes", "train_seconds",
+                "seconds_per_epoch", "train_examples_per_second", "peak_memory_mb", "best_epoch", "device", "versions"):
+        assert key in summary, key
+    assert summary["adapter_bytes"] == sum(p.stat().st_size for p in (out / artifact).rglob("*") if p.is_file())
+    if method == "full":
+        assert summary["trainable_params"] == summary["total_params"]
+    else:
+        assert 0 < summary["trainable_params"] < summary["total_params"]
+
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["split"] == "test"
+    for key in ("accuracy", "macro_f1", "weighted_f1", "loss", "per_class", "confusion"):
+        assert key in ev
+    labels = json.loads((out / "labels.json").read_text())
+    assert labels == ["food", "sport", "travel"]
+    assert set(ev["per_class"]) == set(labels)
+    assert np.array(ev["confusion"]).sum() == ev["examples"] == 30
+
+    records = RunDir(out).metrics()
+    epochs = [r for r in records if r["type"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert any(r["type"] == "step" for r in records)
+    for r in epochs:
+        assert {"train_loss", "val_loss", "val_accuracy", "val_macro_f1"} <= set(r)
+
+    # The table and the test summary are printed.
+    err = capsys.readouterr().err
+    assert "val_acc" in err and "test (best epoch" in err
+
+
+def test_reloaded_run_reproduces_logged_test_metrics_exactly(tiny_bert, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    result = lorafit.train(lorafit.load_config(None, tiny_overrides(tiny_bert, tiny_data, **{"train.epochs": 3})), out)
+    clf = lorafit.load(out)
+    test_csv = tiny_data / "test.csv"
+    import pandas as pd
+
+    frame = pd.read_csv(test_csv)
+    again = clf.evaluate(frame.text.tolist(), frame.label.tolist())
+    assert again["accuracy"] == result.eval["accuracy"]
+    assert again["macro_f1"] == result.eval["macro_f1"]
+    assert again["loss"] == result.eval["loss"]
+    assert again["confusion"] == result.eval["confusion"]
+
+
+def test_adapter_loads_in_plain_peft(tiny_bert, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    lorafit.train(lorafit.load_config(None, tiny_overrides(tiny_bert, tiny_data)), out)
+    cfg = RunDir(out).config()
+    base = build_classifier(cfg.model, 3, seed=123)  # a different head init: the adapter must carry the head
+    model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    clf = lorafit.load(out)
+    enc = clf.tokenizer(["my pizza please", "golf trip"], padding=True, return_tensors="pt")
+    import torch
+
+    with torch.inference_mode():
+        a = model(enc["input_ids"], enc["attention_mask"])
+        b = clf.model(enc["input_ids"], enc["attention_mask"])
+    assert torch.equal(a, b)
+
+
+def test_predict_and_eval_cli(tiny_bert, tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    lorafit.train(lorafit.load_config(None, tiny_overrides(tiny_bert, tiny_data)), out)
+    capsys.readouterr()
+    assert main(["predict", str(out), "my pizza please", "--top-k", "2"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.strip()]
+    assert len(lines) == 2 and all("%" in l for l in lines)
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("hotel trip\n\ngolf please\n")
+    assert main(["predict", str(out), "--file", str(texts), "--top-k", "3"]) == 0
+    rows = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in rows] == ["hotel trip", "golf please"]
+    for r in rows:
+        probs = [p["probability"] for p in r["predictions"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True)
+        assert abs(sum(probs) - 1) < 1e-4  # 3 labels: top-3 is the whole distribution
+
+    logged = json.loads((out / "eval.json").read_text())
+    assert main(["eval", str(out), "--output", str(tmp_path / "e.json")]) == 0
+    again = json.loads((tmp_path / "e.json").read_text())
+    assert again["accuracy"] == logged["accuracy"] and again["macro_f1"] == logged["macro_f1"]
+    assert main(["eval", str(out), "--split", "validation"]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    # Another dataset file, evaluated whole.
+    assert main(["eval", str(out), "--data", str(tiny_data / "train.csv")]) == 0
+
+
+def test_python_api_matches_cli(tiny_bert, tiny_data, tmp_path):
+    """lorafit.train with a dict config gives the same numbers as the CLI with the same overrides."""
+    overrides = tiny_overrides(tiny_bert, tiny_data)
+    main(["train", *overrides, "--out", str(tmp_path / "cli"), "--quiet"])
+    cfg = lorafit.load_config(None, overrides)
+    result = lorafit.train(cfg.model_dump(), tmp_path / "api")
+    cli_eval = json.loads((tmp_path / "cli" / "eval.json").read_text())
+    assert result.eval["accuracy"] == cli_eval["accuracy"] and result.eval["loss"] == cli_eval["loss"]
+
+
+def test_training_is_deterministic(tiny_bert, tiny_data, tmp_path):
+    overrides = tiny_overrides(tiny_bert, tiny_data, **{"train.epochs": 3})
+    a = lorafit.train(lorafit.load_config(None, overrides), tmp_path / "a")
+    b = lorafit.train(lorafit.load_config(None, overrides), tmp_path / "b")
+    assert a.eval["loss"] == b.eval["loss"] and a.eval["confusion"] == b.eval["confusion"]
+    assert RunDir(tmp_path / "a").metrics()[-1]["val_loss"] == RunDir(tmp_path / "b").metrics()[-1]["val_loss"]
+
+
+def test_training_learns(tiny_bert, tiny_data, tmp_path):
+    overrides = tiny_overrides(tiny_bert, tiny_data, **{"method.name": "full", "train.epochs": 6, "train.lr": 3e-3})
+    overrides = [o for o in overrides if not o.startswith(("method.rank", "method.alpha"))]
+    result = lorafit.train(lorafit.load_config(None, overrides), tmp_path / "a")
+    epochs = [r for r in RunDir(tmp_path / "a").metrics() if r["type"] == "epoch"]
+    assert epochs[-1]["train_loss"] < 0.5 * epochs[0]["train_loss"]
+    # Keyword classes are easy: a working loop must get (nearly) all of them.
+    assert result.eval["accuracy"] >= 0.9
+
+
+def test_run_config_round_trips(tiny_bert, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    cfg = lorafit.load_config(None, tiny_overrides(tiny_bert, tiny_data))
+    lorafit.train(cfg, out)
+    saved = RunDir(out).config()
+    # Columns were resolved (null -> the actual columns), everything else is as given.
+    assert saved.data.text_column == "text" and saved.data.label_column == "label"
+    assert saved.model_dump(exclude={"data"}) == cfg.model_dump(exclude={"data"})
+    raw = yaml.safe_load((out / "config.yaml").read_text())
+    assert raw["derived"]["total_steps"] == raw["derived"]["steps_per_epoch"] * 2
+
+
+def test_early_stopping_keeps_best_epoch(tiny_bert, tiny_data, tmp_path):
+    # lr 0 after warmup-less constant schedule: validation never improves after epoch 1.
+    overrides = tiny_overrides(tiny_bert, tiny_data, **{
+        "train.epochs": 5, "train.patience": 2, "train.lr": 1e-12, "train.schedule": "constant", "train.warmup": 0,
+        "train.metric": "accuracy",
+    })
+    result = lorafit.train(lorafit.load_config(None, overrides), tmp_path / "run")
+    epochs = [r for r in RunDir(tmp_path / "run").metrics() if r["type"] == "epoch"]
+    assert result.summary["stopped_early"] is True
+    assert len(epochs) == 3 and result.summary["best_epoch"] == 1
