@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -15,6 +16,8 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 VOCAB = SPECIAL + sorted(set(FILLER) | {w for ws in KEYWORDS.values() for w in ws})
 
 ARCHS = ("bert", "distilbert", "roberta")
+# Tests never reach the hub: an unknown model name must fail at once, not wait on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def write_tokenizer(folder: Path) -> None:

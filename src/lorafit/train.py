@@ -178,7 +178,7 @@ def train(config: Config | str | Path | dict, out: str | Path, overwrite: bool =
                 total_loss = loss if extra is None else loss + extra
             if not torch.isfinite(total_loss):
                 bar.close()
-                _diverged(run, method, step, epoch, float(total_loss), best_epoch)
+                _diverged(run, method, step, epoch, float(total_loss.detach()), best_epoch)
             (total_loss / cfg.train.grad_accum).backward()
             epoch_loss += loss.item() * len(batch)
             window_loss += loss.item()
