@@ -63,14 +63,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def make_optimizer(model: nn.Module, method: Method, cfg: Config) -> torch.optim.Optimizer:
     """AdamW with the head at train.head_lr, and no weight decay on biases and norms."""
+    head_lr = cfg.train.head_lr if cfg.train.head_lr is not None else cfg.train.lr
     groups = []
-    for part, params in method.param_groups(model).items():
-        lr = cfg.train.head_lr if part == "head" and cfg.train.head_lr is not None else cfg.train.lr
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
+    for group in method.param_groups(model, cfg.train.lr, head_lr):
+        decay = [p for p in group["params"] if p.ndim >= 2]
+        no_decay = [p for p in group["params"] if p.ndim < 2]
         groups += [
-            {"params": decay, "lr": lr, "weight_decay": cfg.train.weight_decay, "name": f"{part}"},
-            {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{part}_no_decay"},
+            {"params": decay, "lr": group["lr"], "weight_decay": cfg.train.weight_decay, "name": group["name"]},
+            {"params": no_decay, "lr": group["lr"], "weight_decay": 0.0, "name": f"{group['name']}_no_decay"},
         ]
     return torch.optim.AdamW([g for g in groups if g["params"]])
 

@@ -45,13 +45,17 @@ class Method:
         """Inject adapters and set `requires_grad`; the classifier head must stay trainable."""
         raise NotImplementedError
 
-    def param_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters split into 'body' (train.lr) and 'head' (train.head_lr)."""
-        groups: dict[str, list[nn.Parameter]] = {"body": [], "head": []}
+    def param_groups(self, model: nn.Module, lr: float, head_lr: float) -> list[dict[str, Any]]:
+        """Trainable parameters as optimiser groups `{"name", "params", "lr"}`.
+
+        Default: the new classification head at `head_lr`, everything else trainable at `lr`.
+        A method with its own learning-rate rule (LoRA+ for B, say) overrides this.
+        """
+        body, head = [], []
         for name, p in model.named_parameters():
             if p.requires_grad:
-                groups["head" if is_head_param(name) else "body"].append(p)
-        return groups
+                (head if is_head_param(name) else body).append(p)
+        return [{"name": "body", "params": body, "lr": lr}, {"name": "head", "params": head, "lr": head_lr}]
 
     # -- inside the loop -------------------------------------------------------------------
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
