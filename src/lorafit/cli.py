@@ -46,8 +46,16 @@ def _quiet_libraries() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .train import train
+    from .train import resume, train
 
+    if args.resume:
+        if args.items or args.out:
+            raise UserError("--resume takes only the run folder: its config.yaml holds the settings")
+        result = resume(args.resume)
+        print(f"run saved to {result.path}")
+        return 0
+    if not args.out:
+        raise UserError("--out RUN_DIR is required (or --resume RUN_DIR)")
     config, overrides = _split_config_and_overrides(args.items)
     cfg = load_config(config, overrides)
     if args.quiet:
@@ -162,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("train", help="train a model; writes a run folder")
     p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
                    help="a YAML config and/or dotted overrides (see `lorafit config keys`)")
-    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--out", help="run folder to create")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or killed run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
@@ -220,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
+        from .train import Interrupted
+
+        if isinstance(e, Interrupted):
+            print(f"lorafit: {e}", file=sys.stderr)
+            return 128 + e.signum
         print(f"lorafit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

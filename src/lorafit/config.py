@@ -96,6 +96,11 @@ class TrainConfig(_Section):
     """Autocast dtype; auto is bf16 (or fp16) on CUDA and fp32 elsewhere. Only CUDA autocasts."""
     threads: Annotated[int, Field(gt=0)] | None = None
     """CPU threads for torch; null leaves torch's default (one per core)."""
+    checkpoint_every: Annotated[int, Field(ge=0)] = 200
+    """Write a resumable checkpoint every N optimiser steps (and at every epoch end); 0 turns
+    checkpoints off. Checkpoints are removed when the run finishes."""
+    keep_checkpoints: Annotated[int, Field(gt=0)] = 2
+    """How many of the newest checkpoints to keep."""
     log_every: Annotated[int, Field(gt=0)] = 50
     """Write a step line to metrics.jsonl every N optimiser steps."""
     progress: bool = True

@@ -2,7 +2,8 @@
 
 Each epoch: length-grouped batches -> loss (+ the method's extra loss) -> backward -> clip -> step ->
 `on_step_end` -> schedule -> log; then validation, best checkpoint and early stopping. The loop never
-asks which method runs.
+asks which method runs. Everything the loop knows lives in `Progress`, so a checkpoint (weights,
+optimiser, scheduler, RNG states and `Progress`) lets `resume` continue bit for bit.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import math
 import platform
 import random
 import shutil
+import signal
 import time
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from . import __version__, data
+from . import __version__, checkpoint, data
 from .config import Config, load_config, resolve_schedule, validate
 from .errors import UserError
 from .evaluate import classification_metrics
@@ -34,7 +37,7 @@ from .models import build_classifier, find_targets, load_tokenizer
 from .rundir import RunDir, folder_bytes
 from .runtime import autocast, autocast_dtype, peak_memory_mb, seed_everything, select_device, set_threads
 
-__all__ = ["train", "RunResult", "count_parameters"]
+__all__ = ["train", "resume", "RunResult", "Interrupted", "count_parameters"]
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +49,33 @@ class RunResult:
     summary: dict
 
 
-class Diverged(Exception):
-    pass
+class Interrupted(UserError):
+    """SIGINT/SIGTERM: the current step finished, a checkpoint was written."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+@dataclass
+class Progress:
+    """Where the loop stands. Saved in every checkpoint; restoring it resumes exactly."""
+
+    epoch: int = 1
+    batch: int = 0  # next micro-batch of this epoch
+    step: int = 0  # optimiser steps taken
+    epoch_loss: float = 0.0
+    epoch_elapsed: float = 0.0
+    examples_seen: int = 0
+    epoch_seconds: list[float] = field(default_factory=list)
+    best_value: float | None = None
+    best_epoch: int = 0
+    stale: int = 0
+    stopped: bool = False
+    window_loss: float = 0.0
+    window_steps: int = 0
+    window_examples: int = 0
+    metrics_lines: int = 0  # metrics.jsonl lines written, so a resume drops lines from after the checkpoint
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -82,12 +110,13 @@ def _better(metric: str, value: float, best: float | None) -> bool:
 
 
 def _save_atomic(method: Method, model: nn.Module, target: Path) -> None:
-    """Save into a sibling temp folder, then swap it in: the previous checkpoint survives a crash."""
+    """Save into a sibling temp folder, then swap it in: the previous artifact survives a crash."""
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     method.save(model, tmp)
     old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         target.rename(old)
     tmp.rename(target)
@@ -102,11 +131,27 @@ def _as_config(config: Config | str | Path | dict) -> Config:
     return load_config(config)
 
 
-def train(config: Config | str | Path | dict, out: str | Path, overwrite: bool = False) -> RunResult:
-    """Train, keep the best epoch, evaluate it on test; everything lands in the run folder `out`."""
-    cfg = _as_config(config)
-    run = RunDir(out)
-    run.check_new(overwrite)
+@dataclass
+class _Job:
+    """Everything built before the first step; the same for a fresh run and a resumed one."""
+
+    cfg: Config
+    run: RunDir
+    device: torch.device
+    amp: torch.dtype | None
+    dataset: data.Dataset
+    tokens: dict[str, list[list[int]]]
+    targets: dict[str, np.ndarray]
+    pad_id: int
+    model: nn.Module
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    schedule: object
+    adapted: list[str]
+
+
+def _prepare(cfg: Config, run: RunDir) -> _Job:
     set_threads(cfg.train.threads)
     device = select_device(cfg.train.device)
     amp = autocast_dtype(cfg.train, device)
@@ -114,7 +159,6 @@ def train(config: Config | str | Path | dict, out: str | Path, overwrite: bool =
     # -- data: read, clean, split, tokenise once ----------------------------------------------
     dataset, data_cfg = data.load(cfg.data, cfg.seed)
     cfg = cfg.model_copy(update={"data": data_cfg})
-    labels = dataset.label_names
     tokenizer = load_tokenizer(cfg.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens = {name: data.tokenize(tokenizer, split.texts, cfg.data.max_length) for name, split in dataset.splits.items()}
@@ -122,13 +166,12 @@ def train(config: Config | str | Path | dict, out: str | Path, overwrite: bool =
 
     # -- model and method ---------------------------------------------------------------------
     seed_everything(cfg.seed)
-    model = build_classifier(cfg.model, len(labels), cfg.seed)
+    model = build_classifier(cfg.model, len(dataset.label_names), cfg.seed)
     method = registry.get(cfg.method.name)(cfg.method)
     adapted = find_targets(model, cfg.method.targets, cfg.method.layers) if isinstance(cfg.method, AdapterConfig) else []
     schedule = resolve_schedule(cfg, len(dataset.splits["train"]))
     model = method.apply(model, adapted, schedule.total_steps)
     model.to(device)
-    trainable, total = count_parameters(model)
     optimizer = make_optimizer(model, method, cfg)
     scheduler = get_scheduler(
         "constant_with_warmup" if cfg.train.schedule == "constant" else cfg.train.schedule,
@@ -136,41 +179,129 @@ def train(config: Config | str | Path | dict, out: str | Path, overwrite: bool =
         num_warmup_steps=schedule.warmup_steps,
         num_training_steps=schedule.total_steps,
     )
+    return _Job(cfg, run, device, amp, dataset, tokens, targets, pad_id, model, method, optimizer, scheduler, schedule, adapted)
 
+
+def train(config: Config | str | Path | dict, out: str | Path, overwrite: bool = False) -> RunResult:
+    """Train, keep the best epoch, evaluate it on test; everything lands in the run folder `out`."""
+    cfg = _as_config(config)
+    run = RunDir(out)
+    run.check_new(overwrite)
+    job = _prepare(cfg, run)
     # Everything that can fail on bad input has been checked: only now is the folder created.
     run.create(overwrite)
-    run.write_config(cfg, derived=asdict(schedule) | {"adapted_modules": len(adapted)})
-    run.write_json("labels.json", labels)
-    run.write_json("splits.json", dataset.splits_record() | {"seed": cfg.seed})
+    run.write_config(job.cfg, derived=asdict(job.schedule) | {"adapted_modules": len(job.adapted)})
+    run.write_json("labels.json", job.dataset.label_names)
+    run.write_json("splits.json", job.dataset.splits_record() | {"seed": job.cfg.seed})
+    return _run(job, Progress())
+
+
+def resume(run_dir: str | Path) -> RunResult:
+    """Continue a run from its newest checkpoint; ends as the uninterrupted run would have."""
+    run = RunDir(run_dir)
+    cfg = run.config()
+    latest = checkpoint.latest(run.path)
+    if latest is None:
+        if (run.path / "summary.json").is_file():
+            raise UserError(f"{run.path} already finished (summary.json exists); nothing to resume")
+        raise UserError(f"{run.path} has no checkpoint to resume from (train.checkpoint_every may be off)")
+    job = _prepare(cfg, run)
+    if job.dataset.splits_record()["train"] != run.read_json("splits.json")["train"]:
+        raise UserError(f"the training data changed since {run.path} started; cannot resume it exactly")
+    tensors, meta = checkpoint.load(latest)
+    job.method.load_state_dict(job.model, {k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
+    job.method.load_checkpoint_state(job.model, {k[7:]: v for k, v in tensors.items() if k.startswith("method/")}, meta["method"])
+    checkpoint.optimizer_from_flat(job.optimizer, tensors, meta["optimizer"])
+    job.scheduler.load_state_dict(meta["scheduler"])
+    checkpoint.restore_rng(tensors, meta["rng"])
+    progress = Progress(**meta["progress"])
+    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
+    lines = (run.path / "metrics.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (run.path / "metrics.jsonl").write_text("".join(lines[: progress.metrics_lines]), encoding="utf-8")
+    log.info("resuming %s from %s (epoch %d, step %d)", run.path, latest.name, progress.epoch, progress.step)
+    return _run(job, progress, best or None)
+
+
+def _write_checkpoint(job: _Job, progress: Progress, best_state: dict | None) -> None:
+    tensors = {f"model/{k}": v for k, v in job.method.state_dict(job.model).items()}
+    if best_state is not None:
+        tensors |= {f"best/{k}": v for k, v in best_state.items()}
+    method_tensors, method_meta = job.method.checkpoint_state(job.model)
+    tensors |= {f"method/{k}": v for k, v in method_tensors.items()}
+    opt_tensors, opt_meta = checkpoint.optimizer_to_flat(job.optimizer)
+    rng_tensors, rng_meta = checkpoint.capture_rng()
+    meta = {
+        "progress": asdict(progress), "optimizer": opt_meta, "scheduler": job.scheduler.state_dict(),
+        "rng": rng_meta, "method": method_meta,
+    }
+    checkpoint.save(job.run.path, progress.step, tensors | opt_tensors | rng_tensors, meta, job.cfg.train.keep_checkpoints)
+
+
+@contextmanager
+def _catch_signals():
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and stops."""
+    caught: list[int] = []
+    previous = {}
+
+    def handler(signum, frame):
+        caught.append(signum)
+
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = {}
+    try:
+        yield caught
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _run(job: _Job, p: Progress, best_state: dict | None = None) -> RunResult:
+    try:
+        with _catch_signals() as caught:
+            best_state = _epochs(job, p, best_state, caught)
+    except OSError as e:
+        latest = checkpoint.latest(job.run.path)
+        kept = f"the last checkpoint ({latest.name}) is intact" if latest else "no checkpoint was written yet"
+        raise UserError(
+            f"cannot write to {job.run.path}: {e.strerror or e}; {kept}; free space or fix permissions, "
+            f"then resume with: lorafit train --resume {job.run.path}"
+        ) from None
+    return _finish(job, p, best_state)
+
+
+def _epochs(job: _Job, p: Progress, best_state: dict | None, caught: list[int]) -> dict | None:
+    cfg, run, model, method, optimizer, scheduler = job.cfg, job.run, job.model, job.method, job.optimizer, job.scheduler
+    device, amp = job.device, job.amp
+    trainable, total = count_parameters(model)
     log.info(
         "%s on %s: %d train / %d validation / %d test examples, %d labels; %s trainable of %s parameters (%.2f%%) on %s",
-        cfg.method.name, cfg.model.name, len(tokens["train"]), len(tokens["validation"]), len(tokens["test"]),
-        len(labels), f"{trainable:,}", f"{total:,}", 100 * trainable / total, device,
+        cfg.method.name, cfg.model.name, len(job.tokens["train"]), len(job.tokens["validation"]), len(job.tokens["test"]),
+        len(job.dataset.label_names), f"{trainable:,}", f"{total:,}", 100 * trainable / total, device,
     )
-
-    # -- epochs -------------------------------------------------------------------------------
-    lengths = [len(t) for t in tokens["train"]]
-    step = 0
-    best_value: float | None = None
-    best_epoch = 0
-    best_state: dict | None = None
-    stale = 0
-    epoch_seconds: list[float] = []
-    examples_seen = 0
-    history: list[dict] = []
+    lengths = [len(t) for t in job.tokens["train"]]
     log.info("%s", _table_header())
-    for epoch in range(1, cfg.train.epochs + 1):
+
+    def append(record: dict) -> None:
+        run.append_metrics(record)
+        p.metrics_lines += 1
+
+    while p.epoch <= cfg.train.epochs and not p.stopped:
         model.train()
-        rng = random.Random(cfg.seed * 1000 + epoch)
-        batches = data.length_grouped_batches(lengths, cfg.train.batch_size, rng)
-        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout masks repeat per epoch
-        bar = tqdm(total=math.ceil(len(batches) / cfg.train.grad_accum), desc=f"epoch {epoch}/{cfg.train.epochs}",
+        batches = data.length_grouped_batches(lengths, cfg.train.batch_size, random.Random(cfg.seed * 1000 + p.epoch))
+        if p.batch == 0:
+            torch.manual_seed(cfg.seed * 1000 + p.epoch)  # dropout masks repeat per epoch
+        steps_in_epoch = math.ceil(len(batches) / cfg.train.grad_accum)
+        bar = tqdm(total=steps_in_epoch, initial=p.batch // cfg.train.grad_accum, desc=f"epoch {p.epoch}/{cfg.train.epochs}",
                    disable=not cfg.train.progress, leave=False, unit="step", dynamic_ncols=True)
-        started = time.perf_counter()
-        epoch_loss = 0.0
-        window_loss, window_steps, window_examples, window_start = 0.0, 0, 0, started
-        for i, (batch, input_ids, attention_mask) in enumerate(data.iterate(tokens["train"], batches, pad_id)):
-            y = torch.as_tensor(targets["train"][batch], device=device)  # (B,)
+        started = time.perf_counter() - p.epoch_elapsed
+        window_start = time.perf_counter()
+        for i in range(p.batch, len(batches)):
+            batch = batches[i]
+            input_ids, attention_mask = data.collate([job.tokens["train"][j] for j in batch], job.pad_id)  # (B, T) each
+            y = torch.as_tensor(job.targets["train"][batch], device=device)  # (B,)
             with autocast(device, amp):
                 logits = model(input_ids.to(device), attention_mask.to(device))  # (B, C)
                 loss = F.cross_entropy(logits.float(), y)
@@ -178,73 +309,89 @@ def train(config: Config | str | Path | dict, out: str | Path, overwrite: bool =
                 total_loss = loss if extra is None else loss + extra
             if not torch.isfinite(total_loss):
                 bar.close()
-                _diverged(run, method, step, epoch, float(total_loss.detach()), best_epoch)
+                _diverged(run, method, p, float(total_loss.detach()))
             (total_loss / cfg.train.grad_accum).backward()
-            epoch_loss += loss.item() * len(batch)
-            window_loss += loss.item()
-            window_examples += len(batch)
-            examples_seen += len(batch)
-            last_micro = (i + 1) % cfg.train.grad_accum == 0 or i + 1 == len(batches)
-            if not last_micro:
+            p.epoch_loss += loss.item() * len(batch)
+            p.window_loss += loss.item()
+            p.window_examples += len(batch)
+            p.examples_seen += len(batch)
+            p.batch = i + 1
+            if p.batch % cfg.train.grad_accum and p.batch != len(batches):
                 continue
             if cfg.train.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.train.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_([q for g in optimizer.param_groups for q in g["params"]], cfg.train.max_grad_norm)
             optimizer.step()
-            step += 1
-            method.on_step_end(model, step)
+            p.step += 1
+            method.on_step_end(model, p.step)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            window_steps += 1
-            now = time.perf_counter()
+            p.window_steps += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{window_loss / (window_steps * cfg.train.grad_accum):.3f}",
-                            ex_s=f"{window_examples / max(now - window_start, 1e-9):.0f}", refresh=False)
-            if step % cfg.train.log_every == 0:
-                run.append_metrics({
-                    "type": "step", "step": step, "epoch": epoch,
-                    "loss": window_loss / (window_steps * cfg.train.grad_accum),
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "examples_per_second": window_examples / max(now - window_start, 1e-9),
-                })
-                window_loss, window_steps, window_examples, window_start = 0.0, 0, 0, now
+            now = time.perf_counter()
+            rate = p.window_examples / max(now - window_start, 1e-9)
+            bar.set_postfix(loss=f"{p.window_loss / (p.window_steps * cfg.train.grad_accum):.3f}", ex_s=f"{rate:.0f}", refresh=False)
+            if p.step % cfg.train.log_every == 0:
+                append({"type": "step", "step": p.step, "epoch": p.epoch,
+                        "loss": p.window_loss / (p.window_steps * cfg.train.grad_accum),
+                        "lr": optimizer.param_groups[0]["lr"], "examples_per_second": rate})
+                p.window_loss, p.window_steps, p.window_examples, window_start = 0.0, 0, 0, now
+            p.epoch_elapsed = now - started
+            if caught or (cfg.train.checkpoint_every and p.step % cfg.train.checkpoint_every == 0 and p.batch < len(batches)):
+                _write_checkpoint(job, p, best_state)
+            if caught:
+                bar.close()
+                raise Interrupted(
+                    f"stopped by signal {signal.Signals(caught[0]).name} after step {p.step} (epoch {p.epoch}); "
+                    f"checkpoint saved; resume with: lorafit train --resume {run.path}", caught[0])
         bar.close()
         seconds = time.perf_counter() - started
-        epoch_seconds.append(seconds)
+        p.epoch_seconds.append(seconds)
 
         val = classification_metrics(
-            predict_logits(model, tokens["validation"], pad_id, cfg.train.eval_batch_size, device, amp),
-            targets["validation"], labels,
+            predict_logits(model, job.tokens["validation"], job.pad_id, cfg.train.eval_batch_size, device, amp),
+            job.targets["validation"], job.dataset.label_names,
         )
         record = {
-            "type": "epoch", "epoch": epoch, "step": step,
-            "train_loss": epoch_loss / len(tokens["train"]),
+            "type": "epoch", "epoch": p.epoch, "step": p.step, "train_loss": p.epoch_loss / len(job.tokens["train"]),
             "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
-            "seconds": seconds, "examples_per_second": len(tokens["train"]) / seconds,
+            "seconds": seconds, "examples_per_second": len(job.tokens["train"]) / seconds,
         }
-        run.append_metrics(record)
-        history.append(record)
+        append(record)
         value = val[cfg.train.metric]
-        improved = _better(cfg.train.metric, value, best_value)
+        improved = _better(cfg.train.metric, value, p.best_value)
         log.info("%s", _table_row(record, improved))
         if improved:
-            best_value, best_epoch, stale = value, epoch, 0
+            p.best_value, p.best_epoch, p.stale = value, p.epoch, 0
             best_state = method.state_dict(model)
             _save_atomic(method, model, run.path / method.artifact)
         else:
-            stale += 1
-            if cfg.train.patience is not None and stale >= cfg.train.patience:
-                log.info("early stop: validation %s did not improve for %d epochs", cfg.train.metric, stale)
-                break
+            p.stale += 1
+            if cfg.train.patience is not None and p.stale >= cfg.train.patience:
+                log.info("early stop: validation %s did not improve for %d epochs", cfg.train.metric, p.stale)
+                p.stopped = True
+        p.epoch += 1
+        p.batch, p.epoch_loss, p.epoch_elapsed = 0, 0.0, 0.0
+        if cfg.train.checkpoint_every:
+            _write_checkpoint(job, p, best_state)
+        if caught:
+            raise Interrupted(f"stopped by signal {signal.Signals(caught[0]).name} after epoch {p.epoch - 1}; "
+                              f"checkpoint saved; resume with: lorafit train --resume {run.path}", caught[0])
+    return best_state
 
-    # -- the best epoch, on test --------------------------------------------------------------
+
+def _finish(job: _Job, p: Progress, best_state: dict | None) -> RunResult:
+    """The best epoch, on test; summary.json; checkpoints are no longer needed."""
+    cfg, run, model, method = job.cfg, job.run, job.model, job.method
     assert best_state is not None
     method.load_state_dict(model, best_state)
     test = classification_metrics(
-        predict_logits(model, tokens["test"], pad_id, cfg.train.eval_batch_size, device, amp), targets["test"], labels
+        predict_logits(model, job.tokens["test"], job.pad_id, cfg.train.eval_batch_size, job.device, job.amp),
+        job.targets["test"], job.dataset.label_names,
     )
     test = {"split": "test", **test}
     run.write_json("eval.json", test)
-    train_seconds = float(sum(epoch_seconds))
+    trainable, total = count_parameters(model)
+    train_seconds = float(sum(p.epoch_seconds))
     summary = {
         "method": cfg.method.name,
         "model": cfg.model.name,
@@ -253,38 +400,39 @@ def train(config: Config | str | Path | dict, out: str | Path, overwrite: bool =
         "trainable_percent": 100 * trainable / total,
         "adapter_bytes": folder_bytes(run.path / method.artifact),
         "train_seconds": train_seconds,
-        "seconds_per_epoch": train_seconds / len(epoch_seconds),
-        "train_examples_per_second": examples_seen / train_seconds,
-        "peak_memory_mb": peak_memory_mb(device),
-        "best_epoch": best_epoch,
-        "epochs_run": len(epoch_seconds),
-        "stopped_early": len(epoch_seconds) < cfg.train.epochs,
-        "best_validation": {cfg.train.metric: best_value},
+        "seconds_per_epoch": train_seconds / len(p.epoch_seconds),
+        "train_examples_per_second": p.examples_seen / train_seconds,
+        "peak_memory_mb": peak_memory_mb(job.device),
+        "best_epoch": p.best_epoch,
+        "epochs_run": len(p.epoch_seconds),
+        "stopped_early": len(p.epoch_seconds) < cfg.train.epochs,
+        "best_validation": {cfg.train.metric: p.best_value},
         "test_accuracy": test["accuracy"],
         "test_macro_f1": test["macro_f1"],
-        "steps": step,
-        "device": str(device),
-        "autocast": str(amp).replace("torch.", "") if amp else None,
+        "steps": p.step,
+        "device": str(job.device),
+        "autocast": str(job.amp).replace("torch.", "") if job.amp else None,
         "threads": torch.get_num_threads(),
         "versions": _versions(),
         **method.summary(model),
     }
     run.write_json("summary.json", summary)
+    checkpoint.remove_all(run.path)
     log.info(
         "test (best epoch %d): accuracy %.4f, macro-F1 %.4f, loss %.4f on %d examples; %.1f s/epoch, %.0f train examples/s",
-        best_epoch, test["accuracy"], test["macro_f1"], test["loss"], test["examples"],
+        p.best_epoch, test["accuracy"], test["macro_f1"], test["loss"], test["examples"],
         summary["seconds_per_epoch"], summary["train_examples_per_second"],
     )
     return RunResult(run.path, test, summary)
 
 
-def _diverged(run: RunDir, method: Method, step: int, epoch: int, value: float, best_epoch: int) -> None:
+def _diverged(run: RunDir, method: Method, p: Progress, value: float) -> None:
     kept = (
-        f"the last good checkpoint (epoch {best_epoch}) is kept in {run.path / method.artifact}"
-        if best_epoch else "no epoch finished, so there is no checkpoint"
+        f"the last good checkpoint (epoch {p.best_epoch}) is kept in {run.path / method.artifact}"
+        if p.best_epoch else "no epoch finished, so there is no checkpoint"
     )
-    run.append_metrics({"type": "diverged", "step": step + 1, "epoch": epoch, "loss": str(value)})
-    raise UserError(f"loss became {value} at step {step + 1} (epoch {epoch}); {kept}; lower train.lr or set train.max_grad_norm")
+    run.append_metrics({"type": "diverged", "step": p.step + 1, "epoch": p.epoch, "loss": str(value)})
+    raise UserError(f"loss became {value} at step {p.step + 1} (epoch {p.epoch}); {kept}; lower train.lr or set train.max_grad_norm")
 
 
 def _table_header() -> str:

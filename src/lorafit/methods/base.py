@@ -85,6 +85,14 @@ class Method:
         """Fold the adapter into the base weights; returns a model with no adapter modules."""
         return model
 
+    def checkpoint_state(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Method state beyond the weights that a resumed run needs (AdaLoRA's importance
+        scores, say), as (tensors, JSON-able data). Default: none."""
+        return {}, {}
+
+    def load_checkpoint_state(self, model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore what `checkpoint_state` returned."""
+
     def summary(self, model: nn.Module) -> dict[str, Any]:
         """Method-specific figures for summary.json (AdaLoRA's final ranks, say)."""
         return {}

@@ -1,0 +1,142 @@
+"""Crash safety: SIGKILL at several points + resume ends exactly like the uninterrupted run;
+SIGTERM checkpoints and says how to resume; a failed write (file too large) keeps the previous
+checkpoint intact and the run resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lorafit
+from lorafit import checkpoint
+from lorafit.train import resume
+
+from conftest import tiny_overrides
+
+EXTRA = {"train.epochs": 4, "train.checkpoint_every": 3, "train.keep_checkpoints": 2, "method.dropout": 0.1,
+         "train.lr": 1e-2}
+
+
+def _cmd(overrides, out):
+    return [sys.executable, "-m", "lorafit", "train", *overrides, "--out", str(out), "--quiet"]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def _assert_same_outcome(a: Path, b: Path) -> None:
+    ea, eb = json.loads((a / "eval.json").read_text()), json.loads((b / "eval.json").read_text())
+    for key in ("accuracy", "macro_f1", "loss", "confusion"):
+        assert ea[key] == eb[key], key
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"weight {k} differs after resume"
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "examples_per_second")} for r in rows]  # noqa: E731
+    ma = [json.loads(l) for l in (a / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(l) for l in (b / "metrics.jsonl").read_text().splitlines()]
+    assert strip(ma) == strip(mb), "metrics.jsonl must read as one uninterrupted run"
+    assert not (b / "checkpoints").exists()
+
+
+@pytest.fixture
+def reference(tiny_bert, tiny_data, tmp_path):
+    overrides = tiny_overrides(tiny_bert, tiny_data, **EXTRA)
+    out = tmp_path / "reference"
+    subprocess.run(_cmd(overrides, out), check=True, env=_env(), capture_output=True)
+    return overrides, out
+
+
+@pytest.mark.parametrize("kill_after_step", [1, 7, 20, 35])
+def test_sigkill_then_resume_is_bitwise_identical(reference, tmp_path, kill_after_step):
+    overrides, ref = reference
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(overrides, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        latest = checkpoint.latest(out)
+        if latest is not None and int(latest.name.split("-")[1]) >= kill_after_step:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.latest(out) is not None, "the run was killed before its first checkpoint"
+    result = resume(out)
+    assert result.eval["accuracy"] == json.loads((ref / "eval.json").read_text())["accuracy"]
+    _assert_same_outcome(ref, out)
+
+
+def test_sigterm_checkpoints_and_says_how_to_resume(reference, tmp_path):
+    overrides, ref = reference
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(_cmd(overrides, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and checkpoint.latest(out) is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "Traceback" not in err
+    assert f"lorafit train --resume {out}" in err
+    assert checkpoint.latest(out) is not None
+    assert subprocess.run([sys.executable, "-m", "lorafit", "train", "--resume", str(out), "--quiet"], env=_env(),
+                          capture_output=True).returncode == 0
+    _assert_same_outcome(ref, out)
+
+
+def test_failed_write_keeps_previous_checkpoint(tiny_bert, tiny_data, tmp_path, monkeypatch):
+    overrides = tiny_overrides(tiny_bert, tiny_data, **EXTRA)
+    # Measure checkpoint sizes of this exact run (kept, for the measurement only).
+    monkeypatch.setattr(checkpoint, "remove_all", lambda run_path: None)
+    measured = tmp_path / "measured"
+    lorafit.train(lorafit.load_config(None, overrides + ["train.keep_checkpoints=1000"]), measured)
+    sizes = [(int(p.name.split("-")[1]), (p / "tensors.safetensors").stat().st_size, "best/" in "".join(load_file(str(p / "tensors.safetensors"))))
+             for p in sorted((measured / "checkpoints").iterdir())]
+    first_with_best = next(i for i, (_, _, has_best) in enumerate(sizes) if has_best)
+    small = max(size for _, size, _ in sizes[:first_with_best])
+    limit = sizes[first_with_best][1] - 1
+    assert small <= limit
+    monkeypatch.undo()
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large write fails with EFBIG instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "full-disk"
+    proc = subprocess.run(_cmd(overrides, out), env=_env(), capture_output=True, text=True, preexec_fn=limit_file_size)
+    assert proc.returncode == 2, proc.stderr
+    message = proc.stderr.strip().splitlines()[-1]
+    assert "cannot write to" in message and "is intact" in message and "--resume" in message
+    assert "Traceback" not in proc.stderr
+    kept = checkpoint.latest(out)
+    assert kept is not None and int(kept.name.split("-")[1]) == sizes[first_with_best - 1][0]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    load_file(str(kept / "tensors.safetensors"))  # complete and readable
+    # With room again, the run resumes and ends like an uninterrupted one.
+    resume(out)
+    reference = tmp_path / "reference"
+    lorafit.train(lorafit.load_config(None, overrides), reference)
+    _assert_same_outcome(reference, out)
+
+
+def test_resume_refuses_finished_or_checkpointless_runs(tiny_bert, tiny_data, tmp_path):
+    out = tmp_path / "done"
+    lorafit.train(lorafit.load_config(None, tiny_overrides(tiny_bert, tiny_data)), out)
+    with pytest.raises(lorafit.UserError, match="already finished"):
+        resume(out)
+    with pytest.raises(lorafit.UserError, match="not found|no config"):
+        resume(tmp_path / "nothing")
