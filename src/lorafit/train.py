@@ -414,8 +414,9 @@ def _finish(job: _Job, p: Progress, best_state: dict | None) -> RunResult:
         "autocast": str(job.amp).replace("torch.", "") if job.amp else None,
         "threads": torch.get_num_threads(),
         "versions": _versions(),
-        **method.summary(model),
     }
+    method_summary = method.summary(model)
+    summary.update(method_summary)
     run.write_json("summary.json", summary)
     checkpoint.remove_all(run.path)
     log.info(
@@ -423,6 +424,9 @@ def _finish(job: _Job, p: Progress, best_state: dict | None) -> RunResult:
         p.best_epoch, test["accuracy"], test["macro_f1"], test["loss"], test["examples"],
         summary["seconds_per_epoch"], summary["train_examples_per_second"],
     )
+    for key, value in method_summary.items():
+        shown = ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value
+        log.info("%s: %s", key, shown)
     return RunResult(run.path, test, summary)
 
 
