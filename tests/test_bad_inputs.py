@@ -1,15 +1,20 @@
 """Every bad input gets one line on stderr naming the problem, exit status 2, no traceback, and no run
-folder left behind (nothing half-written). Each goes through the CLI entry point in-process."""
+folder left behind (nothing half-written). Each goes through the CLI entry point in-process.
+Random bad inputs (files, overrides) are fuzzed in test_fuzz.py."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from lorafit.cli import main
+from lorafit.errors import UserError
+from lorafit.rundir import safe_name
 
 from conftest import synthetic_frame, tiny_overrides, write_dataset
 
@@ -229,3 +234,88 @@ def test_diverging_loss_names_the_step(tiny_bert, tiny_data, tmp_path, capsys):
     assert records[-1]["type"] == "diverged" and records[-1]["step"] == 2
     assert math.isnan(float(records[-1]["loss"]))
     assert not (out / "adapter").exists() and not (out / "eval.json").exists()
+
+
+# -- names, pickles and damaged run folders -----------------------------------------------------
+
+@pytest.mark.parametrize("name,reason", [
+    ("..", "names a folder"), (".", "names a folder"), ("", "non-empty"), ("  ", "non-empty"),
+    ("../escape", "contains a '/'"), ("/etc/passwd", "contains a '/'"), ("a/b", "contains a '/'"),
+    ("..\\windows", "contains a '\\'"), ("C:evil", "contains a ':'"), ("nul\x00byte", "NUL byte"),
+    ("line\nbreak", "control characters"), ("x" * 256, "longer than 255 bytes"),
+])
+def test_safe_name_refuses_anything_that_leaves_its_folder(name, reason):
+    with pytest.raises(UserError) as caught:
+        safe_name(name, "adapter name")
+    message = str(caught.value)
+    assert message.startswith("adapter name") and reason in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("name", ["b77-lora", "emotion_v2", "run.1", ".hidden", "über", "x" * 255])
+def test_safe_name_keeps_plain_names(name):
+    assert safe_name(name, "adapter name") == name
+
+
+def _pickle_only_copy(model: Path, dest: Path) -> Path:
+    """The tiny model with its weights as pytorch_model.bin (a pickle) instead of safetensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    shutil.copytree(model, dest)
+    state = load_file(str(dest / "model.safetensors"))
+    (dest / "model.safetensors").unlink()
+    torch.save(state, dest / "pytorch_model.bin")
+    return dest
+
+
+def test_pickle_weights_are_refused_unless_trusted(tiny_bert, tiny_data, tmp_path, capsys):
+    model = _pickle_only_copy(tiny_bert, tmp_path / "pickled")
+    line = fails_cleanly(capsys, tmp_path / "run", *quick(model, tiny_data))
+    assert str(model) in line and "pickle weights" in line and "arbitrary code" in line
+    assert "model.trust_pickle=true" in line
+    # With the flag the same folder trains.
+    assert main(["train", *quick(model, tiny_data, **{"model.trust_pickle": "true"}), "--out", str(tmp_path / "ok")]) == 0
+
+
+def test_pickle_in_a_run_folder_is_refused(tiny_bert, tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *quick(tiny_bert, tiny_data), "--out", str(out)]) == 0
+    (out / "adapter" / "adapter_model.bin").write_bytes(b"not really a pickle")
+    capsys.readouterr()
+    assert main(["predict", str(out), "pizza please"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "adapter_model.bin" in err and "arbitrary code" in err and "model.trust_pickle" in err
+
+
+def test_damaged_run_folder_files_are_user_errors(tiny_bert, tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *quick(tiny_bert, tiny_data), "--out", str(out)]) == 0
+    (out / "labels.json").write_text('["food", "sp')
+    capsys.readouterr()
+    assert main(["predict", str(out), "pizza"]) == 2
+    assert capsys.readouterr().err.startswith(f"lorafit: error: {out / 'labels.json'} is corrupt")
+    (out / "config.yaml").write_text("train: [unclosed\n")
+    assert main(["predict", str(out), "pizza"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lorafit: error: {out / 'config.yaml'} is corrupt") and err.count("\n") == 1
+
+
+def test_predict_file_in_another_encoding(tiny_bert, tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *quick(tiny_bert, tiny_data), "--out", str(out)]) == 0
+    texts = tmp_path / "texts.txt"
+    texts.write_bytes("café\n".encode("latin-1"))
+    capsys.readouterr()
+    assert main(["predict", str(out), "--file", str(texts)]) == 2
+    assert capsys.readouterr().err == f"lorafit: error: --file {texts} is not valid UTF-8 (byte 3); re-save it as UTF-8\n"
+
+
+def test_predict_text_that_is_not_utf8(tiny_bert, tiny_data, tmp_path, capsys):
+    """Bytes that are not UTF-8 reach argv as lone surrogates, which the tokenizer cannot take."""
+    out = tmp_path / "run"
+    assert main(["train", *quick(tiny_bert, tiny_data), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(out), "pizza", "caf\udce9"]) == 2
+    assert capsys.readouterr().err == "lorafit: error: text 2 is not valid UTF-8: 'caf\\udce9'; pass texts in UTF-8\n"

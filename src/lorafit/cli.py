@@ -70,15 +70,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.file:
         path = Path(args.file)
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except OSError as e:  # a name too long for the file system, say
+            raise UserError(f"--file {str(path)[:80]!r}: {e.strerror or e}") from None
+        if not found:
             raise UserError(f"--file {path} not found")
-        texts = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            content = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"--file {path} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from None
+        except OSError as e:
+            raise UserError(f"--file {path}: cannot read: {e.strerror or e}") from None
+        texts = [line.rstrip("\n") for line in content.splitlines() if line.strip()]
         if not texts:
             raise UserError(f"--file {path} holds no text (one text per line)")
     else:
         texts = args.texts
     if not texts:
         raise UserError("give texts to classify, or --file with one text per line")
+    for i, text in enumerate(texts, start=1):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that were not UTF-8 reach argv as lone surrogates
+            raise UserError(f"text {i} is not valid UTF-8: {text[:40]!r}; pass texts in UTF-8") from None
     if args.top_k < 1:
         raise UserError("--top-k must be at least 1")
     classifier = load(args.run_dir, device=args.device)
@@ -103,18 +118,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run = RunDir(args.run_dir)
     cfg = run.config()
     if args.data:
-        other = Path(args.data).expanduser()
+        try:
+            other = Path(args.data).expanduser()
+        except RuntimeError:  # "~user/..." for an unknown user
+            other = Path(args.data)
         data_cfg = cfg.data.model_copy(update={
             "name": args.data, "train_limit": None,
             "text_column": args.text_column or cfg.data.text_column,
             "label_column": args.label_column or cfg.data.label_column,
         })
-        if other.is_file():
+        try:
+            is_file = other.is_file()
+        except OSError:  # a name too long, say: data.load says so
+            is_file = False
+        if is_file:
             split, _ = data._read_split(other, data_cfg.text_column, data_cfg.label_column)
         else:
             dataset, _ = data.load(data_cfg, cfg.seed)
             split = dataset.splits[args.split]
-        source = f"{args.data} ({args.split})" if not other.is_file() else str(other)
+        source = f"{args.data} ({args.split})" if not is_file else str(other)
     else:
         dataset, _ = data.load(cfg.data, cfg.seed)
         split = dataset.splits[args.split]
@@ -152,12 +174,29 @@ def cmd_config_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .inspection import format_inspection, inspect_config
+
+    items = list(args.items)
+    config = None
+    if items and "=" not in items[0]:
+        first = items.pop(0)
+        if first.endswith((".yaml", ".yml")):
+            config = first
+        else:  # a model name or path
+            items.insert(0, f"model.name={first}")
+    cfg = load_config(config, items)
+    print(format_inspection(inspect_config(cfg, num_labels=args.num_labels)))
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import registry
 
     for method in registry.all_methods():
-        doc = (sys.modules[method.__module__].__doc__ or "").strip().splitlines()[0]
-        print(f"{method.name:12} {doc}")
+        paragraph = " ".join((sys.modules[method.__module__].__doc__ or "").strip().split("\n\n")[0].split())
+        print(f"{method.name:12} {paragraph}")
     return 0
 
 
@@ -203,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("keys", help="every setting with its default and help")
     s.set_defaults(func=cmd_config_keys)
 
+    p = verbs.add_parser("inspect", help="what a method would adapt and train, without training")
+    p.add_argument("items", nargs="*", metavar="[MODEL|CONFIG.yaml] [key=value ...]",
+                   help="a model name or path, or a config file, then overrides (method.name=dora method.rank=16 ...)")
+    p.add_argument("--num-labels", type=int, default=77, help="classes of the head to count (default 77, Banking77)")
+    p.set_defaults(func=cmd_inspect)
+
     p = verbs.add_parser("methods", help="list the fine-tuning methods")
     p.set_defaults(func=cmd_methods)
     return parser
@@ -225,8 +270,8 @@ def _log_to_stderr() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _log_to_stderr()
-    _quiet_libraries()
     try:
+        _quiet_libraries()  # imports transformers: seconds in which Ctrl-C must not print a traceback
         return args.func(args)
     except UserError as e:
         from .train import Interrupted

@@ -8,12 +8,13 @@ is frozen and holds plain data only, so it round-trips through YAML. Values deri
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
 from .errors import UserError
 from .methods import registry
@@ -64,6 +65,18 @@ class ModelConfig(_Section):
     """Allow loading pickle-based weight files (.bin/.pt). Pickles can run code: only for
     checkpoints you trust."""
 
+    @field_validator("name")
+    @classmethod
+    def _fits_a_file_system(cls, name: str) -> str:
+        # Checked here because such a name makes file-system calls raise rather than just fail.
+        if any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in name.split("/")):
+            raise ValueError("a path component is longer than 255 bytes, the file-name limit")
+        try:
+            Path(name).expanduser()
+        except RuntimeError:
+            raise ValueError(f"{name.split('/')[0]} names no user with a home folder") from None
+        return name
+
 
 class TrainConfig(_Section):
     epochs: Annotated[int, Field(gt=0)] = 5
@@ -86,6 +99,8 @@ class TrainConfig(_Section):
     """Batches whose gradients are summed before each optimiser step."""
     max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
     """Clip the gradient's global norm to this; null disables clipping."""
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Label smoothing of the training loss (validation and test losses stay plain cross-entropy)."""
     patience: Annotated[int, Field(gt=0)] | None = None
     """Stop after this many epochs without improvement of train.metric; null never stops early."""
     metric: Literal["accuracy", "macro_f1", "loss"] = "accuracy"
@@ -94,7 +109,7 @@ class TrainConfig(_Section):
     """auto picks cuda, then mps, then cpu."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Autocast dtype; auto is bf16 (or fp16) on CUDA and fp32 elsewhere. Only CUDA autocasts."""
-    threads: Annotated[int, Field(gt=0)] | None = None
+    threads: Annotated[int, Field(gt=0, le=1024)] | None = None
     """CPU threads for torch; null leaves torch's default (one per core)."""
     checkpoint_every: Annotated[int, Field(ge=0)] = 200
     """Write a resumable checkpoint every N optimiser steps (and at every epoch end); 0 turns
@@ -113,8 +128,8 @@ def _method_union() -> Any:
 
 
 class Config(_Section):
-    seed: int = 0
-    """Seeds data shuffling, the validation carve-out, initialisation and dropout."""
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
+    """Seeds data shuffling, the validation carve-out, initialisation and dropout (0 to 2**32-1)."""
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     method: SerializeAsAny[_method_union()] = Field(  # type: ignore[valid-type]
@@ -149,17 +164,17 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
-            raise UserError(f"bad override {item!r}: write it as dotted.key=value, e.g. train.lr=3e-4")
+            raise UserError(f"bad override {_short_repr(item)}: write it as dotted.key=value, e.g. train.lr=3e-4")
         try:
             value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError, ValueError):  # not YAML, nested too deep, an int too long
             value = text
         node = tree
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise UserError(f"override {item!r} conflicts with another override of {part!r}")
+                raise UserError(f"override {_short_repr(item)} conflicts with another override of {_short_repr(part)}")
         node[leaf] = value
     return tree
 
@@ -176,14 +191,22 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as e:  # a name too long for the file system, say
+        raise UserError(f"config file {_short_repr(str(path))}: {e.strerror or e}") from None
+    if not found:
         raise UserError(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         raise UserError(f"cannot read YAML {path}{at}: {getattr(e, 'problem', None) or e}") from None
+    except RecursionError:
+        raise UserError(f"cannot read YAML {path}: nested too deeply") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror or e}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -202,9 +225,35 @@ def validate(raw: dict[str, Any]) -> Config:
     if isinstance(raw.get("method"), dict):
         raw = {**raw, "method": {"name": "lora", **raw["method"]}}
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as e:
         raise UserError(format_validation_error(e)) from None
+    except RecursionError:
+        raise UserError("config error: a value is nested too deeply") from None
+    # pydantic lets inf through `gt=0` and any integer through `gt=0`; no setting of ours means
+    # anything at infinity or past 64 bits (torch, numpy and the YAML dump all need them smaller).
+    numbers = _numbers(cfg.model_dump())
+    infinite = [f"{key} (got {value})" for key, value in numbers if isinstance(value, float) and not math.isfinite(value)]
+    if infinite:
+        raise UserError(f"config error: must be a finite number: {', '.join(infinite)}")
+    huge = [f"{key} (got {_short_repr(value)})" for key, value in numbers if isinstance(value, int) and abs(value) > _INT64_MAX]
+    if huge:
+        raise UserError(f"config error: too large (the limit is 2**63-1): {', '.join(huge)}")
+    return cfg
+
+
+_INT64_MAX = 2**63 - 1
+
+
+def _numbers(tree: Any, prefix: str = "") -> list[tuple[str, int | float]]:
+    """(dotted key, value) of every int and float in a dumped config."""
+    if isinstance(tree, dict):
+        return [pair for key, value in tree.items() for pair in _numbers(value, f"{prefix}{key}.")]
+    if isinstance(tree, (list, tuple)):
+        return [pair for i, value in enumerate(tree) for pair in _numbers(value, f"{prefix}{i}.")]
+    if isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        return [(prefix[:-1], tree)]
+    return []
 
 
 def format_validation_error(error: ValidationError) -> str:
@@ -217,12 +266,31 @@ def format_validation_error(error: ValidationError) -> str:
             loc = [loc[0], *loc[2:]]
         key = ".".join(loc)
         if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{key}' (valid keys: {', '.join(_valid_keys(loc[:-1], error))})")
+            parts.append(f"unknown key {_short_repr(key)} (valid keys: {', '.join(_valid_keys(loc[:-1], error))})")
         elif err["type"] == "union_tag_invalid":
-            parts.append(f"unknown method {err['input'].get('name')!r}; choose one of: {', '.join(registry.names())}")
+            parts.append(f"unknown method {_short_repr(err['input'].get('name'))}; choose one of: {', '.join(registry.names())}")
         else:
-            parts.append(f"{key}: {err['msg']} (got {err['input']!r})")
-    return "config error: " + "; ".join(parts)
+            parts.append(f"{key}: {err['msg']} (got {_short_repr(err['input'])})")
+    more = f"; and {len(parts) - 5} more" if len(parts) > 5 else ""
+    return "config error: " + "; ".join(parts[:5]) + more
+
+
+class _ShortRepr(reprlib.Repr):
+    """repr() for error messages: escaped (so one line), few items, shallow. YAML aliases can make a
+    value whose full repr is exponentially long, and int() refuses to print over 4300 digits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxlist, self.maxdict, self.maxtuple, self.maxset = 3, 5, 5, 5, 5
+        self.maxstring, self.maxother, self.maxlong = 80, 80, 40
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 256:
+            return f"<an integer of about {int(x.bit_length() * math.log10(2)) + 1} digits>"
+        return super().repr_int(x, level)
+
+
+_short_repr = _ShortRepr().repr
 
 
 def _valid_keys(section: list[str], error: ValidationError) -> list[str]:

@@ -7,8 +7,12 @@ checked against its sha256 before it enters the cache.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
+import json
 import logging
+import math
 import os
 import random
 import re
@@ -17,6 +21,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Iterator
 
@@ -201,78 +206,202 @@ def _fetch_from_hub(spec: BuiltinDataset, folder: Path) -> None:
 # -- reading tables -----------------------------------------------------------------------------
 
 def read_table(path: Path) -> pd.DataFrame:
-    """A CSV/TSV/JSONL/Parquet file -> a DataFrame of strings; unreadable files are UserErrors."""
+    """A CSV/TSV/JSONL/Parquet file -> a DataFrame; anything unreadable is a one-line UserError.
+
+    CSV, TSV and JSONL are parsed here rather than by pandas, so every malformed line is reported
+    with its line number instead of being guessed around (pandas takes a header one field short
+    as an index column, and silently drops lone surrogates from JSON).
+    """
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         raise UserError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(sorted(FORMATS))}")
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
-    try:
-        if kind in ("csv", "tsv"):
-            frame = pd.read_csv(
-                path, sep="," if kind == "csv" else "\t", dtype=str, keep_default_na=False,
-                na_values=[], encoding="utf-8", on_bad_lines="error", engine="python",
-            )
-        elif kind == "jsonl":
-            frame = pd.read_json(path, lines=True, dtype=False, encoding="utf-8")
-        else:
-            frame = pd.read_parquet(path)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
-    except Exception as e:  # noqa: BLE001 - pandas/pyarrow raise many kinds for a malformed file
-        message = " ".join(str(e).split())[:200] or type(e).__name__
-        raise UserError(f"{path}: cannot read as {kind}: {message}") from None
+    if kind == "parquet":
+        frame = _read_parquet(path)
+    else:
+        text = _read_utf8(path)
+        frame = _parse_jsonl(path, text) if kind == "jsonl" else _parse_delimited(path, text, "," if kind == "csv" else "\t")
     frame.columns = [str(c) for c in frame.columns]
     return frame
 
 
+def _read_parquet(path: Path) -> pd.DataFrame:
+    """Every value as pyarrow gives it in Python: no int column with a null turned float (which
+    would round labels above 2**53), no pandas metadata needed. pandas' saved index is dropped."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+        columns = [column.to_pylist() for column in table.columns]
+    except Exception as e:  # noqa: BLE001 - pyarrow raises many kinds for a malformed file
+        raise UserError(f"{path}: cannot read as parquet: {_brief(e)}") from None
+    keep = [i for i, name in enumerate(table.column_names) if not re.fullmatch(r"__index_level_\d+__", name)]
+    frame = pd.DataFrame({i: columns[i] for i in keep}, dtype=object)
+    frame.columns = [table.column_names[i] for i in keep]
+    return frame
+
+
+def _brief(error: Exception) -> str:
+    return " ".join(str(error).split())[:200] or type(error).__name__
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        start = e.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)
+        line = raw.count(b"\n", 0, start) + 1
+        utf16 = "; it looks like UTF-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise UserError(f"{path}: not valid UTF-8 (line {line}, byte {start}){utf16}; re-save the file as UTF-8") from None
+
+
+def _parse_delimited(path: Path, text: str, sep: str) -> pd.DataFrame:
+    """The first line names the columns; a row with more fields is an error, one with fewer is padded."""
+    kind = "csv" if sep == "," else "tsv"
+    # strict: a quote left open (which would swallow the rest of the file) is an error, not a field.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep, strict=True)
+    rows: list[list[str]] = []
+    try:
+        header = next((row for row in reader if row), None)  # blank lines before the header are skipped
+        if header is None:
+            raise UserError(f"{path}: the file is empty; the first line must name the columns (e.g. text{sep}label)")
+        for row in reader:
+            if not row:  # a blank line
+                continue
+            if len(row) > len(header):
+                raise UserError(
+                    f"{path}: line {reader.line_num} has {len(row)} fields but the header has {len(header)}; "
+                    f"quote fields that contain {sep!r}"
+                )
+            rows.append(row + [""] * (len(header) - len(row)))
+    except csv.Error as e:
+        raise UserError(f"{path}: cannot read as {kind} (line {reader.line_num}): {_brief(e)}") from None
+    return pd.DataFrame(rows, columns=header, dtype=object)
+
+
+def _parse_jsonl(path: Path, text: str) -> pd.DataFrame:
+    """One JSON object per line; blank lines are skipped."""
+    records = []
+    # Split at "\n" only: JSON strings may hold U+2028 and friends, which str.splitlines breaks at.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, or an integer too long to convert
+            raise UserError(f"{path}: line {number} is not valid JSON: {_brief(e)}") from None
+        if not isinstance(record, dict):
+            raise UserError(
+                f"{path}: line {number} is a JSON {type(record).__name__}, not an object; "
+                "write one object per line, e.g. {\"text\": \"...\", \"label\": \"...\"}"
+            )
+        records.append(record)
+    # dtype=object keeps every value as parsed: no int column turned float by a missing value.
+    return pd.DataFrame(records, dtype=object) if records else pd.DataFrame()
+
+
 def _column(frame: pd.DataFrame, column: str, what: str, path: str) -> list:
-    if column not in frame.columns:
+    columns = list(frame.columns)
+    if column not in columns:
         raise UserError(
-            f"{path}: no {what} column {column!r}; columns are: {', '.join(frame.columns) or '(none)'} "
+            f"{path}: no {what} column {_show(column)!r}; columns are: {_show_list(columns) or '(none)'} "
             f"(set data.{what}_column)"
         )
+    if columns.count(column) > 1:
+        raise UserError(f"{path}: {columns.count(column)} columns are named {_show(column)!r}; rename all but one")
     return frame[column].tolist()
 
 
+def _show(value: str, limit: int = 60) -> str:
+    """A user value, cut short enough to quote in a one-line message."""
+    return value if len(value) <= limit else value[: limit - 1] + "\u2026"
+
+
+def _show_list(values: list[str], limit: int = 20) -> str:
+    shown = ", ".join(_show(v) for v in values[:limit])
+    return shown + (f" and {len(values) - limit} more" if len(values) > limit else "")
+
+
+def _is_missing(value: object) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
+def _valid_unicode(text: str) -> bool:
+    """False for lone surrogates (JSON's \\ud800), which the tokenizer and json writers reject."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _as_text(value: object) -> str | None:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return None
-    if not isinstance(value, str):
-        return None
-    return value
+    if isinstance(value, str) and value.strip() and _valid_unicode(value):
+        return value
+    return None
 
 
 def _as_label(value: object) -> str | None:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return None
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (int, np.integer)) or (isinstance(value, (float, np.floating)) and float(value).is_integer()):
+    """Labels are strings; integers (and integral floats) become their decimal digits."""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value)).lower()
+    if isinstance(value, (int, np.integer)):
         return str(int(value))
-    if isinstance(value, (str, float, np.floating)):
-        text = str(value).strip()
-        return text or None
+    if isinstance(value, (float, np.floating)):
+        if not math.isfinite(value):
+            return None
+        return str(int(value)) if float(value).is_integer() else str(float(value))
+    if isinstance(value, str) and _valid_unicode(value):
+        return value.strip() or None
     return None
+
+
+def _drop_reason(value: object, what: str) -> str:
+    """Why `_as_text`/`_as_label` refused `value`, for the warning about dropped rows."""
+    if _is_missing(value) or (isinstance(value, str) and not value.strip()):
+        return "with an empty text or label"
+    if isinstance(value, str):
+        return f"with a {what} that is not valid Unicode (a lone surrogate)"
+    if isinstance(value, (float, np.floating)):
+        return f"with the {what} {float(value)}"
+    return f"with a {what} of type {type(value).__name__}"
 
 
 def _read_split(path: Path, text_column: str, label_column: str) -> tuple[Split, int]:
     frame = read_table(path)
     texts = _column(frame, text_column, "text", str(path))
     labels = _column(frame, label_column, "label", str(path))
+    if not texts:
+        raise UserError(f"{path}: no data rows, only the column names")
     keep_texts, keep_labels, rows = [], [], []
+    reasons: Counter[str] = Counter()
     for row, (text, label) in enumerate(zip(texts, labels)):
         t, lab = _as_text(text), _as_label(label)
-        if t is None or not t.strip() or lab is None:
+        if t is None or lab is None:
+            reasons[_drop_reason(text, "text") if t is None else _drop_reason(label, "label")] += 1
             continue
         keep_texts.append(t)
         keep_labels.append(lab)
         rows.append(row)
     dropped = len(texts) - len(rows)
+    if list(reasons) == ["with an empty text or label"]:
+        why = "with an empty text or label"
+    else:
+        why = "(" + ", ".join(f"{n} {reason}" for reason, n in reasons.most_common()) + ")"
     if dropped:
-        log.warning("%s: dropped %d rows with an empty text or label", path, dropped)
+        log.warning("%s: dropped %d rows %s", path, dropped, why)
     if not rows:
-        raise UserError(f"{path}: no usable rows ({dropped} rows all had an empty text or label)")
+        if list(reasons) == ["with an empty text or label"]:
+            raise UserError(f"{path}: no usable rows ({dropped} rows all had an empty text or label)")
+        raise UserError(
+            f"{path}: no usable rows ({dropped} rows: {why.strip('()')}); texts must be strings, "
+            "labels strings or integers"
+        )
     return Split(keep_texts, keep_labels, rows), dropped
 
 
@@ -314,9 +443,11 @@ def _subset(split: Split, index: list[int]) -> Split:
 
 
 def _label_order(labels: list[str]) -> list[str]:
+    """Integer labels in numeric order (so class i is label "i"), anything else alphabetically."""
     unique = set(labels)
-    if all(re.fullmatch(r"-?\d+", label) for label in unique):
-        return sorted(unique, key=int)
+    if all(re.fullmatch(r"-?[0-9]+", label) for label in unique):
+        # Decimal, not int: int() refuses more than 4300 digits. The string breaks ties ("07" vs "7").
+        return sorted(unique, key=lambda label: (Decimal(label), label))
     return sorted(unique)
 
 
@@ -334,14 +465,18 @@ def load(cfg: DataConfig, seed: int) -> tuple[Dataset, DataConfig]:
         files = _hub_files(cfg.name[3:], text_column, label_column)
         source = cfg.name
     else:
-        path = Path(cfg.name).expanduser()
-        if path.is_dir():
+        path = _expand(cfg.name)
+        try:
+            is_dir, is_file = path.is_dir(), path.is_file()
+        except OSError as e:  # a name too long for the file system, say
+            raise UserError(f"data.name {_show(cfg.name, limit=300)!r}: {e.strerror or e}") from None
+        if is_dir:
             files = _split_files(path)
-        elif path.is_file():
+        elif is_file:
             files = {"train": path}
         else:
             raise UserError(
-                f"data.name {cfg.name!r} is not a built-in dataset ({', '.join(BUILTINS)}), "
+                f"data.name {_show(cfg.name, limit=300)!r} is not a built-in dataset ({', '.join(BUILTINS)}), "
                 "not an existing file or folder, and not hf:<hub id>"
             )
         source = str(path.resolve())
@@ -367,18 +502,24 @@ def load(cfg: DataConfig, seed: int) -> tuple[Dataset, DataConfig]:
 
     label_names = _label_order(train.labels)
     if len(label_names) < 2:
-        raise UserError(f"training data has {len(label_names)} class ({', '.join(label_names)}); need at least 2")
+        raise UserError(f"training data has {len(label_names)} class ({_show_list(label_names)}); need at least 2")
     known = set(label_names)
     for name in ("validation", "test"):
         unseen = sorted(set(splits[name].labels) - known)
         if unseen:
-            shown = ", ".join(unseen[:10]) + (f" and {len(unseen) - 10} more" if len(unseen) > 10 else "")
-            raise UserError(f"{name} split has labels never seen in training: {shown}")
+            raise UserError(f"{name} split has labels never seen in training: {_show_list(unseen, limit=10)}")
     for name in SPLITS:
         if len(splits[name]) == 0:
             raise UserError(f"{name} split is empty; add data or lower data.validation_fraction")
     dataset = Dataset({n: splits[n] for n in SPLITS}, label_names, provenance, source, dropped)
     return dataset, resolved
+
+
+def _expand(name: str) -> Path:
+    try:
+        return Path(name).expanduser()
+    except RuntimeError:  # "~user/..." for a user that does not exist: take the name literally
+        return Path(name)
 
 
 def _hub_files(hub_id: str, text_column: str, label_column: str) -> dict[str, Path]:

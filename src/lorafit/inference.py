@@ -18,7 +18,7 @@ from .models import build_classifier, load_tokenizer
 from .rundir import RunDir
 from .runtime import autocast, autocast_dtype, select_device
 
-__all__ = ["Classifier", "load", "predict_logits"]
+__all__ = ["Classifier", "load", "predict_logits", "check_no_pickles"]
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +84,33 @@ class Classifier:
         return classification_metrics(self.logits(texts), targets, self.labels)
 
 
+#: Weight files that are pickles: loading one can run arbitrary code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def check_no_pickles(folder: Path, trust_pickle: bool) -> None:
+    """lorafit writes safetensors only; a pickle in a run's weights folder was put there by hand."""
+    if trust_pickle:
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise UserError(
+            f"{folder} holds pickle weights ({', '.join(pickles[:5])}), which can run arbitrary code when loaded; "
+            "lorafit writes safetensors only, so remove them, or set model.trust_pickle: true in the run's "
+            "config.yaml if you trust their source"
+        )
+
+
 def load(run_dir: str | Path, device: str = "auto") -> Classifier:
     """Rebuild a trained classifier from its run folder alone."""
     run = RunDir(run_dir)
     cfg = run.config()
     labels = run.labels()
     method = registry.get(cfg.method.name)(cfg.method)
+    artifact = run.artifact(method.artifact)
+    check_no_pickles(artifact, cfg.model.trust_pickle)
     base = build_classifier(cfg.model, len(labels), cfg.seed)
-    model = method.load(base, run.artifact(method.artifact))
+    model = method.load(base, artifact)
     target = select_device(device)
     model.to(target).eval()
     return Classifier(model, load_tokenizer(cfg.model), labels, cfg, target)

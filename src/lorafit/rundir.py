@@ -27,7 +27,32 @@ import yaml
 from .config import Config, dump, validate
 from .errors import UserError
 
-__all__ = ["RunDir", "write_text_atomic", "folder_bytes"]
+__all__ = ["RunDir", "write_text_atomic", "folder_bytes", "safe_name"]
+
+# A name must stay one path component: no separator (either OS's), no NUL or control characters,
+# and ':' is out because on Windows "C:x" is a drive-relative path.
+_NOT_IN_NAMES = {"/": "a '/'", "\\": "a '\\'", ":": "a ':'", "\x00": "a NUL byte"}
+
+
+def safe_name(name: str, what: str) -> str:
+    """`name` unchanged if it is a plain file name that stays inside its folder; else a UserError.
+
+    For every place that takes a NAME (an adapter name, an artifact) rather than a path: `..`,
+    absolute paths and separators would let it escape the folder it is joined to.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"{what} must be a non-empty name, got {name!r}")
+    shown = repr(name) if len(name) <= 60 else repr(name[:57]) + "..."
+    if name in (".", ".."):
+        raise UserError(f"{what} {shown} is not allowed: it names a folder, not an entry in it")
+    for char, described in _NOT_IN_NAMES.items():
+        if char in name:
+            raise UserError(f"{what} {shown} must be a plain name, not a path: it contains {described}")
+    if not name.isprintable():
+        raise UserError(f"{what} {shown} contains control characters; use letters, digits, '-', '_' or '.'")
+    if len(name.encode("utf-8", "surrogatepass")) > 255:
+        raise UserError(f"{what} {shown} is longer than 255 bytes, the file-name limit")
+    return name
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -54,6 +79,10 @@ class RunDir:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        try:
+            self.path.exists()
+        except OSError as e:  # a name too long for the file system, say: every later call would fail
+            raise UserError(f"run folder {str(self.path)[:80]!r}: {e.strerror or e}") from None
 
     # -- creating -----------------------------------------------------------------------------
     def check_new(self, overwrite: bool) -> None:
@@ -77,10 +106,13 @@ class RunDir:
         write_text_atomic(self.path / name, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
     def read_json(self, name: str) -> Any:
-        path = self.path / name
+        path = self.path / safe_name(name, "run file")
         if not path.is_file():
             raise UserError(f"{self.path} is not a complete run folder: {name} is missing")
-        return json.loads(path.read_text(encoding="utf-8"))
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is corrupt ({e}); the run folder was edited or only partly copied") from None
 
     def append_metrics(self, record: dict) -> None:
         with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -102,7 +134,12 @@ class RunDir:
             raise UserError(f"run folder not found: {self.path}")
         if not path.is_file():
             raise UserError(f"{self.path} is not a run folder (no config.yaml)")
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise UserError(f"{path} is corrupt ({' '.join(str(e).split())[:200]}); the run folder was edited") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path} is corrupt: it holds a {type(raw).__name__}, not a config mapping")
         raw.pop("derived", None)
         return validate(raw)
 
@@ -110,7 +147,7 @@ class RunDir:
         return self.read_json("labels.json")
 
     def artifact(self, name: str) -> Path:
-        path = self.path / name
+        path = self.path / safe_name(name, "artifact name")
         if not path.is_dir():
             raise UserError(f"{self.path} has no {name}/ folder: the run did not finish (see metrics.jsonl)")
         return path
