@@ -304,7 +304,7 @@ def _epochs(job: _Job, p: Progress, best_state: dict | None, caught: list[int]) 
             y = torch.as_tensor(job.targets["train"][batch], device=device)  # (B,)
             with autocast(device, amp):
                 logits = model(input_ids.to(device), attention_mask.to(device))  # (B, C)
-                loss = F.cross_entropy(logits.float(), y)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing)
                 extra = method.extra_loss(model)
                 total_loss = loss if extra is None else loss + extra
             if not torch.isfinite(total_loss):
