@@ -40,7 +40,7 @@ PLAN = {
     "loha": (LORA, {"name": "loha", "rank": 8, "dropout": None}, []),
     "lokr": (LORA, {"name": "lokr", "dropout": None}, []),
 }
-COLUMNS = ("method", "epochs", "trainable", "trainable %", "adapter size", "s/epoch", "peak memory", "test accuracy", "test macro-F1")
+COLUMNS = ("method", "epochs", "threads", "trainable", "trainable %", "adapter size", "s/epoch", "peak memory", "test accuracy", "test macro-F1")
 
 
 def _size(n: int) -> str:
@@ -50,7 +50,7 @@ def _size(n: int) -> str:
 def _row(name: str, run: Path) -> dict:
     s = json.loads((run / "summary.json").read_text())
     return {
-        "method": name, "epochs": s["epochs_run"], "trainable": f"{s['trainable_params']:,}",
+        "method": name, "epochs": s["epochs_run"], "threads": s["threads"], "trainable": f"{s['trainable_params']:,}",
         "trainable %": f"{s['trainable_percent']:.2f}", "adapter size": _size(s["adapter_bytes"]),
         "s/epoch": f"{s['seconds_per_epoch']:.0f}", "peak memory": f"{s['peak_memory_mb']:,.0f} MB",
         "test accuracy": f"{100 * s['test_accuracy']:.2f}", "test macro-F1": f"{100 * s['test_macro_f1']:.2f}",
