@@ -76,6 +76,8 @@ def test_train_writes_and_prints_final_ranks(tiny_bert, tiny_data, tmp_path, cap
     logged = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert summary["initial_rank"] == 4 and summary["target_rank"] == 2
     assert set(summary["final_ranks"].values()) != {4}
+    assert summary["final_rank_total"] == 2 * 12  # the budget: target rank 2 on average over 12 modules
+    assert summary["saved_rank_total"] >= summary["final_rank_total"]
     assert "final_ranks: " + ", ".join(f"{k}={v}" for k, v in summary["final_ranks"].items()) in printed
     # the saved adapter is truncated to the kept ranks (pruned E entries are zero) and reloads to the
     # logged test metrics; the loss only up to float rounding, as the rank-r products sum differently

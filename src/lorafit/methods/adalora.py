@@ -156,8 +156,30 @@ class AdaLora(PeftMethod):
         model.peft_config[ADAPTER].rank_pattern = meta.get("rank_pattern")
 
     # -- report ------------------------------------------------------------------------------
+    def _allocated(self, model: nn.Module) -> dict[str, int]:
+        """The allocator's decision at the end of training: kept singular values per module."""
+        pattern = model.peft_config[ADAPTER].rank_pattern or {}
+        ranks = {}
+        for n, p in model.named_parameters():
+            if f".lora_E.{ADAPTER}" in n:
+                key = n.removeprefix("base_model.model.")
+                kept = pattern.get(key, pattern.get(key.removesuffix(f".{ADAPTER}")))
+                ranks[_module(key)] = sum(kept) if kept is not None else p.numel()
+        return ranks
+
     def summary(self, model: nn.Module) -> dict[str, Any]:
-        ranks = {n.removesuffix(f".lora_E.{ADAPTER}").removeprefix("encoder."): sum(kept)
-                 for n, kept in self._kept(model).items()}
+        """`final_ranks`: what the budget allocated by the end of training. `saved_ranks`: the ranks
+        of the saved (best-epoch) adapter -- the same once the best epoch falls in the final phase;
+        larger if it fell in the budgeting phase, where pruned values regrow between reallocations
+        and are kept so the saved adapter computes exactly what was evaluated."""
+        final = self._allocated(model)
+        saved = {_module(n): sum(kept) for n, kept in self._kept(model).items()}
         return {"initial_rank": self.cfg.init_rank, "target_rank": self.cfg.rank,
-                "final_ranks": ranks, "final_rank_total": sum(ranks.values())}
+                "final_ranks": final, "final_rank_total": sum(final.values()),
+                "saved_ranks": saved, "saved_rank_total": sum(saved.values())}
+
+
+def _module(param_name: str) -> str:
+    """`encoder.encoder.layer.0.attention.self.query.lora_E.default` -> `layer.0.attention.self.query`."""
+    name = param_name.split(".lora_E")[0]
+    return name[name.index("layer."):] if "layer." in name else name
