@@ -9,20 +9,16 @@ import peft
 from pydantic import Field
 
 from . import registry
-from .base import AdapterConfig
+from .loha import LohaConfig
 from .peft_common import PeftMethod
 
 
-class LokrConfig(AdapterConfig):
+class LokrConfig(LohaConfig):
+    """LoHa's settings (rank, alpha, rank and module dropout) plus the Kronecker-specific one."""
+
     name: Literal["lokr"] = "lokr"
     rank: Annotated[int, Field(gt=0)] = 8
     """Rank of the second Kronecker factor when it is decomposed."""
-    alpha: Annotated[float, Field(gt=0)] = 16.0
-    """Scaling numerator: the update is multiplied by alpha / rank."""
-    rank_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    """Dropout on the update's rows while training."""
-    module_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    """Probability of skipping a whole adapted module for a step."""
     decompose_both: bool = False
     """Also decompose the first Kronecker factor into a low-rank product."""
 

@@ -80,28 +80,26 @@ class NativeLora(Method):
         return model
 
     # -- weights, in peft's key layout ------------------------------------------------------------
-    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        state = {}
-        for name, module in model.named_modules():
-            if isinstance(module, LoraLinear):
-                state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A.detach().clone()
-                state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B.detach().clone()
-        for key, value in model.classifier.state_dict().items():
-            state[f"{PEFT_PREFIX}classifier.{key}"] = value.detach().clone()
-        return state
-
-    def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        own = self.state_dict(model)
-        if set(own) != set(state):
-            raise RuntimeError(f"adapter does not fit: missing {sorted(set(own) - set(state))[:3]}, "
-                               f"unexpected {sorted(set(state) - set(own))[:3]}")
+    @staticmethod
+    def _params(model: nn.Module) -> dict[str, torch.Tensor]:
+        """Every saved tensor of the adapted model, under the key peft's file format gives it."""
         params = {}
         for name, module in model.named_modules():
             if isinstance(module, LoraLinear):
                 params[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A
                 params[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B
-        for key, value in model.classifier.named_parameters():
+        for key, value in model.classifier.state_dict(keep_vars=True).items():
             params[f"{PEFT_PREFIX}classifier.{key}"] = value
+        return params
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self._params(model).items()}
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        params = self._params(model)
+        if set(params) != set(state):
+            raise RuntimeError(f"adapter does not fit: missing {sorted(set(params) - set(state))[:3]}, "
+                               f"unexpected {sorted(set(state) - set(params))[:3]}")
         with torch.no_grad():
             for key, value in state.items():
                 params[key].copy_(value)
