@@ -112,7 +112,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import data
-    from .inference import load
+    from .inference import load, run_split
     from .rundir import RunDir, write_text_atomic
 
     run = RunDir(args.run_dir)
@@ -138,11 +138,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             split = dataset.splits[args.split]
         source = f"{args.data} ({args.split})" if not is_file else str(other)
     else:
-        dataset, _ = data.load(cfg.data, cfg.seed)
-        split = dataset.splits[args.split]
-        recorded = run.read_json("splits.json").get(args.split)
-        if recorded is not None and recorded != split.rows:
-            raise UserError(f"the {args.split} split no longer matches splits.json: the data changed since training")
+        split = run_split(run, cfg, args.split)
         source = f"{cfg.data.name} ({args.split})"
     classifier = load(args.run_dir, device=args.device)
     result = {"split": args.split, "data": source, **classifier.evaluate(split.texts, split.labels)}
@@ -155,6 +151,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.output:
         write_text_atomic(Path(args.output), json.dumps(result, indent=2) + "\n")
         print(f"metrics written to {args.output}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import describe, export
+
+    meta = export(args.run_dir, args.format, args.out, quantize=args.quantize, overwrite=args.overwrite, split=args.split)
+    print(describe(meta))
+    print(f"written to {args.out}")
     return 0
 
 
@@ -215,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
-    p = verbs.add_parser("predict", help="top-k labels for texts, from a run folder")
+    p = verbs.add_parser("predict", help="top-k labels for texts, from a run folder or an export")
     p.add_argument("run_dir")
     p.add_argument("texts", nargs="*")
     p.add_argument("--file", help="one text per line; prints JSON lines")
@@ -233,6 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="also write the metrics as JSON here")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.set_defaults(func=cmd_eval)
+
+    p = verbs.add_parser("export", help="merged model, adapter or ONNX (int8) from a run, with a parity check")
+    p.add_argument("run_dir")
+    p.add_argument("--format", required=True, choices=["merged", "adapter", "onnx"])
+    p.add_argument("--quantize", choices=["int8"], help="ONNX Runtime dynamic quantisation (with --format onnx)")
+    p.add_argument("--out", required=True, help="folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.add_argument("--split", default="validation", choices=["validation", "test"], help="split for the parity check")
+    p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("config", help="inspect configs")
     sub = p.add_subparsers(dest="config_verb", required=True)

@@ -1,9 +1,16 @@
-"""A trained run, loaded for prediction and evaluation: `lorafit.load(run_dir)`."""
+"""A trained classifier, loaded for prediction and evaluation: `lorafit.load(path)`.
+
+`path` is a run folder or a folder written by `lorafit export`. Whatever computes the logits
+(PyTorch with the adapter, a merged PyTorch model, ONNX Runtime) is a *backend*: a callable from a
+padded batch (input_ids, attention_mask) to logits. Tokenising, length-sorted batching, softmax
+and top-k are the same for all of them.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,51 +25,90 @@ from .models import build_classifier, load_tokenizer
 from .rundir import RunDir
 from .runtime import autocast, autocast_dtype, select_device
 
-__all__ = ["Classifier", "load", "predict_logits", "check_no_pickles"]
+__all__ = ["Classifier", "load", "predict_logits", "check_no_pickles", "run_split", "TorchBackend", "OnnxBackend"]
 
 log = logging.getLogger(__name__)
 
+#: A padded batch -> logits (B, C) as float32.
+Backend = Callable[[torch.Tensor, torch.Tensor], np.ndarray]
 
-@torch.inference_mode()
-def predict_logits(
-    model: nn.Module,
-    token_ids: list[list[int]],
-    pad_id: int,
-    batch_size: int,
-    device: torch.device,
-    amp: torch.dtype | None = None,
-) -> np.ndarray:
+
+class TorchBackend:
+    """A PyTorch module (lorafit's SequenceClassifier, or a transformers model returning `.logits`)."""
+
+    def __init__(self, model: nn.Module, device: torch.device, amp: torch.dtype | None = None):
+        self.model = model.to(device).eval()
+        self.device = device
+        self.amp = amp
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+        with autocast(self.device, self.amp):
+            out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
+        logits = getattr(out, "logits", out)  # (B, C)
+        return logits.float().cpu().numpy()
+
+
+class OnnxBackend:
+    """An ONNX graph with inputs input_ids, attention_mask (int64) and output logits, on ONNX Runtime."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UserError("ONNX models need onnxruntime: pip install 'lorafit[export]'") from None
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+        feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+        return self.session.run(["logits"], feeds)[0].astype(np.float32, copy=False)
+
+
+def batched_logits(backend: Backend, token_ids: list[list[int]], pad_id: int, batch_size: int) -> np.ndarray:
     """Logits for every sequence, in input order; batches are length-sorted to avoid padding."""
-    model.eval()
     lengths = [len(t) for t in token_ids]
     out: np.ndarray | None = None
     for batch, input_ids, attention_mask in data.iterate(token_ids, data.sorted_batches(lengths, batch_size), pad_id):
-        with autocast(device, amp):
-            logits = model(input_ids.to(device), attention_mask.to(device))  # (B, C)
+        logits = backend(input_ids, attention_mask)  # (B, C)
         if out is None:
             out = np.zeros((len(token_ids), logits.shape[-1]), dtype=np.float32)
-        out[batch] = logits.float().cpu().numpy()
+        out[batch] = logits
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 
-class Classifier:
-    """A run folder's model, tokenizer and label space, ready to predict."""
+def predict_logits(model: nn.Module, token_ids: list[list[int]], pad_id: int, batch_size: int,
+                   device: torch.device, amp: torch.dtype | None = None) -> np.ndarray:
+    """`batched_logits` for a PyTorch model (the training loop's evaluation)."""
+    return batched_logits(TorchBackend(model, device, amp), token_ids, pad_id, batch_size)
 
-    def __init__(self, model: nn.Module, tokenizer, labels: list[str], cfg: Config, device: torch.device):
-        self.model = model
+
+class Classifier:
+    """A backend, its tokenizer and label space, ready to predict."""
+
+    def __init__(self, backend: Backend, tokenizer, labels: list[str], cfg: Config, kind: str = "run"):
+        self.backend = backend
         self.tokenizer = tokenizer
         self.labels = labels
         self.cfg = cfg
-        self.device = device
-        self.amp = autocast_dtype(cfg.train, device) if device.type == "cuda" else None
+        self.kind = kind  # "run", or the export format: "merged", "adapter", "onnx"
+
+    @property
+    def model(self) -> nn.Module | None:
+        return getattr(self.backend, "model", None)
 
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return data.tokenize(self.tokenizer, list(texts), self.cfg.data.max_length)
+
     def logits(self, texts: list[str]) -> np.ndarray:
-        tokens = data.tokenize(self.tokenizer, list(texts), self.cfg.data.max_length)
-        return predict_logits(self.model, tokens, self.pad_id, self.cfg.train.eval_batch_size, self.device, self.amp)
+        return batched_logits(self.backend, self.tokenize(texts), self.pad_id, self.cfg.train.eval_batch_size)
 
     def predict(self, texts: list[str] | str, top_k: int = 3) -> list[list[tuple[str, float]]]:
         """For each text, the `top_k` labels with their probabilities, most likely first."""
@@ -70,18 +116,24 @@ class Classifier:
             texts = [texts]
         if not texts:
             return []
-        probs = softmax(self.logits(texts))
-        k = max(1, min(top_k, len(self.labels)))
-        order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
-        return [[(self.labels[j], float(p[j])) for j in row] for row, p in zip(order, probs)]
+        return top_labels(softmax(self.logits(texts)), self.labels, top_k)
 
     def evaluate(self, texts: list[str], labels: list[str]) -> dict:
-        index = {name: i for i, name in enumerate(self.labels)}
-        unseen = sorted(set(labels) - set(index))
-        if unseen:
-            raise UserError(f"labels unknown to this run: {', '.join(unseen[:10])}; it knows {len(self.labels)} labels (labels.json)")
-        targets = np.array([index[label] for label in labels])
-        return classification_metrics(self.logits(texts), targets, self.labels)
+        return classification_metrics(self.logits(texts), label_indices(labels, self.labels), self.labels)
+
+
+def top_labels(probs: np.ndarray, labels: list[str], top_k: int) -> list[list[tuple[str, float]]]:
+    k = max(1, min(top_k, len(labels)))
+    order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    return [[(labels[j], float(p[j])) for j in row] for row, p in zip(order, probs)]
+
+
+def label_indices(labels: list[str], known: list[str]) -> np.ndarray:
+    index = {name: i for i, name in enumerate(known)}
+    unseen = sorted(set(labels) - set(index))
+    if unseen:
+        raise UserError(f"labels unknown to this model: {', '.join(unseen[:10])}; it knows {len(known)} labels (labels.json)")
+    return np.array([index[label] for label in labels])
 
 
 #: Weight files that are pickles: loading one can run arbitrary code.
@@ -101,16 +153,64 @@ def check_no_pickles(folder: Path, trust_pickle: bool) -> None:
         )
 
 
-def load(run_dir: str | Path, device: str = "auto") -> Classifier:
-    """Rebuild a trained classifier from its run folder alone."""
-    run = RunDir(run_dir)
-    cfg = run.config()
-    labels = run.labels()
+def load_model(folder: RunDir, cfg: Config, labels: list[str], artifact: Path | None = None) -> nn.Module:
+    """The trained PyTorch model of a run folder (or of an adapter export, whose files are `artifact`)."""
     method = registry.get(cfg.method.name)(cfg.method)
-    artifact = run.artifact(method.artifact)
+    artifact = artifact or folder.artifact(method.artifact)
     check_no_pickles(artifact, cfg.model.trust_pickle)
     base = build_classifier(cfg.model, len(labels), cfg.seed)
-    model = method.load(base, artifact)
+    return method.load(base, artifact)
+
+
+def load(path: str | Path, device: str = "auto", threads: int | None = None) -> Classifier:
+    """A classifier from a run folder or an export folder, from its files alone."""
+    folder = RunDir(path)
+    if (folder.path / "export.json").is_file():
+        return _load_export(folder, device, threads)
+    cfg = folder.config()
+    labels = folder.labels()
+    model = load_model(folder, cfg, labels)
     target = select_device(device)
-    model.to(target).eval()
-    return Classifier(model, load_tokenizer(cfg.model), labels, cfg, target)
+    amp = autocast_dtype(cfg.train, target) if target.type == "cuda" else None
+    return Classifier(TorchBackend(model, target, amp), load_tokenizer(cfg.model), labels, cfg)
+
+
+def _folder_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    # The folder's config.json declares lorafit's own model type with remote code; the tokenizer
+    # files name their class, so nothing from the folder needs to run.
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+
+
+def _load_export(folder: RunDir, device: str, threads: int | None) -> Classifier:
+    meta = folder.read_json("export.json")
+    cfg, labels, kind = folder.config(), folder.labels(), meta.get("format")
+    if kind == "onnx":
+        backend: Backend = OnnxBackend(folder.path / "model.onnx", threads)
+        return Classifier(backend, _folder_tokenizer(folder.path), labels, cfg, kind)
+    target = select_device(device)
+    amp = autocast_dtype(cfg.train, target) if target.type == "cuda" else None
+    if kind == "merged":
+        from .modeling_lorafit import LorafitForSequenceClassification
+
+        check_no_pickles(folder.path, trust_pickle=False)
+        model = LorafitForSequenceClassification.from_pretrained(str(folder.path))
+        return Classifier(TorchBackend(model, target, amp), _folder_tokenizer(folder.path), labels, cfg, kind)
+    if kind == "adapter":
+        model = load_model(folder, cfg, labels, artifact=folder.path)
+        return Classifier(TorchBackend(model, target, amp), load_tokenizer(cfg.model), labels, cfg, kind)
+    raise UserError(f"{folder.path}/export.json names an unknown format {kind!r}; re-export with lorafit export")
+
+
+def run_split(run: RunDir, cfg: Config, split: str) -> data.Split:
+    """A split of the run's own dataset, checked against the rows splits.json recorded at training."""
+    dataset, _ = data.load(cfg.data, cfg.seed)
+    if split not in dataset.splits:
+        raise UserError(f"the dataset has no {split} split; it has {', '.join(dataset.splits)}")
+    chosen = dataset.splits[split]
+    if (run.path / "splits.json").is_file():
+        recorded = run.read_json("splits.json").get(split)
+        if recorded is not None and recorded != chosen.rows:
+            raise UserError(f"the {split} split no longer matches splits.json: the data changed since training")
+    return chosen

@@ -1,0 +1,220 @@
+"""`lorafit export`: a run folder -> a deployable folder, proven equal to the trained model.
+
+Formats:
+    merged    the adapter folded into the base weights: model.safetensors + config.json +
+              modeling_lorafit.py + tokenizer; loads with transformers alone
+              (`AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True)`)
+    adapter   the peft-format adapter (plus labels and config), for serving over a shared base
+    onnx      an ONNX graph (dynamic batch and sequence axes) + tokenizer; `quantize="int8"`
+              applies ONNX Runtime dynamic quantisation to its weights
+
+Every export is written to a hidden temporary folder, reloaded from its files alone, and its logits
+on the run's validation split compared with the training-time model's (the parity check). Only an
+export within tolerance is renamed into place, with the figures in `export.json`; one that breaks
+parity is an error and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from . import __version__
+from .errors import UserError
+from .evaluate import softmax
+from .inference import Classifier, label_indices, load, run_split
+from .methods import registry
+from .models import SequenceClassifier
+from .rundir import RunDir, folder_bytes
+
+__all__ = ["export", "describe", "FORMATS", "TOLERANCES"]
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("merged", "adapter", "onnx")
+
+#: Parity an export must keep against the training-time model on the parity split.
+#: Float32 exports compute the same function, so only rounding may differ; int8 weights change
+#: the function slightly, so we bound what matters: the predicted labels and the accuracy.
+TOLERANCES = {
+    "float32": {"max_abs_logit_diff": 1e-3},
+    "int8": {"min_top1_agreement": 0.97, "max_accuracy_drop": 0.01},
+}
+
+_MODELING_FILE = Path(__file__).with_name("modeling_lorafit.py")
+
+
+def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | None = None,
+           overwrite: bool = False, split: str = "validation") -> dict:
+    """Write `run_dir` as `format` to `out`; returns what export.json records (parity included)."""
+    if format not in FORMATS:
+        raise UserError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if quantize not in (None, "int8"):
+        raise UserError(f"unknown quantisation {quantize!r}; the only one is int8")
+    if quantize and format != "onnx":
+        raise UserError("--quantize int8 applies to --format onnx only (ONNX Runtime dynamic quantisation)")
+    run = RunDir(run_dir)
+    if (run.path / "export.json").is_file():
+        raise UserError(f"{run.path} is already an export; export from the run folder it came from")
+    cfg, labels = run.config(), run.labels()
+    method = registry.get(cfg.method.name)(cfg.method)
+    if format == "adapter" and method.artifact != "adapter":
+        raise UserError(f"{run.path} was trained with {cfg.method.name} and has no adapter; export --format merged or onnx")
+    target = RunDir(out)
+    target.check_new(overwrite)
+    if target.path.resolve() == run.path.resolve() or run.path.resolve() in target.path.resolve().parents:
+        raise UserError("--out must be outside the run folder")
+
+    reference = load(run.path, device="cpu")
+    parity_split = run_split(run, cfg, split)
+    log.info("reference: the training-time model on %d %s examples", len(parity_split.texts), split)
+    reference_logits = reference.logits(parity_split.texts)  # (N, C), before any merging
+
+    tmp = target.path.parent / f".{target.path.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if format == "adapter":
+            shutil.copytree(run.artifact(method.artifact), tmp, dirs_exist_ok=True)
+        else:
+            merged = method.merge(reference.model)
+            if not isinstance(merged, SequenceClassifier):
+                raise UserError(f"merging {cfg.method.name} did not give a plain model ({type(merged).__name__})")
+            if format == "merged":
+                _write_merged(merged, reference, cfg.model.pooling, tmp)
+            else:
+                _write_onnx(merged, reference, tmp, quantize)
+        for name in ("config.yaml", "labels.json"):
+            shutil.copy2(run.path / name, tmp / name)
+        meta = {
+            "format": format,
+            "quantize": quantize,
+            "source_run": str(run.path.resolve()),
+            "method": cfg.method.name,
+            "base_model": cfg.model.name,
+            "pooling": cfg.model.pooling,
+            "max_length": cfg.data.max_length,
+            "num_labels": len(labels),
+            "lorafit_version": __version__,
+        }
+        RunDir(tmp).write_json("export.json", meta)
+
+        exported = load(tmp, device="cpu")  # from the written files alone
+        log.info("parity: the exported %s model on the same examples", format)
+        meta["parity"] = _parity(reference_logits, exported, parity_split, split, quantize)
+        meta["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        meta["bytes"] = folder_bytes(tmp)
+        RunDir(tmp).write_json("export.json", meta)
+        if not meta["parity"]["passed"]:
+            raise UserError(f"the {format} export breaks parity ({_parity_line(meta['parity'])}; tolerance "
+                            f"{meta['parity']['tolerance']}); nothing was written")
+        if target.path.exists():
+            shutil.rmtree(target.path)
+        os.replace(tmp, target.path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def _parity(reference_logits: np.ndarray, exported: Classifier, split, split_name: str, quantize: str | None) -> dict:
+    logits = exported.logits(split.texts)
+    targets = label_indices(split.labels, exported.labels)
+    ref_top1, exp_top1 = reference_logits.argmax(-1), logits.argmax(-1)
+    result = {
+        "split": split_name,
+        "examples": len(targets),
+        "max_abs_logit_diff": float(np.abs(reference_logits - logits).max()) if len(targets) else 0.0,
+        "max_abs_prob_diff": float(np.abs(softmax(reference_logits) - softmax(logits)).max()) if len(targets) else 0.0,
+        "top1_agreement": float((ref_top1 == exp_top1).mean()),
+        "reference_accuracy": float((ref_top1 == targets).mean()),
+        "export_accuracy": float((exp_top1 == targets).mean()),
+    }
+    tolerance = TOLERANCES["int8" if quantize else "float32"]
+    if quantize:
+        passed = (result["top1_agreement"] >= tolerance["min_top1_agreement"]
+                  and result["reference_accuracy"] - result["export_accuracy"] <= tolerance["max_accuracy_drop"])
+    else:
+        passed = result["max_abs_logit_diff"] <= tolerance["max_abs_logit_diff"]
+    return {**result, "tolerance": tolerance, "passed": bool(passed)}
+
+
+def _parity_line(p: dict) -> str:
+    return (f"{p['examples']} {p['split']} examples, max |logit diff| {p['max_abs_logit_diff']:.2e}, "
+            f"top-1 agreement {p['top1_agreement']:.2%}, accuracy {p['export_accuracy']:.2%} "
+            f"(training-time model {p['reference_accuracy']:.2%})")
+
+
+def _write_merged(model: SequenceClassifier, reference: Classifier, pooling: str, folder: Path) -> None:
+    from .modeling_lorafit import LorafitConfig
+
+    labels = reference.labels
+    encoder = model.encoder.config.to_dict()
+    for key in ("architectures", "_name_or_path", "auto_map", "transformers_version", "id2label", "label2id"):
+        encoder.pop(key, None)
+    config = LorafitConfig(
+        encoder=encoder, pooling=pooling,
+        id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+        architectures=["LorafitForSequenceClassification"],
+        auto_map={"AutoConfig": "modeling_lorafit.LorafitConfig",
+                  "AutoModelForSequenceClassification": "modeling_lorafit.LorafitForSequenceClassification"},
+    )
+    config.save_pretrained(str(folder))
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy2(_MODELING_FILE, folder / "modeling_lorafit.py")
+    reference.tokenizer.save_pretrained(str(folder))
+
+
+def _write_onnx(model: SequenceClassifier, reference: Classifier, folder: Path, quantize: str | None) -> None:
+    model = model.eval().float()
+    example = reference.tokenizer(["an example sentence for the trace", "a second one"], padding=True, return_tensors="pt")
+    inputs = (example["input_ids"], example["attention_mask"])  # (2, T) each: batch and length stay symbolic
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    graph = folder / ("model.float32.onnx" if quantize else "model.onnx")
+    log.info("exporting the ONNX graph")
+    with warnings.catch_warnings(), _quiet_logger("torch.onnx"):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, inputs, input_names=["input_ids", "attention_mask"], output_names=["logits"],
+            dynamic_shapes=({0: batch, 1: sequence}, {0: batch, 1: sequence}), dynamo=True, verbose=False,
+        )
+    program.save(str(graph))
+    if quantize:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        log.info("quantising the weights to int8 (ONNX Runtime dynamic quantisation)")
+        # per_channel: one scale per output column. On Banking77 it raised top-1 agreement with the
+        # float model from 98.3% to 99.5% (validation; test 98.8% -> 99.5%).
+        with _quiet_logger(""):  # the quantiser's advice to pre-process goes to the root logger
+            quantize_dynamic(str(graph), str(folder / "model.onnx"), weight_type=QuantType.QInt8, per_channel=True)
+        graph.unlink()
+    reference.tokenizer.save_pretrained(str(folder))
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """Libraries' warnings that say nothing to a lorafit user (torchvision ops absent, say)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def describe(meta: dict) -> str:
+    """The lines `lorafit export` prints."""
+    kind = meta["format"] + (f" ({meta['quantize']})" if meta.get("quantize") else "")
+    lines = [f"exported {kind}: {meta['bytes'] / 2**20:.1f} MiB",
+             f"parity: {_parity_line(meta['parity'])} -- within tolerance {json.dumps(meta['parity']['tolerance'])}"]
+    return "\n".join(lines)
