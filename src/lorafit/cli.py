@@ -163,6 +163,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import Limits, create_app, parse_adapter_spec, run
+    except ImportError as e:
+        raise UserError(f"the server needs its extra ({e.name} is missing): pip install 'lorafit[serve]'") from None
+
+    thresholds = {}
+    for item in args.threshold or []:
+        name, _, value = item.partition("=")
+        try:
+            thresholds[name] = float(value)
+        except ValueError:
+            raise UserError(f"--threshold {item!r}: write NAME=PROBABILITY, e.g. banking=0.5") from None
+    adapters = [parse_adapter_spec(spec) for spec in args.paths]
+    unknown = set(thresholds) - {name for name, _ in adapters}
+    if unknown:
+        raise UserError(f"--threshold names {', '.join(sorted(unknown))}, which is not served")
+    limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars, max_body_bytes=args.max_body_bytes,
+                    max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    app = create_app([(name, path, thresholds.get(name)) for name, path in adapters], limits,
+                     api_key=args.api_key, adapter_root=args.adapter_root, threads=args.threads)
+    print(f"serving {', '.join(name for name, _ in adapters)} on http://{args.host}:{args.port}", flush=True)
+    run(app, args.host, args.port)
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     from .config import dump, load_config
 
@@ -247,6 +273,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.add_argument("--split", default="validation", choices=["validation", "test"], help="split for the parity check")
     p.set_defaults(func=cmd_export)
+
+    p = verbs.add_parser("serve", help="HTTP inference server: many adapters over one base model")
+    p.add_argument("paths", nargs="+", metavar="[NAME=]PATH", help="run folders or exports; NAME defaults to the folder name")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="enables the admin endpoint (default: $LORAFIT_API_KEY)")
+    p.add_argument("--adapter-root", help="folder that adapters added at run time must lie in (default: the current folder)")
+    p.add_argument("--threshold", action="append", metavar="NAME=P", help="answer out_of_scope below this top-1 probability")
+    p.add_argument("--max-texts", type=int, default=64, help="texts per request")
+    p.add_argument("--max-chars", type=int, default=2000, help="characters per text")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    p.add_argument("--max-batch", type=int, default=64, help="texts per micro-batch")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits to share a batch")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.set_defaults(func=cmd_serve)
 
     p = verbs.add_parser("config", help="inspect configs")
     sub = p.add_subparsers(dest="config_verb", required=True)

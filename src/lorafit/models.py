@@ -77,14 +77,16 @@ class SequenceClassifier(nn.Module):
         self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
         self.name_or_path = getattr(encoder, "name_or_path", None)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The pooled sentence vector the head reads (the server puts one head per adapter on it)."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         if self.pooling == "mean":
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)
-        else:
-            pooled = hidden[:, 0]  # (B, H)
-        return self.classifier(self.dropout(pooled))  # (B, num_labels)
+            return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)
+        return hidden[:, 0]  # (B, H)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.features(input_ids, attention_mask)))  # (B, num_labels)
 
 
 def resolve_model_path(name: str) -> str:

@@ -1,0 +1,480 @@
+"""`lorafit serve`: many classifiers over one base model in memory, micro-batched, over HTTP.
+
+    POST /v1/predict         {"texts": [...], "top_k": 3, "adapter": "banking"}
+    GET  /v1/health          liveness and what is loaded
+    GET  /v1/adapters        names, label sets, thresholds
+    GET  /metrics            Prometheus text: requests, latency histogram, batch sizes
+    POST /v1/admin/adapters  {"name": ..., "path": ..., "threshold": ...}   (Bearer API key)
+
+How adapters share a base: all adapters with the same base checkpoint, pooling and peft type are
+injected into *one* copy of the base encoder as named peft adapters; each keeps its own
+classification head (label sets differ). A forward pass activates one adapter, so the single
+compute thread takes micro-batches, groups them by adapter and runs each group. Run folders
+without an adapter (full fine-tuning) and merged/ONNX exports are served as standalone models.
+
+Requests wait at most `max_wait_ms` for others to share their batch. Every request is checked
+against the limits before it is queued; bad input gets a 4xx with a one-line reason, never a 5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Callable
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from . import data
+from .errors import UserError
+from .evaluate import softmax
+from .inference import check_no_pickles, load
+from .methods import registry
+from .models import build_classifier, load_tokenizer, resolve_model_path
+from .rundir import RunDir, safe_name
+
+__all__ = ["Limits", "Registry", "create_app", "run", "parse_adapter_spec"]
+
+log = logging.getLogger(__name__)
+
+OUT_OF_SCOPE = "out_of_scope"
+API_KEY_ENV = "LORAFIT_API_KEY"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_texts: int = 64
+    """Texts per request."""
+    max_chars: int = 2000
+    """Characters per text."""
+    max_body_bytes: int = 1_000_000
+    """Request body size."""
+    max_batch: int = 64
+    """Texts per micro-batch."""
+    max_wait_ms: float = 5.0
+    """How long a request waits for others to share its batch."""
+
+
+# -- what is served ---------------------------------------------------------------------------
+
+@dataclass
+class Served:
+    """One named classifier: its labels, an optional confidence threshold and how to get logits."""
+
+    name: str
+    labels: list[str]
+    threshold: float | None
+    logits: Callable[[list[str]], np.ndarray]  # runs on the compute thread only
+    info: dict = field(default_factory=dict)
+
+
+class SharedBase:
+    """One base encoder with many peft adapters injected; one head per adapter."""
+
+    def __init__(self, cfg, tokenizer):
+        self.model = None  # peft.PeftModel over lorafit's SequenceClassifier, built with the first adapter
+        self.cfg_model = cfg.model
+        self.seed = cfg.seed
+        self.tokenizer = tokenizer
+        self.heads: dict[str, nn.Linear] = {}
+        self.peft_type: str | None = None
+
+    def add(self, name: str, adapter_dir: Path, num_labels: int) -> None:
+        from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        config = PeftConfig.from_pretrained(str(adapter_dir))
+        config.modules_to_save = None  # heads are kept here, one per adapter (label sets differ)
+        config.inference_mode = True
+        state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+        head_state = {k.rsplit(".", 1)[-1]: v for k, v in state.items() if ".classifier." in f".{k}"}
+        adapter_state = {k: v for k, v in state.items() if ".classifier." not in f".{k}"}
+        if set(head_state) != {"weight", "bias"}:
+            raise UserError(f"{adapter_dir} has no classification head in adapter_model.safetensors; it was not written by lorafit")
+        if self.model is None:
+            base = build_classifier(self.cfg_model, num_labels, self.seed)
+            self.model = PeftModel(base, config, adapter_name=name).eval()
+            self.peft_type = str(config.peft_type)
+        else:
+            self.model.add_adapter(name, config)
+        result = set_peft_model_state_dict(self.model, adapter_state, adapter_name=name)
+        if getattr(result, "unexpected_keys", None):
+            self.model.delete_adapter(name)
+            raise UserError(f"{adapter_dir} does not fit its base model (unexpected keys {result.unexpected_keys[:3]})")
+        head = nn.Linear(head_state["weight"].shape[1], head_state["weight"].shape[0])
+        head.load_state_dict(head_state)
+        self.heads[name] = head.eval()
+        self.model.requires_grad_(False)
+        self.model.eval()  # peft creates a new adapter's dropout modules in training mode
+
+    @torch.inference_mode()
+    def logits(self, name: str, texts: list[str], max_length: int, batch_size: int) -> np.ndarray:
+        self.model.set_adapter(name)
+        encoder = self.model.base_model.model  # lorafit's SequenceClassifier with the adapters injected
+        tokens = data.tokenize(self.tokenizer, texts, max_length)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out = np.zeros((len(texts), self.heads[name].out_features), dtype=np.float32)
+        lengths = [len(t) for t in tokens]
+        for batch, input_ids, attention_mask in data.iterate(tokens, data.sorted_batches(lengths, batch_size), pad_id):
+            out[batch] = self.heads[name](encoder.features(input_ids, attention_mask)).float().numpy()  # (B, C)
+        return out
+
+
+class Registry:
+    """Everything served, by name. Loading happens on the compute thread (see `Server`)."""
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self.served: dict[str, Served] = {}
+        self.bases: dict[tuple, SharedBase] = {}
+
+    def add(self, name: str, path: str | Path, threshold: float | None = None) -> Served:
+        safe_name(name, "adapter name")
+        if name in self.served:
+            raise UserError(f"an adapter named {name!r} is already served")
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise UserError(f"threshold for {name!r} must be a probability in [0, 1], got {threshold}")
+        folder = RunDir(path)
+        meta = folder.read_json("export.json") if (folder.path / "export.json").is_file() else None
+        cfg, labels = folder.config(), folder.labels()
+        method = registry.get(cfg.method.name)(cfg.method)
+        adapter_dir = None
+        if meta is None and method.artifact == "adapter":
+            adapter_dir = folder.artifact("adapter")
+        elif meta is not None and meta.get("format") == "adapter":
+            adapter_dir = folder.path
+        if adapter_dir is not None and (adapter_dir / "adapter_model.safetensors").is_file():
+            check_no_pickles(adapter_dir, cfg.model.trust_pickle)
+            from peft import PeftConfig
+
+            peft_type = str(PeftConfig.from_pretrained(str(adapter_dir)).peft_type)
+            key = (resolve_model_path(cfg.model.name), cfg.model.pooling, peft_type)
+            if key not in self.bases:
+                self.bases[key] = SharedBase(cfg, load_tokenizer(cfg.model))
+            base = self.bases[key]
+            base.add(name, adapter_dir, len(labels))
+            max_length, batch_size = cfg.data.max_length, self.limits.max_batch
+            logits = lambda texts, base=base, name=name: base.logits(name, texts, max_length, batch_size)  # noqa: E731
+            info = {"kind": "adapter", "shared_base": True}
+        else:
+            classifier = load(folder.path, device="cpu")
+            logits = classifier.logits
+            info = {"kind": meta["format"] if meta else "run", "shared_base": False}
+        info.update(method=cfg.method.name, base_model=cfg.model.name)
+        served = Served(name, labels, threshold, logits, info)
+        self.served[name] = served
+        log.info("serving %s: %s (%d labels) from %s", name, info["kind"], len(labels), folder.path)
+        return served
+
+    def describe(self) -> list[dict]:
+        return [{"name": s.name, "labels": s.labels, "num_labels": len(s.labels), "threshold": s.threshold, **s.info}
+                for s in self.served.values()]
+
+
+def parse_adapter_spec(spec: str) -> tuple[str, str]:
+    """`name=path` or a bare path (named after its folder)."""
+    if "=" in spec and not Path(spec).exists():
+        name, path = spec.split("=", 1)
+    else:
+        path = spec
+        name = Path(spec.rstrip("/\\")).name or "default"
+    return safe_name(name, "adapter name"), path
+
+
+# -- requests and micro-batching ---------------------------------------------------------------
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    texts: list[str]
+    top_k: Annotated[int, Field(ge=1)] = 3
+    adapter: str | None = None
+
+
+class AdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    path: Annotated[str, Field(min_length=1, max_length=4096)]
+    threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class _Pending:
+    served: Served
+    texts: list[str]
+    future: asyncio.Future
+
+
+class Batcher:
+    """Collects concurrent requests for up to `max_wait_ms` (or `max_batch` texts), then runs them on
+    the one compute thread, grouped by adapter."""
+
+    def __init__(self, limits: Limits, executor: ThreadPoolExecutor, observe_batch: Callable[[int, int], None]):
+        self.limits = limits
+        self.executor = executor
+        self.observe_batch = observe_batch
+        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+
+    async def submit(self, served: Served, texts: list[str]) -> np.ndarray:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put(_Pending(served, texts, future))
+        return await future
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self.queue.get()
+            batch, count = [first], len(first.texts)
+            deadline = loop.time() + self.limits.max_wait_ms / 1000
+            while count < self.limits.max_batch:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), timeout=remaining)
+                except asyncio.TimeoutError:
+                    break
+                batch.append(item)
+                count += len(item.texts)
+            self.observe_batch(len(batch), count)
+            try:
+                results = await loop.run_in_executor(self.executor, _compute, batch)
+            except Exception as e:  # a bug, not bad input: every waiting request hears of it
+                log.exception("batch failed")
+                results = [e] * len(batch)
+            for item, result in zip(batch, results):
+                if item.future.done():
+                    continue
+                if isinstance(result, Exception):
+                    item.future.set_exception(result)
+                else:
+                    item.future.set_result(result)
+
+
+def _compute(batch: list[_Pending]) -> list[np.ndarray | Exception]:
+    """On the compute thread: one forward pass per adapter over all its pending texts."""
+    groups: dict[str, list[int]] = {}
+    for i, item in enumerate(batch):
+        groups.setdefault(item.served.name, []).append(i)
+    results: list = [None] * len(batch)
+    for indices in groups.values():
+        served = batch[indices[0]].served
+        texts = [t for i in indices for t in batch[i].texts]
+        try:
+            probs = softmax(served.logits(texts))  # (N, C)
+        except Exception as e:
+            log.exception("adapter %s failed", served.name)
+            for i in indices:
+                results[i] = e
+            continue
+        start = 0
+        for i in indices:
+            results[i] = probs[start : start + len(batch[i].texts)]
+            start += len(batch[i].texts)
+    return results
+
+
+# -- the app -----------------------------------------------------------------------------------
+
+def create_app(adapters: list[tuple[str, str, float | None]], limits: Limits | None = None,
+               api_key: str | None = None, adapter_root: str | Path | None = None, threads: int | None = None):
+    """The FastAPI app. `adapters`: (name, path, threshold); loaded before the app is returned."""
+    limits = limits or Limits()
+    api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+    root = Path(adapter_root or os.getcwd()).resolve()
+    if threads:
+        torch.set_num_threads(threads)
+    served = Registry(limits)
+    for name, path, threshold in adapters:
+        served.add(name, path, threshold)
+    if not served.served:
+        raise UserError("give at least one run folder or export to serve")
+
+    metrics = CollectorRegistry()
+    requests_total = Counter("lorafit_requests", "HTTP requests by route and status", ["route", "status"], registry=metrics)
+    latency = Histogram("lorafit_request_seconds", "Time to answer POST /v1/predict", ["adapter"], registry=metrics,
+                        buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
+    batch_texts = Histogram("lorafit_batch_texts", "Texts per micro-batch", registry=metrics,
+                            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+    batch_requests = Histogram("lorafit_batch_requests", "Requests per micro-batch", registry=metrics,
+                               buckets=(1, 2, 4, 8, 16, 32, 64))
+
+    def observe_batch(n_requests: int, n_texts: int) -> None:
+        batch_requests.observe(n_requests)
+        batch_texts.observe(n_texts)
+
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafit-compute")
+    batcher = Batcher(limits, executor, observe_batch)
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        await batcher.stop()
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="lorafit", lifespan=lifespan)
+    routes = {"/v1/predict", "/v1/health", "/v1/adapters", "/metrics", "/v1/admin/adapters"}
+    app.state.registry = served
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.middleware("http")
+    async def count_and_guard(request: Request, call_next):
+        length = request.headers.get("content-length")
+        route = request.url.path if request.url.path in routes else "other"
+        if length is not None and not length.isdigit():
+            response = error(400, f"bad Content-Length header {length[:20]!r}")
+        elif length is not None and int(length) > limits.max_body_bytes:
+            response = error(413, f"request body over {limits.max_body_bytes} bytes")
+        else:
+            try:
+                response = await call_next(request)
+            except Exception:  # never a traceback to the client
+                log.exception("unhandled error on %s", request.url.path)
+                response = error(500, "internal error; see the server log")
+        requests_total.labels(route, str(response.status_code)).inc()
+        return response
+
+    async def read_json(request: Request, model: type[BaseModel]) -> BaseModel:
+        body = bytearray()
+        async for chunk in request.stream():  # bounded even without a Content-Length header
+            body += chunk
+            if len(body) > limits.max_body_bytes:
+                raise RequestError(413, f"request body over {limits.max_body_bytes} bytes")
+        try:
+            raw = json.loads(body)
+        except (ValueError, RecursionError) as e:
+            raise RequestError(400, f"body is not valid JSON: {str(e)[:120]}") from None
+        if not isinstance(raw, dict):
+            raise RequestError(422, f"body must be a JSON object, got {_JSON_TYPES.get(type(raw), 'a number')}")
+        try:
+            return model.model_validate(raw)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".") or "body"
+            raise RequestError(422, f"{where}: {first['msg']}") from None
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, exc: RequestError):
+        return error(exc.status, exc.message)
+
+    @app.post("/v1/predict")
+    async def predict(request: Request):
+        started = time.perf_counter()
+        req = await read_json(request, PredictRequest)
+        if not req.texts:
+            raise RequestError(422, "texts: give at least one text")
+        if len(req.texts) > limits.max_texts:
+            raise RequestError(413, f"texts: {len(req.texts)} texts, over the limit of {limits.max_texts} per request")
+        for i, text in enumerate(req.texts):
+            if len(text) > limits.max_chars:
+                raise RequestError(413, f"texts[{i}]: {len(text)} characters, over the limit of {limits.max_chars}")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError(422, f"texts[{i}]: not valid Unicode (a lone surrogate)") from None
+        target = _choose(served, req.adapter)
+        probs = await batcher.submit(target, req.texts)
+        k = min(req.top_k, len(target.labels))
+        predictions = []
+        for row in probs:
+            order = np.argsort(-row, kind="stable")[:k]
+            top = [{"label": target.labels[j], "score": float(row[j])} for j in order]
+            unsure = target.threshold is not None and top[0]["score"] < target.threshold
+            predictions.append({"label": OUT_OF_SCOPE if unsure else top[0]["label"], "score": top[0]["score"],
+                                "out_of_scope": unsure, "top_k": top})
+        latency.labels(target.name).observe(time.perf_counter() - started)
+        return {"adapter": target.name, "predictions": predictions}
+
+    @app.get("/v1/health")
+    async def health():
+        return {"status": "ok", "adapters": len(served.served), "shared_bases": len(served.bases)}
+
+    @app.get("/v1/adapters")
+    async def list_adapters():
+        return {"adapters": served.describe()}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(generate_latest(metrics).decode(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/admin/adapters")
+    async def add_adapter(request: Request):
+        if api_key is None:
+            raise RequestError(403, f"admin endpoints are disabled: start the server with --api-key or {API_KEY_ENV}")
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode("utf-8", "surrogatepass"), api_key.encode("utf-8")):
+            raise RequestError(401, "missing or wrong API key (send Authorization: Bearer <key>)")
+        req = await read_json(request, AdapterRequest)
+        path = (root / req.path).resolve()
+        if root != path and root not in path.parents:
+            raise RequestError(403, f"path must lie inside the adapter root {root}")
+        if req.name in served.served:
+            raise RequestError(409, f"an adapter named {req.name!r} is already served")
+        if not path.is_dir():
+            raise RequestError(404, f"no folder at {req.path} (inside the adapter root)")
+        loop = asyncio.get_running_loop()
+        try:  # on the compute thread: never while a forward pass runs
+            added = await loop.run_in_executor(executor, served.add, req.name, path, req.threshold)
+        except UserError as e:
+            raise RequestError(422, str(e)) from None
+        return {"added": added.name, "num_labels": len(added.labels), **added.info}
+
+    return app
+
+
+_JSON_TYPES = {list: "an array", str: "a string", type(None): "null", bool: "a boolean"}
+
+
+def _choose(served: Registry, name: str | None) -> Served:
+    if name is None:
+        if len(served.served) == 1:
+            return next(iter(served.served.values()))
+        raise RequestError(422, f"adapter: name one of {', '.join(sorted(served.served))}")
+    if name not in served.served:
+        shown = name if len(name) <= 60 else name[:57] + "..."
+        raise RequestError(404, f"adapter {shown!r} is not served; served: {', '.join(sorted(served.served))}")
+    return served.served[name]
+
+
+def run(app, host: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -1,0 +1,250 @@
+"""`lorafit serve`: endpoints in process, many adapters over one base, limits, admin, a real uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+import lorafit
+from lorafit.errors import UserError
+from lorafit.export import export
+from lorafit.serve import Limits, create_app
+
+from conftest import synthetic_frame, tiny_overrides
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from serve_cases import malformed_cases  # noqa: E402
+
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_bert, tmp_path_factory):
+    """Two LoRA runs on the same tiny base with different label sets, and a full fine-tuning run."""
+    root = tmp_path_factory.mktemp("serve")
+    three = root / "data3"
+    three.mkdir()
+    synthetic_frame(150, 0).to_csv(three / "train.csv", index=False)
+    synthetic_frame(30, 1).to_csv(three / "test.csv", index=False)
+    two = root / "data2"
+    two.mkdir()
+    for name, seed in (("train", 2), ("test", 3)):
+        frame = synthetic_frame(150, seed)
+        frame[frame.label != "travel"].to_csv(two / f"{name}.csv", index=False)
+    out = {}
+    for name, data, extra in (("topics", three, {}), ("binary", two, {"method.rank": 2}),
+                              ("full", three, {"method.name": "full"})):
+        overrides = tiny_overrides(tiny_bert, data, **{"train.epochs": 3, **extra})
+        if name == "full":
+            overrides = [o for o in overrides if not o.startswith(("method.rank", "method.alpha"))]
+        lorafit.train(lorafit.load_config(None, overrides), root / name)
+        out[name] = root / name
+    return out
+
+
+TEXTS = ["pizza please", "my golf trip", "tennis and a hotel", "the card", "salad salad"]
+
+
+@pytest.fixture(scope="module")
+def client(runs):
+    app = create_app([("topics", str(runs["topics"]), None), ("binary", str(runs["binary"]), None),
+                      ("full", str(runs["full"]), None)],
+                     Limits(max_wait_ms=20), api_key=KEY, adapter_root=runs["topics"].parent)
+    with TestClient(app) as c:
+        yield c
+
+
+def test_predictions_equal_each_run_loaded_alone(client, runs):
+    for name in ("topics", "binary", "full"):
+        response = client.post("/v1/predict", json={"texts": TEXTS, "top_k": 5, "adapter": name})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["adapter"] == name
+        expected = lorafit.load(runs[name]).predict(TEXTS, top_k=5)
+        for got, want in zip(body["predictions"], expected):
+            assert [p["label"] for p in got["top_k"]] == [label for label, _ in want]
+            assert [p["score"] for p in got["top_k"]] == pytest.approx([p for _, p in want], abs=1e-6)
+            assert got["label"] == want[0][0] and not got["out_of_scope"]
+    # top_k beyond the label count gives every label once.
+    body = client.post("/v1/predict", json={"texts": ["pizza"], "top_k": 50, "adapter": "binary"}).json()
+    assert sorted(p["label"] for p in body["predictions"][0]["top_k"]) == ["food", "sport"]
+
+
+def test_adapters_share_one_base(client):
+    health = client.get("/v1/health").json()
+    assert health == {"status": "ok", "adapters": 3, "shared_bases": 1}
+    listed = {a["name"]: a for a in client.get("/v1/adapters").json()["adapters"]}
+    assert listed["topics"]["labels"] == ["food", "sport", "travel"]
+    assert listed["binary"]["labels"] == ["food", "sport"]
+    assert listed["topics"]["shared_base"] and listed["binary"]["shared_base"]
+    assert not listed["full"]["shared_base"] and listed["full"]["kind"] == "run"
+    registry = client.app.state.registry
+    (base,) = registry.bases.values()
+    assert set(base.heads) == {"topics", "binary"}
+    assert set(base.model.peft_config) == {"topics", "binary"}
+
+
+def test_concurrent_requests_for_different_adapters_share_batches(runs):
+    """Requests in flight together for two adapters are micro-batched and each gets its own answer."""
+    expected = {name: lorafit.load(runs[name]).predict(TEXTS, top_k=1) for name in ("topics", "binary")}
+    app = create_app([("topics", str(runs["topics"]), None), ("binary", str(runs["binary"]), None)],
+                     Limits(max_wait_ms=20))
+
+    async def burst():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                jobs = [c.post("/v1/predict", json={"texts": [TEXTS[i % 5]], "top_k": 1, "adapter": name})
+                        for i in range(16) for name in ("topics", "binary")]
+                responses = await asyncio.gather(*jobs)
+                return responses, (await c.get("/metrics")).text
+
+    responses, metrics = asyncio.run(burst())
+    for j, response in enumerate(responses):
+        i, name = divmod(j, 2)
+        name = ("topics", "binary")[name]
+        body = response.json()
+        assert response.status_code == 200 and body["adapter"] == name
+        assert body["predictions"][0]["label"] == expected[name][i % 5][0][0]
+    # Micro-batches held more than one request, of both adapters (20 ms wait, 32 requests at once).
+    counts = _histogram(metrics, "lorafit_batch_requests")
+    assert counts["+Inf"] < 32 and counts["1.0"] < counts["+Inf"], counts
+
+
+def _histogram(text: str, name: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(f"{name}_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            out[le] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_metrics_endpoint_is_prometheus_text(client):
+    client.post("/v1/predict", json={"texts": ["pizza"], "adapter": "topics"})
+    client.post("/v1/predict", json={"texts": [], "adapter": "topics"})
+    text = client.get("/metrics").text
+    assert 'lorafit_requests_total{route="/v1/predict",status="200"}' in text
+    assert 'lorafit_requests_total{route="/v1/predict",status="422"}' in text
+    assert 'lorafit_request_seconds_bucket{adapter="topics",le="0.005"}' in text
+    assert "lorafit_batch_texts_count" in text
+
+
+def test_threshold_answers_out_of_scope(runs):
+    app = create_app([("strict", str(runs["topics"]), 0.999), ("lenient", str(runs["topics"]), 0.0)])
+    with TestClient(app) as c:
+        strict = c.post("/v1/predict", json={"texts": TEXTS, "adapter": "strict"}).json()["predictions"]
+        lenient = c.post("/v1/predict", json={"texts": TEXTS, "adapter": "lenient"}).json()["predictions"]
+    assert all(p["label"] == "out_of_scope" and p["out_of_scope"] for p in strict if p["score"] < 0.999)
+    assert any(p["out_of_scope"] for p in strict)
+    assert not any(p["out_of_scope"] for p in lenient)
+    # The scores and top_k stay visible either way.
+    assert [p["top_k"] for p in strict] == [p["top_k"] for p in lenient]
+
+
+@pytest.mark.parametrize("what,path,headers,body", malformed_cases("topics"), ids=lambda v: v if isinstance(v, str) else "")
+def test_malformed_requests_get_4xx(client, what, path, headers, body):
+    response = client.post(path, content=body, headers=headers)
+    assert 400 <= response.status_code < 500, (what, response.status_code, response.text[:200])
+    if response.headers.get("content-type", "").startswith("application/json") and "error" in response.json():
+        message = response.json()["error"]
+        assert message and "\n" not in message and "Traceback" not in message
+
+
+def test_limit_messages_are_clear(client):
+    r = client.post("/v1/predict", json={"texts": ["hi"] * 65, "adapter": "topics"})
+    assert r.status_code == 413 and r.json()["error"] == "texts: 65 texts, over the limit of 64 per request"
+    r = client.post("/v1/predict", json={"texts": ["hi"], "adapter": "nope"})
+    assert r.status_code == 404 and r.json()["error"] == "adapter 'nope' is not served; served: binary, full, topics"
+    r = client.post("/v1/predict", json={"texts": ["hi"]})
+    assert r.status_code == 422 and r.json()["error"] == "adapter: name one of binary, full, topics"
+    r = client.post("/v1/predict", json={"texts": ["hi", 3], "adapter": "topics"})
+    assert r.status_code == 422 and r.json()["error"] == "texts[1]: Input should be a valid string"
+
+
+def test_admin_adds_an_adapter_at_run_time(client, runs, tmp_path_factory):
+    exported = runs["topics"].parent / "topics-adapter"
+    if not exported.exists():
+        export(runs["topics"], "adapter", exported)
+    url, good = "/v1/admin/adapters", {"Authorization": f"Bearer {KEY}"}
+    request = {"name": "topics2", "path": "topics-adapter", "threshold": 0.5}
+    assert client.post(url, json=request).status_code == 401
+    assert client.post(url, json=request, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.post(url, json=request, headers={"Authorization": f"Bearer {KEY}x"}).status_code == 401
+    r = client.post(url, json={**request, "path": "../../etc"}, headers=good)
+    assert r.status_code == 403 and "inside the adapter root" in r.json()["error"]
+    assert client.post(url, json={**request, "name": "../x"}, headers=good).status_code == 422
+    assert client.post(url, json={**request, "path": "no-such-run"}, headers=good).status_code == 404
+    r = client.post(url, json=request, headers=good)
+    assert r.status_code == 200, r.text
+    assert r.json()["added"] == "topics2" and r.json()["shared_base"]
+    assert client.post(url, json=request, headers=good).status_code == 409
+    got = client.post("/v1/predict", json={"texts": TEXTS, "top_k": 3, "adapter": "topics2"}).json()["predictions"]
+    want = client.post("/v1/predict", json={"texts": TEXTS, "top_k": 3, "adapter": "topics"}).json()["predictions"]
+    assert [g["top_k"] for g in got] == [w["top_k"] for w in want]
+    assert client.get("/v1/health").json()["shared_bases"] == 1
+
+
+def test_admin_disabled_without_a_key(runs, monkeypatch):
+    monkeypatch.delenv("LORAFIT_API_KEY", raising=False)
+    with TestClient(create_app([("topics", str(runs["topics"]), None)])) as c:
+        r = c.post("/v1/admin/adapters", json={"name": "x", "path": "."}, headers={"Authorization": "Bearer "})
+        assert r.status_code == 403 and "disabled" in r.json()["error"]
+        # One adapter: the request may leave it out.
+        assert c.post("/v1/predict", json={"texts": ["pizza"]}).json()["adapter"] == "topics"
+
+
+def test_bad_server_setups_fail_clearly(runs, tmp_path):
+    with pytest.raises(UserError, match="already served"):
+        create_app([("a", str(runs["topics"]), None), ("a", str(runs["binary"]), None)])
+    with pytest.raises(UserError, match=r"threshold for 'a' must be a probability"):
+        create_app([("a", str(runs["topics"]), 1.5)])
+    with pytest.raises(UserError, match="run folder not found"):
+        create_app([("a", str(tmp_path / "missing"), None)])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_real_uvicorn_process(runs, tmp_path):
+    port = _free_port()
+    env = {**os.environ, "LORAFIT_API_KEY": KEY}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lorafit", "serve", f"topics={runs['topics']}", f"binary={runs['binary']}",
+         "--port", str(port), "--threshold", "binary=0.99", "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/v1/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None, server.stdout.read()
+            assert time.monotonic() < deadline, "server did not start in 60 s"
+            time.sleep(0.2)
+        r = httpx.post(f"{base}/v1/predict", json={"texts": TEXTS, "adapter": "topics"}, timeout=10)
+        assert r.status_code == 200
+        assert [p["label"] for p in r.json()["predictions"]] == [p[0][0] for p in lorafit.load(runs["topics"]).predict(TEXTS, 1)]
+        r = httpx.post(f"{base}/v1/predict", content=b"{", headers={"content-type": "application/json"}, timeout=10)
+        assert r.status_code == 400
+        assert "lorafit_requests_total" in httpx.get(f"{base}/metrics", timeout=10).text
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
