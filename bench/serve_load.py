@@ -152,7 +152,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--max-requests", type=int, default=200_000)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
-    parser.add_argument("--p99-bound-ms", type=float, default=250.0, help="the stated bound the p99 must stay under")
+    parser.add_argument("--p99-bound-ms", type=float, default=200.0, help="the stated bound the p99 must stay under")
     parser.add_argument("--memory-seconds", type=float, default=10.0, help="traffic before memory is read")
     parser.add_argument("--skip-memory", action="store_true", help="skip the merged-models comparison")
     args = parser.parse_args()

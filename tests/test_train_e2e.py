@@ -31,7 +31,8 @@ def test_train_writes_exactly_the_run_folder(tiny_bert, tiny_data, tmp_path, met
     if artifact == "adapter":
         assert {p.name for p in (out / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
     else:
-        assert {p.name for p in (out / "model").iterdir()} >= {"config.json", "model.safetensors", "head.safetensors"}
+        assert {p.name for p in (out / "model").iterdir()} == {"config.json", "model.safetensors", "modeling_lorafit.py"}
+        _check_loads_in_transformers(out)
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt")), "weights must be safetensors only"
 
     summary = json.loads((out / "summary.json").read_text())
@@ -63,6 +64,20 @@ def test_train_writes_exactly_the_run_folder(tiny_bert, tiny_data, tmp_path, met
     # The table and the test summary are printed.
     err = capsys.readouterr().err
     assert "val_acc" in err and "test (best epoch" in err
+
+
+def _check_loads_in_transformers(run) -> None:
+    """Full fine-tuning's model/ is a transformers folder with lorafit's pooling and head."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(run / "model", trust_remote_code=True).eval()
+    clf = lorafit.load(run)
+    texts = ["my pizza please", "golf trip", "a hotel and a flight for the trip"]
+    batch = clf.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.numpy()
+    assert np.abs(logits - clf.logits(texts)).max() <= 1e-5
 
 
 def test_reloaded_run_reproduces_logged_test_metrics_exactly(tiny_bert, tiny_data, tmp_path):

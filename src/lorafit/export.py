@@ -33,7 +33,7 @@ from .errors import UserError
 from .evaluate import softmax
 from .inference import Classifier, label_indices, load, run_split
 from .methods import registry
-from .models import SequenceClassifier
+from .models import SequenceClassifier, save_transformers_folder
 from .rundir import RunDir, folder_bytes
 
 __all__ = ["export", "describe", "FORMATS", "TOLERANCES"]
@@ -49,8 +49,6 @@ TOLERANCES = {
     "float32": {"max_abs_logit_diff": 1e-3},
     "int8": {"min_top1_agreement": 0.97, "max_accuracy_drop": 0.01},
 }
-
-_MODELING_FILE = Path(__file__).with_name("modeling_lorafit.py")
 
 
 def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | None = None,
@@ -90,7 +88,7 @@ def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | No
             if not isinstance(merged, SequenceClassifier):
                 raise UserError(f"merging {cfg.method.name} did not give a plain model ({type(merged).__name__})")
             if format == "merged":
-                _write_merged(merged, reference, cfg.model.pooling, tmp)
+                _write_merged(merged, reference, tmp)
             else:
                 _write_onnx(merged, reference, tmp, quantize)
         for name in ("config.yaml", "labels.json"):
@@ -153,24 +151,8 @@ def _parity_line(p: dict) -> str:
             f"(training-time model {p['reference_accuracy']:.2%})")
 
 
-def _write_merged(model: SequenceClassifier, reference: Classifier, pooling: str, folder: Path) -> None:
-    from .modeling_lorafit import LorafitConfig
-
-    labels = reference.labels
-    encoder = model.encoder.config.to_dict()
-    for key in ("architectures", "_name_or_path", "auto_map", "transformers_version", "id2label", "label2id"):
-        encoder.pop(key, None)
-    config = LorafitConfig(
-        encoder=encoder, pooling=pooling,
-        id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
-        architectures=["LorafitForSequenceClassification"],
-        auto_map={"AutoConfig": "modeling_lorafit.LorafitConfig",
-                  "AutoModelForSequenceClassification": "modeling_lorafit.LorafitForSequenceClassification"},
-    )
-    config.save_pretrained(str(folder))
-    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    shutil.copy2(_MODELING_FILE, folder / "modeling_lorafit.py")
+def _write_merged(model: SequenceClassifier, reference: Classifier, folder: Path) -> None:
+    save_transformers_folder(model, folder, reference.labels)
     reference.tokenizer.save_pretrained(str(folder))
 
 

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from .config import ModelConfig
 from .errors import UserError
+from .modeling_lorafit import LorafitConfig
 
 __all__ = [
     "SequenceClassifier",
+    "save_transformers_folder",
     "build_classifier",
     "load_tokenizer",
     "resolve_model_path",
@@ -87,6 +91,28 @@ class SequenceClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.features(input_ids, attention_mask)))  # (B, num_labels)
+
+
+def save_transformers_folder(model: SequenceClassifier, folder: Path, labels: list[str] | None = None) -> None:
+    """`model` as a transformers folder: config.json (lorafit's own model type), model.safetensors and
+    modeling_lorafit.py, so `AutoModelForSequenceClassification.from_pretrained(folder,
+    trust_remote_code=True)` and `pipeline()` load it without lorafit (see modeling_lorafit.py)."""
+    encoder = model.encoder.config.to_dict()
+    for key in ("architectures", "_name_or_path", "auto_map", "transformers_version", "id2label", "label2id"):
+        encoder.pop(key, None)
+    labels = labels or [f"LABEL_{i}" for i in range(model.classifier.out_features)]
+    config = LorafitConfig(
+        encoder=encoder, pooling=model.pooling,
+        id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+        architectures=["LorafitForSequenceClassification"],
+        auto_map={"AutoConfig": "modeling_lorafit.LorafitConfig",
+                  "AutoModelForSequenceClassification": "modeling_lorafit.LorafitForSequenceClassification"},
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(folder))
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy2(Path(__file__).with_name("modeling_lorafit.py"), folder / "modeling_lorafit.py")
 
 
 def resolve_model_path(name: str) -> str:

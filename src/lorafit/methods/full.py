@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from . import registry
@@ -34,14 +34,15 @@ class Full(Method):
         model.load_state_dict(state)
 
     def save(self, model: nn.Module, path: Path) -> None:
-        # The encoder as a plain transformers folder (AutoModel loads it), the head beside it.
-        model.encoder.save_pretrained(str(path), safe_serialization=True)
-        head = {f"classifier.{k}": v.contiguous() for k, v in model.classifier.state_dict().items()}
-        save_file(head, str(path / "head.safetensors"))
+        # A transformers folder: AutoModelForSequenceClassification(..., trust_remote_code=True) loads it.
+        from ..models import save_transformers_folder  # here: the config tree imports the methods
+
+        save_transformers_folder(model, path)
 
     def load(self, base: nn.Module, path: Path) -> nn.Module:
-        encoder = load_file(str(path / "model.safetensors"))
-        state = {f"encoder.{k}": v for k, v in encoder.items()} | load_file(str(path / "head.safetensors"))
+        state = load_file(str(path / "model.safetensors"))
+        if (path / "head.safetensors").is_file():  # the layout of lorafit 0.1 runs: encoder folder + head file
+            state = {f"encoder.{k}": v for k, v in state.items()} | load_file(str(path / "head.safetensors"))
         missing, unexpected = base.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if not k.startswith("encoder.pooler")]:
             raise RuntimeError(f"saved model does not fit the base: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -1,0 +1,223 @@
+"""lorafit against the stock Hugging Face recipe on the same machine, data, model, method and seed.
+
+    LORAFIT_DATA_DIR=../shared/data python bench/speed.py            # full: 5 epochs, seeds 0 and 1
+    LORAFIT_DATA_DIR=../shared/data python bench/speed.py --quick    # 1,500 rows, 1 epoch, one seed
+
+For each seed, LoRA (rank 8, lorafit's default targets: attention + FFN in every layer, batch 32)
+trains twice, each tool in its own process: `lorafit train configs/banking77-lora.yaml ...` and
+bench/stock_recipe.py (transformers Trainer + DataCollatorWithPadding + peft get_peft_model) on the
+very rows of lorafit's run. Full fine-tuning is compared the same way on the first seed.
+Printed: training examples/s and the ratio, peak memory (RSS on CPU, CUDA max allocated on GPU)
+and the ratio, test accuracy and macro-F1 of both; prediction throughput of `lorafit.load(run)
+.predict` against transformers `pipeline("text-classification")` on the same trained model (its
+merged export) over the test set, with a check that the predictions are identical; and the
+roofline fraction: useful training GFLOP/s on real (non-padding) tokens over this machine's
+measured float32 matmul peak. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"lora": "configs/banking77-lora.yaml", "full": "configs/banking77-full.yaml"}
+
+
+def run_lorafit(method: str, out: Path, epochs: float, seed: int, limit: int | None, threads: int | None) -> dict:
+    overrides = [f"train.epochs={epochs:g}", f"seed={seed}", "train.batch_size=32", "train.patience=null"]
+    if method == "lora":
+        overrides += ["method.rank=8", "method.alpha=16"]
+    if limit:
+        overrides.append(f"data.train_limit={limit}")
+    if threads:
+        overrides.append(f"train.threads={threads}")
+    if not (out / "summary.json").is_file():
+        subprocess.run([sys.executable, "-m", "lorafit", "train", CONFIGS[method], *overrides, "--out", str(out),
+                        "--overwrite", "--quiet"], check=True, cwd=ROOT)
+    s = json.loads((out / "summary.json").read_text())
+    return {"tool": "lorafit", "train_examples_per_second": s["train_examples_per_second"],
+            "peak_memory_mb": s["peak_memory_mb"], "test_accuracy": s["test_accuracy"], "test_macro_f1": s["test_macro_f1"],
+            "train_seconds": s["train_seconds"], "trainable_params": s["trainable_params"]}
+
+
+def run_stock(method: str, lorafit_run: Path, out: Path, epochs: float, seed: int, threads: int | None) -> dict:
+    from lorafit.rundir import RunDir
+
+    cfg = RunDir(lorafit_run).config()
+    if not out.is_file():
+        command = [sys.executable, str(ROOT / "bench" / "stock_recipe.py"), str(lorafit_run), "--method", method,
+                   "--epochs", f"{epochs:g}", "--seed", str(seed), "--lr", str(cfg.train.lr), "--out", str(out)]
+        if method == "lora":
+            command += ["--rank", "8", "--alpha", "16", "--dropout", str(cfg.method.dropout)]
+        if threads:
+            command += ["--threads", str(threads)]
+        subprocess.run(command, check=True, cwd=ROOT)
+    return json.loads(out.read_text())
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def training_gflop(run: Path) -> float:
+    """Useful FLOPs of the run's training on real tokens (no padding), in GFLOP.
+
+    Per token, each frozen linear layer costs 2*in*out forward and 2*in*out backward (the input's
+    gradient); a trained weight adds 2*in*out for its own gradient; a LoRA pair adds 6*r*(in+out).
+    Attention scores and their use cost 4*T*H per token and layer forward, twice that backward.
+    """
+    from lorafit import data
+    from lorafit.inference import run_split
+    from lorafit.models import load_tokenizer
+    from lorafit.rundir import RunDir
+
+    rundir = RunDir(run)
+    cfg = rundir.config()
+    summary = json.loads((run / "summary.json").read_text())
+    train = run_split(rundir, cfg, "train")
+    lengths = np.array([len(t) for t in data.tokenize(load_tokenizer(cfg.model), train.texts, cfg.data.max_length)], dtype=np.float64)
+    from transformers import AutoConfig
+
+    from lorafit.models import resolve_model_path
+
+    mc = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name))
+    h, f, layers = mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers
+    linear = layers * (4 * h * h + 2 * h * f)  # q, k, v, o, FFN in, FFN out: in*out summed
+    per_token = 4 * linear  # forward + input gradient
+    if cfg.method.name == "full":
+        per_token += 2 * linear
+    else:
+        r = cfg.method.rank
+        per_token += 6 * r * layers * (4 * (h + h) + 2 * (h + f))
+    attention = 3 * 4 * h * layers  # times T per token
+    flops = (lengths * per_token + lengths**2 * attention).sum() * summary["epochs_run"]
+    return flops / 1e9
+
+
+def predict_comparison(run: Path, out: Path, limit: int | None) -> dict:
+    """lorafit predict vs transformers pipeline on the same trained model, over the test set."""
+    import lorafit
+    from transformers import pipeline
+
+    from lorafit.export import export
+    from lorafit.inference import run_split
+    from lorafit.rundir import RunDir
+
+    rundir = RunDir(run)
+    test = run_split(rundir, rundir.config(), "test")
+    texts = test.texts[:limit] if limit else test.texts
+    merged = out / "merged"
+    if not (merged / "export.json").is_file():
+        export(run, "merged", merged, overwrite=True)
+    classify = pipeline("text-classification", model=str(merged), trust_remote_code=True, device="cpu")
+    classify(texts[:8])
+    start = time.perf_counter()
+    stock = classify(texts)  # the pipeline's default: one text at a time
+    stock_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    stock_batched = classify(texts, batch_size=64)
+    stock_batched_seconds = time.perf_counter() - start
+    clf = lorafit.load(run, device="cpu")
+    clf.predict(texts[:8])
+    start = time.perf_counter()
+    ours = clf.predict(texts, top_k=1)
+    ours_seconds = time.perf_counter() - start
+    same = sum(s["label"] == o[0][0] for s, o in zip(stock, ours))
+    same_batched = sum(s["label"] == o[0][0] for s, o in zip(stock_batched, ours))
+    return {"texts": len(texts), "pipeline_per_s": len(texts) / stock_seconds,
+            "pipeline_batch64_per_s": len(texts) / stock_batched_seconds, "lorafit_per_s": len(texts) / ours_seconds,
+            "identical": same, "identical_batched": same_batched}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1,500 training rows, 1 epoch, seed 0, 1,000 test texts for predict")
+    parser.add_argument("--epochs", type=float, default=5)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--threads", type=int, help="torch threads for both tools (default: all cores)")
+    parser.add_argument("--skip-full", action="store_true", help="skip the full fine-tuning comparison")
+    parser.add_argument("--out", default="runs/speed", help="run folders and results (finished runs are reused)")
+    args = parser.parse_args()
+    limit, epochs, seeds, predict_limit = (1500, 1, [0], 1000) if args.quick else (None, args.epochs, args.seeds, None)
+    out = ROOT / args.out / ("quick" if args.quick else "full")
+    out.mkdir(parents=True, exist_ok=True)
+
+    pairs = []
+    for seed in seeds:
+        run = out / f"lorafit-lora-s{seed}"
+        print(f"seed {seed}: lorafit LoRA ...", file=sys.stderr, flush=True)
+        ours = run_lorafit("lora", run, epochs, seed, limit, args.threads)
+        print(f"seed {seed}: stock LoRA ...", file=sys.stderr, flush=True)
+        stock = run_stock("lora", run, out / f"stock-lora-s{seed}.json", epochs, seed, args.threads)
+        pairs.append((ours, stock))
+    full = None
+    if not args.skip_full:
+        run = out / f"lorafit-full-s{seeds[0]}"
+        print("full fine-tuning: lorafit, then stock ...", file=sys.stderr, flush=True)
+        full = (run_lorafit("full", run, epochs, seeds[0], limit, args.threads),
+                run_stock("full", run, out / f"stock-full-s{seeds[0]}.json", epochs, seeds[0], args.threads))
+    print("prediction throughput ...", file=sys.stderr, flush=True)
+    predict = predict_comparison(out / f"lorafit-lora-s{seeds[0]}", out, predict_limit)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    peak = matmul_peak_gflops()
+    gflop = training_gflop(out / f"lorafit-lora-s{seeds[0]}")
+    achieved = gflop / pairs[0][0]["train_seconds"]
+
+    mean = lambda rows, key: statistics.fmean(r[key] for r in rows)  # noqa: E731
+    ours_rows, stock_rows = [p[0] for p in pairs], [p[1] for p in pairs]
+    train_speedup = mean(ours_rows, "train_examples_per_second") / mean(stock_rows, "train_examples_per_second")
+    memory_ratio = mean(ours_rows, "peak_memory_mb") / mean(stock_rows, "peak_memory_mb")
+    accuracy_delta = 100 * (mean(ours_rows, "test_accuracy") - mean(stock_rows, "test_accuracy"))
+    print(f"\nLoRA r=8 on attention+FFN, batch 32, {epochs:g} epoch(s), {len(seeds)} seed(s){', quick' if args.quick else ''}; "
+          f"torch threads {args.threads or torch.get_num_threads()}\n")
+    print("| seed | tool | train examples/s | peak memory | test accuracy | test macro-F1 |")
+    print("|---|---|---:|---:|---:|---:|")
+    for seed, (ours, stock) in zip(seeds, pairs):
+        for r in (ours, stock):
+            print(f"| {seed} | {r['tool']} | {r['train_examples_per_second']:.1f} | {r['peak_memory_mb']:,.0f} MB "
+                  f"| {100 * r['test_accuracy']:.2f}% | {100 * r['test_macro_f1']:.2f} |")
+    print(f"\ntraining speed-up {train_speedup:.2f}x; peak memory ratio {memory_ratio:.2f}x; "
+          f"accuracy lorafit - stock {accuracy_delta:+.2f} points")
+    if full:
+        print(f"full fine-tuning: lorafit {full[0]['train_examples_per_second']:.1f} vs stock "
+              f"{full[1]['train_examples_per_second']:.1f} examples/s ({full[0]['train_examples_per_second'] / full[1]['train_examples_per_second']:.2f}x); "
+              f"accuracy {100 * full[0]['test_accuracy']:.2f}% vs {100 * full[1]['test_accuracy']:.2f}%; "
+              f"memory {full[0]['peak_memory_mb']:,.0f} vs {full[1]['peak_memory_mb']:,.0f} MB")
+    print(f"predict over {predict['texts']} test texts: lorafit {predict['lorafit_per_s']:.0f}/s, pipeline {predict['pipeline_per_s']:.0f}/s "
+          f"({predict['lorafit_per_s'] / predict['pipeline_per_s']:.2f}x), pipeline batch_size=64 {predict['pipeline_batch64_per_s']:.0f}/s "
+          f"({predict['lorafit_per_s'] / predict['pipeline_batch64_per_s']:.2f}x); identical top-1: {predict['identical']}/{predict['texts']} "
+          f"(batched {predict['identical_batched']}/{predict['texts']})")
+    print(f"roofline: {gflop:,.0f} useful GFLOP in {pairs[0][0]['train_seconds']:.0f} s = {achieved:.1f} GFLOP/s; "
+          f"float32 matmul peak {peak:.1f} GFLOP/s; fraction {achieved / peak:.2f}")
+    summary = {
+        "train_speedup": round(train_speedup, 3), "memory_ratio": round(memory_ratio, 3),
+        "predict_speedup": round(predict["lorafit_per_s"] / predict["pipeline_per_s"], 3),
+        "predict_speedup_vs_batched_pipeline": round(predict["lorafit_per_s"] / predict["pipeline_batch64_per_s"], 3),
+        "predictions_identical": predict["identical"] == predict["texts"],
+        "accuracy_delta": round(accuracy_delta, 3), "roofline_fraction": round(achieved / peak, 3),
+        "full_train_speedup": round(full[0]["train_examples_per_second"] / full[1]["train_examples_per_second"], 3) if full else None,
+        "seeds": seeds, "epochs": epochs, "quick": args.quick,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
