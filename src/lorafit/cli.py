@@ -189,6 +189,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+
+    if args.workers < 1:
+        raise UserError("--workers must be at least 1")
+    results = run_sweep(args.sweep_file, args.out, workers=args.workers, executor=args.executor,
+                        report=lambda line: print(line, flush=True))
+    failed = [r["name"] for r in results if r["outcome"].startswith("failed")]
+    print(f"{len(results) - len(failed)} of {len(results)} trials finished in {args.out}"
+          + (f"; failed: {', '.join(failed)} (logs in {args.out}/logs; run the sweep again to redo them)" if failed else ""))
+    return 1 if failed else 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     from .config import dump, load_config
 
@@ -288,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits to share a batch")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.set_defaults(func=cmd_serve)
+
+    p = verbs.add_parser("sweep", help="a grid / random search of runs from a sweep file")
+    p.add_argument("sweep_file")
+    p.add_argument("--out", required=True, help="sweep folder (re-running skips finished trials)")
+    p.add_argument("--workers", type=int, default=1, help="trials at once (each gets cores/workers threads)")
+    p.add_argument("--executor", default="local", choices=["local", "ray"], help="ray: trials as Ray tasks ($RAY_ADDRESS)")
+    p.set_defaults(func=cmd_sweep)
 
     p = verbs.add_parser("config", help="inspect configs")
     sub = p.add_subparsers(dest="config_verb", required=True)
