@@ -16,7 +16,7 @@ from lorafit.rundir import RunDir
 
 from conftest import tiny_overrides
 
-RUN_FILES = {"config.yaml", "labels.json", "splits.json", "metrics.jsonl", "eval.json", "summary.json"}
+RUN_FILES = {"config.yaml", "labels.json", "splits.json", "metrics.jsonl", "eval.json", "predictions.json", "summary.json"}
 
 
 @pytest.mark.parametrize("method,artifact", [("lora", "adapter"), ("full", "model")])
@@ -53,6 +53,12 @@ def test_train_writes_exactly_the_run_folder(tiny_bert, tiny_data, tmp_path, met
     assert labels == ["food", "sport", "travel"]
     assert set(ev["per_class"]) == set(labels)
     assert np.array(ev["confusion"]).sum() == ev["examples"] == 30
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert len(predictions["target"]) == len(predictions["predicted"]) == len(predictions["probability"]) == 30
+    confusion = np.zeros_like(np.array(ev["confusion"]))
+    np.add.at(confusion, (predictions["target"], predictions["predicted"]), 1)
+    assert confusion.tolist() == ev["confusion"]
+    assert all(1 / 3 <= p <= 1 for p in predictions["probability"])
 
     records = RunDir(out).metrics()
     epochs = [r for r in records if r["type"] == "epoch"]

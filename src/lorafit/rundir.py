@@ -8,6 +8,7 @@ A run folder is the hand-off between stages: `eval`, `predict` (and later `repor
     splits.json     which source rows went into train / validation / test
     metrics.jsonl   one JSON object per logged step and per epoch
     eval.json       test metrics of the best checkpoint
+    predictions.json  per test example: target, predicted class index, top-1 probability
     summary.json    efficiency figures, best epoch, device, versions
     adapter/        peft-format adapter (adapter methods) -- or --
     model/          the fine-tuned encoder + head (full fine-tuning)

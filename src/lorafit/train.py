@@ -29,7 +29,7 @@ from transformers import get_scheduler
 from . import __version__, checkpoint, data
 from .config import Config, load_config, resolve_schedule, validate
 from .errors import UserError
-from .evaluate import classification_metrics
+from .evaluate import classification_metrics, softmax
 from .inference import predict_logits
 from .methods import registry
 from .methods.base import AdapterConfig, Method
@@ -384,12 +384,16 @@ def _finish(job: _Job, p: Progress, best_state: dict | None) -> RunResult:
     cfg, run, model, method = job.cfg, job.run, job.model, job.method
     assert best_state is not None
     method.load_state_dict(model, best_state)
-    test = classification_metrics(
-        predict_logits(model, job.tokens["test"], job.pad_id, cfg.train.eval_batch_size, job.device, job.amp),
-        job.targets["test"], job.dataset.label_names,
-    )
-    test = {"split": "test", **test}
+    logits = predict_logits(model, job.tokens["test"], job.pad_id, cfg.train.eval_batch_size, job.device, job.amp)  # (N, C)
+    test = {"split": "test", **classification_metrics(logits, job.targets["test"], job.dataset.label_names)}
     run.write_json("eval.json", test)
+    # Per-example outcomes, in test-split order: what paired tests between runs (`lorafit compare`) need.
+    run.write_json("predictions.json", {
+        "split": "test",
+        "target": [int(t) for t in job.targets["test"]],
+        "predicted": [int(i) for i in logits.argmax(-1)],
+        "probability": [round(float(p), 6) for p in softmax(logits).max(-1)],
+    })
     trainable, total = count_parameters(model)
     train_seconds = float(sum(p.epoch_seconds))
     summary = {
