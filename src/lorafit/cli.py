@@ -202,6 +202,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import collect, compare, to_markdown, write
+
+    result = compare(collect(args.paths))
+    print(to_markdown(result))
+    single_sweep = len(args.paths) == 1 and (Path(args.paths[0]) / "sweep.json").is_file()
+    folder = Path(args.out) if args.out else Path(args.paths[0]) if single_sweep else Path("compare")
+    written = write(result, folder)
+    print("written: " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     from .config import dump, load_config
 
@@ -308,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="trials at once (each gets cores/workers threads)")
     p.add_argument("--executor", default="local", choices=["local", "ray"], help="ray: trials as Ray tasks ($RAY_ADDRESS)")
     p.set_defaults(func=cmd_sweep)
+
+    p = verbs.add_parser("compare", help="configurations over seeds: mean ± CI, paired tests, per-class analysis")
+    p.add_argument("paths", nargs="+", metavar="SWEEP_DIR|RUN_DIR")
+    p.add_argument("--out", help="where compare.md/.csv and per_class.csv go (default: the sweep folder, else ./compare)")
+    p.set_defaults(func=cmd_compare)
 
     p = verbs.add_parser("config", help="inspect configs")
     sub = p.add_subparsers(dest="config_verb", required=True)

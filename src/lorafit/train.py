@@ -413,6 +413,7 @@ def _finish(job: _Job, p: Progress, best_state: dict | None) -> RunResult:
         "best_validation": {cfg.train.metric: p.best_value},
         "test_accuracy": test["accuracy"],
         "test_macro_f1": test["macro_f1"],
+        "train_label_counts": data.label_counts(job.dataset.splits["train"].labels),
         "steps": p.step,
         "device": str(job.device),
         "autocast": str(job.amp).replace("torch.", "") if job.amp else None,

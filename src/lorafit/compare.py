@@ -1,0 +1,304 @@
+"""`lorafit compare`: runs grouped into configurations, with the statistics that say which differences are real.
+
+A *configuration* is everything in a run's config except the seed (and settings that cannot change
+results: threads, progress bars, logging and checkpoint cadence); its runs over different seeds are
+its samples. Per configuration: efficiency figures, test accuracy and macro-F1 as mean ± the 95%
+t-interval half-width over seeds, and against the best configuration (highest mean accuracy):
+
+- the accuracy difference with a 95% paired-bootstrap interval: test examples are resampled (the
+  same resample for every seed), the statistic is the mean over shared seeds of the per-seed
+  accuracy difference, so seed noise and example noise both show;
+- the bootstrap's two-sided p-value, and McNemar's exact test on per-example correctness pooled
+  over the shared seeds (discordant pairs only).
+
+Also: per-class F1 against training-set frequency (Spearman's rho: do rare classes suffer?), the
+most confused label pairs, and per-class misclassification proportions across configurations
+(the classes that stay hardest whatever the configuration). Pure reading of run folders.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+from .rundir import RunDir
+
+__all__ = ["Run", "collect", "compare", "to_markdown", "write"]
+
+#: Settings that do not change what a run computes: runs differing only here are one configuration.
+_NOT_CONFIGURATION = {("seed",), ("train", "threads"), ("train", "progress"), ("train", "log_every"),
+                      ("train", "checkpoint_every"), ("train", "keep_checkpoints")}
+BOOTSTRAP_SAMPLES = 10_000
+
+
+@dataclass
+class Run:
+    path: Path
+    seed: int
+    settings: dict[str, Any]  # flattened config without the seed etc.
+    summary: dict
+    eval: dict
+    labels: list[str]
+    target: np.ndarray | None = None
+    correct: np.ndarray | None = None  # per test example
+
+
+@dataclass
+class Group:
+    settings: dict[str, Any]
+    runs: list[Run] = field(default_factory=list)
+    name: str = ""
+
+
+def _flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
+    out = {}
+    for key, value in tree.items():
+        path = prefix + (key,)
+        if isinstance(value, dict):
+            out.update(_flatten(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def _read_run(folder: Path) -> Run:
+    run = RunDir(folder)
+    cfg = run.config()
+    flat = _flatten(cfg.model_dump(mode="json"))
+    settings = {".".join(k): v for k, v in flat.items() if k not in _NOT_CONFIGURATION}
+    result = Run(folder, cfg.seed, settings, run.read_json("summary.json"), run.read_json("eval.json"), run.labels())
+    if (folder / "predictions.json").is_file():
+        p = run.read_json("predictions.json")
+        result.target = np.asarray(p["target"])
+        result.correct = np.asarray(p["predicted"]) == result.target
+    return result
+
+
+def collect(paths: list[str | Path]) -> list[Run]:
+    """Finished runs from run folders and sweep folders (whose trial folders are read)."""
+    folders: list[Path] = []
+    for item in paths:
+        path = Path(item)
+        if (path / "sweep.json").is_file():
+            trials = json.loads((path / "sweep.json").read_text())["trials"]
+            folders += [path / t["name"] for t in trials if (path / t["name"] / "summary.json").is_file()]
+        elif (path / "summary.json").is_file():
+            folders.append(path)
+        elif path.is_dir():
+            raise UserError(f"{path} is neither a finished run (no summary.json) nor a sweep folder (no sweep.json)")
+        else:
+            raise UserError(f"{path} not found")
+    if not folders:
+        raise UserError("no finished runs to compare")
+    return [_read_run(f) for f in folders]
+
+
+def _group(runs: list[Run]) -> list[Group]:
+    groups: dict[str, Group] = {}
+    for run in runs:
+        key = json.dumps(run.settings, sort_keys=True, default=str)
+        groups.setdefault(key, Group(run.settings)).runs.append(run)
+    out = list(groups.values())
+    varying = [k for k in out[0].settings if len({json.dumps(g.settings.get(k), default=str) for g in out}) > 1]
+    for g in out:
+        seeds = [r.seed for r in g.runs]
+        if len(seeds) != len(set(seeds)):
+            raise UserError(f"configuration {g.runs[0].path} has two runs with the same seed; compare distinct runs")
+        g.name = ", ".join(f"{k.rsplit('.', 1)[-1] if _unique_leaf(k, varying) else k}={g.settings[k]}" for k in varying) or "all runs"
+    return out
+
+
+def _unique_leaf(key: str, keys: list[str]) -> bool:
+    leaf = key.rsplit(".", 1)[-1]
+    return sum(k.rsplit(".", 1)[-1] == leaf for k in keys) == 1
+
+
+def mean_ci(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the half-width of its 95% t-interval (None for a single value)."""
+    from scipy import stats
+
+    n = len(values)
+    mean = float(np.mean(values))
+    if n < 2:
+        return mean, None
+    return mean, float(stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
+
+
+def paired_tests(best: Group, other: Group, seed: int = 0) -> dict | None:
+    """Bootstrap interval and p-value of accuracy(other) - accuracy(best), and McNemar's p, over shared seeds."""
+    from scipy import stats
+
+    shared = sorted({r.seed for r in best.runs} & {r.seed for r in other.runs})
+    pairs = []
+    for s in shared:
+        a = next(r for r in best.runs if r.seed == s)
+        b = next(r for r in other.runs if r.seed == s)
+        if a.correct is None or b.correct is None or a.target.shape != b.target.shape or not np.array_equal(a.target, b.target):
+            continue
+        pairs.append((a.correct, b.correct))
+    if not pairs:
+        return None
+    best_correct = np.stack([p[0] for p in pairs]).astype(np.float64)  # (S, N)
+    other_correct = np.stack([p[1] for p in pairs]).astype(np.float64)
+    diff = other_correct - best_correct  # (S, N)
+    observed = float(diff.mean())
+    rng = np.random.default_rng(seed)
+    n = diff.shape[1]
+    per_example = diff.mean(axis=0)  # (N,) mean over seeds, so one resample serves every seed
+    draws = np.empty(BOOTSTRAP_SAMPLES)
+    for i in range(0, BOOTSTRAP_SAMPLES, 1000):
+        idx = rng.integers(0, n, size=(min(1000, BOOTSTRAP_SAMPLES - i), n))
+        draws[i : i + len(idx)] = per_example[idx].mean(axis=1)
+    low, high = np.quantile(draws, [0.025, 0.975])
+    # Two-sided bootstrap p-value for "no difference": how often the resampled difference crosses 0.
+    p_boot = float(min(1.0, 2 * min((draws <= 0).mean(), (draws >= 0).mean())))
+    only_best = int(((best_correct == 1) & (other_correct == 0)).sum())
+    only_other = int(((best_correct == 0) & (other_correct == 1)).sum())
+    discordant = only_best + only_other
+    p_mcnemar = float(stats.binomtest(min(only_best, only_other), discordant, 0.5).pvalue) if discordant else 1.0
+    return {"seeds": len(pairs), "difference": observed, "ci_low": float(low), "ci_high": float(high),
+            "p_bootstrap": p_boot, "p_mcnemar": p_mcnemar, "only_best_correct": only_best, "only_other_correct": only_other}
+
+
+def compare(runs: list[Run]) -> dict:
+    """Everything `lorafit compare` prints and writes, as data."""
+    groups = _group(runs)
+    labels = runs[0].labels
+    if any(r.labels != labels for r in runs):
+        raise UserError("the runs have different label spaces; compare runs on the same dataset")
+    rows = []
+    for g in groups:
+        acc = mean_ci([r.summary["test_accuracy"] for r in g.runs])
+        f1 = mean_ci([r.summary["test_macro_f1"] for r in g.runs])
+        s0 = g.runs[0].summary
+        rows.append({
+            "configuration": g.name, "seeds": sorted(r.seed for r in g.runs), "method": g.settings.get("method.name"),
+            "trainable_params": s0["trainable_params"], "trainable_percent": s0["trainable_percent"],
+            "adapter_bytes": s0["adapter_bytes"],
+            "seconds_per_epoch": float(np.mean([r.summary["seconds_per_epoch"] for r in g.runs])),
+            "peak_memory_mb": float(np.mean([r.summary["peak_memory_mb"] for r in g.runs])),
+            "accuracy": acc[0], "accuracy_ci": acc[1], "macro_f1": f1[0], "macro_f1_ci": f1[1],
+        })
+    best_index = int(np.argmax([r["accuracy"] for r in rows]))
+    for i, (row, g) in enumerate(zip(rows, groups)):
+        row["best"] = i == best_index
+        row["versus_best"] = None if i == best_index else paired_tests(groups[best_index], g)
+    return {"rows": rows, "per_class": _per_class(groups, labels), "best": rows[best_index]["configuration"],
+            "confused_pairs": _confused_pairs(groups[best_index], labels)}
+
+
+def _per_class(groups: list[Group], labels: list[str]) -> dict:
+    """Per class: training count, F1 and misclassification proportion per configuration (seed means)."""
+    counts = groups[0].runs[0].summary.get("train_label_counts")
+    f1 = {g.name: [float(np.mean([r.eval["per_class"][label]["f1"] for r in g.runs])) for label in labels] for g in groups}
+    error = {g.name: [float(np.mean([1 - r.eval["per_class"][label]["recall"] for r in g.runs])) for label in labels] for g in groups}
+    rho = None
+    if counts:
+        from scipy import stats
+
+        best = max(groups, key=lambda g: np.mean([r.summary["test_accuracy"] for r in g.runs]))
+        rho = {g.name: float(stats.spearmanr([counts.get(label, 0) for label in labels], f1[g.name]).statistic) for g in groups}
+        rho["_best"] = best.name
+    mean_error = np.mean([error[g.name] for g in groups], axis=0)
+    hardest = [labels[i] for i in np.argsort(-mean_error, kind="stable")]
+    return {"labels": labels, "train_counts": [counts.get(label, 0) for label in labels] if counts else None,
+            "f1": f1, "error": error, "spearman_count_f1": rho, "hardest": hardest,
+            "mean_error": {labels[i]: float(mean_error[i]) for i in range(len(labels))}}
+
+
+def _confused_pairs(group: Group, labels: list[str], k: int = 10) -> list[dict]:
+    total = np.sum([np.array(r.eval["confusion"]) for r in group.runs], axis=0)
+    np.fill_diagonal(total, 0)
+    order = np.dstack(np.unravel_index(np.argsort(-total, axis=None, kind="stable"), total.shape))[0][:k]
+    return [{"true": labels[t], "predicted": labels[p], "count": int(total[t, p]), "runs": len(group.runs)}
+            for t, p in order if total[t, p] > 0]
+
+
+# -- output -----------------------------------------------------------------------------------------
+
+def _pct(value: float | None, ci: float | None = None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.2f}" + (f" ± {100 * ci:.2f}" if ci is not None else "")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def _p(value: float) -> str:
+    return "<0.0001" if value < 1e-4 else f"{value:.4f}"
+
+
+def to_markdown(result: dict, hardest: int = 15) -> str:
+    out = io.StringIO()
+    rows = result["rows"]
+    out.write("| configuration | seeds | trainable | trainable % | adapter size | s/epoch | peak memory "
+              "| test accuracy % (mean ± 95% CI) | test macro-F1 % | Δ accuracy vs best [95% CI] | p (bootstrap) | p (McNemar) |\n")
+    out.write("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    for r in sorted(rows, key=lambda r: -r["accuracy"]):
+        v = r["versus_best"]
+        if r["best"]:
+            versus = "best | | "
+        elif v is None:
+            versus = "not paired: no shared seed with predictions.json | | "
+        else:
+            versus = (f"{100 * v['difference']:+.2f} [{100 * v['ci_low']:+.2f}, {100 * v['ci_high']:+.2f}] "
+                      f"| {_p(v['p_bootstrap'])} | {_p(v['p_mcnemar'])}")
+        out.write(f"| {r['configuration']} | {len(r['seeds'])} | {r['trainable_params']:,} | {r['trainable_percent']:.2f} "
+                  f"| {_size(r['adapter_bytes'])} | {r['seconds_per_epoch']:.0f} | {r['peak_memory_mb']:,.0f} MB "
+                  f"| {_pct(r['accuracy'], r['accuracy_ci'])} | {_pct(r['macro_f1'], r['macro_f1_ci'])} | {versus} |\n")
+    out.write("\nCI: 95% t-interval over seeds (none with one seed). Δ and p: paired over shared seeds and the same "
+              "test examples; bootstrap over examples (10,000 resamples), McNemar exact on discordant examples.\n")
+    pc = result["per_class"]
+    if pc["spearman_count_f1"]:
+        rho = {k: v for k, v in pc["spearman_count_f1"].items() if not k.startswith("_")}
+        out.write("\n**Per-class F1 against training-set frequency** (Spearman's rho; positive: rarer classes score lower): "
+                  + "; ".join(f"{name}: {value:+.2f}" for name, value in rho.items()) + "\n")
+    out.write(f"\n**Most confused pairs** (best configuration, {result['best']}, summed over seeds):\n\n")
+    out.write("| true | predicted | count |\n|---|---|---:|\n")
+    for c in result["confused_pairs"]:
+        out.write(f"| {c['true']} | {c['predicted']} | {c['count']} |\n")
+    names = list(pc["error"])
+    out.write(f"\n**Hardest classes across configurations** (misclassification proportion = 1 - recall, mean over seeds):\n\n")
+    out.write("| class | train count | " + " | ".join(names) + " |\n|---|---:|" + "---:|" * len(names) + "\n")
+    index = {label: i for i, label in enumerate(pc["labels"])}
+    for label in pc["hardest"][:hardest]:
+        i = index[label]
+        count = pc["train_counts"][i] if pc["train_counts"] else "n/a"
+        out.write(f"| {label} | {count} | " + " | ".join(f"{pc['error'][n][i]:.2f}" for n in names) + " |\n")
+    return out.getvalue()
+
+
+def write(result: dict, folder: Path) -> list[Path]:
+    """compare.md, compare.csv (one row per configuration), per_class.csv (one row per class)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "compare.md").write_text(to_markdown(result), encoding="utf-8")
+    with open(folder / "compare.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["configuration", "seeds", "trainable_params", "trainable_percent", "adapter_bytes", "seconds_per_epoch",
+                         "peak_memory_mb", "accuracy_mean", "accuracy_ci95", "macro_f1_mean", "macro_f1_ci95",
+                         "delta_vs_best", "delta_ci_low", "delta_ci_high", "p_bootstrap", "p_mcnemar"])
+        for r in result["rows"]:
+            v = r["versus_best"] or {}
+            writer.writerow([r["configuration"], " ".join(map(str, r["seeds"])), r["trainable_params"], r["trainable_percent"],
+                             r["adapter_bytes"], r["seconds_per_epoch"], r["peak_memory_mb"], r["accuracy"], r["accuracy_ci"],
+                             r["macro_f1"], r["macro_f1_ci"], v.get("difference"), v.get("ci_low"), v.get("ci_high"),
+                             v.get("p_bootstrap"), v.get("p_mcnemar")])
+    pc = result["per_class"]
+    with open(folder / "per_class.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        names = list(pc["f1"])
+        writer.writerow(["class", "train_count", *[f"f1[{n}]" for n in names], *[f"error[{n}]" for n in names]])
+        for i, label in enumerate(pc["labels"]):
+            writer.writerow([label, pc["train_counts"][i] if pc["train_counts"] else "", *[pc["f1"][n][i] for n in names],
+                             *[pc["error"][n][i] for n in names]])
+    return [folder / "compare.md", folder / "compare.csv", folder / "per_class.csv"]

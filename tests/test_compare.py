@@ -1,0 +1,141 @@
+"""`lorafit compare`: grouping over seeds, intervals and paired tests checked against hand computations."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from lorafit.cli import main
+from lorafit.compare import collect, compare, mean_ci, to_markdown
+from lorafit.config import dump, load_config
+from lorafit.errors import UserError
+from lorafit.evaluate import classification_metrics
+
+LABELS = ["a", "b", "c", "rare"]
+TARGETS = np.array([0, 1, 2] * 60 + [3] * 6)  # 186 test examples; "rare" is rare in train too
+TRAIN_COUNTS = {"a": 300, "b": 250, "c": 200, "rare": 12}
+
+
+def fake_run(folder, seed: int, rank: int, wrong: np.ndarray, seconds: float = 10.0):
+    """A finished run folder whose test predictions are right except at the indices in `wrong`."""
+    folder.mkdir(parents=True)
+    predicted = TARGETS.copy()
+    predicted[wrong] = (TARGETS[wrong] + 1) % len(LABELS)
+    logits = np.full((len(TARGETS), len(LABELS)), -5.0)
+    logits[np.arange(len(TARGETS)), predicted] = 5.0
+    ev = {"split": "test", **classification_metrics(logits, TARGETS, LABELS)}
+    cfg = load_config(None, [f"seed={seed}", f"method.rank={rank}", f"train.threads={1 + seed % 2}"])
+    (folder / "config.yaml").write_text(dump(cfg))
+    (folder / "labels.json").write_text(json.dumps(LABELS))
+    (folder / "eval.json").write_text(json.dumps(ev))
+    (folder / "predictions.json").write_text(json.dumps({"split": "test", "target": TARGETS.tolist(),
+                                                          "predicted": predicted.tolist(), "probability": [0.9] * len(TARGETS)}))
+    (folder / "summary.json").write_text(json.dumps({
+        "test_accuracy": ev["accuracy"], "test_macro_f1": ev["macro_f1"], "trainable_params": 1000 * rank,
+        "trainable_percent": 0.1 * rank, "adapter_bytes": 4000 * rank, "seconds_per_epoch": seconds,
+        "peak_memory_mb": 500.0, "train_label_counts": TRAIN_COUNTS}))
+    return folder
+
+
+def test_mean_ci_is_the_t_interval():
+    values = [0.91, 0.93, 0.92]
+    mean, half = mean_ci(values)
+    assert mean == pytest.approx(0.92)
+    assert half == pytest.approx(stats.t.ppf(0.975, 2) * np.std(values, ddof=1) / math.sqrt(3))
+    assert mean_ci([0.5]) == (0.5, None)
+
+
+def test_groups_over_seeds_and_paired_tests_match_hand_computation(tmp_path):
+    rng = np.random.default_rng(0)
+    runs = []
+    only_best, only_other = 0, 0
+    for seed in (0, 1, 2):
+        good = rng.choice(len(TARGETS), size=10, replace=False)  # rank 8: 10 mistakes per seed
+        bad = np.unique(np.concatenate([good[:4], rng.choice(len(TARGETS), size=25, replace=False)]))
+        runs.append(fake_run(tmp_path / f"r8-s{seed}", seed, 8, good))
+        runs.append(fake_run(tmp_path / f"r2-s{seed}", seed, 2, bad))
+        g, b = np.zeros(len(TARGETS), bool), np.zeros(len(TARGETS), bool)
+        g[good], b[bad] = True, True
+        only_best += int((~g & b).sum())
+        only_other += int((g & ~b).sum())
+    result = compare(collect(runs))
+    rows = {r["configuration"]: r for r in result["rows"]}
+    assert set(rows) == {"rank=8", "rank=2"}  # threads differ between seeds but are not configuration
+    best, other = rows["rank=8"], rows["rank=2"]
+    assert best["best"] and best["seeds"] == [0, 1, 2]
+    accuracies = [json.loads((tmp_path / f"r2-s{s}" / "summary.json").read_text())["test_accuracy"] for s in (0, 1, 2)]
+    assert other["accuracy"] == pytest.approx(np.mean(accuracies))
+    assert other["accuracy_ci"] == pytest.approx(mean_ci(accuracies)[1])
+
+    v = other["versus_best"]
+    assert v["seeds"] == 3
+    assert v["only_best_correct"] == only_best and v["only_other_correct"] == only_other
+    assert v["difference"] == pytest.approx(other["accuracy"] - best["accuracy"])
+    assert v["p_mcnemar"] == pytest.approx(stats.binomtest(min(only_best, only_other), only_best + only_other, 0.5).pvalue)
+    assert v["ci_low"] < v["difference"] < v["ci_high"] < 0  # clearly worse: the interval excludes 0
+    assert v["p_bootstrap"] < 0.01 and v["p_mcnemar"] < 0.01
+
+
+def test_identical_configurations_are_not_significantly_different(tmp_path):
+    wrong = np.arange(0, 186, 9)
+    runs = [fake_run(tmp_path / f"x{s}", s, 8, wrong) for s in (0, 1)]
+    runs += [fake_run(tmp_path / f"y{s}", s, 4, wrong) for s in (0, 1)]
+    result = compare(collect(runs))
+    (other,) = [r for r in result["rows"] if not r["best"]]
+    v = other["versus_best"]
+    assert v["difference"] == 0 and v["p_bootstrap"] == 1.0 and v["p_mcnemar"] == 1.0
+    assert v["only_best_correct"] == v["only_other_correct"] == 0
+
+
+def test_per_class_analysis_finds_the_rare_hard_class(tmp_path):
+    rare = np.where(TARGETS == 3)[0]
+    runs = [fake_run(tmp_path / f"r{rank}", 0, rank, np.concatenate([rare[: 3 + rank // 4], [0, 1]])) for rank in (4, 8)]
+    result = compare(collect(runs))
+    pc = result["per_class"]
+    assert pc["hardest"][0] == "rare"
+    assert pc["train_counts"] == [300, 250, 200, 12]
+    assert all(rho > 0 for name, rho in pc["spearman_count_f1"].items() if not name.startswith("_"))
+    assert pc["error"]["rank=4"][3] == pytest.approx(4 / 6) and pc["error"]["rank=8"][3] == pytest.approx(5 / 6)
+    assert result["confused_pairs"][0] == {"true": "rare", "predicted": "a", "count": 4, "runs": 1}
+    markdown = to_markdown(result)
+    assert "| rare | 12 | 0.67 | 0.83 |" in markdown
+    assert "not paired" not in markdown
+
+
+def test_cli_writes_tables_into_the_sweep_folder(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    names = []
+    for rank in (2, 8):
+        for seed in (0, 1):
+            name = f"rank={rank},seed={seed}"
+            fake_run(sweep / name, seed, rank, np.arange(seed, 186, 7 + rank))
+            names.append(name)
+    (sweep / "sweep.json").write_text(json.dumps({"trials": [{"name": n} for n in names + ["rank=16,seed=0"]]}))
+    assert main(["compare", str(sweep)]) == 0
+    printed = capsys.readouterr().out
+    assert sum(line.startswith("| rank=") for line in printed.splitlines()) == 2 and "p (McNemar)" in printed
+    for name in ("compare.md", "compare.csv", "per_class.csv"):
+        assert (sweep / name).is_file()
+    lines = (sweep / "compare.csv").read_text().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("configuration,seeds,")
+    assert len((sweep / "per_class.csv").read_text().splitlines()) == 1 + len(LABELS)
+
+
+def test_compare_refuses_what_it_cannot_compare(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        collect([tmp_path / "nope"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="neither a finished run"):
+        collect([tmp_path / "empty"])
+    a = fake_run(tmp_path / "a", 0, 8, np.arange(3))
+    b = fake_run(tmp_path / "b", 0, 8, np.arange(5))
+    with pytest.raises(UserError, match="two runs with the same seed"):
+        compare(collect([a, b]))
+    c = fake_run(tmp_path / "c", 1, 8, np.arange(5))
+    (c / "labels.json").write_text(json.dumps(["w", "x", "y", "z"]))
+    with pytest.raises(UserError, match="different label spaces"):
+        compare(collect([a, c]))
