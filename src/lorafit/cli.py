@@ -214,6 +214,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    html_path, md_path = report(args.paths, args.out)
+    print(f"report written: {html_path} (self-contained) and {md_path}")
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     from .config import dump, load_config
 
@@ -325,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="SWEEP_DIR|RUN_DIR")
     p.add_argument("--out", help="where compare.md/.csv and per_class.csv go (default: the sweep folder, else ./compare)")
     p.set_defaults(func=cmd_compare)
+
+    p = verbs.add_parser("report", help="HTML (self-contained) and Markdown report with plots for a run or a sweep")
+    p.add_argument("paths", nargs="+", metavar="RUN_DIR|SWEEP_DIR")
+    p.add_argument("--out", help="folder for report.html, report.md, report_files/ (default: the run or sweep folder)")
+    p.set_defaults(func=cmd_report)
 
     p = verbs.add_parser("config", help="inspect configs")
     sub = p.add_subparsers(dest="config_verb", required=True)

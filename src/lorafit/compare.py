@@ -181,6 +181,7 @@ def compare(runs: list[Run]) -> dict:
         s0 = g.runs[0].summary
         rows.append({
             "configuration": g.name, "seeds": sorted(r.seed for r in g.runs), "method": g.settings.get("method.name"),
+            "runs": [str(r.path) for r in g.runs],
             "trainable_params": s0["trainable_params"], "trainable_percent": s0["trainable_percent"],
             "adapter_bytes": s0["adapter_bytes"],
             "seconds_per_epoch": float(np.mean([r.summary["seconds_per_epoch"] for r in g.runs])),

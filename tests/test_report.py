@@ -1,0 +1,97 @@
+"""`lorafit report`: HTML + Markdown with plots for a run and for a sweep, rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import lorafit
+from lorafit.cli import main
+
+from conftest import tiny_overrides
+from test_compare import fake_run
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run(tiny_bert, tmp_path_factory):
+    from conftest import write_dataset
+
+    root = tmp_path_factory.mktemp("report")
+    data = write_dataset(root / "data")
+    out = root / "run"
+    lorafit.train(lorafit.load_config(None, tiny_overrides(tiny_bert, data, **{"train.epochs": 3})), out)
+    return out
+
+
+def _check_files(folder, figures: set[str]) -> str:
+    page = (folder / "report.html").read_text()
+    assert {p.name for p in (folder / "report_files").iterdir()} == {f"{f}.png" for f in figures}
+    for name in figures:
+        data = (folder / "report_files" / f"{name}.png").read_bytes()
+        assert data.startswith(PNG) and len(data) > 5_000
+    assert page.count("src='data:image/png;base64,") == len(figures)
+    assert "http://" not in page and "https://" not in page, "the page must be self-contained"
+    markdown = (folder / "report.md").read_text()
+    assert all(f"(report_files/{f}.png)" in markdown for f in figures)
+    return page
+
+
+def _render(page_path, tmp_path) -> tuple[str, str]:
+    """DOM after load and the browser's log, from headless Chromium."""
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+               "--virtual-time-budget=5000", "--dump-dom", page_path.as_uri()]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    shot = tmp_path / "shot.png"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,3000",
+                    f"--screenshot={shot}", page_path.as_uri()], capture_output=True, timeout=120)
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.std() > 10, "the screenshot is blank"
+    return done.stdout, done.stderr
+
+
+def test_run_report(run, tmp_path, capsys):
+    assert main(["report", str(run), "--out", str(tmp_path / "r")]) == 0
+    assert "report written" in capsys.readouterr().out
+    page = _check_files(tmp_path / "r", {"losses", "validation", "confusion", "per_class_f1"})
+    ev = json.loads((run / "eval.json").read_text())
+    assert f"{100 * ev['accuracy']:.2f}%" in page
+    for label in ("food", "sport", "travel"):
+        assert f"<td>{label}</td>" in page
+    if CHROMIUM is None:
+        pytest.skip("chromium not installed: rendering not checked (apt install chromium)")
+    dom, log = _render(tmp_path / "r" / "report.html", tmp_path)
+    assert 'data-rendered="4/4"' in dom
+    assert "Uncaught" not in log and "Failed to load" not in log
+
+
+def test_sweep_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    names = []
+    for rank in (2, 8):
+        for seed in (0, 1):
+            name = f"rank={rank},seed={seed}"
+            fake_run(sweep / name, seed, rank, np.arange(seed, 186, 5 + rank))
+            (sweep / name / "metrics.jsonl").write_text("".join(
+                json.dumps({"type": "epoch", "epoch": e, "step": 10 * e, "val_loss": 1 / e, "val_accuracy": 0.8 + 0.05 * e,
+                            "val_macro_f1": 0.78 + 0.05 * e}) + "\n" for e in (1, 2, 3)))
+            names.append(name)
+    (sweep / "sweep.json").write_text(json.dumps({"trials": [{"name": n} for n in names]}))
+    assert main(["report", str(sweep)]) == 0
+    page = _check_files(sweep, {"accuracy_vs_params", "validation", "misclassification", "confusion", "per_class_f1"})
+    assert re.search(r"<td>rank=8</td><td>2</td>", page)
+    assert "best" in page and "p bootstrap / McNemar" in page
+    if CHROMIUM is None:
+        pytest.skip("chromium not installed: rendering not checked (apt install chromium)")
+    dom, log = _render(sweep / "report.html", tmp_path)
+    assert 'data-rendered="5/5"' in dom
+    assert "Uncaught" not in log
