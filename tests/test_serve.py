@@ -83,14 +83,18 @@ def test_predictions_equal_each_run_loaded_alone(client, runs):
 
 def test_adapters_share_one_base(client):
     health = client.get("/v1/health").json()
-    assert health == {"status": "ok", "adapters": 3, "shared_bases": 1}
+    registry = client.app.state.registry
+    (base,) = registry.bases.values()
+    base_bytes = sum(t.nbytes for t in base.model.base_model.model.encoder.state_dict().values())
+    full_bytes = sum(t.nbytes for t in registry.served["full"].info["_model"].state_dict().values())
+    # Two adapters over one base hold the base once: less than two full models.
+    assert base_bytes < health["weights_bytes"] < base_bytes + full_bytes + 0.2 * base_bytes
+    assert {k: v for k, v in health.items() if not k.startswith("weights")} == {"status": "ok", "adapters": 3, "shared_bases": 1}
     listed = {a["name"]: a for a in client.get("/v1/adapters").json()["adapters"]}
     assert listed["topics"]["labels"] == ["food", "sport", "travel"]
     assert listed["binary"]["labels"] == ["food", "sport"]
     assert listed["topics"]["shared_base"] and listed["binary"]["shared_base"]
     assert not listed["full"]["shared_base"] and listed["full"]["kind"] == "run"
-    registry = client.app.state.registry
-    (base,) = registry.bases.values()
     assert set(base.heads) == {"topics", "binary"}
     assert set(base.model.peft_config) == {"topics", "binary"}
 

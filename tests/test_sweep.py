@@ -110,3 +110,17 @@ def test_a_different_sweep_in_the_same_folder_is_refused(tmp_path, tiny_bert, ti
     path = _sweep_file(tmp_path, tiny_bert, tiny_data, {"seed": [0]})
     with pytest.raises(UserError, match="holds a different sweep"):
         run_sweep(path, out, report=lambda line: None)
+
+
+def test_ray_executor_on_a_local_ray_instance(tmp_path, tiny_bert, tiny_data, capsys):
+    ray = pytest.importorskip("ray", reason="Ray not installed: pip install 'lorafit[ray]'")
+    path = _sweep_file(tmp_path, tiny_bert, tiny_data, {"method.rank": [2, 4]})
+    out = tmp_path / "sweep"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        results = run_sweep(path, out, workers=2, executor="ray", report=print)
+    finally:
+        ray.shutdown()
+    assert [r["outcome"] for r in results] == ["ran", "ran"]
+    assert all(trial_status(out / r["name"]) == "finished" for r in results)
+    assert capsys.readouterr().out.count("accuracy") == 2

@@ -171,16 +171,32 @@ class Registry:
         else:
             classifier = load(folder.path, device="cpu")
             logits = classifier.logits
-            info = {"kind": meta["format"] if meta else "run", "shared_base": False}
+            info = {"kind": meta["format"] if meta else "run", "shared_base": False, "_model": classifier.model}
+            if classifier.model is None and (folder.path / "model.onnx").is_file():
+                info["_file_bytes"] = (folder.path / "model.onnx").stat().st_size
         info.update(method=cfg.method.name, base_model=cfg.model.name)
         served = Served(name, labels, threshold, logits, info)
         self.served[name] = served
         log.info("serving %s: %s (%d labels) from %s", name, info["kind"], len(labels), folder.path)
         return served
 
+    def weights_bytes(self) -> int:
+        """Bytes of every weight held, each tensor counted once (adapters share their base)."""
+        seen, total = set(), 0
+        modules = [b.model for b in self.bases.values()] + [h for b in self.bases.values() for h in b.heads.values()]
+        modules += [s.info["_model"] for s in self.served.values() if s.info.get("_model") is not None]
+        for module in modules:
+            for tensor in [*module.parameters(), *module.buffers()]:
+                key = tensor.untyped_storage().data_ptr()
+                if key not in seen:
+                    seen.add(key)
+                    total += tensor.untyped_storage().nbytes()
+        total += sum(s.info.get("_file_bytes", 0) for s in self.served.values())
+        return total
+
     def describe(self) -> list[dict]:
-        return [{"name": s.name, "labels": s.labels, "num_labels": len(s.labels), "threshold": s.threshold, **s.info}
-                for s in self.served.values()]
+        return [{"name": s.name, "labels": s.labels, "num_labels": len(s.labels), "threshold": s.threshold,
+                 **{k: v for k, v in s.info.items() if not k.startswith("_")}} for s in self.served.values()]
 
 
 def parse_adapter_spec(spec: str) -> tuple[str, str]:
@@ -424,7 +440,9 @@ def create_app(adapters: list[tuple[str, str, float | None]], limits: Limits | N
 
     @app.get("/v1/health")
     async def health():
-        return {"status": "ok", "adapters": len(served.served), "shared_bases": len(served.bases)}
+        weights = served.weights_bytes()
+        return {"status": "ok", "adapters": len(served.served), "shared_bases": len(served.bases),
+                "weights_bytes": weights, "weights_mb": round(weights / 2**20, 1)}
 
     @app.get("/v1/adapters")
     async def list_adapters():
