@@ -43,6 +43,22 @@ def test_plan_expands_the_grid_and_alpha_multiples(tmp_path, tiny_bert, tiny_dat
     assert "train.lr=0.01" in trials[0].overrides(spec)
 
 
+def test_base_as_a_grid_key_gives_each_trial_its_config(tmp_path, tiny_bert, tiny_data):
+    _sweep_file(tmp_path, tiny_bert, tiny_data, {"seed": [0]})  # writes base.yaml
+    full = tmp_path / "full.yaml"
+    tree = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    tree["method"] = {"name": "full"}
+    full.write_text(yaml.safe_dump(tree))
+    path = tmp_path / "methods.yaml"
+    path.write_text(yaml.safe_dump({"overrides": {"train.epochs": 2}, "grid": {"base": [str(tmp_path / "base.yaml"), str(full)],
+                                                                                "seed": [0, 1]}}, sort_keys=False))
+    spec, base = read_spec(path)
+    trials = plan(spec, base, path)
+    assert [t.name for t in trials] == ["base=base,seed=0", "base=base,seed=1", "base=full,seed=0", "base=full,seed=1"]
+    assert trials[2].base == full and "train.epochs=2" in trials[2].overrides(spec)
+    assert not any(o.startswith("base=") for o in trials[2].overrides(spec))
+
+
 def test_random_search_is_seeded_and_within_bounds(tmp_path, tiny_bert, tiny_data):
     space = {"train.lr": {"loguniform": [1e-4, 1e-2]}, "method.dropout": {"choice": [0.0, 0.2]}}
     path = _sweep_file(tmp_path, tiny_bert, tiny_data, {"seed": [0]}, random={"samples": 5, "seed": 3, "space": space})

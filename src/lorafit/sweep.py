@@ -10,7 +10,12 @@ A sweep file:
       seed: 0
       space: {train.lr: {loguniform: [1.0e-4, 3.0e-3]}, method.dropout: {choice: [0.0, 0.1]}}
 
-`method.alpha: 2x` means twice the trial's rank. Every trial's config is validated before any
+`method.alpha: 2x` means twice the trial's rank. `base` may itself be a grid key, to compare
+methods whose settings differ as wholes (each trial then starts from its own config file):
+
+    overrides: {train.epochs: 4}
+    grid: {base: [configs/banking77-full.yaml, configs/banking77-lora.yaml], seed: [0, 1, 2]}
+ Every trial's config is validated before any
 trial runs. Each trial is a normal run folder `SWEEP_DIR/<trial name>` (the name lists the swept
 values); `sweep.json` records the plan. A re-run skips finished trials, resumes killed ones from
 their checkpoint and redoes broken ones. Trials run as `python -m lorafit train` processes, so each
@@ -72,9 +77,10 @@ class SweepSpec(BaseModel):
 class Trial:
     name: str
     values: dict[str, Any]  # the swept keys and their values (alpha multiples resolved)
+    base: Path | None = None  # the config file this trial starts from
 
     def overrides(self, spec: SweepSpec) -> list[str]:
-        merged = {**spec.overrides, **self.values}
+        merged = {**spec.overrides, **{k: v for k, v in self.values.items() if k != "base"}}
         return [f"{key}={_yaml_value(value)}" for key, value in merged.items()]
 
 
@@ -95,18 +101,19 @@ def read_spec(path: str | Path) -> tuple[SweepSpec, Path | None]:
             raise UserError(f"sweep file {path}: grid {key} has no values")
     if not spec.grid and not spec.random:
         raise UserError(f"sweep file {path}: give a grid and/or random search; a single run is `lorafit train`")
-    base = None
-    if spec.base:
-        for candidate in (Path(spec.base), Path(path).parent / spec.base):
-            if candidate.is_file():
-                base = candidate
-                break
-        else:
-            raise UserError(f"sweep file {path}: base config {spec.base} not found (relative to here or to the sweep file)")
-    return spec, base
+    if spec.base and "base" in spec.grid:
+        raise UserError(f"sweep file {path}: give base either as a setting or as a grid key, not both")
+    return spec, _find_base(spec.base, Path(path)) if spec.base else None
 
 
-def plan(spec: SweepSpec, base: Path | None) -> list[Trial]:
+def _find_base(name: str, sweep_file: Path) -> Path:
+    for candidate in (Path(name), sweep_file.parent / name):
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"sweep file {sweep_file}: base config {name} not found (relative to here or to the sweep file)")
+
+
+def plan(spec: SweepSpec, base: Path | None, sweep_file: Path = Path(".")) -> list[Trial]:
     """Every trial, validated; fails (naming the trial) before anything runs."""
     keys = list(spec.grid)
     points = [dict(zip(keys, combo)) for combo in itertools.product(*(spec.grid[k] for k in keys))] or [{}]
@@ -116,12 +123,14 @@ def plan(spec: SweepSpec, base: Path | None) -> list[Trial]:
     trials, names = [], set()
     for point in points:
         values = _resolve_multiples(point, spec.overrides)
-        trial = Trial(_trial_name(point), values)
+        trial_base = _find_base(str(point["base"]), sweep_file) if "base" in point else base
+        shown = {**point, "base": Path(str(point["base"])).stem} if "base" in point else point
+        trial = Trial(_trial_name(shown), values, trial_base)
         if trial.name in names:
             raise UserError(f"two trials are both named {trial.name}; the grid repeats a value")
         names.add(trial.name)
         try:
-            load_config(base, trial.overrides(spec))
+            load_config(trial.base, trial.overrides(spec))
         except UserError as e:
             raise UserError(f"trial {trial.name}: {e}") from None
         trials.append(trial)
@@ -195,13 +204,13 @@ def trial_status(folder: Path) -> str:
     return "broken"
 
 
-def _command(trial: Trial, spec: SweepSpec, base: Path | None, folder: Path, status: str, threads: int | None) -> list[str]:
+def _command(trial: Trial, spec: SweepSpec, folder: Path, status: str, threads: int | None) -> list[str]:
     if status == "resumable":
         return [sys.executable, "-m", "lorafit", "train", "--resume", str(folder), "--quiet"]
     overrides = trial.overrides(spec)
     if threads and not any(o.startswith("train.threads=") for o in overrides):
         overrides.append(f"train.threads={threads}")
-    return [sys.executable, "-m", "lorafit", "train", *([str(base)] if base else []), *overrides,
+    return [sys.executable, "-m", "lorafit", "train", *([str(trial.base)] if trial.base else []), *overrides,
             "--out", str(folder), "--overwrite", "--quiet"]
 
 
@@ -217,7 +226,7 @@ def execute(command: list[str], log_path: str) -> tuple[int, str]:
 def run_sweep(spec_path: str | Path, out: str | Path, workers: int = 1, executor: str = "local",
               report: Callable[[str], None] = print) -> list[dict]:
     spec, base = read_spec(spec_path)
-    trials = plan(spec, base)
+    trials = plan(spec, base, Path(spec_path))
     sweep_dir = Path(out)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     recorded = sweep_dir / "sweep.json"
@@ -239,7 +248,7 @@ def run_sweep(spec_path: str | Path, out: str | Path, workers: int = 1, executor
             results.append(_result(trial, folder, "skipped (finished)", 0.0))
             report(f"[{len(results)}/{len(trials)}] {trial.name}: finished earlier, skipped")
             continue
-        jobs.append((trial, folder, status, _command(trial, spec, base, folder, status, threads)))
+        jobs.append((trial, folder, status, _command(trial, spec, folder, status, threads)))
     logs = sweep_dir / "logs"
     logs.mkdir(exist_ok=True)
 
