@@ -106,15 +106,20 @@ def test_per_class_analysis_finds_the_rare_hard_class(tmp_path):
     assert "not paired" not in markdown
 
 
-def test_cli_writes_tables_into_the_sweep_folder(tmp_path, capsys):
-    sweep = tmp_path / "sweep"
+def fake_sweep(sweep, spacing: int, never_ran: tuple[str, ...] = ()) -> list[str]:
+    """A sweep folder: ranks 2 and 8 over seeds 0 and 1 (plus trials sweep.json lists that never ran)."""
     names = []
     for rank in (2, 8):
         for seed in (0, 1):
-            name = f"rank={rank},seed={seed}"
-            fake_run(sweep / name, seed, rank, np.arange(seed, 186, 7 + rank))
-            names.append(name)
-    (sweep / "sweep.json").write_text(json.dumps({"trials": [{"name": n} for n in names + ["rank=16,seed=0"]]}))
+            names.append(f"rank={rank},seed={seed}")
+            fake_run(sweep / names[-1], seed, rank, np.arange(seed, 186, spacing + rank))
+    (sweep / "sweep.json").write_text(json.dumps({"trials": [{"name": n} for n in names + list(never_ran)]}))
+    return names
+
+
+def test_cli_writes_tables_into_the_sweep_folder(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    fake_sweep(sweep, 7, never_ran=("rank=16,seed=0",))
     assert main(["compare", str(sweep)]) == 0
     printed = capsys.readouterr().out
     assert sum(line.startswith("| rank=") for line in printed.splitlines()) == 2 and "p (McNemar)" in printed

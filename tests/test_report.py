@@ -14,7 +14,7 @@ import lorafit
 from lorafit.cli import main
 
 from conftest import tiny_overrides
-from test_compare import fake_run
+from test_compare import fake_sweep
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -76,16 +76,10 @@ def test_run_report(run, tmp_path, capsys):
 
 def test_sweep_report(tmp_path):
     sweep = tmp_path / "sweep"
-    names = []
-    for rank in (2, 8):
-        for seed in (0, 1):
-            name = f"rank={rank},seed={seed}"
-            fake_run(sweep / name, seed, rank, np.arange(seed, 186, 5 + rank))
-            (sweep / name / "metrics.jsonl").write_text("".join(
-                json.dumps({"type": "epoch", "epoch": e, "step": 10 * e, "val_loss": 1 / e, "val_accuracy": 0.8 + 0.05 * e,
-                            "val_macro_f1": 0.78 + 0.05 * e}) + "\n" for e in (1, 2, 3)))
-            names.append(name)
-    (sweep / "sweep.json").write_text(json.dumps({"trials": [{"name": n} for n in names]}))
+    for name in fake_sweep(sweep, 5):
+        (sweep / name / "metrics.jsonl").write_text("".join(
+            json.dumps({"type": "epoch", "epoch": e, "step": 10 * e, "val_loss": 1 / e, "val_accuracy": 0.8 + 0.05 * e,
+                        "val_macro_f1": 0.78 + 0.05 * e}) + "\n" for e in (1, 2, 3)))
     assert main(["report", str(sweep)]) == 0
     page = _check_files(sweep, {"accuracy_vs_params", "validation", "misclassification", "confusion", "per_class_f1"})
     assert re.search(r"<td>rank=8</td><td>2</td>", page)
