@@ -73,7 +73,7 @@ def _read_run(folder: Path) -> Run:
     run = RunDir(folder)
     cfg = run.config()
     flat = _flatten(cfg.model_dump(mode="json"))
-    settings = {".".join(k): v for k, v in flat.items() if k not in _NOT_CONFIGURATION}
+    settings = {".".join(k): v for k, v in flat.items() if k not in _NOT_CONFIGURATION and k[0] != "track"}
     result = Run(folder, cfg.seed, settings, run.read_json("summary.json"), run.read_json("eval.json"), run.labels())
     if (folder / "predictions.json").is_file():
         p = run.read_json("predictions.json")

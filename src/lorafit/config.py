@@ -24,6 +24,7 @@ __all__ = [
     "DataConfig",
     "ModelConfig",
     "TrainConfig",
+    "TrackConfig",
     "Schedule",
     "load_config",
     "parse_overrides",
@@ -122,6 +123,17 @@ class TrainConfig(_Section):
     """Show progress bars."""
 
 
+class TrackConfig(_Section):
+    sinks: list[Literal["tensorboard", "mlflow", "wandb"]] = []
+    """Experiment trackers that get every metric besides metrics.jsonl (always written)."""
+    project: str = "lorafit"
+    """W&B project and MLflow experiment name."""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI (file store or sqlite:///...); null: $MLFLOW_TRACKING_URI, else ./mlruns."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """offline writes W&B run files under the run folder (upload later with `wandb sync`)."""
+
+
 def _method_union() -> Any:
     classes = tuple(m.config_class for m in registry.all_methods())
     return Annotated[Union[classes], Field(discriminator="name")]  # noqa: UP007
@@ -136,6 +148,7 @@ class Config(_Section):
         default_factory=lambda: registry.get("lora").config_class(name="lora")
     )
     train: TrainConfig = TrainConfig()
+    track: TrackConfig = TrackConfig()
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from . import __version__, checkpoint, data
+from .track import Sinks, open_sinks
 from .config import Config, load_config, resolve_schedule, validate
 from .errors import UserError
 from .evaluate import classification_metrics, softmax
@@ -149,6 +150,7 @@ class _Job:
     scheduler: object
     schedule: object
     adapted: list[str]
+    sinks: Sinks | None = None  # the experiment trackers, opened when training starts
 
 
 def _prepare(cfg: Config, run: RunDir) -> _Job:
@@ -259,6 +261,17 @@ def _catch_signals():
 
 
 def _run(job: _Job, p: Progress, best_state: dict | None = None) -> RunResult:
+    job.sinks = open_sinks(job.cfg, job.run.path, resume_step=p.step or None)
+    finished = False
+    try:
+        result = _train_and_finish(job, p, best_state)
+        finished = True
+        return result
+    finally:
+        job.sinks.close(finished)
+
+
+def _train_and_finish(job: _Job, p: Progress, best_state: dict | None) -> RunResult:
     try:
         with _catch_signals() as caught:
             best_state = _epochs(job, p, best_state, caught)
@@ -287,6 +300,7 @@ def _epochs(job: _Job, p: Progress, best_state: dict | None, caught: list[int]) 
     def append(record: dict) -> None:
         run.append_metrics(record)
         p.metrics_lines += 1
+        job.sinks.log(record)
 
     while p.epoch <= cfg.train.epochs and not p.stopped:
         model.train()
@@ -422,6 +436,7 @@ def _finish(job: _Job, p: Progress, best_state: dict | None) -> RunResult:
     }
     method_summary = method.summary(model)
     summary.update(method_summary)
+    job.sinks.finish(test, summary)
     run.write_json("summary.json", summary)
     checkpoint.remove_all(run.path)
     log.info(
