@@ -69,8 +69,9 @@ def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | No
         raise UserError(f"{run.path} was trained with {cfg.method.name} and has no adapter; export --format merged or onnx")
     target = RunDir(out)
     target.check_new(overwrite)
-    if target.path.resolve() == run.path.resolve() or run.path.resolve() in target.path.resolve().parents:
-        raise UserError("--out must be outside the run folder")
+    out_path, run_path = target.path.resolve(), run.path.resolve()
+    if out_path == run_path or run_path in out_path.parents or out_path in run_path.parents:
+        raise UserError("--out must be outside the run folder and must not contain it")
 
     reference = load(run.path, device="cpu")
     parity_split = run_split(run, cfg, split)

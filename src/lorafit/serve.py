@@ -66,6 +66,13 @@ class Limits:
     max_wait_ms: float = 5.0
     """How long a request waits for others to share its batch."""
 
+    def __post_init__(self):
+        for name in ("max_texts", "max_chars", "max_body_bytes", "max_batch"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_wait_ms < 0:
+            raise UserError("--max-wait-ms must be 0 or more")
+
 
 # -- what is served ---------------------------------------------------------------------------
 
@@ -103,18 +110,27 @@ class SharedBase:
         adapter_state = {k: v for k, v in state.items() if ".classifier." not in f".{k}"}
         if set(head_state) != {"weight", "bias"}:
             raise UserError(f"{adapter_dir} has no classification head in adapter_model.safetensors; it was not written by lorafit")
-        if self.model is None:
+        fresh = self.model is None
+        if fresh:
             base = build_classifier(self.cfg_model, num_labels, self.seed)
             self.model = PeftModel(base, config, adapter_name=name).eval()
             self.peft_type = str(config.peft_type)
         else:
             self.model.add_adapter(name, config)
-        result = set_peft_model_state_dict(self.model, adapter_state, adapter_name=name)
-        if getattr(result, "unexpected_keys", None):
-            self.model.delete_adapter(name)
-            raise UserError(f"{adapter_dir} does not fit its base model (unexpected keys {result.unexpected_keys[:3]})")
-        head = nn.Linear(head_state["weight"].shape[1], head_state["weight"].shape[0])
-        head.load_state_dict(head_state)
+        try:
+            result = set_peft_model_state_dict(self.model, adapter_state, adapter_name=name)
+            if getattr(result, "unexpected_keys", None):
+                raise UserError(f"{adapter_dir} does not fit its base model (unexpected keys {result.unexpected_keys[:3]})")
+            head = nn.Linear(head_state["weight"].shape[1], head_state["weight"].shape[0])
+            head.load_state_dict(head_state)
+        except Exception as e:  # leave the base as it was: no half-added adapter
+            if fresh:
+                self.model = None
+            else:
+                self.model.delete_adapter(name)
+            if isinstance(e, UserError):
+                raise
+            raise UserError(f"{adapter_dir} does not fit its base model: {str(e).splitlines()[0][:200]}") from None
         self.heads[name] = head.eval()
         self.model.requires_grad_(False)
         self.model.eval()  # peft creates a new adapter's dropout modules in training mode
@@ -140,7 +156,8 @@ class Registry:
         self.served: dict[str, Served] = {}
         self.bases: dict[tuple, SharedBase] = {}
 
-    def add(self, name: str, path: str | Path, threshold: float | None = None) -> Served:
+    def add(self, name: str, path: str | Path, threshold: float | None = None, trusted: bool = True) -> Served:
+        """`trusted` is False for adapters added over HTTP: their folder may not enable pickle loading."""
         safe_name(name, "adapter name")
         if name in self.served:
             raise UserError(f"an adapter named {name!r} is already served")
@@ -149,6 +166,8 @@ class Registry:
         folder = RunDir(path)
         meta = folder.read_json("export.json") if (folder.path / "export.json").is_file() else None
         cfg, labels = folder.config(), folder.labels()
+        if cfg.model.trust_pickle and not trusted:
+            raise UserError(f"{folder.path} sets model.trust_pickle; adapters added at run time may not load pickles")
         method = registry.get(cfg.method.name)(cfg.method)
         adapter_dir = None
         if meta is None and method.artifact == "adapter":
@@ -161,10 +180,9 @@ class Registry:
 
             peft_type = str(PeftConfig.from_pretrained(str(adapter_dir)).peft_type)
             key = (resolve_model_path(cfg.model.name), cfg.model.pooling, peft_type)
-            if key not in self.bases:
-                self.bases[key] = SharedBase(cfg, load_tokenizer(cfg.model))
-            base = self.bases[key]
+            base = self.bases.get(key) or SharedBase(cfg, load_tokenizer(cfg.model))
             base.add(name, adapter_dir, len(labels))
+            self.bases[key] = base  # only once it holds an adapter
             max_length, batch_size = cfg.data.max_length, self.limits.max_batch
             logits = lambda texts, base=base, name=name: base.logits(name, texts, max_length, batch_size)  # noqa: E731
             info = {"kind": "adapter", "shared_base": True}
@@ -183,7 +201,8 @@ class Registry:
     def weights_bytes(self) -> int:
         """Bytes of every weight held, each tensor counted once (adapters share their base)."""
         seen, total = set(), 0
-        modules = [b.model for b in self.bases.values()] + [h for b in self.bases.values() for h in b.heads.values()]
+        modules = [b.model for b in self.bases.values() if b.model is not None]
+        modules += [h for b in self.bases.values() for h in b.heads.values()]
         modules += [s.info["_model"] for s in self.served.values() if s.info.get("_model") is not None]
         for module in modules:
             for tensor in [*module.parameters(), *module.buffers()]:
@@ -328,7 +347,7 @@ def create_app(adapters: list[tuple[str, str, float | None]], limits: Limits | N
                api_key: str | None = None, adapter_root: str | Path | None = None, threads: int | None = None):
     """The FastAPI app. `adapters`: (name, path, threshold); loaded before the app is returned."""
     limits = limits or Limits()
-    api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None  # an empty key is no key: admin stays off
     root = Path(adapter_root or os.getcwd()).resolve()
     if threads:
         torch.set_num_threads(threads)
@@ -470,10 +489,10 @@ def create_app(adapters: list[tuple[str, str, float | None]], limits: Limits | N
             raise RequestError(404, f"no folder at {req.path} (inside the adapter root)")
         loop = asyncio.get_running_loop()
         try:  # on the compute thread: never while a forward pass runs
-            added = await loop.run_in_executor(executor, served.add, req.name, path, req.threshold)
+            added = await loop.run_in_executor(executor, served.add, req.name, path, req.threshold, False)
         except UserError as e:
             raise RequestError(422, str(e)) from None
-        return {"added": added.name, "num_labels": len(added.labels), **added.info}
+        return {"added": added.name, "num_labels": len(added.labels), **{k: v for k, v in added.info.items() if not k.startswith("_")}}
 
     return app
 

@@ -264,15 +264,12 @@ def run_sweep(spec_path: str | Path, out: str | Path, workers: int = 1, executor
         _run_ray(jobs, logs, done, workers)
     elif executor == "local":
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            started = {}
-            futures = {}
-            for trial, folder, status, command in jobs:
-                started[trial.name] = time.perf_counter()
-                futures[pool.submit(execute, command, str(logs / f"{trial.name}.log"))] = (trial, folder, status)
+            futures = {pool.submit(_timed_execute, command, str(logs / f"{trial.name}.log")): (trial, folder, status)
+                       for trial, folder, status, command in jobs}
             for future in as_completed(futures):
                 trial, folder, status = futures[future]
-                code, last = future.result()
-                done(trial, folder, status, code, last, time.perf_counter() - started[trial.name])
+                code, last, seconds = future.result()
+                done(trial, folder, status, code, last, seconds)
     else:
         raise UserError(f"unknown executor {executor!r}; choose local or ray")
     order = {t.name: i for i, t in enumerate(trials)}

@@ -40,14 +40,16 @@ _EFFICIENCY = ("trainable_params", "total_params", "trainable_percent", "adapter
                "seconds_per_epoch", "train_examples_per_second", "peak_memory_mb", "best_epoch")
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict) -> dict[str, Any]:
+    """`{"method": {"rank": 8}}` -> `{"method.rank": 8}`: sections only; a dict-valued setting (a
+    LoRA rank_pattern, whose keys are regexes) stays one parameter, written as JSON."""
     out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
+    for section, value in tree.items():
         if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
+            for key, setting in value.items():
+                out[f"{section}.{key}"] = json.dumps(setting) if isinstance(setting, (dict, list)) else setting
         else:
-            out[name] = value
+            out[section] = value
     return out
 
 
@@ -96,8 +98,7 @@ class _MLflow:
             self.run_id = state["mlflow_run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
         else:
-            experiment = self.client.get_experiment_by_name(project)
-            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(project)
+            experiment_id = self._experiment(project)
             run = self.client.create_run(experiment_id, run_name=run_path.name, tags={"lorafit.run_dir": str(run_path.resolve())})
             self.run_id = run.info.run_id
             from mlflow.entities import Param
@@ -107,6 +108,17 @@ class _MLflow:
                 self.client.log_batch(self.run_id, params=items[i : i + 100])
         state["mlflow_run_id"] = self.run_id
         state["mlflow_uri"] = uri
+
+    def _experiment(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment:
+            return experiment.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException:  # another trial of a sweep created it a moment ago
+            return self.client.get_experiment_by_name(name).experiment_id
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -151,21 +163,25 @@ class Sinks:
     def log(self, record: dict) -> None:
         metrics = _metrics(record)
         self.last_step = int(record.get("step", self.last_step))
-        for sink in self.sinks:
-            sink.log(metrics, self.last_step)
+        self._each("log", metrics, self.last_step)
 
-    def finish(self, test: dict, summary: dict) -> None:
+    def finish(self, test: dict, summary: dict, step: int) -> None:
         final = {f"test/{k}": float(test[k]) for k in _FINAL if k in test}
         final |= {f"efficiency/{k}": float(summary[k]) for k in _EFFICIENCY if isinstance(summary.get(k), (int, float))}
-        for sink in self.sinks:
-            sink.finish(self.params, final, self.last_step)
+        self._each("finish", self.params, final, step)
 
     def close(self, ok: bool) -> None:
-        for sink in self.sinks:
+        self._each("close", ok)
+
+    def _each(self, call: str, *args) -> None:
+        """A tracker that fails is reported and dropped: it must not stop (or hide) the training run."""
+        for sink in list(self.sinks):
             try:
-                sink.close(ok)
-            except Exception as e:  # a tracker's hiccup must not hide the run's own outcome
-                log.warning("closing the %s tracker failed: %s", type(sink).__name__.strip("_"), e)
+                getattr(sink, call)(*args)
+            except Exception as e:
+                log.warning("the %s tracker failed (%s) and is off for the rest of this run: %s",
+                            type(sink).__name__.strip("_"), call, str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+                self.sinks.remove(sink)
 
 
 def open_sinks(cfg, run_path: Path, resume_step: int | None = None) -> Sinks:
@@ -188,5 +204,9 @@ def open_sinks(cfg, run_path: Path, resume_step: int | None = None) -> Sinks:
         except ImportError as e:
             Sinks(opened, params).close(False)
             raise UserError(f"track.sinks has {name}, whose package is missing ({e.name}): pip install 'lorafit[track]'") from None
+        except Exception as e:
+            Sinks(opened, params).close(False)
+            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise UserError(f"cannot start the {name} tracker: {first}; fix track.* or leave {name} out of track.sinks") from None
     state_path.write_text(json.dumps(state, indent=2) + "\n")
     return Sinks(opened, params)

@@ -436,7 +436,7 @@ def _finish(job: _Job, p: Progress, best_state: dict | None) -> RunResult:
     }
     method_summary = method.summary(model)
     summary.update(method_summary)
-    job.sinks.finish(test, summary)
+    job.sinks.finish(test, summary, p.step)
     run.write_json("summary.json", summary)
     checkpoint.remove_all(run.path)
     log.info(
