@@ -119,6 +119,16 @@ def test_a_failing_trial_is_reported_and_the_others_run(tmp_path, tiny_bert, tin
     assert "1 of 2 trials finished" in printed and "failed: lr=1000000.0" in printed
 
 
+def test_a_changed_base_config_is_refused(tmp_path, tiny_bert, tiny_data):
+    path = _sweep_file(tmp_path, tiny_bert, tiny_data, {"seed": [0]})
+    out = tmp_path / "sweep"
+    run_sweep(path, out, report=lambda line: None)
+    base = tmp_path / "base.yaml"
+    base.write_text(base.read_text().replace("lr: 0.005", "lr: 0.001"))
+    with pytest.raises(UserError, match="changed since"):
+        run_sweep(path, out, report=lambda line: None)
+
+
 def test_a_different_sweep_in_the_same_folder_is_refused(tmp_path, tiny_bert, tiny_data):
     out = tmp_path / "sweep"
     out.mkdir()

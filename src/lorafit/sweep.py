@@ -24,6 +24,7 @@ has its own memory figures: one after another, N at a time (`workers`), or as Ra
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -230,12 +231,18 @@ def run_sweep(spec_path: str | Path, out: str | Path, workers: int = 1, executor
     sweep_dir = Path(out)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     recorded = sweep_dir / "sweep.json"
+    bases = sorted({str(t.base) for t in trials if t.base})
     document = {"spec": spec.model_dump(), "base": str(base) if base else None,
+                "base_sha256": {b: hashlib.sha256(Path(b).read_bytes()).hexdigest() for b in bases},
                 "trials": [{"name": t.name, "values": t.values} for t in trials]}
     if recorded.is_file():
         previous = json.loads(recorded.read_text())
         if previous.get("spec") != document["spec"]:
             raise UserError(f"{sweep_dir} holds a different sweep (sweep.json); choose another --out")
+        changed = [b for b, digest in previous.get("base_sha256", {}).items() if document["base_sha256"].get(b) != digest]
+        if changed:
+            raise UserError(f"{', '.join(changed)} changed since {sweep_dir} started, so its finished trials would not "
+                            "match new ones; choose another --out (or restore the file)")
     RunDir(sweep_dir).write_json("sweep.json", document)
     cores = os.cpu_count() or 1
     threads = max(1, cores // workers) if workers > 1 else None
