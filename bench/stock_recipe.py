@@ -73,7 +73,7 @@ def main() -> int:
                                                  lora_dropout=args.dropout, target_modules=args.targets.split(",")))
     training_args = TrainingArguments(
         output_dir=f"{args.out}.trainer", per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
-        num_train_epochs=args.epochs, learning_rate=args.lr, warmup_ratio=args.warmup, weight_decay=args.weight_decay,
+        num_train_epochs=args.epochs, learning_rate=args.lr, warmup_steps=args.warmup, weight_decay=args.weight_decay,
         lr_scheduler_type="linear", seed=args.seed, logging_strategy="no", save_strategy="no", eval_strategy="no",
         report_to=[], use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
     )
