@@ -62,6 +62,14 @@ class _TensorBoard:
     def __init__(self, run_path: Path, params: dict, state: dict, resume_step: int | None):
         from torch.utils.tensorboard import SummaryWriter
 
+        logdir = run_path / "tensorboard"
+        if resume_step is not None:
+            # Event files are read in name order, and names start with the creation second: a resumed
+            # writer's file must sort after the killed one's, or its purge marker is read first.
+            newest = max((int(f.name.split(".")[3]) for f in logdir.glob("events.out.tfevents.*")
+                          if f.name.split(".")[3].isdigit()), default=0)
+            while int(time.time()) <= newest:
+                time.sleep(0.05)
         # On resume, events at or after the checkpoint's next step (logged before the kill) are dropped.
         self.writer = SummaryWriter(str(run_path / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1)
         if resume_step is None:
@@ -80,6 +88,9 @@ class _TensorBoard:
         shown = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
         for event in hparams(shown, {k: v for k, v in final.items() if k.startswith("test/")}):
             self.writer.file_writer.add_summary(event)
+        self.writer.flush()
+
+    def flush(self) -> None:
         self.writer.flush()
 
     def close(self, ok: bool) -> None:
@@ -170,12 +181,18 @@ class Sinks:
         final |= {f"efficiency/{k}": float(summary[k]) for k in _EFFICIENCY if isinstance(summary.get(k), (int, float))}
         self._each("finish", self.params, final, step)
 
+    def flush(self) -> None:
+        """Before each checkpoint: what was logged up to it must survive a kill (a resume starts there)."""
+        self._each("flush")
+
     def close(self, ok: bool) -> None:
         self._each("close", ok)
 
     def _each(self, call: str, *args) -> None:
         """A tracker that fails is reported and dropped: it must not stop (or hide) the training run."""
         for sink in list(self.sinks):
+            if not hasattr(sink, call):  # MLflow logs synchronously, W&B through its own service: no flush
+                continue
             try:
                 getattr(sink, call)(*args)
             except Exception as e:

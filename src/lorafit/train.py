@@ -225,6 +225,8 @@ def resume(run_dir: str | Path) -> RunResult:
 
 
 def _write_checkpoint(job: _Job, progress: Progress, best_state: dict | None) -> None:
+    if job.sinks is not None:
+        job.sinks.flush()
     tensors = {f"model/{k}": v for k, v in job.method.state_dict(job.model).items()}
     if best_state is not None:
         tensors |= {f"best/{k}": v for k, v in best_state.items()}
