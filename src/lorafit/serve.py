@@ -40,7 +40,7 @@ from torch import nn
 from . import data
 from .errors import UserError
 from .evaluate import softmax
-from .inference import check_no_pickles, load
+from .inference import batched_logits, check_no_pickles, load
 from .methods import registry
 from .models import build_classifier, load_tokenizer, resolve_model_path
 from .rundir import RunDir, safe_name
@@ -96,13 +96,12 @@ class SharedBase:
         self.seed = cfg.seed
         self.tokenizer = tokenizer
         self.heads: dict[str, nn.Linear] = {}
-        self.peft_type: str | None = None
 
-    def add(self, name: str, adapter_dir: Path, num_labels: int) -> None:
-        from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+    def add(self, name: str, adapter_dir: Path, config, num_labels: int) -> None:
+        """Inject the adapter saved in `adapter_dir` (whose peft `config` the caller read) under `name`."""
+        from peft import PeftModel, set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        config = PeftConfig.from_pretrained(str(adapter_dir))
         config.modules_to_save = None  # heads are kept here, one per adapter (label sets differ)
         config.inference_mode = True
         state = load_file(str(adapter_dir / "adapter_model.safetensors"))
@@ -114,7 +113,6 @@ class SharedBase:
         if fresh:
             base = build_classifier(self.cfg_model, num_labels, self.seed)
             self.model = PeftModel(base, config, adapter_name=name).eval()
-            self.peft_type = str(config.peft_type)
         else:
             self.model.add_adapter(name, config)
         try:
@@ -139,13 +137,13 @@ class SharedBase:
     def logits(self, name: str, texts: list[str], max_length: int, batch_size: int) -> np.ndarray:
         self.model.set_adapter(name)
         encoder = self.model.base_model.model  # lorafit's SequenceClassifier with the adapters injected
-        tokens = data.tokenize(self.tokenizer, texts, max_length)
+        head = self.heads[name]
+
+        def backend(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+            return head(encoder.features(input_ids, attention_mask)).float().numpy()  # (B, C)
+
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        out = np.zeros((len(texts), self.heads[name].out_features), dtype=np.float32)
-        lengths = [len(t) for t in tokens]
-        for batch, input_ids, attention_mask in data.iterate(tokens, data.sorted_batches(lengths, batch_size), pad_id):
-            out[batch] = self.heads[name](encoder.features(input_ids, attention_mask)).float().numpy()  # (B, C)
-        return out
+        return batched_logits(backend, data.tokenize(self.tokenizer, texts, max_length), pad_id, batch_size)
 
 
 class Registry:
@@ -178,10 +176,10 @@ class Registry:
             check_no_pickles(adapter_dir, cfg.model.trust_pickle)
             from peft import PeftConfig
 
-            peft_type = str(PeftConfig.from_pretrained(str(adapter_dir)).peft_type)
-            key = (resolve_model_path(cfg.model.name), cfg.model.pooling, peft_type)
+            peft_config = PeftConfig.from_pretrained(str(adapter_dir))
+            key = (resolve_model_path(cfg.model.name), cfg.model.pooling, str(peft_config.peft_type))
             base = self.bases.get(key) or SharedBase(cfg, load_tokenizer(cfg.model))
-            base.add(name, adapter_dir, len(labels))
+            base.add(name, adapter_dir, peft_config, len(labels))
             self.bases[key] = base  # only once it holds an adapter
             max_length, batch_size = cfg.data.max_length, self.limits.max_batch
             logits = lambda texts, base=base, name=name: base.logits(name, texts, max_length, batch_size)  # noqa: E731
