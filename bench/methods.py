@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
+
+from lorafit.sweep import execute  # one trial process, its output to a log
 
 ROOT = Path(__file__).resolve().parents[1]
 # method -> (shipped config, changes to its `method` section (None deletes a key), overrides).
@@ -86,10 +87,9 @@ def main() -> int:
             cmd = [sys.executable, "-m", "lorafit", "train", str(ROOT / config), *overrides, "--out", str(run),
                    "--overwrite", "--quiet"]
             print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[3:])}", flush=True)
-            done = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
-            (out / f"{name}.log").write_text(done.stderr)
-            if done.returncode != 0:
-                print(f"  failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}", flush=True)
+            code, last = execute(cmd, str(out / f"{name}.log"))
+            if code != 0:
+                print(f"  failed ({code}): {last}", flush=True)
                 continue
         rows.append(_row(name, run))
         print("  " + ", ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)

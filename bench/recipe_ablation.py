@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from lorafit.sweep import execute  # one trial process, its output to a log
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "banking77-lora.yaml"
@@ -48,10 +49,9 @@ def main() -> int:
             cmd = [sys.executable, "-m", "lorafit", "train", str(CONFIG), *overrides, f"train.epochs={args.epochs}",
                    *args.set, "--out", str(run), "--overwrite", "--quiet"]
             print(f"[{time.strftime('%H:%M:%S')}] step {i}: {label}", flush=True)
-            done = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
-            (out / f"step{i}.log").write_text(done.stderr)
-            if done.returncode != 0:
-                print(f"  failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+            code, last = execute(cmd, str(out / f"step{i}.log"))
+            if code != 0:
+                print(f"  failed ({code}): {last}", flush=True)
                 continue
         epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         val = [e for e in epochs if e["type"] == "epoch"][-1]
