@@ -252,3 +252,21 @@ def test_real_uvicorn_process(runs, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_serve_cli_refuses_bad_settings_before_loading(runs, capsys):
+    from lorafit.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cases = [(["--threads", "0"], "--threads must be at least 1"),
+                 (["--port", "99999"], "--port 99999: a port is 0..65535"),
+                 (["--port", str(port)], f"cannot listen on 127.0.0.1:{port}: Address already in use"),
+                 (["--max-batch", "0"], "--max-batch must be at least 1"),
+                 (["--threshold", "topics"], "--threshold 'topics': write NAME=PROBABILITY")]
+        for extra, message in cases:
+            assert main(["serve", f"topics={runs['topics']}", *extra]) == 2
+            err = capsys.readouterr().err.strip()
+            assert message in err and len(err.splitlines()) == 1, err

@@ -165,10 +165,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .serve import Limits, create_app, parse_adapter_spec, run
+        from .serve import Limits, check_can_listen, create_app, parse_adapter_spec, run
     except ImportError as e:
         raise UserError(f"the server needs its extra ({e.name} is missing): pip install 'lorafit[serve]'") from None
 
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: a port is 0..65535")
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads must be at least 1")
+    check_can_listen(args.host, args.port)  # before loading any model
     thresholds = {}
     for item in args.threshold or []:
         name, _, value = item.partition("=")

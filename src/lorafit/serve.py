@@ -23,6 +23,7 @@ import hmac
 import json
 import logging
 import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from .methods import registry
 from .models import build_classifier, load_tokenizer, resolve_model_path
 from .rundir import RunDir, safe_name
 
-__all__ = ["Limits", "Registry", "create_app", "run", "parse_adapter_spec"]
+__all__ = ["Limits", "Registry", "create_app", "run", "parse_adapter_spec", "check_can_listen"]
 
 log = logging.getLogger(__name__)
 
@@ -507,6 +508,17 @@ def _choose(served: Registry, name: str | None) -> Served:
         shown = name if len(name) <= 60 else name[:57] + "..."
         raise RequestError(404, f"adapter {shown!r} is not served; served: {', '.join(sorted(served.served))}")
     return served.served[name]
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """A one-line error now, rather than uvicorn's after every model has loaded."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(infos[0][4])
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def run(app, host: str, port: int) -> None:
