@@ -150,6 +150,9 @@ def test_compare_refuses_what_it_cannot_compare(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="neither a finished run"):
         collect([tmp_path / "empty"])
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(UserError, match="is a file; give a run folder or a sweep folder"):
+        collect([tmp_path / "a-file"])
     a = fake_run(tmp_path / "a", 0, 8, np.arange(3))
     b = fake_run(tmp_path / "b", 0, 8, np.arange(5))
     with pytest.raises(UserError, match="two runs with the same seed"):

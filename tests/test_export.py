@@ -164,6 +164,9 @@ def test_export_inside_the_run_and_adapter_of_full_refused(tiny_bert, data_dir, 
     # A parent of the run, even with --overwrite, would delete the run itself.
     assert main(["export", str(lora_run), "--format", "merged", "--out", str(lora_run.parent), "--overwrite"]) == 2
     assert "must not contain it" in capsys.readouterr().err and (lora_run / "adapter").is_dir()
+    (tmp_path / "a-file").write_text("x")
+    assert main(["export", str(lora_run), "--format", "merged", "--out", str(tmp_path / "a-file")]) == 2
+    assert "a-file exists and is not a folder" in capsys.readouterr().err
     full = _train(tiny_bert, data_dir, tmp_path / "full", **{"method.name": "full"})
     assert main(["export", str(full), "--format", "adapter", "--out", str(tmp_path / "a")]) == 2
     assert "has no adapter; export --format merged or onnx" in capsys.readouterr().err

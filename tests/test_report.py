@@ -67,6 +67,9 @@ def test_run_report(run, tmp_path, capsys):
     assert f"{100 * ev['accuracy']:.2f}%" in page
     for label in ("food", "sport", "travel"):
         assert f"<td>{label}</td>" in page
+    (tmp_path / "a-file").write_text("x")
+    assert main(["report", str(run), "--out", str(tmp_path / "a-file")]) == 2
+    assert capsys.readouterr().err.strip() == f"lorafit: error: {tmp_path / 'a-file'} exists and is not a folder; choose another --out"
     if CHROMIUM is None:
         pytest.skip("chromium not installed: rendering not checked (apt install chromium)")
     dom, log = _render(tmp_path / "r" / "report.html", tmp_path)

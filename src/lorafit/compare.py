@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
-from .rundir import RunDir
+from .rundir import RunDir, make_folder
 
 __all__ = ["Run", "collect", "compare", "to_markdown", "write"]
 
@@ -96,6 +96,8 @@ def collect(paths: list[str | Path]) -> list[Run]:
             folders.append(path)
         elif path.is_dir():
             raise UserError(f"{path} is neither a finished run (no summary.json) nor a sweep folder (no sweep.json)")
+        elif path.exists():
+            raise UserError(f"{path} is a file; give a run folder or a sweep folder")
         else:
             raise UserError(f"{path} not found")
     if not folders:
@@ -296,7 +298,7 @@ def to_markdown(result: dict, hardest: int = 15) -> str:
 
 def write(result: dict, folder: Path) -> list[Path]:
     """compare.md, compare.csv (one row per configuration), per_class.csv (one row per class)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     (folder / "compare.md").write_text(to_markdown(result), encoding="utf-8")
     with open(folder / "compare.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)

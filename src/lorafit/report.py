@@ -23,7 +23,7 @@ import numpy as np
 
 from .compare import collect, compare
 from .errors import UserError
-from .rundir import RunDir, write_text_atomic
+from .rundir import RunDir, make_folder, write_text_atomic
 
 __all__ = ["report"]
 
@@ -226,15 +226,11 @@ def report(paths: list[str | Path], out: str | Path | None = None) -> tuple[Path
         title = f"lorafit run {folders[0].name}"
         tables, figures = _run_section(RunDir(folders[0]))
     else:
-        for f in folders:
-            if not f.is_dir():
-                raise UserError(f"{f} not found")
         title = "lorafit comparison: " + ", ".join(f.name for f in folders)
         tables, figures = _sweep_section(folders)
     target = Path(out) if out else folders[0] if len(folders) == 1 else Path("report")
-    target.mkdir(parents=True, exist_ok=True)
-    files = target / "report_files"
-    files.mkdir(exist_ok=True)
+    make_folder(target)
+    files = make_folder(target / "report_files")
     for fig in figures:
         (files / f"{fig.name}.png").write_bytes(fig.png)
 

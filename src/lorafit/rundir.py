@@ -28,7 +28,7 @@ import yaml
 from .config import Config, dump, validate
 from .errors import UserError
 
-__all__ = ["RunDir", "write_text_atomic", "folder_bytes", "safe_name"]
+__all__ = ["RunDir", "write_text_atomic", "folder_bytes", "make_folder", "safe_name"]
 
 # A name must stay one path component: no separator (either OS's), no NUL or control characters,
 # and ':' is out because on Windows "C:x" is a drive-relative path.
@@ -72,6 +72,17 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def make_folder(path: Path) -> Path:
+    """An output folder (and its parents), or one line saying why it cannot be made."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{path} exists and is not a folder; choose another --out") from None
+    except OSError as e:
+        raise UserError(f"cannot create folder {path}: {e.strerror or e}") from None
+    return path
+
+
 def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -89,10 +100,10 @@ class RunDir:
     # -- creating -----------------------------------------------------------------------------
     def check_new(self, overwrite: bool) -> None:
         """Fail early (before any work) if the folder exists and overwriting was not asked for."""
+        if self.path.exists() and not self.path.is_dir():  # first: iterdir() on a file raises
+            raise UserError(f"{self.path} exists and is not a folder")
         if self.path.exists() and not overwrite and any(self.path.iterdir()):
             raise UserError(f"run folder {self.path} already exists; choose another --out or pass --overwrite")
-        if self.path.exists() and not self.path.is_dir():
-            raise UserError(f"{self.path} exists and is not a folder")
 
     def create(self, overwrite: bool) -> None:
         self.check_new(overwrite)
