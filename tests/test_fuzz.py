@@ -212,6 +212,14 @@ def one_in(n: int) -> st.SearchStrategy[bool]:
 ENCODINGS = ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "latin-1", "cp1252"]
 
 
+def encode_maybe_corrupt(draw, text: str) -> tuple[bytes, str, bool]:
+    """`text` in a drawn encoding (mostly UTF-8), its bytes corrupted one time in ten."""
+    encoding = draw(st.sampled_from(["utf-8"] * 8 + ENCODINGS))
+    raw = text.encode(encoding, errors="replace")
+    damaged_bytes = draw(one_in(10))
+    return (corrupt(draw, raw) if damaged_bytes else raw), encoding, damaged_bytes
+
+
 def corrupt(draw, raw: bytes) -> bytes:
     """Flip, insert (NULs among them) or delete bytes, or cut the file short."""
     for _ in range(draw(st.integers(1, 4))):
@@ -274,11 +282,7 @@ def test_csv_and_tsv(draw_data):
         writer.writerow(header)
     writer.writerows(body)
     text = "" if header_kind == "empty file" else out.getvalue()
-    encoding = draw(st.sampled_from(["utf-8"] * 8 + ENCODINGS))
-    raw = text.encode(encoding, errors="replace")
-    damaged_bytes = draw(one_in(10))
-    if damaged_bytes:
-        raw = corrupt(draw, raw)
+    raw, encoding, damaged_bytes = encode_maybe_corrupt(draw, text)
     note(f"header {header_kind}, damage {damage}, encoding {encoding}, corrupt bytes {damaged_bytes}")
 
     with scratch() as folder:
@@ -368,11 +372,7 @@ def jsonl_expected(text: str) -> dict[int, tuple[str, str]] | None:
 def test_jsonl(draw_data):
     draw = draw_data.draw
     text = draw(jsonl_lines())
-    encoding = draw(st.sampled_from(["utf-8"] * 8 + ENCODINGS))
-    raw = text.encode(encoding, errors="replace")
-    damaged_bytes = draw(one_in(10))
-    if damaged_bytes:
-        raw = corrupt(draw, raw)
+    raw, encoding, damaged_bytes = encode_maybe_corrupt(draw, text)
     note(f"encoding {encoding}, corrupt bytes {damaged_bytes}")
     with scratch() as folder:
         path = folder / draw(st.sampled_from(["train.jsonl", "train.json"]))
