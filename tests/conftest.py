@@ -29,12 +29,15 @@ def write_tokenizer(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def build_tiny_encoder(folder: Path, arch: str = "bert", seed: int = 0) -> Path:
-    """A 2-layer, 32-wide random encoder of `arch` with a WordPiece tokenizer, saved as safetensors."""
+def build_tiny_encoder(folder: Path, arch: str = "bert", seed: int = 0, **config) -> Path:
+    """A 2-layer, 32-wide random encoder of `arch` with a WordPiece tokenizer, saved as safetensors.
+
+    `config` adds settings of the architecture's config class (e.g. hidden_dropout_prob=0.0).
+    """
     from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=len(VOCAB), max_position_embeddings=64, pad_token_id=0)
+    common = dict(vocab_size=len(VOCAB), max_position_embeddings=64, pad_token_id=0, **config)
     if arch == "bert":
         model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, **common))
     elif arch == "distilbert":

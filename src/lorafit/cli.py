@@ -52,7 +52,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.items or args.out:
             raise UserError("--resume takes only the run folder: its config.yaml holds the settings")
         result = resume(args.resume)
-        print(f"run saved to {result.path}")
+        if result.summary:
+            print(f"run saved to {result.path}")
         return 0
     if not args.out:
         raise UserError("--out RUN_DIR is required (or --resume RUN_DIR)")
@@ -61,7 +62,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.quiet:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"progress": False})})
     result = train(cfg, args.out, overwrite=args.overwrite)
-    print(f"run saved to {result.path}")
+    if result.summary:  # data-parallel: only rank 0 wrote the run
+        print(f"run saved to {result.path}")
     return 0
 
 

@@ -8,6 +8,7 @@ optimiser, scheduler, RNG states and `Progress`) lets `resume` continue bit for 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import platform
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from . import __version__, checkpoint, data
+from .distributed import World
 from .track import Sinks, open_sinks
 from .config import Config, load_config, resolve_schedule, validate
 from .errors import UserError
@@ -150,12 +152,17 @@ class _Job:
     scheduler: object
     schedule: object
     adapted: list[str]
+    world: World  # this process among the data-parallel ones (size 1: a plain run)
+    forward: nn.Module  # what training steps call: the model, or DDP around it
     sinks: Sinks | None = None  # the experiment trackers, opened when training starts
 
 
 def _prepare(cfg: Config, run: RunDir) -> _Job:
-    set_threads(cfg.train.threads)
-    device = select_device(cfg.train.device)
+    world = World.from_env()
+    set_threads(cfg.train.threads or world.threads())
+    device = world.join(select_device(cfg.train.device))
+    if not world.is_main:
+        logging.getLogger("lorafit").setLevel(logging.WARNING)  # rank 0 tells the story
     amp = autocast_dtype(cfg.train, device)
 
     # -- data: read, clean, split, tokenise once ----------------------------------------------
@@ -174,6 +181,7 @@ def _prepare(cfg: Config, run: RunDir) -> _Job:
     schedule = resolve_schedule(cfg, len(dataset.splits["train"]))
     model = method.apply(model, adapted, schedule.total_steps)
     model.to(device)
+    forward = world.wrap(model, device)
     optimizer = make_optimizer(model, method, cfg)
     scheduler = get_scheduler(
         "constant_with_warmup" if cfg.train.schedule == "constant" else cfg.train.schedule,
@@ -181,7 +189,8 @@ def _prepare(cfg: Config, run: RunDir) -> _Job:
         num_warmup_steps=schedule.warmup_steps,
         num_training_steps=schedule.total_steps,
     )
-    return _Job(cfg, run, device, amp, dataset, tokens, targets, pad_id, model, method, optimizer, scheduler, schedule, adapted)
+    return _Job(cfg, run, device, amp, dataset, tokens, targets, pad_id, model, method, optimizer, scheduler, schedule,
+                adapted, world, forward)
 
 
 def train(config: Config | str | Path | dict, out: str | Path, overwrite: bool = False) -> RunResult:
@@ -190,11 +199,13 @@ def train(config: Config | str | Path | dict, out: str | Path, overwrite: bool =
     run = RunDir(out)
     run.check_new(overwrite)
     job = _prepare(cfg, run)
+    job.world.barrier()  # every process has checked the folder before rank 0 creates it
     # Everything that can fail on bad input has been checked: only now is the folder created.
-    run.create(overwrite)
-    run.write_config(job.cfg, derived=asdict(job.schedule) | {"adapted_modules": len(job.adapted)})
-    run.write_json("labels.json", job.dataset.label_names)
-    run.write_json("splits.json", job.dataset.splits_record() | {"seed": job.cfg.seed})
+    if job.world.is_main:
+        run.create(overwrite)
+        run.write_config(job.cfg, derived=asdict(job.schedule) | {"adapted_modules": len(job.adapted)})
+        run.write_json("labels.json", job.dataset.label_names)
+        run.write_json("splits.json", job.dataset.splits_record() | {"seed": job.cfg.seed})
     return _run(job, Progress())
 
 
@@ -218,13 +229,17 @@ def resume(run_dir: str | Path) -> RunResult:
     checkpoint.restore_rng(tensors, meta["rng"])
     progress = Progress(**meta["progress"])
     best = {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
-    lines = (run.path / "metrics.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
-    (run.path / "metrics.jsonl").write_text("".join(lines[: progress.metrics_lines]), encoding="utf-8")
+    job.world.barrier()  # every process has read the checkpoint before rank 0 touches the folder
+    if job.world.is_main:
+        lines = (run.path / "metrics.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+        (run.path / "metrics.jsonl").write_text("".join(lines[: progress.metrics_lines]), encoding="utf-8")
     log.info("resuming %s from %s (epoch %d, step %d)", run.path, latest.name, progress.epoch, progress.step)
     return _run(job, progress, best or None)
 
 
 def _write_checkpoint(job: _Job, progress: Progress, best_state: dict | None) -> None:
+    if not job.world.is_main:
+        return
     if job.sinks is not None:
         job.sinks.flush()
     tensors = {f"model/{k}": v for k, v in job.method.state_dict(job.model).items()}
@@ -239,6 +254,11 @@ def _write_checkpoint(job: _Job, progress: Progress, best_state: dict | None) ->
         "rng": rng_meta, "method": method_meta,
     }
     checkpoint.save(job.run.path, progress.step, tensors | opt_tensors | rng_tensors, meta, job.cfg.train.keep_checkpoints)
+
+
+def _no_sync(forward: nn.Module, skip: bool):
+    """Between gradient-accumulation steps DDP need not all-reduce: the next backward adds to the grads."""
+    return forward.no_sync() if skip and hasattr(forward, "no_sync") else contextlib.nullcontext()
 
 
 @contextmanager
@@ -263,7 +283,7 @@ def _catch_signals():
 
 
 def _run(job: _Job, p: Progress, best_state: dict | None = None) -> RunResult:
-    job.sinks = open_sinks(job.cfg, job.run.path, resume_step=p.step or None)
+    job.sinks = open_sinks(job.cfg, job.run.path, resume_step=p.step or None) if job.world.is_main else Sinks([], {})
     finished = False
     try:
         result = _train_and_finish(job, p, best_state)
@@ -271,6 +291,7 @@ def _run(job: _Job, p: Progress, best_state: dict | None = None) -> RunResult:
         return result
     finally:
         job.sinks.close(finished)
+        job.world.leave()
 
 
 def _train_and_finish(job: _Job, p: Progress, best_state: dict | None) -> RunResult:
@@ -299,40 +320,52 @@ def _epochs(job: _Job, p: Progress, best_state: dict | None, caught: list[int]) 
     lengths = [len(t) for t in job.tokens["train"]]
     log.info("%s", _table_header())
 
+    world = job.world
+
     def append(record: dict) -> None:
-        run.append_metrics(record)
         p.metrics_lines += 1
-        job.sinks.log(record)
+        if world.is_main:
+            run.append_metrics(record)
+            job.sinks.log(record)
 
     while p.epoch <= cfg.train.epochs and not p.stopped:
         model.train()
         batches = data.length_grouped_batches(lengths, cfg.train.batch_size, random.Random(cfg.seed * 1000 + p.epoch))
         if p.batch == 0:
-            torch.manual_seed(cfg.seed * 1000 + p.epoch)  # dropout masks repeat per epoch
+            torch.manual_seed(cfg.seed * 1000 + p.epoch + 7919 * world.rank)  # dropout masks repeat per epoch
         steps_in_epoch = math.ceil(len(batches) / cfg.train.grad_accum)
         bar = tqdm(total=steps_in_epoch, initial=p.batch // cfg.train.grad_accum, desc=f"epoch {p.epoch}/{cfg.train.epochs}",
-                   disable=not cfg.train.progress, leave=False, unit="step", dynamic_ncols=True)
+                   disable=not (cfg.train.progress and world.is_main), leave=False, unit="step", dynamic_ncols=True)
         started = time.perf_counter() - p.epoch_elapsed
         window_start = time.perf_counter()
         for i in range(p.batch, len(batches)):
             batch = batches[i]
-            input_ids, attention_mask = data.collate([job.tokens["train"][j] for j in batch], job.pad_id)  # (B, T) each
-            y = torch.as_tensor(job.targets["train"][batch], device=device)  # (B,)
+            mine, weight = world.shard(batch)  # a single process: the whole batch, weight 1 / len(batch)
+            input_ids, attention_mask = data.collate([job.tokens["train"][j] for j in mine], job.pad_id)  # (B, T) each
+            y = torch.as_tensor(job.targets["train"][mine], device=device)  # (B,)
+            boundary = (i + 1) % cfg.train.grad_accum == 0 or i + 1 == len(batches)
             with autocast(device, amp):
-                logits = model(input_ids.to(device), attention_mask.to(device))  # (B, C)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing)
+                logits = job.forward(input_ids.to(device), attention_mask.to(device))  # (B, C)
+                loss_sum = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing, reduction="sum")
                 extra = method.extra_loss(model)
+                loss = loss_sum * weight  # the global batch's mean, once DDP averages the processes' gradients
                 total_loss = loss if extra is None else loss + extra
-            if not torch.isfinite(total_loss):
+            # The global batch's mean loss; a signal caught by any process stops them all at this step.
+            summed, stop = world.sum([float(loss_sum.detach()) if weight else 0.0, float(bool(caught))])
+            batch_loss = summed / len(batch)
+            if stop and not caught:
+                caught.append(signal.SIGTERM)
+            if not math.isfinite(batch_loss) or (extra is not None and not torch.isfinite(extra)):
                 bar.close()
-                _diverged(run, method, p, float(total_loss.detach()))
-            (total_loss / cfg.train.grad_accum).backward()
-            p.epoch_loss += loss.item() * len(batch)
-            p.window_loss += loss.item()
+                _diverged(job, p, batch_loss if not math.isfinite(batch_loss) else float(extra.detach()))
+            with _no_sync(job.forward, not boundary):
+                (total_loss / cfg.train.grad_accum).backward()
+            p.epoch_loss += batch_loss * len(batch)
+            p.window_loss += batch_loss
             p.window_examples += len(batch)
             p.examples_seen += len(batch)
             p.batch = i + 1
-            if p.batch % cfg.train.grad_accum and p.batch != len(batches):
+            if not boundary:
                 continue
             if cfg.train.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([q for g in optimizer.param_groups for q in g["params"]], cfg.train.max_grad_norm)
@@ -363,10 +396,7 @@ def _epochs(job: _Job, p: Progress, best_state: dict | None, caught: list[int]) 
         seconds = time.perf_counter() - started
         p.epoch_seconds.append(seconds)
 
-        val = classification_metrics(
-            predict_logits(model, job.tokens["validation"], job.pad_id, cfg.train.eval_batch_size, device, amp),
-            job.targets["validation"], job.dataset.label_names,
-        )
+        val = classification_metrics(_logits(job, "validation"), job.targets["validation"], job.dataset.label_names)
         record = {
             "type": "epoch", "epoch": p.epoch, "step": p.step, "train_loss": p.epoch_loss / len(job.tokens["train"]),
             "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
@@ -379,7 +409,8 @@ def _epochs(job: _Job, p: Progress, best_state: dict | None, caught: list[int]) 
         if improved:
             p.best_value, p.best_epoch, p.stale = value, p.epoch, 0
             best_state = method.state_dict(model)
-            _save_atomic(method, model, run.path / method.artifact)
+            if world.is_main:
+                _save_atomic(method, model, run.path / method.artifact)
         else:
             p.stale += 1
             if cfg.train.patience is not None and p.stale >= cfg.train.patience:
@@ -387,6 +418,8 @@ def _epochs(job: _Job, p: Progress, best_state: dict | None, caught: list[int]) 
                 p.stopped = True
         p.epoch += 1
         p.batch, p.epoch_loss, p.epoch_elapsed = 0, 0.0, 0.0
+        if world.sum([float(bool(caught))])[0] and not caught:
+            caught.append(signal.SIGTERM)  # another process was signalled during validation
         if cfg.train.checkpoint_every:
             _write_checkpoint(job, p, best_state)
         if caught:
@@ -395,13 +428,25 @@ def _epochs(job: _Job, p: Progress, best_state: dict | None, caught: list[int]) 
     return best_state
 
 
+def _logits(job: _Job, split: str) -> np.ndarray:
+    """Logits (N, C) of a split, in split order; data-parallel processes each compute a share."""
+    tokens, world = job.tokens[split], job.world
+    if not world.active:
+        return predict_logits(job.model, tokens, job.pad_id, job.cfg.train.eval_batch_size, job.device, job.amp)
+    mine = world.my_examples([len(t) for t in tokens])
+    part = predict_logits(job.model, [tokens[i] for i in mine], job.pad_id, job.cfg.train.eval_batch_size, job.device, job.amp)
+    return world.gather_rows(part, mine, len(tokens))
+
+
 def _finish(job: _Job, p: Progress, best_state: dict | None) -> RunResult:
     """The best epoch, on test; summary.json; checkpoints are no longer needed."""
     cfg, run, model, method = job.cfg, job.run, job.model, job.method
     assert best_state is not None
     method.load_state_dict(model, best_state)
-    logits = predict_logits(model, job.tokens["test"], job.pad_id, cfg.train.eval_batch_size, job.device, job.amp)  # (N, C)
+    logits = _logits(job, "test")  # (N, C)
     test = {"split": "test", **classification_metrics(logits, job.targets["test"], job.dataset.label_names)}
+    if not job.world.is_main:
+        return RunResult(run.path, test, {})
     run.write_json("eval.json", test)
     # Per-example outcomes, in test-split order: what paired tests between runs (`lorafit compare`) need.
     run.write_json("predictions.json", {
@@ -434,6 +479,7 @@ def _finish(job: _Job, p: Progress, best_state: dict | None) -> RunResult:
         "device": str(job.device),
         "autocast": str(job.amp).replace("torch.", "") if job.amp else None,
         "threads": torch.get_num_threads(),
+        "processes": job.world.size,  # data-parallel; peak memory is rank 0's, examples/s all processes'
         "versions": _versions(),
     }
     method_summary = method.summary(model)
@@ -452,12 +498,14 @@ def _finish(job: _Job, p: Progress, best_state: dict | None) -> RunResult:
     return RunResult(run.path, test, summary)
 
 
-def _diverged(run: RunDir, method: Method, p: Progress, value: float) -> None:
+def _diverged(job: _Job, p: Progress, value: float) -> None:
+    run, method = job.run, job.method
     kept = (
         f"the last good checkpoint (epoch {p.best_epoch}) is kept in {run.path / method.artifact}"
         if p.best_epoch else "no epoch finished, so there is no checkpoint"
     )
-    run.append_metrics({"type": "diverged", "step": p.step + 1, "epoch": p.epoch, "loss": str(value)})
+    if job.world.is_main:
+        run.append_metrics({"type": "diverged", "step": p.step + 1, "epoch": p.epoch, "loss": str(value)})
     raise UserError(f"loss became {value} at step {p.step + 1} (epoch {p.epoch}); {kept}; lower train.lr or set train.max_grad_norm")
 
 

@@ -1,0 +1,102 @@
+"""Data-parallel training: 2 CPU processes on gloo under torchrun end where one process ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import build_tiny_encoder, tiny_overrides, write_dataset
+from lorafit.config import load_config
+from lorafit.distributed import World
+from lorafit.train import train
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 32, 33])
+def test_shards_cover_the_batch_and_weights_give_its_mean(size, n):
+    batch = list(range(100, 100 + n))
+    parts = [World(rank, size).shard(batch) for rank in range(size)]
+    counted = [i for mine, weight in parts if weight for i in mine]
+    assert sorted(counted) == batch  # every example exactly once (weight-0 stand-ins excluded)
+    # DDP averages the processes' gradients: sum_r weight_r * sum(slice_r) / size must be the batch mean.
+    values = {i: float(i) ** 2 for i in batch}
+    averaged = sum(weight * sum(values[i] for i in mine) for mine, weight in parts) / size
+    assert averaged == pytest.approx(np.mean(list(values.values())), rel=1e-12)
+    assert all(mine for mine, _ in parts)  # nobody runs an empty forward
+
+
+def test_world_reads_the_launcher_environment(monkeypatch):
+    for key, value in {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    assert World.from_env() == World(1, 4, 1, 2)
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(Exception, match="RANK=4 and WORLD_SIZE=4 do not fit"):
+        World.from_env()
+
+
+#: The README's launch commands, with 2 processes on this machine.
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    # Accelerate's multi-process launcher; with no GPU visible, lorafit runs the processes on CPU (gloo).
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+}
+
+
+def _launch(launcher: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    command = [*LAUNCHERS[launcher], "-m", "lorafit", "train", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("launcher,method,extra", [
+    ("torchrun", "lora", {"train.grad_accum": 1}),
+    ("torchrun", "full", {"train.grad_accum": 2, "train.lr": 1e-3}),
+    ("accelerate", "lora", {"train.grad_accum": 1}),
+])
+def test_two_gloo_processes_match_one_process(tmp_path, launcher, method, extra):
+    # No dropout anywhere, so one process and two see the same gradients up to float summation order.
+    model = build_tiny_encoder(tmp_path / "model", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    data = write_dataset(tmp_path / "data", n_train=150, n_test=40)
+    settings = {"method.name": method, "model.head_dropout": 0.0, "train.epochs": 2, "train.batch_size": 9,
+                "train.threads": 1, **extra}
+    if method == "lora":
+        settings["method.dropout"] = 0.0
+    overrides = tiny_overrides(model, data, **settings)
+    if method == "full":
+        overrides = [o for o in overrides if not o.startswith(("method.rank", "method.alpha"))]
+
+    train(load_config(None, overrides), tmp_path / "one")
+    done = _launch(launcher, [*overrides, "--out", str(tmp_path / "two")], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    a, b = tmp_path / "one", tmp_path / "two"
+    assert sorted(p.name for p in b.iterdir()) == sorted(p.name for p in a.iterdir())  # rank 1 wrote nothing extra
+    summary_a, summary_b = (json.loads((r / "summary.json").read_text()) for r in (a, b))
+    assert summary_a["processes"] == 1 and summary_b["processes"] == 2
+    assert summary_b["steps"] == summary_a["steps"]  # the same global batches
+    # Losses of every epoch, then the final test predictions and probabilities.
+    epochs = lambda run: [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == "epoch"]  # noqa: E731
+    for ra, rb in zip(epochs(a), epochs(b), strict=True):
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-4)
+        assert rb["val_loss"] == pytest.approx(ra["val_loss"], rel=1e-4)
+    pa, pb = (json.loads((r / "predictions.json").read_text()) for r in (a, b))
+    assert pb["predicted"] == pa["predicted"]
+    np.testing.assert_allclose(pb["probability"], pa["probability"], atol=1e-4)
+    assert summary_b["test_accuracy"] == summary_a["test_accuracy"]
+    # The trained weights themselves.
+    artifact = "adapter" if method == "lora" else "model"
+    files = sorted((a / artifact).glob("*.safetensors"))
+    assert files
+    for file in files:
+        wa, wb = load_file(file), load_file(b / artifact / file.name)
+        assert wa.keys() == wb.keys()
+        worst = max(float(np.abs(wa[k] - wb[k]).max()) for k in wa)
+        assert worst < 1e-4, f"{file.name}: weights differ by {worst}"
