@@ -60,6 +60,7 @@ def _launch(launcher: str, args: list[str], cwd: Path) -> subprocess.CompletedPr
     ("torchrun", "lora", {"train.grad_accum": 1}),
     ("torchrun", "full", {"train.grad_accum": 2, "train.lr": 1e-3}),
     ("accelerate", "lora", {"train.grad_accum": 1}),
+    ("torchrun", "adalora", {"method.init_rank": 6}),  # rank budget from averaged grads
 ])
 def test_two_gloo_processes_match_one_process(tmp_path, launcher, method, extra):
     # No dropout anywhere, so one process and two see the same gradients up to float summation order.
@@ -67,7 +68,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, launcher, method, extra)
     data = write_dataset(tmp_path / "data", n_train=150, n_test=40)
     settings = {"method.name": method, "model.head_dropout": 0.0, "train.epochs": 2, "train.batch_size": 9,
                 "train.threads": 1, **extra}
-    if method == "lora":
+    if method != "full":
         settings["method.dropout"] = 0.0
     overrides = tiny_overrides(model, data, **settings)
     if method == "full":
@@ -92,7 +93,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, launcher, method, extra)
     np.testing.assert_allclose(pb["probability"], pa["probability"], atol=1e-4)
     assert summary_b["test_accuracy"] == summary_a["test_accuracy"]
     # The trained weights themselves.
-    artifact = "adapter" if method == "lora" else "model"
+    artifact = "model" if method == "full" else "adapter"
     files = sorted((a / artifact).glob("*.safetensors"))
     assert files
     for file in files:
