@@ -89,16 +89,17 @@ def _check_loads_in_transformers(run) -> None:
 def test_reloaded_run_reproduces_logged_test_metrics_exactly(tiny_bert, tiny_data, tmp_path):
     out = tmp_path / "run"
     result = lorafit.train(lorafit.load_config(None, tiny_overrides(tiny_bert, tiny_data, **{"train.epochs": 3})), out)
-    clf = lorafit.load(out)
-    test_csv = tiny_data / "test.csv"
     import pandas as pd
 
-    frame = pd.read_csv(test_csv)
-    again = clf.evaluate(frame.text.tolist(), frame.label.tolist())
-    assert again["accuracy"] == result.eval["accuracy"]
-    assert again["macro_f1"] == result.eval["macro_f1"]
-    assert again["loss"] == result.eval["loss"]
-    assert again["confusion"] == result.eval["confusion"]
+    frame = pd.read_csv(tiny_data / "test.csv")
+    # The training-time modules give the logged numbers bit for bit; the default load folds the
+    # adapter into the weights, which moves the loss by float rounding only.
+    for merge, rel in ((False, 0), (True, 1e-6)):
+        again = lorafit.load(out, merge=merge).evaluate(frame.text.tolist(), frame.label.tolist())
+        assert again["accuracy"] == result.eval["accuracy"]
+        assert again["macro_f1"] == result.eval["macro_f1"]
+        assert again["loss"] == pytest.approx(result.eval["loss"], rel=rel, abs=0)
+        assert again["confusion"] == result.eval["confusion"]
 
 
 def test_adapter_loads_in_plain_peft(tiny_bert, tiny_data, tmp_path):
@@ -114,7 +115,8 @@ def test_adapter_loads_in_plain_peft(tiny_bert, tiny_data, tmp_path):
     with torch.inference_mode():
         a = model(enc["input_ids"], enc["attention_mask"])
         b = clf.model(enc["input_ids"], enc["attention_mask"])
-    assert torch.equal(a, b)
+    # lorafit.load folds the adapter into the weights (and may run linears on oneDNN): float rounding only.
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
 def test_predict_and_eval_cli(tiny_bert, tiny_data, tmp_path, capsys):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from . import __version__
+from . import __version__, kernels
 from .errors import UserError
 from .evaluate import softmax
 from .inference import Classifier, label_indices, load, run_split
@@ -73,7 +73,7 @@ def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | No
     if out_path == run_path or run_path in out_path.parents or out_path in run_path.parents:
         raise UserError("--out must be outside the run folder and must not contain it")
 
-    reference = load(run.path, device="cpu")
+    reference = load(run.path, device="cpu", merge=False)
     parity_split = run_split(run, cfg, split)
     log.info("reference: the training-time model on %d %s examples", len(parity_split.texts), split)
     reference_logits = reference.logits(parity_split.texts)  # (N, C), before any merging
@@ -159,6 +159,7 @@ def _write_merged(model: SequenceClassifier, reference: Classifier, folder: Path
 
 def _write_onnx(model: SequenceClassifier, reference: Classifier, folder: Path, quantize: str | None) -> None:
     model = model.eval().float()
+    kernels.use_onednn_linear(model, enable=False)  # the graph holds standard MatMul/Gemm nodes
     example = reference.tokenizer(["an example sentence for the trace", "a second one"], padding=True, return_tensors="pt")
     inputs = (example["input_ids"], example["attention_mask"])  # (2, T) each: batch and length stay symbolic
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")

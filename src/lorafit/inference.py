@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import data
+from . import data, kernels
 from .config import Config
 from .errors import UserError
 from .evaluate import classification_metrics, softmax
@@ -34,12 +34,16 @@ Backend = Callable[[torch.Tensor, torch.Tensor], np.ndarray]
 
 
 class TorchBackend:
-    """A PyTorch module (lorafit's SequenceClassifier, or a transformers model returning `.logits`)."""
+    """A PyTorch module (lorafit's SequenceClassifier, or a transformers model returning `.logits`).
+
+    On CPU its linear layers run through oneDNN where that is faster here (lorafit/kernels.py).
+    """
 
     def __init__(self, model: nn.Module, device: torch.device, amp: torch.dtype | None = None):
         self.model = model.to(device).eval()
         self.device = device
         self.amp = amp
+        kernels.speed_up(self.model, device, dropout=False)
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
@@ -164,14 +168,23 @@ def load_model(folder: RunDir, cfg: Config, labels: list[str], artifact: Path | 
     return method.load(base, artifact)
 
 
-def load(path: str | Path, device: str = "auto", threads: int | None = None) -> Classifier:
-    """A classifier from a run folder or an export folder, from its files alone."""
+def load(path: str | Path, device: str = "auto", threads: int | None = None, merge: bool = True) -> Classifier:
+    """A classifier from a run folder or an export folder, from its files alone.
+
+    A run's adapter is folded into the base weights (`merge=True`): the same function, one matmul
+    per layer instead of two paths, logits equal to the unmerged model's up to float rounding
+    (tests/test_train_e2e.py). `merge=False` keeps the training-time modules (what export compares with).
+    """
     folder = RunDir(path)
     if (folder.path / "export.json").is_file():
         return _load_export(folder, device, threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     cfg = folder.config()
     labels = folder.labels()
     model = load_model(folder, cfg, labels)
+    if merge:
+        model = registry.get(cfg.method.name)(cfg.method).merge(model)
     target = select_device(device)
     amp = autocast_dtype(cfg.train, target) if target.type == "cuda" else None
     return Classifier(TorchBackend(model, target, amp), load_tokenizer(cfg.model), labels, cfg)

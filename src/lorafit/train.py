@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from . import __version__, checkpoint, data
+from . import __version__, checkpoint, data, kernels
 from .distributed import World
 from .track import Sinks, open_sinks
 from .config import Config, load_config, resolve_schedule, validate
@@ -181,6 +181,10 @@ def _prepare(cfg: Config, run: RunDir) -> _Job:
     schedule = resolve_schedule(cfg, len(dataset.splits["train"]))
     model = method.apply(model, adapted, schedule.total_steps)
     model.to(device)
+    if cfg.train.cpu_kernels == "auto":
+        fast = kernels.speed_up(model, device)
+        if fast:
+            log.info("CPU fast paths: %s", ", ".join(f"{k} x{v}" for k, v in fast.items()))
     forward = world.wrap(model, device)
     optimizer = make_optimizer(model, method, cfg)
     scheduler = get_scheduler(

@@ -1,0 +1,133 @@
+"""CPU fast paths (lorafit/kernels.py): the same numbers as PyTorch's own layers, within stated tolerances."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import lorafit
+from conftest import build_tiny_encoder, tiny_overrides
+from lorafit import kernels
+from lorafit.config import load_config
+from lorafit.data import collate
+from lorafit.inference import load_model
+from lorafit.rundir import RunDir
+from lorafit.train import train
+
+pytestmark = pytest.mark.skipif(not kernels.onednn_available(), reason="this PyTorch build has no oneDNN")
+
+
+def _grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:
+    x = x.clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    y = layer(x)
+    y.backward(g)
+    return [y.detach(), x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 70), extra=st.integers(0, 3), n_in=st.integers(1, 96), n_out=st.integers(1, 96),
+       bias=st.booleans(), trainable=st.booleans(), seed=st.integers(0, 2**16))
+def test_onednn_linear_matches_f_linear_forward_and_backward(rows, extra, n_in, n_out, bias, trainable, seed):
+    torch.manual_seed(seed)
+    stock = nn.Linear(n_in, n_out, bias=bias).requires_grad_(trainable)
+    fast = nn.Linear(n_in, n_out, bias=bias).requires_grad_(trainable)
+    fast.load_state_dict(stock.state_dict())
+    assert kernels.use_onednn_linear(fast) == 1 and type(fast) is kernels.OneDnnLinear
+    shape = (rows, extra, n_in) if extra else (rows, n_in)
+    x, g = torch.randn(shape), torch.randn(*shape[:-1], n_out)
+    for a, b in zip(_grads(stock, x, g), _grads(fast, x, g), strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * max(1.0, float(a.abs().max())))
+    with torch.no_grad():  # the inference branch (no autograd function)
+        torch.testing.assert_close(fast(x), stock(x), rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_linear_falls_back_where_it_does_not_apply():
+    layer = nn.Linear(8, 4).double()
+    kernels.use_onednn_linear(layer)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))  # float64: PyTorch's own kernel
+    assert kernels.use_onednn_linear(layer, enable=False) == 1 and type(layer) is nn.Linear
+
+
+def test_fast_dropout_has_the_dropout_distribution():
+    torch.manual_seed(0)
+    x = torch.ones(1_000_000)
+    for p in (0.1, 0.25, 0.5):
+        y = kernels.fast_dropout(x, p)
+        dropped = float((y == 0).float().mean())
+        assert abs(dropped - p) < 0.003, (p, dropped)  # binomial sd at 1e6 draws: 0.0005
+        assert float(y.mean()) == pytest.approx(1.0, abs=0.005)  # inverted dropout keeps the mean
+        values = torch.unique(y).tolist()
+        assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / (1 - p), rel=1e-4)
+    # Same seed, same mask; the module is the identity in eval mode and passes gradients through the mask.
+    layer = nn.Dropout(0.3)
+    kernels.use_fast_dropout(layer)
+    torch.manual_seed(1)
+    a = layer(torch.ones(64, 32))
+    torch.manual_seed(1)
+    assert torch.equal(layer(torch.ones(64, 32)), a)
+    x = torch.randn(64, 32, requires_grad=True)
+    torch.manual_seed(2)
+    y = layer(x)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, (y != 0).float() / 0.7, rtol=1e-4, atol=0)
+    layer.eval()
+    assert torch.equal(layer(x), x)
+    # Masks at different positions are independent: neighbouring elements drop together at rate p^2.
+    torch.manual_seed(3)
+    kept = kernels.fast_dropout(torch.ones(1_000_000), 0.5) != 0
+    both = float((~kept[0::2] & ~kept[1::2]).float().mean())
+    assert abs(both - 0.25) < 0.004
+
+
+def _run(tmp_path, model, data, name, kernels_mode, **extra):
+    overrides = tiny_overrides(model, data, **{"train.cpu_kernels": kernels_mode, **extra})
+    return train(load_config(None, overrides), tmp_path / name)
+
+
+def test_training_with_fast_kernels_matches_stock_layers(tmp_path, tiny_models, tiny_data, monkeypatch):
+    # The timing choice is forced on, so the test covers the fast path on every CPU.
+    monkeypatch.setattr(kernels, "choose", lambda threads: True)
+    no_dropout = {"method.dropout": 0.0, "model.head_dropout": 0.0}
+    model = build_tiny_encoder(tmp_path / "nodrop", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    fast = _run(tmp_path, model, tiny_data, "fast", "auto", **no_dropout)
+    stock = _run(tmp_path, model, tiny_data, "stock", "stock", **no_dropout)
+    losses = lambda run: [r["loss"] for r in RunDir(run.path).metrics() if r["type"] == "step"]  # noqa: E731
+    np.testing.assert_allclose(losses(fast), losses(stock), rtol=1e-4)
+    pa, pb = (json.loads((r.path / "predictions.json").read_text()) for r in (fast, stock))
+    assert pa["predicted"] == pb["predicted"]
+    np.testing.assert_allclose(pa["probability"], pb["probability"], atol=1e-4)
+
+
+def test_loaded_runs_are_merged_and_predict_like_the_training_time_model(tmp_path, tiny_bert, tiny_data, monkeypatch):
+    monkeypatch.setattr(kernels, "choose", lambda threads: True)
+    result = _run(tmp_path, tiny_bert, tiny_data, "run", "auto")
+    run = RunDir(result.path)
+    cfg, labels = run.config(), run.labels()
+    reference = load_model(run, cfg, labels).eval()  # peft modules, stock layers
+    kernels.use_onednn_linear(reference, enable=False)
+    fast = lorafit.load(result.path, device="cpu")
+    assert not any("lora" in name for name, _ in fast.model.named_modules())  # merged
+    assert any(type(m) is kernels.OneDnnLinear for m in fast.model.modules())
+    texts = ["pizza please", "a golf trip when", "my card hotel", "soccer"]
+    input_ids, attention_mask = collate(fast.tokenize(texts), fast.pad_id)
+    with torch.no_grad():
+        expected = reference(input_ids, attention_mask).numpy()
+    np.testing.assert_allclose(fast.logits(texts), expected, rtol=1e-4, atol=1e-5)
+    assert fast.evaluate(*_test_split(run))["accuracy"] == result.eval["accuracy"]
+
+
+def _test_split(run: RunDir) -> tuple[list[str], list[str]]:
+    from lorafit.inference import run_split
+
+    split = run_split(run, run.config(), "test")
+    return split.texts, split.labels
