@@ -86,7 +86,7 @@ def test_sweep_report(tmp_path):
     assert main(["report", str(sweep)]) == 0
     page = _check_files(sweep, {"accuracy_vs_params", "validation", "misclassification", "confusion", "per_class_f1"})
     assert re.search(r"<td>rank=8</td><td>2</td>", page)
-    assert "best" in page and "p bootstrap / McNemar" in page
+    assert "best" in page and "p (bootstrap)" in page and "p (McNemar)" in page
     if CHROMIUM is None:
         pytest.skip("chromium not installed: rendering not checked (apt install chromium)")
     dom, log = _render(sweep / "report.html", tmp_path)

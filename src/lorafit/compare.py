@@ -255,24 +255,34 @@ def _p(value: float) -> str:
     return "<0.0001" if value < 1e-4 else f"{value:.4f}"
 
 
-def to_markdown(result: dict, hardest: int = 15) -> str:
-    out = io.StringIO()
-    rows = result["rows"]
-    out.write("| configuration | seeds | trainable | trainable % | adapter size | s/epoch | peak memory "
-              "| test accuracy % (mean ± 95% CI) | test macro-F1 % | Δ accuracy vs best [95% CI] | p (bootstrap) | p (McNemar) |\n")
-    out.write("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-    for r in sorted(rows, key=lambda r: -r["accuracy"]):
+#: The configuration table's columns; `table_rows` gives its cells (compare.md and the HTML report).
+COLUMNS = ["configuration", "seeds", "trainable", "trainable %", "adapter size", "s/epoch", "peak memory",
+           "test accuracy % (mean ± 95% CI)", "test macro-F1 %", "Δ accuracy vs best [95% CI]", "p (bootstrap)", "p (McNemar)"]
+
+
+def table_rows(result: dict) -> list[list[str]]:
+    """One row of cells per configuration, best accuracy first."""
+    table = []
+    for r in sorted(result["rows"], key=lambda r: -r["accuracy"]):
         v = r["versus_best"]
         if r["best"]:
-            versus = "best | | "
+            versus = ["best", "", ""]
         elif v is None:
-            versus = "not paired: no shared seed with predictions.json | | "
+            versus = ["not paired: no shared seed with predictions.json", "", ""]
         else:
-            versus = (f"{100 * v['difference']:+.2f} [{100 * v['ci_low']:+.2f}, {100 * v['ci_high']:+.2f}] "
-                      f"| {_p(v['p_bootstrap'])} | {_p(v['p_mcnemar'])}")
-        out.write(f"| {r['configuration']} | {len(r['seeds'])} | {r['trainable_params']:,} | {r['trainable_percent']:.2f} "
-                  f"| {_size(r['adapter_bytes'])} | {r['seconds_per_epoch']:.0f} | {r['peak_memory_mb']:,.0f} MB "
-                  f"| {_pct(r['accuracy'], r['accuracy_ci'])} | {_pct(r['macro_f1'], r['macro_f1_ci'])} | {versus} |\n")
+            versus = [f"{100 * v['difference']:+.2f} [{100 * v['ci_low']:+.2f}, {100 * v['ci_high']:+.2f}]",
+                      _p(v["p_bootstrap"]), _p(v["p_mcnemar"])]
+        table.append([r["configuration"], str(len(r["seeds"])), f"{r['trainable_params']:,}", f"{r['trainable_percent']:.2f}",
+                      _size(r["adapter_bytes"]), f"{r['seconds_per_epoch']:.0f}", f"{r['peak_memory_mb']:,.0f} MB",
+                      _pct(r["accuracy"], r["accuracy_ci"]), _pct(r["macro_f1"], r["macro_f1_ci"]), *versus])
+    return table
+
+
+def to_markdown(result: dict, hardest: int = 15) -> str:
+    out = io.StringIO()
+    out.write("| " + " | ".join(COLUMNS) + " |\n|---|" + "---:|" * (len(COLUMNS) - 1) + "\n")
+    for cells in table_rows(result):
+        out.write("| " + " | ".join(cells) + " |\n")
     out.write("\nCI: 95% t-interval over seeds (none with one seed). Δ and p: paired over shared seeds and the same "
               "test examples; bootstrap resampling seeds and examples (10,000 draws); McNemar exact per seed, largest p. "
               "No multiple-comparison correction.\n")

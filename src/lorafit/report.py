@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .compare import collect, compare
+from .compare import COLUMNS, collect, compare, table_rows
 from .errors import UserError
 from .rundir import RunDir, make_folder, write_text_atomic
 
@@ -194,17 +194,6 @@ def _sweep_section(paths: list[Path]) -> tuple[list, list[Figure]]:
     runs = collect(paths)
     result = compare(runs)
     rows = sorted(result["rows"], key=lambda r: -r["accuracy"])
-    table = []
-    for r in rows:
-        v = r["versus_best"]
-        versus = "best" if r["best"] else "n/a" if v is None else (
-            f"{100 * v['difference']:+.2f} [{100 * v['ci_low']:+.2f}, {100 * v['ci_high']:+.2f}], p={v['p_bootstrap']:.3g} / {v['p_mcnemar']:.3g}")
-        ci = lambda x, c: f"{100 * x:.2f}" + (f" ± {100 * c:.2f}" if c is not None else "")  # noqa: E731
-        table.append([r["configuration"], len(r["seeds"]), f"{r['trainable_params']:,}", f"{r['trainable_percent']:.2f}",
-                      f"{r['seconds_per_epoch']:.0f}", f"{r['peak_memory_mb']:,.0f}", ci(r["accuracy"], r["accuracy_ci"]),
-                      ci(r["macro_f1"], r["macro_f1_ci"]), versus])
-    header = ["configuration", "seeds", "trainable", "trainable %", "s/epoch", "peak MB", "accuracy % (± 95% CI)",
-              "macro-F1 %", "Δ accuracy vs best [95% CI], p bootstrap / McNemar"]
     curves = {f"{r.path.name}": RunDir(r.path).metrics() for r in runs}
     best_paths = next(r["runs"] for r in rows if r["best"])
     best_group = [r for r in runs if str(r.path) in best_paths]
@@ -214,7 +203,7 @@ def _sweep_section(paths: list[Path]) -> tuple[list, list[Figure]]:
                plot_confusion(confusion, result["per_class"]["labels"], f"Best configuration ({result['best']}): test confusion, row-normalised"),
                plot_per_class_f1(per_class_best, f"Best configuration ({result['best']}): test F1 per class, mean over seeds")]
     pairs = [[c["true"], c["predicted"], c["count"]] for c in result["confused_pairs"]]
-    tables = [("Configurations", _table(header, table)), ("Most confused pairs (best configuration)", _table(["true", "predicted", "count"], pairs))]
+    tables = [("Configurations", _table(COLUMNS, table_rows(result))), ("Most confused pairs (best configuration)", _table(["true", "predicted", "count"], pairs))]
     return tables, figures
 
 
