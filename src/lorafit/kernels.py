@@ -131,7 +131,7 @@ def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     threshold = int(round(p * 65536)) - 32768  # int16 draws are uniform on [-32768, 32767]
     bits = torch.randint(-(2**31), 2**31 - 1, ((n + 1) // 2,), dtype=torch.int32, device=x.device)
     keep = bits.view(torch.int16)[:n].view(x.shape) >= threshold  # P(keep) = 1 - round(p * 65536) / 65536
-    return x * keep * (65536 / (65536 - (threshold + 32768)))
+    return (x * keep).mul_(65536 / (65536 - (threshold + 32768)))
 
 
 class FastDropout(nn.Dropout):

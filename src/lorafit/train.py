@@ -154,6 +154,7 @@ class _Job:
     adapted: list[str]
     world: World  # this process among the data-parallel ones (size 1: a plain run)
     forward: nn.Module  # what training steps call: the model, or DDP around it
+    fast_paths: dict[str, int]  # CPU fast paths in use: layers switched, by kind (lorafit/kernels.py)
     sinks: Sinks | None = None  # the experiment trackers, opened when training starts
 
 
@@ -181,10 +182,9 @@ def _prepare(cfg: Config, run: RunDir) -> _Job:
     schedule = resolve_schedule(cfg, len(dataset.splits["train"]))
     model = method.apply(model, adapted, schedule.total_steps)
     model.to(device)
-    if cfg.train.cpu_kernels == "auto":
-        fast = kernels.speed_up(model, device)
-        if fast:
-            log.info("CPU fast paths: %s", ", ".join(f"{k} x{v}" for k, v in fast.items()))
+    fast = kernels.speed_up(model, device) if cfg.train.cpu_kernels == "auto" else {}
+    if fast:
+        log.info("CPU fast paths: %s", ", ".join(f"{k} x{v}" for k, v in fast.items()))
     forward = world.wrap(model, device)
     optimizer = make_optimizer(model, method, cfg)
     scheduler = get_scheduler(
@@ -194,7 +194,7 @@ def _prepare(cfg: Config, run: RunDir) -> _Job:
         num_training_steps=schedule.total_steps,
     )
     return _Job(cfg, run, device, amp, dataset, tokens, targets, pad_id, model, method, optimizer, scheduler, schedule,
-                adapted, world, forward)
+                adapted, world, forward, fast)
 
 
 def train(config: Config | str | Path | dict, out: str | Path, overwrite: bool = False) -> RunResult:
@@ -484,6 +484,7 @@ def _finish(job: _Job, p: Progress, best_state: dict | None) -> RunResult:
         "autocast": str(job.amp).replace("torch.", "") if job.amp else None,
         "threads": torch.get_num_threads(),
         "processes": job.world.size,  # data-parallel; peak memory is rank 0's, examples/s all processes'
+        "cpu_fast_paths": job.fast_paths,
         "versions": _versions(),
     }
     method_summary = method.summary(model)
