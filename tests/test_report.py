@@ -84,11 +84,21 @@ def test_sweep_report(tmp_path):
             json.dumps({"type": "epoch", "epoch": e, "step": 10 * e, "val_loss": 1 / e, "val_accuracy": 0.8 + 0.05 * e,
                         "val_macro_f1": 0.78 + 0.05 * e}) + "\n" for e in (1, 2, 3)))
     assert main(["report", str(sweep)]) == 0
-    page = _check_files(sweep, {"accuracy_vs_params", "validation", "misclassification", "confusion", "per_class_f1"})
+    page = _check_files(sweep, {"accuracy_vs_params", "losses", "validation", "misclassification", "confusion", "per_class_f1"})
     assert re.search(r"<td>rank=8</td><td>2</td>", page)
     assert "best" in page and "p (bootstrap)" in page and "p (McNemar)" in page
     if CHROMIUM is None:
         pytest.skip("chromium not installed: rendering not checked (apt install chromium)")
     dom, log = _render(sweep / "report.html", tmp_path)
-    assert 'data-rendered="5/5"' in dom
+    assert 'data-rendered="6/6"' in dom
     assert "Uncaught" not in log
+
+
+def test_mean_over_seeds_averages_only_where_every_seed_has_a_record():
+    from lorafit.report import mean_over_seeds
+
+    a = [{"type": "step", "step": 10, "loss": 1.0}, {"type": "step", "step": 20, "loss": 0.5},
+         {"type": "epoch", "epoch": 1, "step": 20, "val_loss": 0.8}]
+    b = [{"type": "step", "step": 10, "loss": 3.0}, {"type": "epoch", "epoch": 1, "step": 20, "val_loss": 0.4}]
+    assert mean_over_seeds([a, b]) == [{"type": "step", "step": 10, "loss": 2.0},
+                                       {"type": "epoch", "step": 20, "val_loss": pytest.approx(0.6)}]

@@ -70,25 +70,47 @@ def plot_losses(runs: dict[str, list[dict]], note: str = "") -> Figure:
         ax.plot([r["step"] for r in epochs], [r["val_loss"] for r in epochs], color=color, marker="o", lw=2,
                 label=f"{name}: validation loss" if len(runs) > 1 else "validation loss")
     ax.set_xlabel("optimiser step")
-    ax.set_ylabel("loss")
-    ax.legend(fontsize=7)
+    ax.set_ylabel("loss" + (", mean over seeds" if len(runs) > 1 else ""))
+    if len(runs) > 1:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    else:
+        ax.legend(fontsize=7)
     ax.set_title("Training and validation loss")
     return Figure("losses", "Training and validation loss over steps", _png(fig))
 
 
-def plot_validation(runs: dict[str, list[dict]]) -> Figure:
+def mean_over_seeds(runs: list[list[dict]]) -> list[dict]:
+    """metrics.jsonl records of several seeds of one configuration, averaged where all seeds have them."""
+    out = []
+    for kind, key, fields in (("step", "step", ("loss",)), ("epoch", "epoch", ("val_loss",))):
+        per_seed = [{r[key]: r for r in records if r["type"] == kind} for records in runs]
+        for k in sorted(set.intersection(*(set(d) for d in per_seed))):
+            out.append({"type": kind, "step": per_seed[0][k]["step"],
+                        **{f: float(np.mean([d[k][f] for d in per_seed])) for f in fields}})
+    return out
+
+
+def plot_validation(groups: dict[str, list[list[dict]]]) -> Figure:
+    """Validation accuracy and macro-F1 per epoch end: one line per configuration, mean over its seeds."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for i, (name, records) in enumerate(runs.items()):
-        epochs = [r for r in records if r["type"] == "epoch"]
-        steps = [r["step"] for r in epochs]
-        prefix = f"{name}: " if len(runs) > 1 else ""
-        ax.plot(steps, [100 * r["val_accuracy"] for r in epochs], color=f"C{i % 10}", marker="o", label=f"{prefix}accuracy")
-        ax.plot(steps, [100 * r["val_macro_f1"] for r in epochs], color=f"C{i % 10}", marker="s", ls="--", label=f"{prefix}macro-F1")
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("validation score (%)")
-    ax.legend(fontsize=7, ncol=2 if len(runs) > 3 else 1)
-    ax.set_title("Validation accuracy and macro-F1")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    for i, (name, runs) in enumerate(groups.items()):
+        epochs = [[r for r in records if r["type"] == "epoch"] for records in runs]
+        n = min(len(e) for e in epochs)  # seeds that stopped early end the mean
+        if n == 0:
+            continue
+        steps = [epochs[0][k]["step"] for k in range(n)]
+        for ax, key in zip(axes, ("val_accuracy", "val_macro_f1")):
+            mean = [100 * float(np.mean([e[k][key] for e in epochs])) for k in range(n)]
+            ax.plot(steps, mean, color=f"C{i % 10}", marker="o", label=name or None)
+    seeds = max(len(runs) for runs in groups.values())
+    for ax, metric in zip(axes, ("accuracy", "macro-F1")):
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel(f"validation {metric} (%)" + (", mean over seeds" if seeds > 1 else ""))
+        ax.grid(True, alpha=0.3)
+    if len(groups) > 1 or next(iter(groups)):
+        axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    fig.suptitle("Validation accuracy and macro-F1")
     return Figure("validation", "Validation accuracy and macro-F1 over steps", _png(fig))
 
 
@@ -146,11 +168,12 @@ def plot_misclassification(per_class: dict, top: int = 30) -> Figure:
     hardest = per_class["hardest"][:top]
     matrix = np.array([[per_class["error"][n][index[label]] for n in names] for label in hardest])  # (classes, configs)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(names) + 3), 0.28 * len(hardest) + 1.5))
-    image = ax.imshow(matrix, cmap="Reds", vmin=0, vmax=max(0.5, float(matrix.max())), aspect="auto")
+    vmax = max(0.5, float(matrix.max()))
+    image = ax.imshow(matrix, cmap="Reds", vmin=0, vmax=vmax, aspect="auto")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
     ax.set_yticks(range(len(hardest)), hardest, fontsize=7)
     for (i, j), value in np.ndenumerate(matrix):
-        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6)
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="white" if value > 0.6 * vmax else "black")
     ax.grid(False)
     fig.colorbar(image, ax=ax, fraction=0.03, label="misclassified share")
     title = f"Misclassification proportion per class across configurations (hardest {len(hardest)})"
@@ -173,7 +196,7 @@ def _run_section(run: RunDir) -> tuple[list[tuple[str, str]], list[Figure]]:
     cfg, summary, ev = run.config(), run.read_json("summary.json"), run.read_json("eval.json")
     labels = run.labels()
     smoothing = f" (with label smoothing {cfg.train.label_smoothing:g})" if cfg.train.label_smoothing else ""
-    figures = [plot_losses({run.path.name: run.metrics()}, smoothing), plot_validation({run.path.name: run.metrics()}),
+    figures = [plot_losses({run.path.name: run.metrics()}, smoothing), plot_validation({"": [run.metrics()]}),
                plot_confusion(np.array(ev["confusion"]), labels, f"Test confusion matrix (row-normalised), {len(labels)} classes"),
                plot_per_class_f1(ev["per_class"], "Test F1 per class")]
     facts = [["method", cfg.method.name], ["base model", cfg.model.name], ["data", cfg.data.name],
@@ -194,12 +217,13 @@ def _sweep_section(paths: list[Path]) -> tuple[list, list[Figure]]:
     runs = collect(paths)
     result = compare(runs)
     rows = sorted(result["rows"], key=lambda r: -r["accuracy"])
-    curves = {f"{r.path.name}": RunDir(r.path).metrics() for r in runs}
+    curves = {r["configuration"]: [RunDir(path).metrics() for path in r["runs"]] for r in rows}
     best_paths = next(r["runs"] for r in rows if r["best"])
     best_group = [r for r in runs if str(r.path) in best_paths]
     confusion = np.sum([np.array(r.eval["confusion"]) for r in best_group], axis=0)
     per_class_best = {label: {"f1": result["per_class"]["f1"][result["best"]][i]} for i, label in enumerate(result["per_class"]["labels"])}
-    figures = [plot_accuracy_vs_params(rows), plot_validation(curves), plot_misclassification(result["per_class"]),
+    figures = [plot_accuracy_vs_params(rows), plot_losses({name: mean_over_seeds(runs) for name, runs in curves.items()}),
+               plot_validation(curves), plot_misclassification(result["per_class"]),
                plot_confusion(confusion, result["per_class"]["labels"], f"Best configuration ({result['best']}): test confusion, row-normalised"),
                plot_per_class_f1(per_class_best, f"Best configuration ({result['best']}): test F1 per class, mean over seeds")]
     pairs = [[c["true"], c["predicted"], c["count"]] for c in result["confused_pairs"]]
