@@ -46,7 +46,8 @@ def run_lorafit(method: str, out: Path, epochs: float, seed: int, limit: int | N
     s = json.loads((out / "summary.json").read_text())
     return {"tool": "lorafit", "train_examples_per_second": s["train_examples_per_second"],
             "peak_memory_mb": s["peak_memory_mb"], "test_accuracy": s["test_accuracy"], "test_macro_f1": s["test_macro_f1"],
-            "train_seconds": s["train_seconds"], "trainable_params": s["trainable_params"]}
+            "train_seconds": s["train_seconds"], "trainable_params": s["trainable_params"],
+            "cpu_fast_paths": s.get("cpu_fast_paths")}
 
 
 def run_stock(method: str, lorafit_run: Path, out: Path, epochs: float, seed: int, threads: int | None) -> dict:
@@ -193,7 +194,8 @@ def main() -> int:
         for r in (ours, stock):
             print(f"| {seed} | {r['tool']} | {r['train_examples_per_second']:.1f} | {r['peak_memory_mb']:,.0f} MB "
                   f"| {100 * r['test_accuracy']:.2f}% | {100 * r['test_macro_f1']:.2f} |")
-    print(f"\ntraining speed-up {train_speedup:.2f}x; peak memory ratio {memory_ratio:.2f}x; "
+    print(f"\nlorafit CPU fast paths (layers switched): {pairs[0][0]['cpu_fast_paths']}")
+    print(f"training speed-up {train_speedup:.2f}x; peak memory ratio {memory_ratio:.2f}x; "
           f"accuracy lorafit - stock {accuracy_delta:+.2f} points")
     if full:
         print(f"full fine-tuning: lorafit {full[0]['train_examples_per_second']:.1f} vs stock "
