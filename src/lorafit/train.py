@@ -261,7 +261,7 @@ def _write_checkpoint(job: _Job, progress: Progress, best_state: dict | None) ->
 
 
 def _no_sync(forward: nn.Module, skip: bool):
-    """Between gradient-accumulation steps DDP need not all-reduce: the next backward adds to the grads."""
+    """DDP's no_sync between gradient-accumulation steps (the next backward adds to the local grads)."""
     return forward.no_sync() if skip and hasattr(forward, "no_sync") else contextlib.nullcontext()
 
 
@@ -348,21 +348,22 @@ def _epochs(job: _Job, p: Progress, best_state: dict | None, caught: list[int]) 
             input_ids, attention_mask = data.collate([job.tokens["train"][j] for j in mine], job.pad_id)  # (B, T) each
             y = torch.as_tensor(job.targets["train"][mine], device=device)  # (B,)
             boundary = (i + 1) % cfg.train.grad_accum == 0 or i + 1 == len(batches)
-            with autocast(device, amp):
-                logits = job.forward(input_ids.to(device), attention_mask.to(device))  # (B, C)
-                loss_sum = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing, reduction="sum")
-                extra = method.extra_loss(model)
-                loss = loss_sum * weight  # the global batch's mean, once DDP averages the processes' gradients
-                total_loss = loss if extra is None else loss + extra
-            # The global batch's mean loss; a signal caught by any process stops them all at this step.
-            summed, stop = world.sum([float(loss_sum.detach()) if weight else 0.0, float(bool(caught))])
-            batch_loss = summed / len(batch)
-            if stop and not caught:
-                caught.append(signal.SIGTERM)
-            if not math.isfinite(batch_loss) or (extra is not None and not torch.isfinite(extra)):
-                bar.close()
-                _diverged(job, p, batch_loss if not math.isfinite(batch_loss) else float(extra.detach()))
+            # Between accumulation steps DDP skips the all-reduce (no_sync must cover forward and backward).
             with _no_sync(job.forward, not boundary):
+                with autocast(device, amp):
+                    logits = job.forward(input_ids.to(device), attention_mask.to(device))  # (B, C)
+                    loss_sum = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing, reduction="sum")
+                    extra = method.extra_loss(model)
+                    loss = loss_sum * weight  # the global batch's mean, once DDP averages the processes' gradients
+                    total_loss = loss if extra is None else loss + extra
+                # The global batch's mean loss; a signal caught by any process stops them all at this step.
+                summed, stop = world.sum([float(loss_sum.detach()) if weight else 0.0, float(bool(caught))])
+                batch_loss = summed / len(batch)
+                if stop and not caught:
+                    caught.append(signal.SIGTERM)
+                if not math.isfinite(batch_loss) or (extra is not None and not torch.isfinite(extra)):
+                    bar.close()
+                    _diverged(job, p, batch_loss if not math.isfinite(batch_loss) else float(extra.detach()))
                 (total_loss / cfg.train.grad_accum).backward()
             p.epoch_loss += batch_loss * len(batch)
             p.window_loss += batch_loss
