@@ -105,6 +105,23 @@ def test_runs_of_different_methods_get_distinct_names(tmp_path):
     assert any("name=full" in n for n in names) and any("rank=4" in n for n in names)
 
 
+def test_sweep_trials_are_named_by_what_the_sweep_varied(tmp_path):
+    """A sweep over whole base configs: configurations are 'base=...', not every setting that differs."""
+    sweep = tmp_path / "sweep"
+    names = []
+    for base, overrides in (("b77-full", ["method.name=full"]), ("b77-lora", ["method.rank=16", "train.lr=0.002"])):
+        for seed in (0, 1):
+            names.append(f"base={base},seed={seed}")
+            fake_run(sweep / names[-1], seed, 8, np.arange(seed, 186, 9 + len(overrides)))
+            (sweep / names[-1] / "config.yaml").write_text(dump(load_config(None, [f"seed={seed}", *overrides])))
+    (sweep / "sweep.json").write_text(json.dumps({"trials": [{"name": n} for n in names]}))
+    result = compare(collect([sweep]))
+    assert sorted(r["configuration"] for r in result["rows"]) == ["base=b77-full", "base=b77-lora"]
+    # Runs given one by one have no sweep names: the differing settings name them.
+    loose = compare(collect([sweep / n for n in names]))
+    assert any("name=full" in r["configuration"] for r in loose["rows"])
+
+
 def test_per_class_analysis_finds_the_rare_hard_class(tmp_path):
     rare = np.where(TARGETS == 3)[0]
     runs = [fake_run(tmp_path / f"r{rank}", 0, rank, np.concatenate([rare[: 3 + rank // 4], [0, 1]])) for rank in (4, 8)]

@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ class Run:
     labels: list[str]
     target: np.ndarray | None = None
     correct: np.ndarray | None = None  # per test example
+    label: str | None = None  # a sweep trial's swept values without the seed, e.g. "rank=16, alpha=2x"
 
 
 @dataclass
@@ -87,11 +89,15 @@ def _read_run(folder: Path) -> Run:
 def collect(paths: list[str | Path]) -> list[Run]:
     """Finished runs from run folders and sweep folders (whose trial folders are read)."""
     folders: list[Path] = []
+    labels: dict[Path, str] = {}
     for item in paths:
         path = Path(item)
         if (path / "sweep.json").is_file():
             trials = json.loads((path / "sweep.json").read_text())["trials"]
-            folders += [path / t["name"] for t in trials if (path / t["name"] / "summary.json").is_file()]
+            for t in trials:
+                if (path / t["name"] / "summary.json").is_file():
+                    folders.append(path / t["name"])
+                    labels[path / t["name"]] = _sweep_label(t["name"])
         elif (path / "summary.json").is_file():
             folders.append(path)
         elif path.is_dir():
@@ -102,7 +108,16 @@ def collect(paths: list[str | Path]) -> list[Run]:
             raise UserError(f"{path} not found")
     if not folders:
         raise UserError("no finished runs to compare")
-    return [_read_run(f) for f in folders]
+    runs = [_read_run(f) for f in folders]
+    for run in runs:
+        run.label = labels.get(run.path)
+    return runs
+
+
+def _sweep_label(trial: str) -> str:
+    """'rank=16,alpha=2x,seed=0' -> 'rank=16, alpha=2x'; 'base=banking77-dora,seed=1' -> 'base=banking77-dora'."""
+    parts = [p for p in re.split(r",(?=[A-Za-z_.]+=)", trial) if not re.fullmatch(r"seed=\d+", p)]
+    return ", ".join(parts) or "all runs"
 
 
 def _group(runs: list[Run]) -> list[Group]:
@@ -122,6 +137,12 @@ def _group(runs: list[Run]) -> list[Group]:
         name = ", ".join(f"{k.rsplit('.', 1)[-1] if _unique_leaf(k, varying) else k}={g.settings[k]}" for k in shown) or "all runs"
         taken[name] = taken.get(name, 0) + 1
         g.name = name if taken[name] == 1 else f"{name} #{taken[name]}"  # names key the per-class tables
+    # Trials of one sweep are named by what the sweep varied (shorter than every differing setting
+    # when whole base configs are swept), where those names tell the configurations apart.
+    labels = [{r.label for r in g.runs} for g in out]
+    if all(len(s) == 1 and None not in s for s in labels) and len({next(iter(s)) for s in labels}) == len(out):
+        for g, s in zip(out, labels):
+            g.name = next(iter(s))
     return out
 
 
