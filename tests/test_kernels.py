@@ -108,6 +108,17 @@ def test_training_with_fast_kernels_matches_stock_layers(tmp_path, tiny_models, 
     np.testing.assert_allclose(pa["probability"], pb["probability"], atol=1e-4)
 
 
+def test_stock_kernels_stay_stock_through_training_and_evaluation(tmp_path, tiny_bert, tiny_data, monkeypatch):
+    monkeypatch.setattr(kernels, "choose", lambda threads: True)  # oneDNN would win the timing
+
+    def refuse(*args):
+        raise AssertionError("train.cpu_kernels=stock ran a oneDNN linear")
+
+    monkeypatch.setattr(kernels, "_mm", refuse)
+    result = _run(tmp_path, tiny_bert, tiny_data, "stock", "stock", **{"train.epochs": 3})
+    assert result.summary["cpu_fast_paths"] == {}
+
+
 def test_loaded_runs_are_merged_and_predict_like_the_training_time_model(tmp_path, tiny_bert, tiny_data, monkeypatch):
     monkeypatch.setattr(kernels, "choose", lambda threads: True)
     result = _run(tmp_path, tiny_bert, tiny_data, "run", "auto")

@@ -36,14 +36,17 @@ Backend = Callable[[torch.Tensor, torch.Tensor], np.ndarray]
 class TorchBackend:
     """A PyTorch module (lorafit's SequenceClassifier, or a transformers model returning `.logits`).
 
-    On CPU its linear layers run through oneDNN where that is faster here (lorafit/kernels.py).
+    `fast=True` (a model loaded for prediction) runs its linear layers through oneDNN on CPU where
+    that is faster here (lorafit/kernels.py); the training loop's evaluation leaves its model's
+    layers as `train.cpu_kernels` chose them.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device, amp: torch.dtype | None = None):
+    def __init__(self, model: nn.Module, device: torch.device, amp: torch.dtype | None = None, fast: bool = False):
         self.model = model.to(device).eval()
         self.device = device
         self.amp = amp
-        kernels.speed_up(self.model, device, dropout=False)
+        if fast:
+            kernels.speed_up(self.model, device, dropout=False)
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
@@ -187,7 +190,7 @@ def load(path: str | Path, device: str = "auto", threads: int | None = None, mer
         model = registry.get(cfg.method.name)(cfg.method).merge(model)
     target = select_device(device)
     amp = autocast_dtype(cfg.train, target) if target.type == "cuda" else None
-    return Classifier(TorchBackend(model, target, amp), load_tokenizer(cfg.model), labels, cfg)
+    return Classifier(TorchBackend(model, target, amp, fast=True), load_tokenizer(cfg.model), labels, cfg)
 
 
 def _folder_tokenizer(folder: Path):
@@ -216,10 +219,10 @@ def _load_export(folder: RunDir, device: str, threads: int | None) -> Classifier
 
         check_no_pickles(folder.path, trust_pickle=False)
         model = LorafitForSequenceClassification.from_pretrained(str(folder.path))
-        return Classifier(TorchBackend(model, target, amp), _folder_tokenizer(folder.path), labels, cfg, kind)
+        return Classifier(TorchBackend(model, target, amp, fast=True), _folder_tokenizer(folder.path), labels, cfg, kind)
     if kind == "adapter":
         model = load_model(folder, cfg, labels, artifact=folder.path)
-        return Classifier(TorchBackend(model, target, amp), load_tokenizer(cfg.model), labels, cfg, kind)
+        return Classifier(TorchBackend(model, target, amp, fast=True), load_tokenizer(cfg.model), labels, cfg, kind)
     raise UserError(f"{folder.path}/export.json names an unknown format {kind!r}; re-export with lorafit export")
 
 
