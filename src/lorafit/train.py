@@ -436,9 +436,7 @@ def _epochs(job: _Job, p: Progress, best_state: dict | None, caught: list[int]) 
 def _logits(job: _Job, split: str) -> np.ndarray:
     """Logits (N, C) of a split, in split order; data-parallel processes each compute a share."""
     tokens, world = job.tokens[split], job.world
-    if not world.active:
-        return predict_logits(job.model, tokens, job.pad_id, job.cfg.train.eval_batch_size, job.device, job.amp)
-    mine = world.my_examples([len(t) for t in tokens])
+    mine = world.my_examples([len(t) for t in tokens])  # one process: all of them
     part = predict_logits(job.model, [tokens[i] for i in mine], job.pad_id, job.cfg.train.eval_batch_size, job.device, job.amp)
     return world.gather_rows(part, mine, len(tokens))
 
