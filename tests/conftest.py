@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors.numpy import load_file
 
 FILLER = "the a my an is was please card money account help when where why how can could".split()
 KEYWORDS = {"travel": ["flight", "hotel", "trip"], "food": ["pizza", "pasta", "salad"], "sport": ["tennis", "soccer", "golf"]}
@@ -96,3 +99,25 @@ def tiny_overrides(model: Path, data: Path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def assert_same_training(a: Path, b: Path, artifact: str, tolerance: float) -> None:
+    """Runs a and b trained the same: steps, every epoch's losses, test predictions and probabilities,
+    and the trained weights (`artifact`: "adapter" or "model"), within `tolerance`."""
+    summary_a, summary_b = (json.loads((r / "summary.json").read_text()) for r in (a, b))
+    assert summary_b["steps"] == summary_a["steps"]  # the same global batches
+    epochs = lambda run: [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == "epoch"]  # noqa: E731
+    for ra, rb in zip(epochs(a), epochs(b), strict=True):
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=tolerance)
+        assert rb["val_loss"] == pytest.approx(ra["val_loss"], rel=tolerance)
+    pa, pb = (json.loads((r / "predictions.json").read_text()) for r in (a, b))
+    assert pb["predicted"] == pa["predicted"]
+    np.testing.assert_allclose(pb["probability"], pa["probability"], atol=tolerance)
+    assert summary_b["test_accuracy"] == summary_a["test_accuracy"]
+    files = sorted((a / artifact).glob("*.safetensors"))
+    assert files
+    for file in files:
+        wa, wb = load_file(file), load_file(b / artifact / file.name)
+        assert wa.keys() == wb.keys()
+        worst = max(float(np.abs(wa[k] - wb[k]).max()) for k in wa)
+        assert worst < tolerance, f"{file.name}: weights differ by {worst}"

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
-from conftest import build_tiny_encoder, tiny_overrides, write_dataset
+from conftest import assert_same_training, build_tiny_encoder, tiny_overrides, write_dataset
 from lorafit.config import load_config
 from lorafit.distributed import World
 from lorafit.train import train
@@ -82,22 +81,4 @@ def test_two_gloo_processes_match_one_process(tmp_path, launcher, method, extra)
     assert sorted(p.name for p in b.iterdir()) == sorted(p.name for p in a.iterdir())  # rank 1 wrote nothing extra
     summary_a, summary_b = (json.loads((r / "summary.json").read_text()) for r in (a, b))
     assert summary_a["processes"] == 1 and summary_b["processes"] == 2
-    assert summary_b["steps"] == summary_a["steps"]  # the same global batches
-    # Losses of every epoch, then the final test predictions and probabilities.
-    epochs = lambda run: [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == "epoch"]  # noqa: E731
-    for ra, rb in zip(epochs(a), epochs(b), strict=True):
-        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-4)
-        assert rb["val_loss"] == pytest.approx(ra["val_loss"], rel=1e-4)
-    pa, pb = (json.loads((r / "predictions.json").read_text()) for r in (a, b))
-    assert pb["predicted"] == pa["predicted"]
-    np.testing.assert_allclose(pb["probability"], pa["probability"], atol=1e-4)
-    assert summary_b["test_accuracy"] == summary_a["test_accuracy"]
-    # The trained weights themselves.
-    artifact = "model" if method == "full" else "adapter"
-    files = sorted((a / artifact).glob("*.safetensors"))
-    assert files
-    for file in files:
-        wa, wb = load_file(file), load_file(b / artifact / file.name)
-        assert wa.keys() == wb.keys()
-        worst = max(float(np.abs(wa[k] - wb[k]).max()) for k in wa)
-        assert worst < 1e-4, f"{file.name}: weights differ by {worst}"
+    assert_same_training(a, b, "model" if method == "full" else "adapter", tolerance=1e-4)

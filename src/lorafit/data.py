@@ -43,6 +43,7 @@ __all__ = [
     "read_table",
     "length_grouped_batches",
     "sorted_batches",
+    "split_by_tokens",
     "collate",
 ]
 
@@ -570,10 +571,34 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Rand
     return batches
 
 
-def sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Evaluation order: by length, so no batch pads much."""
+def sorted_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Evaluation order: by length, so no batch pads much; at most `max_tokens` padded tokens each."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    cut = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [piece for batch in cut for piece in split_by_tokens(batch, lengths, max_tokens)]
+
+
+def split_by_tokens(batch: list[int], lengths: list[int], max_tokens: int | None) -> list[list[int]]:
+    """`batch` cut, in order, into pieces of at most `max_tokens` padded tokens (rows x longest row).
+
+    A row longer than the budget is a piece of its own; None keeps the batch whole. Activation
+    memory grows with padded tokens, so this bounds it; the training loop sums the pieces'
+    gradients, which is the whole batch's gradient.
+    """
+    if max_tokens is None:
+        return [batch]
+    pieces: list[list[int]] = []
+    piece: list[int] = []
+    longest = 0
+    for i in batch:
+        if piece and (len(piece) + 1) * max(longest, lengths[i]) > max_tokens:
+            pieces.append(piece)
+            piece, longest = [], 0
+        piece.append(i)
+        longest = max(longest, lengths[i])
+    if piece:
+        pieces.append(piece)
+    return pieces
 
 
 def collate(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

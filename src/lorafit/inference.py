@@ -75,11 +75,14 @@ class OnnxBackend:
         return self.session.run(["logits"], feeds)[0].astype(np.float32, copy=False)
 
 
-def batched_logits(backend: Backend, token_ids: list[list[int]], pad_id: int, batch_size: int) -> np.ndarray:
-    """Logits for every sequence, in input order; batches are length-sorted to avoid padding."""
+def batched_logits(backend: Backend, token_ids: list[list[int]], pad_id: int, batch_size: int,
+                   max_tokens: int | None = None) -> np.ndarray:
+    """Logits for every sequence, in input order; batches are length-sorted to avoid padding and
+    hold at most `batch_size` rows and `max_tokens` padded tokens."""
     lengths = [len(t) for t in token_ids]
     out: np.ndarray | None = None
-    for batch, input_ids, attention_mask in data.iterate(token_ids, data.sorted_batches(lengths, batch_size), pad_id):
+    batches = data.sorted_batches(lengths, batch_size, max_tokens)
+    for batch, input_ids, attention_mask in data.iterate(token_ids, batches, pad_id):
         logits = backend(input_ids, attention_mask)  # (B, C)
         if out is None:
             out = np.zeros((len(token_ids), logits.shape[-1]), dtype=np.float32)
@@ -88,9 +91,9 @@ def batched_logits(backend: Backend, token_ids: list[list[int]], pad_id: int, ba
 
 
 def predict_logits(model: nn.Module, token_ids: list[list[int]], pad_id: int, batch_size: int,
-                   device: torch.device, amp: torch.dtype | None = None) -> np.ndarray:
+                   device: torch.device, amp: torch.dtype | None = None, max_tokens: int | None = None) -> np.ndarray:
     """`batched_logits` for a PyTorch model (the training loop's evaluation)."""
-    return batched_logits(TorchBackend(model, device, amp), token_ids, pad_id, batch_size)
+    return batched_logits(TorchBackend(model, device, amp), token_ids, pad_id, batch_size, max_tokens)
 
 
 class Classifier:
@@ -117,7 +120,8 @@ class Classifier:
         return data.tokenize(self.tokenizer, list(texts), self.cfg.data.max_length)
 
     def logits(self, texts: list[str]) -> np.ndarray:
-        return batched_logits(self.backend, self.tokenize(texts), self.pad_id, self.batch_size)
+        return batched_logits(self.backend, self.tokenize(texts), self.pad_id, self.batch_size,
+                              self.cfg.train.max_batch_tokens)
 
     def predict(self, texts: list[str] | str, top_k: int = 3) -> list[list[tuple[str, float]]]:
         """For each text, the `top_k` labels with their probabilities, most likely first."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 
 import torch
@@ -44,8 +45,17 @@ __all__ = ["OneDnnLinear", "FastDropout", "use_onednn_linear", "use_fast_dropout
 log = logging.getLogger(__name__)
 
 
+# oneDNN compiles a primitive per distinct shape and keeps up to 1,024 of them. Variable-length
+# batches bring new shapes nearly every step, so a full cache held ~350 MB here (one Banking77 LoRA
+# epoch: peak RSS 2,012 MB with 1,024, 1,631 MB with 64, 1,601 MB with 32, at the same speed; with
+# no cache 1,491 MB but 30 % slower). oneDNN reads the setting when it first runs, which in lorafit
+# is `onednn_available()`; a value the user exported wins.
+PRIMITIVE_CACHE_CAPACITY = 64
+
+
 @functools.cache
 def onednn_available() -> bool:
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(PRIMITIVE_CACHE_CAPACITY))
     try:
         op = torch.ops.mkldnn._linear_pointwise
         x, w = torch.ones(2, 3), torch.ones(4, 3)

@@ -345,26 +345,33 @@ def _epochs(job: _Job, p: Progress, best_state: dict | None, caught: list[int]) 
         for i in range(p.batch, len(batches)):
             batch = batches[i]
             mine, weight = world.shard(batch)  # a single process: the whole batch, weight 1 / len(batch)
-            input_ids, attention_mask = data.collate([job.tokens["train"][j] for j in mine], job.pad_id)  # (B, T) each
-            y = torch.as_tensor(job.targets["train"][mine], device=device)  # (B,)
             boundary = (i + 1) % cfg.train.grad_accum == 0 or i + 1 == len(batches)
-            # Between accumulation steps DDP skips the all-reduce (no_sync must cover forward and backward).
-            with _no_sync(job.forward, not boundary):
-                with autocast(device, amp):
-                    logits = job.forward(input_ids.to(device), attention_mask.to(device))  # (B, C)
-                    loss_sum = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing, reduction="sum")
-                    extra = method.extra_loss(model)
-                    loss = loss_sum * weight  # the global batch's mean, once DDP averages the processes' gradients
-                    total_loss = loss if extra is None else loss + extra
-                # The global batch's mean loss; a signal caught by any process stops them all at this step.
-                summed, stop = world.sum([float(loss_sum.detach()) if weight else 0.0, float(bool(caught))])
-                batch_loss = summed / len(batch)
-                if stop and not caught:
-                    caught.append(signal.SIGTERM)
-                if not math.isfinite(batch_loss) or (extra is not None and not torch.isfinite(extra)):
-                    bar.close()
-                    _diverged(job, p, batch_loss if not math.isfinite(batch_loss) else float(extra.detach()))
-                (total_loss / cfg.train.grad_accum).backward()
+            # Pieces of at most max_batch_tokens padded tokens; their gradients add up to the slice's.
+            pieces = data.split_by_tokens(mine, lengths, cfg.train.max_batch_tokens)
+            mine_loss, extra = 0.0, None
+            for k, piece in enumerate(pieces):
+                input_ids, attention_mask = data.collate([job.tokens["train"][j] for j in piece], job.pad_id)  # (b, T)
+                y = torch.as_tensor(job.targets["train"][piece], device=device)  # (b,)
+                # DDP all-reduces on the step's last backward only (no_sync must cover forward and backward).
+                with _no_sync(job.forward, not (boundary and k == len(pieces) - 1)):
+                    with autocast(device, amp):
+                        logits = job.forward(input_ids.to(device), attention_mask.to(device))  # (b, C)
+                        loss_sum = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing,
+                                                   reduction="sum")
+                        loss = loss_sum * weight  # the global batch's mean, once summed over pieces and processes
+                        if k == 0:  # a method's penalty on the weights counts once per batch
+                            extra = method.extra_loss(model)
+                            loss = loss if extra is None else loss + extra
+                    (loss / cfg.train.grad_accum).backward()
+                mine_loss += float(loss_sum.detach())
+            # The global batch's mean loss; a signal caught by any process stops them all at this step.
+            summed, stop = world.sum([mine_loss if weight else 0.0, float(bool(caught))])
+            batch_loss = summed / len(batch)
+            if stop and not caught:
+                caught.append(signal.SIGTERM)
+            if not math.isfinite(batch_loss) or (extra is not None and not torch.isfinite(extra)):
+                bar.close()
+                _diverged(job, p, batch_loss if not math.isfinite(batch_loss) else float(extra.detach()))
             p.epoch_loss += batch_loss * len(batch)
             p.window_loss += batch_loss
             p.window_examples += len(batch)
@@ -437,7 +444,9 @@ def _logits(job: _Job, split: str) -> np.ndarray:
     """Logits (N, C) of a split, in split order; data-parallel processes each compute a share."""
     tokens, world = job.tokens[split], job.world
     mine = world.my_examples([len(t) for t in tokens])  # one process: all of them
-    part = predict_logits(job.model, [tokens[i] for i in mine], job.pad_id, job.cfg.train.eval_batch_size, job.device, job.amp)
+    train = job.cfg.train
+    part = predict_logits(job.model, [tokens[i] for i in mine], job.pad_id, train.eval_batch_size, job.device, job.amp,
+                          train.max_batch_tokens)
     return world.gather_rows(part, mine, len(tokens))
 
 

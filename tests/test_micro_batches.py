@@ -1,0 +1,88 @@
+"""train.max_batch_tokens: batches over the token budget run in pieces whose gradients add up to
+the whole batch's, so training ends where whole batches end (up to float summation order)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import assert_same_training, build_tiny_encoder, tiny_overrides, write_dataset
+from lorafit import data
+from lorafit.config import load_config
+from lorafit.inference import batched_logits
+from lorafit.models import load_tokenizer
+from lorafit.train import train
+
+
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=60), st.integers(1, 200))
+def test_pieces_keep_the_batch_in_order_within_the_budget(lengths, budget):
+    batch = list(range(len(lengths)))
+    random.Random(len(lengths)).shuffle(batch)
+    pieces = data.split_by_tokens(batch, lengths, budget)
+    assert [i for piece in pieces for i in piece] == batch
+    for k, piece in enumerate(pieces):
+        padded = len(piece) * max(lengths[i] for i in piece)
+        assert padded <= budget or len(piece) == 1  # a row over the budget goes alone
+        if k + 1 < len(pieces):  # greedy: the next row would not have fitted
+            grown = piece + pieces[k + 1][:1]
+            assert len(grown) * max(lengths[i] for i in grown) > budget
+    assert data.split_by_tokens(batch, lengths, None) == [batch]
+
+
+def test_sorted_batches_respect_rows_and_tokens():
+    lengths = [random.Random(i).randint(1, 30) for i in range(200)]
+    batches = data.sorted_batches(lengths, 16, max_tokens=100)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(200)) and [lengths[i] for i in flat] == sorted(lengths)
+    assert all(len(b) <= 16 and len(b) * max(lengths[i] for i in b) <= 100 for b in batches)
+    assert len(batches) > len(data.sorted_batches(lengths, 16))  # the budget did cut some
+
+
+def test_evaluation_logits_do_not_depend_on_the_budget(tiny_bert):
+    from lorafit.config import ModelConfig
+    from lorafit.models import build_classifier
+
+    model = build_classifier(ModelConfig(name=str(tiny_bert)), 3, seed=0).eval()
+    rng = random.Random(0)
+    tokens = [[rng.randint(5, 20) for _ in range(rng.randint(1, 25))] for _ in range(70)]
+
+    def backend(input_ids, attention_mask):
+        with torch.inference_mode():
+            return model(input_ids, attention_mask).numpy()
+
+    whole = batched_logits(backend, tokens, 0, 64)
+    pieces = batched_logits(backend, tokens, 0, 64, max_tokens=40)
+    np.testing.assert_allclose(pieces, whole, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("lora", {"train.grad_accum": 2}),
+    ("full", {"train.lr": 1e-3}),
+    ("adalora", {"method.init_rank": 6}),  # its orthogonality penalty counts once per batch, not per piece
+])
+def test_pieces_train_like_whole_batches(tmp_path, method, extra):
+    model = build_tiny_encoder(tmp_path / "model", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    folder = write_dataset(tmp_path / "data", n_train=150, n_test=40)
+    settings = {"method.name": method, "model.head_dropout": 0.0, "train.epochs": 2, "train.batch_size": 9, **extra}
+    if method != "full":
+        settings["method.dropout"] = 0.0
+    overrides = tiny_overrides(model, folder, **settings)
+    if method == "full":
+        overrides = [o for o in overrides if not o.startswith(("method.rank", "method.alpha"))]
+    whole = load_config(None, [*overrides, "train.max_batch_tokens=null"])
+    train(whole, tmp_path / "whole")
+    cut = load_config(None, [*overrides, "train.max_batch_tokens=24"])
+    train(cut, tmp_path / "cut")
+
+    # The budget really cut: batches of 9 texts of 3-10 words are mostly over 24 padded tokens.
+    texts = pd.read_csv(folder / "train.csv")["text"].tolist()
+    lengths = [len(t) for t in data.tokenize(load_tokenizer(cut.model), texts, 128)]
+    batches = data.length_grouped_batches(lengths, 9, random.Random(0))
+    assert sum(len(data.split_by_tokens(b, lengths, 24)) > 1 for b in batches) > len(batches) / 2
+    assert_same_training(tmp_path / "whole", tmp_path / "cut", "model" if method == "full" else "adapter", tolerance=1e-4)
