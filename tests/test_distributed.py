@@ -60,6 +60,7 @@ def _launch(launcher: str, args: list[str], cwd: Path) -> subprocess.CompletedPr
     ("torchrun", "full", {"train.grad_accum": 2, "train.lr": 1e-3}),
     ("accelerate", "lora", {"train.grad_accum": 1}),
     ("torchrun", "adalora", {"method.init_rank": 6}),  # rank budget from averaged grads
+    ("torchrun", "lora", {"train.max_batch_tokens": 24}),  # slices cut in pieces: one all-reduce, after the last
 ])
 def test_two_gloo_processes_match_one_process(tmp_path, launcher, method, extra):
     # No dropout anywhere, so one process and two see the same gradients up to float summation order.

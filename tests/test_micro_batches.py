@@ -15,8 +15,10 @@ from hypothesis import strategies as st
 from conftest import assert_same_training, build_tiny_encoder, tiny_overrides, write_dataset
 from lorafit import data
 from lorafit.config import load_config
+from lorafit.errors import UserError
 from lorafit.inference import batched_logits
 from lorafit.models import load_tokenizer
+from lorafit.runtime import token_budget
 from lorafit.train import train
 
 
@@ -42,6 +44,16 @@ def test_sorted_batches_respect_rows_and_tokens():
     assert sorted(flat) == list(range(200)) and [lengths[i] for i in flat] == sorted(lengths)
     assert all(len(b) <= 16 and len(b) * max(lengths[i] for i in b) <= 100 for b in batches)
     assert len(batches) > len(data.sorted_batches(lengths, 16))  # the budget did cut some
+
+
+def test_auto_budget_bounds_cpu_memory_and_keeps_gpu_batches_whole():
+    assert token_budget("auto", torch.device("cpu")) == 1024
+    assert token_budget("auto", torch.device("cuda")) is None
+    assert token_budget(300, torch.device("cuda")) == 300 and token_budget(None, torch.device("cpu")) is None
+    assert load_config(None, []).train.max_batch_tokens == "auto"
+    assert load_config(None, ["train.max_batch_tokens=512"]).train.max_batch_tokens == 512
+    with pytest.raises(UserError, match="max_batch_tokens"):
+        load_config(None, ["train.max_batch_tokens=0"])
 
 
 def test_evaluation_logits_do_not_depend_on_the_budget(tiny_bert):

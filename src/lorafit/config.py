@@ -98,11 +98,12 @@ class TrainConfig(_Section):
     """AdamW weight decay (not applied to biases and LayerNorm weights)."""
     grad_accum: Annotated[int, Field(gt=0)] = 1
     """Batches whose gradients are summed before each optimiser step."""
-    max_batch_tokens: Annotated[int, Field(gt=0)] | None = 1024
+    max_batch_tokens: Annotated[int, Field(gt=0)] | Literal["auto"] | None = "auto"
     """Most padded tokens (rows x longest row) in one forward pass, in training and evaluation. A
     longer batch runs as several passes whose gradients add up to the whole batch's, so updates
     are the same up to float rounding while activation memory stays bounded by the budget rather
-    than by the longest batch. null: whole batches."""
+    than by the longest batch. auto: 1024 on CPU (peak memory), none on GPUs (whole batches keep
+    them busy); null: whole batches."""
     max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
     """Clip the gradient's global norm to this; null disables clipping."""
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0

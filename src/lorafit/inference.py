@@ -23,7 +23,7 @@ from .evaluate import classification_metrics, softmax
 from .methods import registry
 from .models import build_classifier, load_tokenizer
 from .rundir import RunDir
-from .runtime import autocast, autocast_dtype, select_device
+from .runtime import autocast, autocast_dtype, select_device, token_budget
 
 __all__ = ["Classifier", "load", "predict_logits", "check_no_pickles", "run_split", "TorchBackend", "OnnxBackend"]
 
@@ -107,6 +107,7 @@ class Classifier:
         self.cfg = cfg
         self.kind = kind  # "run", or the export format: "merged", "adapter", "onnx"
         self.batch_size = batch_size or cfg.train.eval_batch_size
+        self.max_tokens = token_budget(cfg.train.max_batch_tokens, getattr(backend, "device", torch.device("cpu")))
 
     @property
     def model(self) -> nn.Module | None:
@@ -120,8 +121,7 @@ class Classifier:
         return data.tokenize(self.tokenizer, list(texts), self.cfg.data.max_length)
 
     def logits(self, texts: list[str]) -> np.ndarray:
-        return batched_logits(self.backend, self.tokenize(texts), self.pad_id, self.batch_size,
-                              self.cfg.train.max_batch_tokens)
+        return batched_logits(self.backend, self.tokenize(texts), self.pad_id, self.batch_size, self.max_tokens)
 
     def predict(self, texts: list[str] | str, top_k: int = 3) -> list[list[tuple[str, float]]]:
         """For each text, the `top_k` labels with their probabilities, most likely first."""

@@ -13,7 +13,19 @@ import torch
 from .config import TrainConfig
 from .errors import UserError
 
-__all__ = ["select_device", "autocast", "seed_everything", "peak_memory_mb", "set_threads"]
+__all__ = ["select_device", "autocast", "seed_everything", "peak_memory_mb", "set_threads", "token_budget"]
+
+
+#: train.max_batch_tokens=auto on CPU: one Banking77 LoRA epoch peaked at 2,573 MB with 2,048, 1,638 MB
+#: with 1,024 and 1,447 MB with 512, at the same speed except 512 (-12 %); README "Speed".
+CPU_TOKEN_BUDGET = 1024
+
+
+def token_budget(setting: int | str | None, device: torch.device) -> int | None:
+    """Padded tokens per forward pass: train.max_batch_tokens with auto resolved for `device`."""
+    if setting == "auto":
+        return CPU_TOKEN_BUDGET if device.type == "cpu" else None
+    return setting
 
 
 def select_device(choice: str) -> torch.device:

@@ -38,7 +38,7 @@ from .methods import registry
 from .methods.base import AdapterConfig, Method
 from .models import build_classifier, find_targets, load_tokenizer
 from .rundir import RunDir, folder_bytes
-from .runtime import autocast, autocast_dtype, peak_memory_mb, seed_everything, select_device, set_threads
+from .runtime import autocast, autocast_dtype, peak_memory_mb, seed_everything, select_device, set_threads, token_budget
 
 __all__ = ["train", "resume", "RunResult", "Interrupted", "count_parameters"]
 
@@ -155,6 +155,7 @@ class _Job:
     world: World  # this process among the data-parallel ones (size 1: a plain run)
     forward: nn.Module  # what training steps call: the model, or DDP around it
     fast_paths: dict[str, int]  # CPU fast paths in use: layers switched, by kind (lorafit/kernels.py)
+    max_tokens: int | None  # padded tokens per forward pass (train.max_batch_tokens for this device)
     sinks: Sinks | None = None  # the experiment trackers, opened when training starts
 
 
@@ -194,7 +195,7 @@ def _prepare(cfg: Config, run: RunDir) -> _Job:
         num_training_steps=schedule.total_steps,
     )
     return _Job(cfg, run, device, amp, dataset, tokens, targets, pad_id, model, method, optimizer, scheduler, schedule,
-                adapted, world, forward, fast)
+                adapted, world, forward, fast, token_budget(cfg.train.max_batch_tokens, device))
 
 
 def train(config: Config | str | Path | dict, out: str | Path, overwrite: bool = False) -> RunResult:
@@ -347,7 +348,7 @@ def _epochs(job: _Job, p: Progress, best_state: dict | None, caught: list[int]) 
             mine, weight = world.shard(batch)  # a single process: the whole batch, weight 1 / len(batch)
             boundary = (i + 1) % cfg.train.grad_accum == 0 or i + 1 == len(batches)
             # Pieces of at most max_batch_tokens padded tokens; their gradients add up to the slice's.
-            pieces = data.split_by_tokens(mine, lengths, cfg.train.max_batch_tokens)
+            pieces = data.split_by_tokens(mine, lengths, job.max_tokens)
             mine_loss, extra = 0.0, None
             for k, piece in enumerate(pieces):
                 input_ids, attention_mask = data.collate([job.tokens["train"][j] for j in piece], job.pad_id)  # (b, T)
@@ -444,9 +445,8 @@ def _logits(job: _Job, split: str) -> np.ndarray:
     """Logits (N, C) of a split, in split order; data-parallel processes each compute a share."""
     tokens, world = job.tokens[split], job.world
     mine = world.my_examples([len(t) for t in tokens])  # one process: all of them
-    train = job.cfg.train
-    part = predict_logits(job.model, [tokens[i] for i in mine], job.pad_id, train.eval_batch_size, job.device, job.amp,
-                          train.max_batch_tokens)
+    part = predict_logits(job.model, [tokens[i] for i in mine], job.pad_id, job.cfg.train.eval_batch_size, job.device,
+                          job.amp, job.max_tokens)
     return world.gather_rows(part, mine, len(tokens))
 
 
