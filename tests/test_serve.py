@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -89,7 +90,8 @@ def test_adapters_share_one_base(client):
     full_bytes = sum(t.nbytes for t in registry.served["full"].info["_model"].state_dict().values())
     # Two adapters over one base hold the base once: less than two full models.
     assert base_bytes < health["weights_bytes"] < base_bytes + full_bytes + 0.2 * base_bytes
-    assert {k: v for k, v in health.items() if not k.startswith("weights")} == {"status": "ok", "adapters": 3, "shared_bases": 1}
+    assert {k: v for k, v in health.items() if not k.startswith("weights")} == {"status": "ok", "adapters": 3, "shared_bases": 1,
+                                                                                "queued_texts": 0}
     listed = {a["name"]: a for a in client.get("/v1/adapters").json()["adapters"]}
     assert listed["topics"]["labels"] == ["food", "sport", "travel"]
     assert listed["binary"]["labels"] == ["food", "sport"]
@@ -124,6 +126,52 @@ def test_concurrent_requests_for_different_adapters_share_batches(runs):
     # Micro-batches held more than one request, of both adapters (20 ms wait, 32 requests at once).
     counts = _histogram(metrics, "lorafit_batch_requests")
     assert counts["+Inf"] < 32 and counts["1.0"] < counts["+Inf"], counts
+
+
+def test_a_busy_server_turns_requests_away_and_keeps_answering_health(runs):
+    """While the compute thread is held, texts beyond max_queued get 503 + Retry-After at once
+    (nothing piles up), health and the adapter list still answer, and the held requests complete."""
+    app = create_app([("topics", str(runs["topics"]), None)], Limits(max_wait_ms=0, max_queued=6))
+    served, batcher = app.state.registry.served["topics"], app.state.batcher
+    entered, gate, real = threading.Event(), threading.Event(), served.logits
+
+    def held(texts):
+        entered.set()
+        assert gate.wait(30)
+        return real(texts)
+
+    served.logits = held
+    predict = lambda c, texts: c.post("/v1/predict", json={"texts": texts, "top_k": 1})  # noqa: E731
+
+    async def until(condition):
+        for _ in range(3000):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("timed out")
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+                first = asyncio.create_task(predict(c, TEXTS[:1]))
+                await until(entered.is_set)  # the compute thread holds the first request
+                waiting = [asyncio.create_task(predict(c, TEXTS[:3])) for _ in range(2)]
+                await until(lambda: batcher.queued == 6)
+                refused = await predict(c, ["pizza"])
+                health = await c.get("/v1/health")
+                listed = await c.get("/v1/adapters")
+                gate.set()
+                done = await asyncio.gather(first, *waiting)
+                return refused, health, listed, done, (await c.get("/v1/health")).json()
+
+    refused, health, listed, done, after = asyncio.run(scenario())
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"].startswith("server busy: 6 texts already waiting (limit 6)")
+    assert health.status_code == 200 and health.json()["queued_texts"] == 6 and health.json()["adapters"] == 1
+    assert [a["name"] for a in listed.json()["adapters"]] == ["topics"]
+    assert [r.status_code for r in done] == [200, 200, 200]
+    assert [len(r.json()["predictions"]) for r in done] == [1, 3, 3]
+    assert after["queued_texts"] == 0
 
 
 def _histogram(text: str, name: str) -> dict[str, float]:
@@ -198,6 +246,23 @@ def test_admin_adds_an_adapter_at_run_time(client, runs, tmp_path_factory):
     want = client.post("/v1/predict", json={"texts": TEXTS, "top_k": 3, "adapter": "topics"}).json()["predictions"]
     assert [g["top_k"] for g in got] == [w["top_k"] for w in want]
     assert client.get("/v1/health").json()["shared_bases"] == 1
+
+    # An added adapter's config may not make the server fetch or read a model of its choosing.
+    import shutil
+
+    import yaml
+
+    outside = tmp_path_factory.mktemp("elsewhere") / "model"
+    shutil.copytree(client.app.state.registry.served["topics"].info["_base_path"], outside)
+    for i, model in enumerate(("bert-base-uncased", str(outside))):
+        folder = runs["topics"].parent / f"topics-other-base{i}"
+        shutil.copytree(exported, folder, dirs_exist_ok=True)
+        cfg = yaml.safe_load((folder / "config.yaml").read_text())
+        cfg["model"]["name"] = model
+        (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+        r = client.post(url, json={"name": f"other{i}", "path": folder.name}, headers=good)
+        assert r.status_code == 422 and f"base model {model!r} is not allowed" in r.json()["error"], r.text
+    assert "other0" not in client.get("/v1/adapters").text
 
 
 def test_admin_disabled_without_a_key(runs, monkeypatch):

@@ -188,7 +188,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if unknown:
         raise UserError(f"--threshold names {', '.join(sorted(unknown))}, which is not served")
     limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars, max_body_bytes=args.max_body_bytes,
-                    max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+                    max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queued=args.max_queued)
     app = create_app([(name, path, thresholds.get(name)) for name, path in adapters], limits,
                      api_key=args.api_key, adapter_root=args.adapter_root, threads=args.threads)
     print(f"serving {', '.join(name for name, _ in adapters)} on http://{args.host}:{args.port}", flush=True)
@@ -326,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=1_000_000)
     p.add_argument("--max-batch", type=int, default=64, help="texts per micro-batch")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits to share a batch")
+    p.add_argument("--max-queued", type=int, default=4096,
+                   help="texts that may wait for the model; a request over it gets 503 with Retry-After")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.set_defaults(func=cmd_serve)
 

@@ -43,7 +43,7 @@ from .errors import UserError
 from .evaluate import softmax
 from .inference import batched_logits, check_no_pickles, load
 from .methods import registry
-from .models import build_classifier, load_tokenizer, resolve_model_path
+from .models import ALIASES, build_classifier, load_tokenizer, resolve_model_path
 from .rundir import RunDir, safe_name
 
 __all__ = ["Limits", "Registry", "create_app", "run", "parse_adapter_spec", "check_can_listen"]
@@ -66,9 +66,11 @@ class Limits:
     """Texts per micro-batch."""
     max_wait_ms: float = 5.0
     """How long a request waits for others to share its batch."""
+    max_queued: int = 4096
+    """Texts waiting for the compute thread; a request that would go over gets 503 and Retry-After."""
 
     def __post_init__(self):
-        for name in ("max_texts", "max_chars", "max_body_bytes", "max_batch"):
+        for name in ("max_texts", "max_chars", "max_body_bytes", "max_batch", "max_queued"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_wait_ms < 0:
@@ -148,12 +150,19 @@ class SharedBase:
 
 
 class Registry:
-    """Everything served, by name. Loading happens on the compute thread (see `Server`)."""
+    """Everything served, by name. Loading happens on the compute thread (see `create_app`).
 
-    def __init__(self, limits: Limits):
+    `summary` is what the health and adapters routes show, rebuilt on the thread that changed the
+    registry and swapped in whole, so those routes never walk dicts or modules an adapter being
+    added is changing.
+    """
+
+    def __init__(self, limits: Limits, root: Path | None = None):
         self.limits = limits
+        self.root = root  # adapters added over HTTP live here, and may bring their base model only from here
         self.served: dict[str, Served] = {}
         self.bases: dict[tuple, SharedBase] = {}
+        self.summary: dict = {"adapters": [], "shared_bases": 0, "weights_bytes": 0}
 
     def add(self, name: str, path: str | Path, threshold: float | None = None, trusted: bool = True) -> Served:
         """`trusted` is False for adapters added over HTTP: their folder may not enable pickle loading."""
@@ -167,6 +176,8 @@ class Registry:
         cfg, labels = folder.config(), folder.labels()
         if cfg.model.trust_pickle and not trusted:
             raise UserError(f"{folder.path} sets model.trust_pickle; adapters added at run time may not load pickles")
+        if not trusted and (meta is None or meta.get("format") == "adapter"):
+            self._check_base_allowed(cfg.model.name)
         method = registry.get(cfg.method.name)(cfg.method)
         adapter_dir = None
         if meta is None and method.artifact == "adapter":
@@ -192,10 +203,24 @@ class Registry:
             if classifier.model is None and (folder.path / "model.onnx").is_file():
                 info["_file_bytes"] = (folder.path / "model.onnx").stat().st_size
         info.update(method=cfg.method.name, base_model=cfg.model.name)
+        if meta is None:  # a run folder builds on its base model (exports carry their own weights)
+            info["_base_path"] = resolve_model_path(cfg.model.name)
         served = Served(name, labels, threshold, logits, info)
         self.served[name] = served
+        self.summary = {"adapters": self.describe(), "shared_bases": len(self.bases), "weights_bytes": self.weights_bytes()}
         log.info("serving %s: %s (%d labels) from %s", name, info["kind"], len(labels), folder.path)
         return served
+
+    def _check_base_allowed(self, name: str) -> None:
+        """Over HTTP, an adapter's config may not make the server read or download any model it likes:
+        only a built-in model, a base already held, or a model folder inside the adapter root."""
+        path = resolve_model_path(name)
+        held = {key[0] for key in self.bases} | {s.info.get("_base_path") for s in self.served.values()}
+        inside = self.root is not None and Path(path).is_dir() and self.root in Path(path).resolve().parents
+        if name not in ALIASES and path not in held and not inside:
+            raise UserError(f"base model {name!r} is not allowed for an adapter added at run time: use a built-in model "
+                            f"({', '.join(ALIASES)}), a base this server already holds, or a model folder inside "
+                            f"the adapter root; or start the server with it")
 
     def weights_bytes(self) -> int:
         """Bytes of every weight held, each tensor counted once (adapters share their base)."""
@@ -268,6 +293,7 @@ class Batcher:
         self.executor = executor
         self.observe_batch = observe_batch
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.queued = 0  # texts in the queue
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -282,14 +308,24 @@ class Batcher:
                 pass
 
     async def submit(self, served: Served, texts: list[str]) -> np.ndarray:
+        # Bounded: while the compute thread is busy (a slow batch, an adapter being added), requests
+        # beyond the limit are turned away at once instead of piling up memory and latency.
+        if self.queued + len(texts) > self.limits.max_queued:
+            raise RequestError(503, f"server busy: {self.queued} texts already waiting (limit {self.limits.max_queued}); "
+                                    "retry shortly")
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Pending(served, texts, future))
+        self.queued += len(texts)
+        self.queue.put_nowait(_Pending(served, texts, future))
         return await future
+
+    def _take(self, item: _Pending) -> _Pending:
+        self.queued -= len(item.texts)
+        return item
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            first = await self.queue.get()
+            first = self._take(await self.queue.get())
             batch, count = [first], len(first.texts)
             deadline = loop.time() + self.limits.max_wait_ms / 1000
             while count < self.limits.max_batch:
@@ -297,7 +333,7 @@ class Batcher:
                 if remaining <= 0:
                     break
                 try:
-                    item = await asyncio.wait_for(self.queue.get(), timeout=remaining)
+                    item = self._take(await asyncio.wait_for(self.queue.get(), timeout=remaining))
                 except asyncio.TimeoutError:
                     break
                 batch.append(item)
@@ -350,7 +386,7 @@ def create_app(adapters: list[tuple[str, str, float | None]], limits: Limits | N
     root = Path(adapter_root or os.getcwd()).resolve()
     if threads:
         torch.set_num_threads(threads)
-    served = Registry(limits)
+    served = Registry(limits, root)
     for name, path, threshold in adapters:
         served.add(name, path, threshold)
     if not served.served:
@@ -384,6 +420,7 @@ def create_app(adapters: list[tuple[str, str, float | None]], limits: Limits | N
     app = FastAPI(title="lorafit", lifespan=lifespan)
     routes = {"/v1/predict", "/v1/health", "/v1/adapters", "/metrics", "/v1/admin/adapters"}
     app.state.registry = served
+    app.state.batcher = batcher
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
@@ -426,7 +463,10 @@ def create_app(adapters: list[tuple[str, str, float | None]], limits: Limits | N
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError):
-        return error(exc.status, exc.message)
+        response = error(exc.status, exc.message)
+        if exc.status == 503:
+            response.headers["Retry-After"] = "1"
+        return response
 
     @app.post("/v1/predict")
     async def predict(request: Request):
@@ -458,13 +498,14 @@ def create_app(adapters: list[tuple[str, str, float | None]], limits: Limits | N
 
     @app.get("/v1/health")
     async def health():
-        weights = served.weights_bytes()
-        return {"status": "ok", "adapters": len(served.served), "shared_bases": len(served.bases),
-                "weights_bytes": weights, "weights_mb": round(weights / 2**20, 1)}
+        summary = served.summary
+        return {"status": "ok", "adapters": len(summary["adapters"]), "shared_bases": summary["shared_bases"],
+                "weights_bytes": summary["weights_bytes"], "weights_mb": round(summary["weights_bytes"] / 2**20, 1),
+                "queued_texts": batcher.queued}
 
     @app.get("/v1/adapters")
     async def list_adapters():
-        return {"adapters": served.describe()}
+        return {"adapters": served.summary["adapters"]}
 
     @app.get("/metrics")
     async def prometheus():
