@@ -52,8 +52,10 @@ def test_auto_budget_bounds_cpu_memory_and_keeps_gpu_batches_whole():
     assert token_budget(300, torch.device("cuda")) == 300 and token_budget(None, torch.device("cpu")) is None
     assert load_config(None, []).train.max_batch_tokens == "auto"
     assert load_config(None, ["train.max_batch_tokens=512"]).train.max_batch_tokens == 512
-    with pytest.raises(UserError, match="max_batch_tokens"):
-        load_config(None, ["train.max_batch_tokens=0"])
+    for bad, shown in (("0", "0"), ("abc", "'abc'"), ("1.5", "1.5"), ("true", "True")):
+        with pytest.raises(UserError) as caught:
+            load_config(None, [f"train.max_batch_tokens={bad}"])
+        assert str(caught.value) == f"config error: train.max_batch_tokens: give a number of tokens above 0, auto or null (got {shown})"
 
 
 def test_evaluation_logits_do_not_depend_on_the_budget(tiny_bert):

@@ -133,6 +133,14 @@ class TrainConfig(_Section):
     progress: bool = True
     """Show progress bars."""
 
+    @field_validator("max_batch_tokens", mode="before")
+    @classmethod
+    def _token_budget(cls, value: Any) -> Any:
+        # One clear message instead of pydantic's one per member of the union.
+        if value is None or value == "auto" or (type(value) is int and value > 0):
+            return value
+        raise ValueError("give a number of tokens above 0, auto or null")
+
 
 class TrackConfig(_Section):
     sinks: list[Literal["tensorboard", "mlflow", "wandb"]] = []
@@ -294,7 +302,8 @@ def format_validation_error(error: ValidationError) -> str:
         elif err["type"] == "union_tag_invalid":
             parts.append(f"unknown method {_short_repr(err['input'].get('name'))}; choose one of: {', '.join(registry.names())}")
         else:
-            parts.append(f"{key}: {err['msg']} (got {_short_repr(err['input'])})")
+            message = err["msg"].removeprefix("Value error, ")  # a validator of ours words its own message
+            parts.append(f"{key}: {message} (got {_short_repr(err['input'])})")
     more = f"; and {len(parts) - 5} more" if len(parts) > 5 else ""
     return "config error: " + "; ".join(parts[:5]) + more
 
