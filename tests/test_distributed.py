@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_same_training, build_tiny_encoder, tiny_overrides, write_dataset
+from conftest import assert_same_training, build_tiny_encoder, piece_counts, tiny_overrides, write_dataset
 from lorafit.config import load_config
 from lorafit.distributed import World
 from lorafit.train import train
@@ -74,7 +74,10 @@ def test_two_gloo_processes_match_one_process(tmp_path, launcher, method, extra)
     if method == "full":
         overrides = [o for o in overrides if not o.startswith(("method.rank", "method.alpha"))]
 
-    train(load_config(None, overrides), tmp_path / "one")
+    one = load_config(None, overrides)
+    if "train.max_batch_tokens" in extra:  # some batch must split differently on the two processes
+        assert any(len(set(counts)) > 1 for counts in piece_counts(one, world=2))
+    train(one, tmp_path / "one")
     done = _launch(launcher, [*overrides, "--out", str(tmp_path / "two")], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
 

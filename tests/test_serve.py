@@ -131,7 +131,7 @@ def test_concurrent_requests_for_different_adapters_share_batches(runs):
 def test_a_busy_server_turns_requests_away_and_keeps_answering_health(runs):
     """While the compute thread is held, texts beyond max_queued get 503 + Retry-After at once
     (nothing piles up), health and the adapter list still answer, and the held requests complete."""
-    app = create_app([("topics", str(runs["topics"]), None)], Limits(max_wait_ms=0, max_queued=6))
+    app = create_app([("topics", str(runs["topics"]), None)], Limits(max_wait_ms=0, max_texts=3, max_queued=6))
     served, batcher = app.state.registry.served["topics"], app.state.batcher
     entered, gate, real = threading.Event(), threading.Event(), served.logits
 
@@ -263,6 +263,20 @@ def test_admin_adds_an_adapter_at_run_time(client, runs, tmp_path_factory):
         r = client.post(url, json={"name": f"other{i}", "path": folder.name}, headers=good)
         assert r.status_code == 422 and f"base model {model!r} is not allowed" in r.json()["error"], r.text
     assert "other0" not in client.get("/v1/adapters").text
+    # A link inside the root to a model outside it is outside; a model folder inside the root is fine.
+    root = runs["topics"].parent
+    (root / "linked-model").symlink_to(outside, target_is_directory=True)
+    inside = root / "models" / "tiny"
+    shutil.copytree(outside, inside)
+    for i, (model, status) in enumerate(((root / "linked-model", 422), (inside, 200))):
+        folder = root / f"topics-inside{i}"
+        shutil.copytree(exported, folder, dirs_exist_ok=True)
+        cfg = yaml.safe_load((folder / "config.yaml").read_text())
+        cfg["model"]["name"] = str(model)
+        (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+        r = client.post(url, json={"name": f"inside{i}", "path": folder.name}, headers=good)
+        assert r.status_code == status, r.text
+    assert client.get("/v1/health").json()["shared_bases"] == 2  # the inside copy is a base of its own
 
 
 def test_admin_disabled_without_a_key(runs, monkeypatch):
@@ -330,6 +344,7 @@ def test_serve_cli_refuses_bad_settings_before_loading(runs, capsys):
                  (["--port", "99999"], "--port 99999: a port is 0..65535"),
                  (["--port", str(port)], f"cannot listen on 127.0.0.1:{port}: Address already in use"),
                  (["--max-batch", "0"], "--max-batch must be at least 1"),
+                 (["--max-queued", "10"], "--max-queued (10) must be at least --max-texts (64)"),
                  (["--threshold", "topics"], "--threshold 'topics': write NAME=PROBABILITY")]
         for extra, message in cases:
             assert main(["serve", f"topics={runs['topics']}", *extra]) == 2

@@ -101,8 +101,9 @@ class TrainConfig(_Section):
     max_batch_tokens: Annotated[int, Field(gt=0)] | Literal["auto"] | None = "auto"
     """Most padded tokens (rows x longest row) in one forward pass, in training and evaluation. A
     longer batch runs as several passes whose gradients add up to the whole batch's, so updates
-    are the same up to float rounding while activation memory stays bounded by the budget rather
-    than by the longest batch. auto: 1024 on CPU (peak memory), none on GPUs (whole batches keep
+    are the same up to float rounding (with dropout on, the passes draw other masks from the same
+    distribution) while activation memory stays bounded by the budget rather than by the longest
+    batch. auto: 1024 on CPU (peak memory), none on GPUs (whole batches keep
     them busy); null: whole batches."""
     max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
     """Clip the gradient's global norm to this; null disables clipping."""

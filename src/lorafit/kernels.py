@@ -48,14 +48,16 @@ log = logging.getLogger(__name__)
 # oneDNN compiles a primitive per distinct shape and keeps up to 1,024 of them. Variable-length
 # batches bring new shapes nearly every step, so a full cache held ~350 MB here (one Banking77 LoRA
 # epoch: peak RSS 2,012 MB with 1,024, 1,631 MB with 64, 1,601 MB with 32, at the same speed; with
-# no cache 1,491 MB but 30 % slower). oneDNN reads the setting when it first runs, which in lorafit
-# is `onednn_available()`; a value the user exported wins.
+# no cache 1,491 MB but 30 % slower). oneDNN reads the setting when it first runs, so it is set when
+# this module is imported (on the importing thread, before any lorafit oneDNN call); a value the
+# user exported under either of oneDNN's names wins.
 PRIMITIVE_CACHE_CAPACITY = 64
+if not {"ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"} & set(os.environ):
+    os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(PRIMITIVE_CACHE_CAPACITY)
 
 
 @functools.cache
 def onednn_available() -> bool:
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(PRIMITIVE_CACHE_CAPACITY))
     try:
         op = torch.ops.mkldnn._linear_pointwise
         x, w = torch.ones(2, 3), torch.ones(4, 3)

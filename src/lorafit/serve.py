@@ -45,6 +45,7 @@ from .inference import batched_logits, check_no_pickles, load
 from .methods import registry
 from .models import ALIASES, build_classifier, load_tokenizer, resolve_model_path
 from .rundir import RunDir, safe_name
+from .runtime import token_budget
 
 __all__ = ["Limits", "Registry", "create_app", "run", "parse_adapter_spec", "check_can_listen"]
 
@@ -73,6 +74,8 @@ class Limits:
         for name in ("max_texts", "max_chars", "max_body_bytes", "max_batch", "max_queued"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_queued < self.max_texts:  # else a large request could never be queued, however often retried
+            raise UserError(f"--max-queued ({self.max_queued}) must be at least --max-texts ({self.max_texts})")
         if self.max_wait_ms < 0:
             raise UserError("--max-wait-ms must be 0 or more")
 
@@ -137,7 +140,7 @@ class SharedBase:
         self.model.eval()  # peft creates a new adapter's dropout modules in training mode
 
     @torch.inference_mode()
-    def logits(self, name: str, texts: list[str], max_length: int, batch_size: int) -> np.ndarray:
+    def logits(self, name: str, texts: list[str], max_length: int, batch_size: int, max_tokens: int | None) -> np.ndarray:
         self.model.set_adapter(name)
         encoder = self.model.base_model.model  # lorafit's SequenceClassifier with the adapters injected
         head = self.heads[name]
@@ -146,7 +149,7 @@ class SharedBase:
             return head(encoder.features(input_ids, attention_mask)).float().numpy()  # (B, C)
 
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        return batched_logits(backend, data.tokenize(self.tokenizer, texts, max_length), pad_id, batch_size)
+        return batched_logits(backend, data.tokenize(self.tokenizer, texts, max_length), pad_id, batch_size, max_tokens)
 
 
 class Registry:
@@ -194,7 +197,8 @@ class Registry:
             base.add(name, adapter_dir, peft_config, len(labels))
             self.bases[key] = base  # only once it holds an adapter
             max_length, batch_size = cfg.data.max_length, self.limits.max_batch
-            logits = lambda texts, base=base, name=name: base.logits(name, texts, max_length, batch_size)  # noqa: E731
+            max_tokens = token_budget(cfg.train.max_batch_tokens, torch.device("cpu"))  # the server computes on CPU
+            logits = lambda texts, base=base, name=name: base.logits(name, texts, max_length, batch_size, max_tokens)  # noqa: E731
             info = {"kind": "adapter", "shared_base": True}
         else:
             classifier = load(folder.path, device="cpu")
@@ -310,6 +314,8 @@ class Batcher:
     async def submit(self, served: Served, texts: list[str]) -> np.ndarray:
         # Bounded: while the compute thread is busy (a slow batch, an adapter being added), requests
         # beyond the limit are turned away at once instead of piling up memory and latency.
+        if self.task is None or self.task.done():
+            raise RequestError(503, "the batching loop is not running; see the server log")
         if self.queued + len(texts) > self.limits.max_queued:
             raise RequestError(503, f"server busy: {self.queued} texts already waiting (limit {self.limits.max_queued}); "
                                     "retry shortly")
@@ -338,7 +344,10 @@ class Batcher:
                     break
                 batch.append(item)
                 count += len(item.texts)
-            self.observe_batch(len(batch), count)
+            batch = [item for item in batch if not item.future.done()]  # drop callers that gave up (disconnected)
+            if not batch:
+                continue
+            self.observe_batch(len(batch), sum(len(item.texts) for item in batch))
             try:
                 results = await loop.run_in_executor(self.executor, _compute, batch)
             except Exception as e:  # a bug, not bad input: every waiting request hears of it
