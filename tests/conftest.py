@@ -136,3 +136,17 @@ def piece_counts(cfg, world: int = 1, epoch: int = 1) -> list[list[int]]:
     batches = data.length_grouped_batches(lengths, cfg.train.batch_size, random.Random(cfg.seed * 1000 + epoch))
     return [[len(data.split_by_tokens(World(rank, world).shard(batch)[0], lengths, cfg.train.max_batch_tokens))
              for rank in range(world)] for batch in batches]
+
+
+def dropout_free_overrides(folder: Path, method: str, **extra) -> list[str]:
+    """Overrides for 2 epochs of `method` on a tiny encoder and dataset built under `folder`, with
+    dropout off everywhere: runs that should see the same gradients can then be compared closely."""
+    model = build_tiny_encoder(folder / "model", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    data = write_dataset(folder / "data", n_train=150, n_test=40)
+    settings = {"method.name": method, "model.head_dropout": 0.0, "train.epochs": 2, "train.batch_size": 9, **extra}
+    if method != "full":
+        settings["method.dropout"] = 0.0
+    overrides = tiny_overrides(model, data, **settings)
+    if method == "full":  # full fine-tuning has no rank or alpha
+        overrides = [o for o in overrides if not o.startswith(("method.rank", "method.alpha"))]
+    return overrides

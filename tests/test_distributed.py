@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_same_training, build_tiny_encoder, piece_counts, tiny_overrides, write_dataset
+from conftest import assert_same_training, dropout_free_overrides, piece_counts
 from lorafit.config import load_config
 from lorafit.distributed import World
 from lorafit.train import train
@@ -64,15 +64,7 @@ def _launch(launcher: str, args: list[str], cwd: Path) -> subprocess.CompletedPr
 ])
 def test_two_gloo_processes_match_one_process(tmp_path, launcher, method, extra):
     # No dropout anywhere, so one process and two see the same gradients up to float summation order.
-    model = build_tiny_encoder(tmp_path / "model", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    data = write_dataset(tmp_path / "data", n_train=150, n_test=40)
-    settings = {"method.name": method, "model.head_dropout": 0.0, "train.epochs": 2, "train.batch_size": 9,
-                "train.threads": 1, **extra}
-    if method != "full":
-        settings["method.dropout"] = 0.0
-    overrides = tiny_overrides(model, data, **settings)
-    if method == "full":
-        overrides = [o for o in overrides if not o.startswith(("method.rank", "method.alpha"))]
+    overrides = dropout_free_overrides(tmp_path, method, **{"train.threads": 1, **extra})
 
     one = load_config(None, overrides)
     if "train.max_batch_tokens" in extra:  # some batch must split differently on the two processes

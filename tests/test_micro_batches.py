@@ -11,7 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import assert_same_training, build_tiny_encoder, piece_counts, tiny_overrides, write_dataset
+from conftest import assert_same_training, dropout_free_overrides, piece_counts
 from lorafit import data
 from lorafit.config import load_config
 from lorafit.errors import UserError
@@ -79,14 +79,7 @@ def test_evaluation_logits_do_not_depend_on_the_budget(tiny_bert):
     ("adalora", {"method.init_rank": 6}),  # its orthogonality penalty counts once per batch, not per piece
 ])
 def test_pieces_train_like_whole_batches(tmp_path, method, extra):
-    model = build_tiny_encoder(tmp_path / "model", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    folder = write_dataset(tmp_path / "data", n_train=150, n_test=40)
-    settings = {"method.name": method, "model.head_dropout": 0.0, "train.epochs": 2, "train.batch_size": 9, **extra}
-    if method != "full":
-        settings["method.dropout"] = 0.0
-    overrides = tiny_overrides(model, folder, **settings)
-    if method == "full":
-        overrides = [o for o in overrides if not o.startswith(("method.rank", "method.alpha"))]
+    overrides = dropout_free_overrides(tmp_path, method, **extra)
     whole = load_config(None, [*overrides, "train.max_batch_tokens=null"])
     train(whole, tmp_path / "whole")
     cut = load_config(None, [*overrides, "train.max_batch_tokens=24"])
