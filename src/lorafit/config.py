@@ -103,8 +103,8 @@ class TrainConfig(_Section):
     longer batch runs as several passes whose gradients add up to the whole batch's, so updates
     are the same up to float rounding (with dropout on, the passes draw other masks from the same
     distribution) while activation memory stays bounded by the budget rather than by the longest
-    batch. auto: 1024 on CPU (peak memory), none on GPUs (whole batches keep
-    them busy); null: whole batches."""
+    batch. auto: 1024 on CPU (peak memory), none on GPUs (whole batches keep them busy); null:
+    whole batches."""
     max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
     """Clip the gradient's global norm to this; null disables clipping."""
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0

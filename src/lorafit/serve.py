@@ -218,9 +218,9 @@ class Registry:
     def _check_base_allowed(self, name: str) -> None:
         """Over HTTP, an adapter's config may not make the server read or download any model it likes:
         only a built-in model, a base already held, or a model folder inside the adapter root."""
-        path = resolve_model_path(name)
-        held = {key[0] for key in self.bases} | {s.info.get("_base_path") for s in self.served.values()}
-        inside = self.root is not None and Path(path).is_dir() and self.root in Path(path).resolve().parents
+        path = resolve_model_path(name)  # a local folder comes back resolved (links followed)
+        held = {key[0] for key in self.bases} | {s.info["_base_path"] for s in self.served.values() if "_base_path" in s.info}
+        inside = self.root is not None and Path(path).is_dir() and self.root in Path(path).parents
         if name not in ALIASES and path not in held and not inside:
             raise UserError(f"base model {name!r} is not allowed for an adapter added at run time: use a built-in model "
                             f"({', '.join(ALIASES)}), a base this server already holds, or a model folder inside "
