@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -24,26 +24,61 @@ from lorafit.train import train
 pytestmark = pytest.mark.skipif(not kernels.onednn_available(), reason="this PyTorch build has no oneDNN")
 
 
-def _grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:
-    x = x.clone().requires_grad_(True)
-    layer.zero_grad(set_to_none=True)
+def _layout(shape: tuple[int, ...], layout: str, requires_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(leaf, view): random values of `shape` laid out as `layout` in memory; gradients are taken at the leaf."""
+    if layout == "transposed":  # every stride reversed: (1, ..., rows*...) like x.t() of a row-major block
+        leaf = torch.randn(shape[::-1], requires_grad=requires_grad)
+        return leaf, leaf.permute(*reversed(range(len(shape))))
+    if layout == "sliced":  # every other column, starting at an offset: not dense in memory
+        leaf = torch.randn(*shape[:-1], 2 * shape[-1] + 1, requires_grad=requires_grad)
+        return leaf, leaf[..., 1::2]
+    if layout == "expanded":  # one row repeated by stride 0, as `y.sum().backward()` sends upstream
+        leaf = torch.randn(*(1,) * (len(shape) - 1), shape[-1], requires_grad=requires_grad)
+        return leaf, leaf.expand(shape)
+    leaf = torch.randn(shape, requires_grad=requires_grad)
+    return leaf, leaf
+
+
+def _forward_backward(layer: nn.Module, leaf: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor | None]:
+    """[y, d leaf, d every trainable parameter] (gradients None where nothing needs one)."""
     y = layer(x)
-    y.backward(g)
-    return [y.detach(), x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+    wanted = [leaf] + [p for p in layer.parameters()]
+    wanted = [t for t in wanted if t.requires_grad]
+    if not wanted:
+        assert not y.requires_grad
+        return [y.detach()]
+    assert y.requires_grad, "a tensor needs a gradient but the output has no autograd history"
+    return [y.detach(), *torch.autograd.grad(y, wanted, g)]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(rows=st.integers(1, 70), extra=st.integers(0, 3), n_in=st.integers(1, 96), n_out=st.integers(1, 96),
-       bias=st.booleans(), trainable=st.booleans(), seed=st.integers(0, 2**16))
-def test_onednn_linear_matches_f_linear_forward_and_backward(rows, extra, n_in, n_out, bias, trainable, seed):
+       bias=st.booleans(), trains=st.sampled_from(["nothing", "bias", "weight", "all"]), x_grad=st.booleans(),
+       x_layout=st.sampled_from(["contiguous", "transposed", "sliced"]),
+       g_layout=st.sampled_from(["contiguous", "transposed", "sliced", "expanded"]), seed=st.integers(0, 2**16))
+# BitFit / peft bias="all": frozen weight, an input without gradient, a trainable bias.
+@example(rows=5, extra=0, n_in=7, n_out=3, bias=True, trains="bias", x_grad=False, x_layout="contiguous",
+         g_layout="contiguous", seed=0)
+@example(rows=6, extra=2, n_in=9, n_out=4, bias=True, trains="bias", x_grad=False, x_layout="transposed",
+         g_layout="expanded", seed=1)
+def test_onednn_linear_matches_f_linear_forward_and_backward(rows, extra, n_in, n_out, bias, trains, x_grad, x_layout,
+                                                            g_layout, seed):
     torch.manual_seed(seed)
-    stock = nn.Linear(n_in, n_out, bias=bias).requires_grad_(trainable)
-    fast = nn.Linear(n_in, n_out, bias=bias).requires_grad_(trainable)
+    stock = nn.Linear(n_in, n_out, bias=bias)
+    stock.weight.requires_grad_(trains in ("weight", "all"))
+    if bias:
+        stock.bias.requires_grad_(trains in ("bias", "all"))
+    fast = nn.Linear(n_in, n_out, bias=bias)
     fast.load_state_dict(stock.state_dict())
+    for a, b in zip(stock.parameters(), fast.parameters(), strict=True):
+        b.requires_grad_(a.requires_grad)
     assert kernels.use_onednn_linear(fast) == 1 and type(fast) is kernels.OneDnnLinear
     shape = (rows, extra, n_in) if extra else (rows, n_in)
-    x, g = torch.randn(shape), torch.randn(*shape[:-1], n_out)
-    for a, b in zip(_grads(stock, x, g), _grads(fast, x, g), strict=True):
+    leaf, x = _layout(shape, x_layout, requires_grad=x_grad)
+    _, g = _layout((*shape[:-1], n_out), g_layout)
+    expected, got = _forward_backward(stock, leaf, x, g), _forward_backward(fast, leaf, x, g)
+    assert len(got) == len(expected)
+    for a, b in zip(expected, got, strict=True):
         assert a.shape == b.shape
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * max(1.0, float(a.abs().max())))
     with torch.no_grad():  # the inference branch (no autograd function)
@@ -87,6 +122,36 @@ def test_fast_dropout_has_the_dropout_distribution():
     kept = kernels.fast_dropout(torch.ones(1_000_000), 0.5) != 0
     both = float((~kept[0::2] & ~kept[1::2]).float().mean())
     assert abs(both - 0.25) < 0.004
+
+
+@pytest.mark.parametrize("p", [1 - 0.4 / 65536, 0.999999, 1 - 1e-12, 1.0])
+def test_fast_dropout_with_p_that_rounds_to_one_drops_everything(p):
+    # The config allows any p below 1; p within 1/131072 of 1 rounds to a keep probability of 0/65536.
+    x = torch.randn(64, 32, requires_grad=True)
+    y = kernels.fast_dropout(x, p)
+    assert torch.equal(y, F.dropout(x, 1.0)) and torch.equal(y, torch.zeros_like(x))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    layer = nn.Dropout(p)
+    kernels.use_fast_dropout(layer)
+    assert torch.equal(layer(torch.ones(8, 4)), torch.zeros(8, 4))
+
+
+@settings(max_examples=40, deadline=None)
+@given(p=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_fast_dropout_is_inverted_dropout_for_every_p(p, seed):
+    torch.manual_seed(seed)
+    x = torch.rand(4096) + 0.5
+    y = kernels.fast_dropout(x, p)
+    kept = y != 0
+    rounded = round(p * 65536) / 65536  # the drop probability actually used
+    assert torch.isfinite(y).all()
+    if rounded == 1:
+        assert not kept.any()
+    else:
+        torch.testing.assert_close(y[kept], x[kept] / (1 - rounded), rtol=1e-6, atol=0)
+    if rounded == 0:
+        assert kept.all()
 
 
 def _run(tmp_path, model, data, name, kernels_mode, **extra):

@@ -101,7 +101,10 @@ class OneDnnLinear(nn.Linear):
                 or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling() or x.dim() < 2 or x.numel() == 0):
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, self.in_features)  # (M, in)
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+        # The autograd path whenever anything here needs a gradient: the bias alone trains in BitFit
+        # (peft bias="all"), with a frozen weight and an input that needs none.
+        needs_grad = x.requires_grad or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        if torch.is_grad_enabled() and needs_grad:
             y = _OneDnnLinearFunction.apply(x2, self.weight, self.bias)
         else:
             y = _mm(x2, self.weight, self.bias)
@@ -138,12 +141,21 @@ def choose(threads: int) -> bool:
 
 
 def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Inverted dropout with drop probability p rounded to k / 65536: 16 random bits per element."""
+    """Inverted dropout with drop probability p rounded to k / 65536: 16 random bits per element.
+
+    Any p in [0, 1] works: one that rounds to 65536 / 65536 (p > 1 - 1/131072) drops every element,
+    like `F.dropout(x, 1.0)`, rather than scaling the survivors by 1 / 0.
+    """
+    if not 0 <= p <= 1:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    dropped = int(round(p * 65536))  # of every 65536 elements, on average
+    if dropped == 65536:
+        return x * 0
     n = x.numel()
-    threshold = int(round(p * 65536)) - 32768  # int16 draws are uniform on [-32768, 32767]
+    threshold = dropped - 32768  # int16 draws are uniform on [-32768, 32767]
     bits = torch.randint(-(2**31), 2**31 - 1, ((n + 1) // 2,), dtype=torch.int32, device=x.device)
-    keep = bits.view(torch.int16)[:n].view(x.shape) >= threshold  # P(keep) = 1 - round(p * 65536) / 65536
-    return (x * keep).mul_(65536 / (65536 - (threshold + 32768)))
+    keep = bits.view(torch.int16)[:n].view(x.shape) >= threshold  # P(keep) = 1 - dropped / 65536
+    return (x * keep).mul_(65536 / (65536 - dropped))
 
 
 class FastDropout(nn.Dropout):
@@ -152,8 +164,6 @@ class FastDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace or not x.is_floating_point():
             return F.dropout(x, self.p, self.training, self.inplace)
-        if self.p >= 1:
-            return x * 0
         return fast_dropout(x, self.p)
 
 
