@@ -11,6 +11,7 @@ import http.server
 import json
 import random
 import re
+import shutil
 import socket
 import threading
 from collections import Counter
@@ -25,7 +26,7 @@ from lorafit.config import DataConfig
 from lorafit.data import BuiltinDataset, RemoteFile, Split
 from lorafit.errors import UserError
 
-from conftest import synthetic_frame
+from conftest import synthetic_frame, tiny_overrides
 
 
 def write_frame(frame: pd.DataFrame, path: Path) -> Path:
@@ -460,9 +461,10 @@ def test_fetch_builtin_downloads_into_the_cache_and_checks_sha256(served):
     server, root, cache = served
     spec = _spec(server, root)
 
-    folder = data.fetch_builtin(spec)
+    found = data.fetch_builtin(spec)
 
-    assert folder == cache / "datasets" / "tinyremote"
+    folder = cache / "datasets" / "tinyremote"
+    assert {split: file.path for split, file in found.items()} == {"train": folder / "train.csv", "test": folder / "test.csv"}
     assert _all_files(cache) == ["datasets/tinyremote/test.csv", "datasets/tinyremote/train.csv"]  # no .part left
     for split in ("train", "test"):
         assert (folder / f"{split}.csv").read_bytes() == (root / f"{split}.csv").read_bytes()
@@ -470,7 +472,7 @@ def test_fetch_builtin_downloads_into_the_cache_and_checks_sha256(served):
     assert sorted(server.requests) == ["/test.csv", "/train.csv"]
 
     # A second call uses the cache; a damaged cached file is fetched again.
-    assert data.fetch_builtin(spec) == folder
+    assert data.fetch_builtin(spec) == found
     assert len(server.requests) == 2
     (folder / "train.csv").write_text("text,label\ntampered,x\n")
     data.fetch_builtin(spec)
@@ -520,26 +522,34 @@ def test_missing_remote_file_is_a_user_error(served):
 
 def test_local_mirror_wins_over_download(served, tmp_path, monkeypatch):
     server, root, cache = served
-    mirror = tmp_path / "mirror"
-    frame = synthetic_frame(30, seed=22).rename(columns={"text": "utterance", "label": "intent"})
-    write_frame(frame, mirror / "tinyremote" / "train.csv")
-    write_frame(frame.iloc[:9], mirror / "tinyremote" / "test.csv")
+    mirror = _mirror_copy(tmp_path, root)
     monkeypatch.setenv("LORAFIT_DATA_DIR", str(mirror))
     spec = _spec(server, root)
 
-    assert data.fetch_builtin(spec) == mirror / "tinyremote"
+    assert {split: file.path for split, file in data.fetch_builtin(spec).items()} == {
+        "train": mirror / "tinyremote" / "train.csv", "test": mirror / "tinyremote" / "test.csv"}
     assert server.requests == []
     assert _all_files(cache) == []
 
     monkeypatch.setitem(data.BUILTINS, "tinyremote", spec)
     dataset, _ = data.load(DataConfig(name="tinyremote"), seed=0)
-    assert dataset.splits["test"].texts == frame["utterance"].iloc[:9].tolist()
+    assert dataset.splits["test"].texts == pd.read_csv(root / "test.csv")["utterance"].tolist()
     assert server.requests == []
 
     # A mirror folder without this dataset is ignored: the download path is taken.
     monkeypatch.setenv("LORAFIT_DATA_DIR", str(tmp_path / "elsewhere"))
-    assert data.fetch_builtin(spec) == cache / "datasets" / "tinyremote"
+    assert data.fetch_builtin(spec)["train"].path == cache / "datasets" / "tinyremote" / "train.csv"
     assert sorted(server.requests) == ["/test.csv", "/train.csv"]
+
+
+def test_mirror_only_dataset_without_a_mirror_says_where_to_put_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("LORAFIT_DATA_DIR", raising=False)
+    monkeypatch.setenv("LORAFIT_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(UserError) as info:
+        data.load(DataConfig(name="trec6"), seed=0)
+    assert str(info.value) == ("the built-in dataset 'trec6' has no public download; put its files (train.csv, test.csv) "
+                               "in $LORAFIT_DATA_DIR/trec6/ and set LORAFIT_DATA_DIR")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_load_builtin_downloads_and_uses_the_spec_columns(served, monkeypatch):
@@ -557,3 +567,131 @@ def test_load_builtin_downloads_and_uses_the_spec_columns(served, monkeypatch):
     assert dataset.splits["test"].texts == served_test["utterance"].tolist()
     assert len(dataset.splits["train"]) + len(dataset.splits["validation"]) == 60
     assert _all_files(cache) == ["datasets/tinyremote/test.csv", "datasets/tinyremote/train.csv"]
+
+
+# -- every source checked against the registry's sha256 ----------------------------------------
+
+def _mirror_copy(tmp_path: Path, root: Path, name: str = "tinyremote") -> Path:
+    """A local mirror ($LORAFIT_DATA_DIR) holding exact copies of the served split files."""
+    folder = tmp_path / "mirror" / name
+    folder.mkdir(parents=True)
+    for split in ("train", "test"):
+        shutil.copyfile(root / f"{split}.csv", folder / f"{split}.csv")
+    return folder.parent
+
+
+def _append_row(path: Path) -> None:
+    path.write_text(path.read_text(encoding="utf-8") + "one more pizza please,food\n", encoding="utf-8")
+
+
+def test_tampered_mirror_file_is_one_clear_error(served, tmp_path, monkeypatch):
+    server, root, cache = served
+    mirror = _mirror_copy(tmp_path, root)
+    monkeypatch.setenv("LORAFIT_DATA_DIR", str(mirror))
+    monkeypatch.setitem(data.BUILTINS, "tinyremote", _spec(server, root))
+    dataset, _ = data.load(DataConfig(name="tinyremote"), seed=0)  # exact copies: read from the mirror
+    assert len(dataset.splits["test"]) == 15
+    assert server.requests == [] and _all_files(cache) == []
+
+    train = mirror / "tinyremote" / "train.csv"
+    _append_row(train)
+    with pytest.raises(UserError) as info:
+        data.load(DataConfig(name="tinyremote"), seed=0)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(train) in message and "sha256" in message
+    assert _sha256(train) in message and _sha256(root / "train.csv") in message
+    assert "LORAFIT_DATA_DIR" in message
+    assert server.requests == [] and _all_files(cache) == []  # no silent fall-back to a download
+
+    # A mirror that lacks one of the registry's split files is refused too (not carved from train).
+    shutil.copyfile(root / "train.csv", train)
+    (mirror / "tinyremote" / "test.csv").unlink()
+    with pytest.raises(UserError, match=r"has no test file \(test\.csv\) for the built-in dataset 'tinyremote'"):
+        data.load(DataConfig(name="tinyremote"), seed=0)
+
+
+def test_tampered_mirror_stops_lorafit_train_with_exit_2(served, tmp_path, monkeypatch, tiny_bert, capsys):
+    from lorafit.cli import main
+
+    server, root, _ = served
+    mirror = _mirror_copy(tmp_path, root)
+    _append_row(mirror / "tinyremote" / "test.csv")
+    monkeypatch.setenv("LORAFIT_DATA_DIR", str(mirror))
+    monkeypatch.setitem(data.BUILTINS, "tinyremote", _spec(server, root))
+    out = tmp_path / "run"
+
+    assert main(["train", *tiny_overrides(tiny_bert, "tinyremote"), "--out", str(out)]) == 2
+
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("lorafit: error: ")
+    assert f"{mirror / 'tinyremote' / 'test.csv'} does not match the sha256" in err
+    assert not out.exists()
+
+
+def _hub_like(root: Path, seed: int) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    """Parquet split files with integer labels, as hub datasets store them (class i = names[i])."""
+    frames = {"train": synthetic_frame(48, seed=seed), "test": synthetic_frame(12, seed=seed + 1)}
+    names = ["travel", "food", "sport"]  # not alphabetical: the file's own class order
+    for split, frame in frames.items():
+        coded = frame.assign(label=[names.index(label) for label in frame["label"]])
+        write_frame(coded, root / "split" / f"{split}-00000-of-00001.parquet")
+    return frames, names
+
+
+def test_hub_files_with_integer_labels_are_pinned_checked_and_named(served, monkeypatch):
+    server, root, cache = served
+    frames, names = _hub_like(root, seed=30)
+    files = {split: RemoteFile(server.url(f"split/{split}-00000-of-00001.parquet"),
+                               _sha256(root / "split" / f"{split}-00000-of-00001.parquet"),
+                               name=f"{split}.parquet", label_names=tuple(names))
+             for split in ("train", "test")}
+    monkeypatch.setitem(data.BUILTINS, "tinyhub", BuiltinDataset(name="tinyhub", text_column="text", label_column="label", files=files))
+
+    dataset, _ = data.load(DataConfig(name="tinyhub"), seed=0)
+
+    assert dataset.splits["test"].labels == frames["test"]["label"].tolist()  # names, not 0/1/2
+    assert dataset.label_names == ["food", "sport", "travel"]
+    assert _all_files(cache) == ["datasets/tinyhub/test.parquet", "datasets/tinyhub/train.parquet"]
+    assert len(server.requests) == 2
+
+    # The cache is checked on every load: a damaged cached file is fetched again, then matches.
+    cached = cache / "datasets" / "tinyhub" / "train.parquet"
+    write_frame(pd.DataFrame({"text": ["x"] * 3, "label": [0, 1, 2]}), cached)
+    again, _ = data.load(DataConfig(name="tinyhub"), seed=0)
+    assert server.requests[2:] == ["/split/train-00000-of-00001.parquet"]
+    assert _sha256(cached) == files["train"].sha256
+    assert again.splits["train"].texts == dataset.splits["train"].texts
+
+
+def test_damaged_cache_offline_is_one_clear_error(served, monkeypatch):
+    server, root, cache = served
+    spec = _spec(server, root)
+    monkeypatch.setitem(data.BUILTINS, "tinyremote", spec)
+    data.load(DataConfig(name="tinyremote"), seed=0)
+    cached = cache / "datasets" / "tinyremote" / "test.csv"
+    _append_row(cached)
+    server.close()  # offline from now on
+
+    with pytest.raises(UserError) as info:
+        data.load(DataConfig(name="tinyremote"), seed=0)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"{cached} does not match the sha256" in message and "cannot download" in message
+
+
+def test_builtins_are_pinned_by_sha256_and_emotion_by_hub_revision():
+    for spec in data.BUILTINS.values():
+        assert spec.files, spec.name
+        for split, remote in spec.files.items():
+            assert re.fullmatch(r"[0-9a-f]{64}", remote.sha256), (spec.name, split)
+            assert remote.url is None or not re.search(r"/(main|master)/", remote.url), remote.url
+    emotion = data.BUILTINS["emotion"]
+    assert set(emotion.files) == {"train", "validation", "test"}
+    for split, remote in emotion.files.items():
+        assert remote.url == ("https://huggingface.co/datasets/dair-ai/emotion/resolve/"
+                              f"cab853a1dbdf4c42c2b3ef2173804746df8825fe/split/{split}-00000-of-00001.parquet")
+        assert remote.label_names == ("sadness", "joy", "love", "anger", "fear", "surprise")
+    # The CSV export of the same splits (label names, not numbers) is accepted in a mirror, by its own sha256.
+    assert {split: f.file_name(split) for split, f in emotion.mirror_files.items()} == {
+        "train": "train.csv", "validation": "validation.csv", "test": "test.csv"}

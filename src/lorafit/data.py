@@ -1,8 +1,14 @@
 """Datasets: registry and loading, the label space, splits, tokenising and batching.
 
-Where a built-in dataset comes from, in order: the local mirror `$LORAFIT_DATA_DIR/<name>/`, the
-user cache (`$LORAFIT_CACHE_DIR`, default `~/.cache/lorafit`), then the canonical public source,
-checked against its sha256 before it enters the cache.
+Where a built-in dataset's split files come from, in order:
+
+1. the local mirror `$LORAFIT_DATA_DIR/<name>/`, when that folder exists: the user asked for it, so
+   a file there that does not match the registry's sha256 (or is missing) is an error, never skipped;
+2. the user cache (`$LORAFIT_CACHE_DIR`, default `~/.cache/lorafit`): a cached file that does not
+   match is fetched again;
+3. the canonical public source at a pinned commit or hub revision, checked before it enters the cache.
+
+Every file is checked against the registry's sha256 every time it is read, wherever it comes from.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ __all__ = [
     "Split",
     "Dataset",
     "load",
+    "BuiltinFile",
     "fetch_builtin",
     "read_table",
     "length_grouped_batches",
@@ -55,8 +62,19 @@ FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parq
 
 @dataclass(frozen=True)
 class RemoteFile:
-    url: str
+    """One split file of a built-in dataset, pinned by its sha256."""
+
+    #: Its canonical public address (a pinned commit or revision); None: not downloadable, only
+    #: read from a mirror or the package.
+    url: str | None
     sha256: str
+    #: Its name in a dataset folder (mirror, package, cache); None: "<split>.csv".
+    name: str | None = None
+    #: The file stores class i as the integer i: these are the class names (hub datasets do this).
+    label_names: tuple[str, ...] = ()
+
+    def file_name(self, split: str) -> str:
+        return self.name or f"{split}.csv"
 
 
 @dataclass(frozen=True)
@@ -64,14 +82,25 @@ class BuiltinDataset:
     name: str
     text_column: str
     label_column: str
-    #: split -> file (CSV) at its canonical public address, with its checksum.
+    #: split -> its canonical file, with its checksum.
     files: dict[str, RemoteFile] = field(default_factory=dict)
-    #: Or: a Hugging Face hub dataset id (and config) when the canonical source is the hub.
-    hub: tuple[str, str | None] | None = None
+    #: split -> another form of the same split accepted in a mirror, by its own checksum (emotion:
+    #: the CSV export with class names, next to the hub's Parquet files with class numbers).
+    mirror_files: dict[str, RemoteFile] = field(default_factory=dict)
     description: str = ""
 
 
 _POLYAI = "https://raw.githubusercontent.com/PolyAI-LDN/task-specific-datasets/57ec275d8078af65b7731c2a98be812d844a6d6b/banking_data"
+# dair-ai/emotion's "split" configuration on the Hugging Face hub at a pinned revision (the Parquet
+# files the hub serves; their checksums are those of that revision).
+_EMOTION = "https://huggingface.co/datasets/dair-ai/emotion/resolve/cab853a1dbdf4c42c2b3ef2173804746df8825fe/split"
+_EMOTION_CLASSES = ("sadness", "joy", "love", "anger", "fear", "surprise")
+
+
+def _parquet(url: str, split: str, sha256: str, label_names: tuple[str, ...]) -> RemoteFile:
+    return RemoteFile(f"{url}/{split}-00000-of-00001.parquet", sha256, f"{split}.parquet", label_names)
+
+
 BUILTINS: dict[str, BuiltinDataset] = {
     "banking77": BuiltinDataset(
         name="banking77",
@@ -87,8 +116,41 @@ BUILTINS: dict[str, BuiltinDataset] = {
         name="emotion",
         text_column="text",
         label_column="label",
-        hub=("dair-ai/emotion", "split"),
-        description="6 emotions of English tweets (Saravia et al., 2018); 16,000 / 2,000 / 2,000",
+        files={
+            "train": _parquet(_EMOTION, "train", "10817f0f2ea42358bc62f69a09dfb8bd71701727df6d5a387bea742f3ea06417", _EMOTION_CLASSES),
+            "validation": _parquet(_EMOTION, "validation", "c70f0e660b5ebd1ea9a37d2a851f516f08a6d6477cdfc11be204e22a2f1102fd", _EMOTION_CLASSES),
+            "test": _parquet(_EMOTION, "test", "6f8407fa1ca9c310f55781f082ed73812f6551e8dda2c61973123a121869245b", _EMOTION_CLASSES),
+        },
+        mirror_files={
+            "train": RemoteFile(None, "ad257c9a95262698b4e6ebcd5562d6837f46e98e9c55d1f54e8e986444108428"),
+            "validation": RemoteFile(None, "d8996132954cc6051bd53c2975c4c665c3a4bf67e0b5736718a1dc032dffb7a2"),
+            "test": RemoteFile(None, "c2deeffa20ac778f47522d645fcacbdffb689a560e71ec73600816b10703860c"),
+        },
+        description="6 emotions of English tweets (Saravia et al., 2018); 16,000 / 2,000 / 2,000; "
+                    "license unclear (research and education)",
+    ),
+    # Mirror-only (no canonical download of these CSVs): the checksums are those of the CSV
+    # conversions of the published splits, documented in each mirror folder's README.
+    "snips": BuiltinDataset(
+        name="snips",
+        text_column="text",
+        label_column="label",
+        files={
+            "train": RemoteFile(None, "19cabe085b195f5868d83456d62ce873a416c5a82addc449307475a16e1aa610"),
+            "validation": RemoteFile(None, "e315c53769d216dde6e75b7b15581ee6a776345aeb78a5761bc3fc87ed5f910f"),
+            "test": RemoteFile(None, "bf22736254d8e630145a85f40e9316b532a6d124141de75f9d6194bda7354e7b"),
+        },
+        description="7 voice-assistant intents (Coucke et al., 2018; split of Goo et al., 2018); 13,084 / 700 / 700; CC0-1.0",
+    ),
+    "trec6": BuiltinDataset(
+        name="trec6",
+        text_column="text",
+        label_column="label",
+        files={
+            "train": RemoteFile(None, "d4067e99836e44937ae18cddc1a40fe7f9a1819132273a5515fe6984fe564522"),
+            "test": RemoteFile(None, "a4b5bfb49557601109fb0f96d36e0aad3cb886990257d3b8683bc2d8a2697d4f"),
+        },
+        description="6 coarse question types (Li & Roth, 2002); 5,452 train / 500 test; research use",
     ),
 }
 
@@ -164,44 +226,73 @@ def download(remote: RemoteFile, dest: Path, timeout: float = 60.0) -> Path:
         tmp.unlink(missing_ok=True)
 
 
-def fetch_builtin(spec: BuiltinDataset) -> Path:
-    """The folder holding the dataset's split files: mirror, else cache, else download."""
+@dataclass(frozen=True)
+class BuiltinFile:
+    """A split file of a built-in dataset, found and checked: where it is and what the registry says of it."""
+
+    path: Path
+    spec: RemoteFile
+
+
+def fetch_builtin(spec: BuiltinDataset) -> dict[str, BuiltinFile]:
+    """split -> its file, checked against the registry's sha256: mirror, else cache, else download
+    (see the module docstring)."""
     mirror = os.environ.get("LORAFIT_DATA_DIR")
     if mirror and (Path(mirror) / spec.name).is_dir():
-        return Path(mirror) / spec.name
-    folder = cache_dir() / "datasets" / spec.name
-    if spec.hub is not None:
-        if not all((folder / f"{s}.csv").is_file() for s in SPLITS):
-            _fetch_from_hub(spec, folder)
-        return folder
-    for split, remote in spec.files.items():
-        target = folder / f"{split}.csv"
-        if not target.is_file() or sha256_of(target) != remote.sha256:
-            log.info("downloading %s %s from %s", spec.name, split, remote.url)
-            download(remote, target)
-    return folder
-
-
-def _fetch_from_hub(spec: BuiltinDataset, folder: Path) -> None:
-    hub_id, hub_config = spec.hub  # type: ignore[misc]
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(hub_id, hub_config)
-    except Exception as e:  # noqa: BLE001 - the hub client raises many kinds
+        return _from_mirror(spec, Path(mirror) / spec.name)
+    if any(remote.url is None for remote in spec.files.values()):
+        names = ", ".join(remote.file_name(split) for split, remote in spec.files.items())
         raise UserError(
-            f"dataset {spec.name!r} is not in $LORAFIT_DATA_DIR nor the cache, and the hub ({hub_id}) "
-            f"did not provide it ({str(e).splitlines()[0] if str(e) else type(e).__name__}); put "
-            f"train.csv/validation.csv/test.csv in $LORAFIT_DATA_DIR/{spec.name}/ and set LORAFIT_DATA_DIR"
-        ) from None
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
-        frame = ds[split].to_pandas()
-        names = ds[split].features[spec.label_column].names
-        frame[spec.label_column] = [names[i] for i in frame[spec.label_column]]
-        tmp = folder / f".{split}.csv.part"
-        frame[[spec.text_column, spec.label_column]].to_csv(tmp, index=False)
-        os.replace(tmp, folder / f"{split}.csv")
+            f"the built-in dataset {spec.name!r} has no public download; put its files ({names}) in "
+            f"$LORAFIT_DATA_DIR/{spec.name}/ and set LORAFIT_DATA_DIR"
+        )
+    folder = cache_dir() / "datasets" / spec.name
+    found: dict[str, BuiltinFile] = {}
+    for split, remote in spec.files.items():
+        target = folder / remote.file_name(split)
+        damaged = ""
+        if target.is_file():
+            actual = sha256_of(target)
+            if actual == remote.sha256:
+                found[split] = BuiltinFile(target, remote)
+                continue
+            damaged = f"{target} does not match the sha256 in lorafit's registry ({actual}, expected {remote.sha256}); "
+            log.warning("%sdownloading it again", damaged)
+        log.info("downloading %s %s from %s", spec.name, split, remote.url)
+        try:
+            found[split] = BuiltinFile(download(remote, target), remote)
+        except UserError as e:
+            raise UserError(f"{damaged}{e}") from None
+    return found
+
+
+def _from_mirror(spec: BuiltinDataset, folder: Path) -> dict[str, BuiltinFile]:
+    """Every split file of `spec` in the mirror folder, in its canonical or its accepted mirror form."""
+    found: dict[str, BuiltinFile] = {}
+    for split, remote in spec.files.items():
+        forms = [remote] + ([spec.mirror_files[split]] if split in spec.mirror_files else [])
+        present = [form for form in forms if (folder / form.file_name(split)).is_file()]
+        if not present:
+            names = " or ".join(form.file_name(split) for form in forms)
+            raise UserError(
+                f"$LORAFIT_DATA_DIR/{spec.name} ({folder}) has no {split} file ({names}) for the built-in "
+                f"dataset {spec.name!r}; add it, or unset LORAFIT_DATA_DIR"
+            )
+        form = present[0]
+        found[split] = _checked(folder / form.file_name(split), form,
+                                "restore the original file, or unset LORAFIT_DATA_DIR to use another source")
+    return found
+
+
+def _checked(path: Path, remote: RemoteFile, fix: str) -> BuiltinFile:
+    """`path` if its sha256 is the registry's, else one line saying what differs and `fix`."""
+    try:
+        actual = sha256_of(path)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e.strerror or e}; {fix}") from None
+    if actual != remote.sha256:
+        raise UserError(f"{path} does not match the sha256 in lorafit's registry ({actual}, expected {remote.sha256}); {fix}")
+    return BuiltinFile(path, remote)
 
 
 # -- reading tables -----------------------------------------------------------------------------
@@ -459,8 +550,11 @@ def load(cfg: DataConfig, seed: int) -> tuple[Dataset, DataConfig]:
     label_column = cfg.label_column or (spec.label_column if spec else "label")
     resolved = cfg.model_copy(update={"text_column": text_column, "label_column": label_column})
 
+    names: dict[str, tuple[str, ...]] = {}  # split -> class names of a file that stores class numbers
     if spec is not None:
-        files = _split_files(fetch_builtin(spec))
+        found = fetch_builtin(spec)
+        files = {split: file.path for split, file in found.items()}
+        names = {split: file.spec.label_names for split, file in found.items() if file.spec.label_names}
         source = f"builtin:{spec.name}"
     elif cfg.name.startswith("hf:"):
         files = _hub_files(cfg.name[3:], text_column, label_column)
@@ -486,6 +580,8 @@ def load(cfg: DataConfig, seed: int) -> tuple[Dataset, DataConfig]:
     dropped: dict[str, int] = {}
     for name, path in files.items():
         splits[name], dropped[name] = _read_split(path, text_column, label_column)
+        if name in names:
+            splits[name].labels = [names[name][int(label)] for label in splits[name].labels]
     provenance = {name: "file" for name in splits}
 
     train = splits["train"]
