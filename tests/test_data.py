@@ -6,6 +6,7 @@ not mocked.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.server
 import json
@@ -695,3 +696,50 @@ def test_builtins_are_pinned_by_sha256_and_emotion_by_hub_revision():
     # The CSV export of the same splits (label names, not numbers) is accepted in a mirror, by its own sha256.
     assert {split: f.file_name(split) for split, f in emotion.mirror_files.items()} == {
         "train": "train.csv", "validation": "validation.csv", "test": "test.csv"}
+    assert not data.BUILTINS["emotion"].packaged  # license unclear: never shipped
+
+
+# -- Banking77 inside the package: the built-in name works offline -----------------------------
+
+def _no_network_for(monkeypatch, tmp_path: Path, name: str) -> None:
+    """No mirror, an empty cache, the hub offline and the dataset's download address a closed port."""
+    monkeypatch.delenv("LORAFIT_DATA_DIR", raising=False)
+    monkeypatch.setenv("LORAFIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = data.BUILTINS[name]
+    closed = f"http://127.0.0.1:{_closed_port()}"
+    files = {split: dataclasses.replace(remote, url=f"{closed}/{split}.csv") for split, remote in spec.files.items()}
+    monkeypatch.setitem(data.BUILTINS, name, dataclasses.replace(spec, files=files))
+
+
+def test_banking77_loads_offline_from_the_package(monkeypatch, tmp_path):
+    _no_network_for(monkeypatch, tmp_path, "banking77")
+
+    dataset, resolved = data.load(DataConfig(name="banking77"), seed=0)
+
+    assert (resolved.text_column, resolved.label_column) == ("text", "category")
+    assert len(dataset.label_names) == 77
+    assert len(dataset.splits["test"]) == 3080
+    assert len(dataset.splits["train"]) + len(dataset.splits["validation"]) == 10003
+    assert dataset.source == "builtin:banking77"
+    assert not (tmp_path / "cache").exists()  # nothing downloaded, nothing cached
+    shipped = data.PACKAGE_DATA / "banking77"
+    assert {"LICENSE", "README.md", "train.csv", "test.csv"} <= {p.name for p in shipped.iterdir()}
+    assert "CC-BY-4.0" in (shipped / "README.md").read_text() or "CC BY 4.0" in (shipped / "README.md").read_text()
+
+
+def test_damaged_package_data_is_one_clear_error(monkeypatch, tmp_path):
+    _no_network_for(monkeypatch, tmp_path, "banking77")
+    packaged = tmp_path / "package"
+    shutil.copytree(data.PACKAGE_DATA / "banking77", packaged / "banking77")
+    _append_row(packaged / "banking77" / "train.csv")
+    monkeypatch.setattr(data, "PACKAGE_DATA", packaged)
+
+    with pytest.raises(UserError) as info:
+        data.load(DataConfig(name="banking77"), seed=0)
+
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"{packaged / 'banking77' / 'train.csv'} does not match the sha256" in message
+    assert "reinstall lorafit" in message
+    assert not (tmp_path / "cache").exists()

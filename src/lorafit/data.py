@@ -4,9 +4,11 @@ Where a built-in dataset's split files come from, in order:
 
 1. the local mirror `$LORAFIT_DATA_DIR/<name>/`, when that folder exists: the user asked for it, so
    a file there that does not match the registry's sha256 (or is missing) is an error, never skipped;
-2. the user cache (`$LORAFIT_CACHE_DIR`, default `~/.cache/lorafit`): a cached file that does not
+2. the package itself (`lorafit/datasets/<name>/`), for datasets whose license allows shipping them
+   (Banking77, CC-BY-4.0): the built-in name works offline with no set-up; a damaged file is an error;
+3. the user cache (`$LORAFIT_CACHE_DIR`, default `~/.cache/lorafit`): a cached file that does not
    match is fetched again;
-3. the canonical public source at a pinned commit or hub revision, checked before it enters the cache.
+4. the canonical public source at a pinned commit or hub revision, checked before it enters the cache.
 
 Every file is checked against the registry's sha256 every time it is read, wherever it comes from.
 """
@@ -46,6 +48,7 @@ __all__ = [
     "Dataset",
     "load",
     "BuiltinFile",
+    "PACKAGE_DATA",
     "fetch_builtin",
     "read_table",
     "length_grouped_batches",
@@ -87,8 +90,13 @@ class BuiltinDataset:
     #: split -> another form of the same split accepted in a mirror, by its own checksum (emotion:
     #: the CSV export with class names, next to the hub's Parquet files with class numbers).
     mirror_files: dict[str, RemoteFile] = field(default_factory=dict)
+    #: Shipped inside the package (lorafit/datasets/<name>/, with its license), so it works offline.
+    packaged: bool = False
     description: str = ""
 
+
+#: Data files shipped inside the package, one folder per built-in dataset (its license included).
+PACKAGE_DATA = Path(__file__).parent / "datasets"
 
 _POLYAI = "https://raw.githubusercontent.com/PolyAI-LDN/task-specific-datasets/57ec275d8078af65b7731c2a98be812d844a6d6b/banking_data"
 # dair-ai/emotion's "split" configuration on the Hugging Face hub at a pinned revision (the Parquet
@@ -110,6 +118,7 @@ BUILTINS: dict[str, BuiltinDataset] = {
             "train": RemoteFile(f"{_POLYAI}/train.csv", "b06e26ac675513959a63135f11b94ea7786ed02da65db93a5650d8838cbc664b"),
             "test": RemoteFile(f"{_POLYAI}/test.csv", "d12d6e3bc4c3103966ae786dc435913c0c563dfa328f5a3646d0e62cfeeb474d"),
         },
+        packaged=True,
         description="77 online-banking intents (Casanueva et al., 2020); 10,003 train / 3,080 test; CC-BY-4.0",
     ),
     "emotion": BuiltinDataset(
@@ -127,7 +136,7 @@ BUILTINS: dict[str, BuiltinDataset] = {
             "test": RemoteFile(None, "c2deeffa20ac778f47522d645fcacbdffb689a560e71ec73600816b10703860c"),
         },
         description="6 emotions of English tweets (Saravia et al., 2018); 16,000 / 2,000 / 2,000; "
-                    "license unclear (research and education)",
+                    "license unclear (research and education), so never shipped",
     ),
     # Mirror-only (no canonical download of these CSVs): the checksums are those of the CSV
     # conversions of the published splits, documented in each mirror folder's README.
@@ -235,11 +244,15 @@ class BuiltinFile:
 
 
 def fetch_builtin(spec: BuiltinDataset) -> dict[str, BuiltinFile]:
-    """split -> its file, checked against the registry's sha256: mirror, else cache, else download
-    (see the module docstring)."""
+    """split -> its file, checked against the registry's sha256: mirror, else package, else cache,
+    else download (see the module docstring)."""
     mirror = os.environ.get("LORAFIT_DATA_DIR")
     if mirror and (Path(mirror) / spec.name).is_dir():
         return _from_mirror(spec, Path(mirror) / spec.name)
+    if spec.packaged:
+        return {split: _checked(PACKAGE_DATA / spec.name / remote.file_name(split), remote,
+                                "the copy shipped with lorafit is damaged; reinstall lorafit")
+                for split, remote in spec.files.items()}
     if any(remote.url is None for remote in spec.files.values()):
         names = ", ".join(remote.file_name(split) for split, remote in spec.files.items())
         raise UserError(
