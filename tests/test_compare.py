@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from lorafit.cli import main
-from lorafit.compare import collect, compare, mean_ci, to_markdown
+from lorafit.compare import Group, choose_reference, collect, compare, mean_ci, to_markdown
 from lorafit.config import dump, load_config
 from lorafit.errors import UserError
 from lorafit.evaluate import classification_metrics
@@ -20,15 +20,19 @@ TARGETS = np.array([0, 1, 2] * 60 + [3] * 6)  # 186 test examples; "rare" is rar
 TRAIN_COUNTS = {"a": 300, "b": 250, "c": 200, "rare": 12}
 
 
-def fake_run(folder, seed: int, rank: int, wrong: np.ndarray, seconds: float = 10.0):
-    """A finished run folder whose test predictions are right except at the indices in `wrong`."""
+def fake_run(folder, seed: int, rank: int, wrong: np.ndarray, seconds: float = 10.0, validation: float | None = None,
+             metric: str = "accuracy"):
+    """A finished run folder whose test predictions are right except at the indices in `wrong`.
+
+    `validation`: its best epoch's validation `metric` (summary.json's best_validation); by default
+    the test accuracy, so that validation and test agree unless a test says otherwise."""
     folder.mkdir(parents=True)
     predicted = TARGETS.copy()
     predicted[wrong] = (TARGETS[wrong] + 1) % len(LABELS)
     logits = np.full((len(TARGETS), len(LABELS)), -5.0)
     logits[np.arange(len(TARGETS)), predicted] = 5.0
     ev = {"split": "test", **classification_metrics(logits, TARGETS, LABELS)}
-    cfg = load_config(None, [f"seed={seed}", f"method.rank={rank}", f"train.threads={1 + seed % 2}"])
+    cfg = load_config(None, [f"seed={seed}", f"method.rank={rank}", f"train.threads={1 + seed % 2}", f"train.metric={metric}"])
     (folder / "config.yaml").write_text(dump(cfg))
     (folder / "labels.json").write_text(json.dumps(LABELS))
     (folder / "eval.json").write_text(json.dumps(ev))
@@ -37,7 +41,8 @@ def fake_run(folder, seed: int, rank: int, wrong: np.ndarray, seconds: float = 1
     (folder / "summary.json").write_text(json.dumps({
         "test_accuracy": ev["accuracy"], "test_macro_f1": ev["macro_f1"], "trainable_params": 1000 * rank,
         "trainable_percent": 0.1 * rank, "adapter_bytes": 4000 * rank, "seconds_per_epoch": seconds,
-        "peak_memory_mb": 500.0, "train_label_counts": TRAIN_COUNTS}))
+        "peak_memory_mb": 500.0, "train_label_counts": TRAIN_COUNTS,
+        "best_validation": {metric: ev["accuracy"] if validation is None else validation}}))
     return folder
 
 
@@ -90,6 +95,90 @@ def test_identical_configurations_are_not_significantly_different(tmp_path):
     v = other["versus_best"]
     assert v["difference"] == 0 and v["p_bootstrap"] == 1.0 and v["p_mcnemar"] == 1.0
     assert v["only_best_correct"] == v["only_other_correct"] == [0, 0]
+
+
+def test_reference_is_the_best_mean_validation_configuration_not_the_best_test_one(tmp_path):
+    """rank 8 has the higher test accuracy, rank 2 the higher validation accuracy: rank 2 is the reference."""
+    runs = []
+    for seed in (0, 1):
+        runs.append(fake_run(tmp_path / f"r8-s{seed}", seed, 8, np.arange(seed, 186, 31), validation=0.80))
+        runs.append(fake_run(tmp_path / f"r2-s{seed}", seed, 2, np.arange(seed, 186, 7), validation=0.90 + 0.01 * seed))
+    result = compare(collect(runs))
+    rows = {r["configuration"]: r for r in result["rows"]}
+    assert rows["rank=8"]["accuracy"] > rows["rank=2"]["accuracy"]  # test prefers rank 8 ...
+    assert result["best"] == "rank=2" and rows["rank=2"]["best"] and not rows["rank=8"]["best"]  # ... validation chose 2
+    assert result["reference_metric"] == "accuracy"
+    assert rows["rank=2"]["validation"] == pytest.approx(0.905) and rows["rank=8"]["validation"] == pytest.approx(0.80)
+    assert rows["rank=8"]["versus_best"]["difference"] > 0  # paired against the validation choice
+    markdown = to_markdown(result)
+    assert "Reference: rank=2, the highest mean validation accuracy" in markdown
+    assert markdown.index("| rank=2 |") < markdown.index("| rank=8 |")  # the reference row comes first
+
+
+def test_validation_loss_picks_the_lowest(tmp_path):
+    runs = [fake_run(tmp_path / "r4", 0, 4, np.arange(0, 186, 40), validation=0.50, metric="loss"),
+            fake_run(tmp_path / "r8", 0, 8, np.arange(0, 186, 5), validation=0.30, metric="loss")]
+    result = compare(collect(runs))
+    assert result["best"] == "rank=8" and result["reference_metric"] == "loss"
+    assert "the lowest mean validation loss" in to_markdown(result)
+
+
+def test_runs_trained_on_different_metrics_are_compared_on_validation_accuracy_of_their_best_epochs(tmp_path):
+    """train.metric differs: each run's best-epoch validation accuracy comes from its metrics.jsonl."""
+    a = fake_run(tmp_path / "a", 0, 4, np.arange(0, 186, 40), validation=0.95, metric="macro_f1")
+    b = fake_run(tmp_path / "b", 0, 8, np.arange(0, 186, 5), validation=0.60, metric="accuracy")
+    for folder, best_epoch, accuracies in ((a, 2, [0.5, 0.7, 0.6]), (b, 1, [0.6, 0.55, 0.5])):
+        summary = json.loads((folder / "summary.json").read_text())
+        (folder / "summary.json").write_text(json.dumps({**summary, "best_epoch": best_epoch}))
+        (folder / "metrics.jsonl").write_text("".join(json.dumps({"type": "epoch", "epoch": e + 1, "val_accuracy": acc}) + "\n"
+                                                      for e, acc in enumerate(accuracies)))
+    result = compare(collect([a, b]))
+    assert result["reference_metric"] == "accuracy"
+    assert {r["configuration"]: r["validation"] for r in result["rows"]} == {"rank=4, metric=macro_f1": 0.7,
+                                                                           "rank=8, metric=accuracy": 0.6}
+    assert result["best"] == "rank=4, metric=macro_f1"
+    (a / "metrics.jsonl").unlink()
+    with pytest.raises(UserError, match="no validation accuracy for its best epoch"):
+        compare(collect([a, b]))
+
+
+class _NoTest(dict):
+    """A summary.json whose test figures may not be read."""
+
+    def __getitem__(self, key):
+        if key.startswith("test"):
+            raise AssertionError(f"the reference choice read {key}")
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+
+def test_choosing_the_reference_never_reads_test_figures(tmp_path):
+    folders = []
+    for seed in (0, 1, 2):
+        for rank, validation, spacing in ((2, 0.70, 4), (4, 0.90, 9), (8, 0.80, 50)):
+            folders.append(fake_run(tmp_path / f"r{rank}-s{seed}", seed, rank, np.arange(seed, 186, spacing),
+                                    validation=validation + 0.01 * seed))
+    chosen = compare(collect(folders))["best"]
+    assert chosen == "rank=4"
+    # The same runs with their test figures shuffled between configurations (and reversed in rank):
+    # the reference does not move.
+    runs = collect(folders)
+    accuracies = sorted((r.summary["test_accuracy"] for r in runs))
+    for run, accuracy in zip(sorted(runs, key=lambda r: r.summary["test_accuracy"]), reversed(accuracies)):
+        run.summary["test_accuracy"] = accuracy
+    assert compare(runs)["best"] == chosen
+    # The choice itself, given runs that hold no test figure at all.
+    runs = collect(folders)
+    for run in runs:
+        run.summary, run.eval, run.correct, run.target = _NoTest(run.summary), None, None, None
+    groups = {}
+    for run in runs:
+        groups.setdefault(run.settings["method.rank"], Group(run.settings)).runs.append(run)
+    index, metric, means = choose_reference(list(groups.values()))
+    assert list(groups)[index] == 4 and metric == "accuracy"
+    assert means == pytest.approx([0.71, 0.91, 0.81])
 
 
 def test_runs_of_different_methods_get_distinct_names(tmp_path):

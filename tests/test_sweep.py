@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -108,6 +109,28 @@ def test_sweep_runs_skips_resumes_and_redoes(tmp_path, tiny_bert, tiny_data, cap
     assert [r["outcome"] for r in results] == ["skipped (finished)", "ran"]
     assert trial_status(out / names[1]) == "finished"
     assert json.loads((out / names[0] / "eval.json").read_text()) == first
+
+
+def test_progress_lines_show_validation_never_test(tmp_path, tiny_bert, tiny_data, monkeypatch):
+    """A trial's progress line quotes its best-epoch validation figure; test figures wait for `lorafit compare`."""
+    path = _sweep_file(tmp_path, tiny_bert, tiny_data, {"method.rank": [2, 4]})
+
+    def fake_execute(command, log_path):  # a finished trial, without training
+        out = Path(command[command.index("--out") + 1])
+        rank = int(out.name.split("=")[1])
+        out.mkdir(parents=True)
+        (out / "summary.json").write_text(json.dumps({"best_validation": {"accuracy": 0.5 + rank / 100},
+                                                      "test_accuracy": 0.0123, "test_macro_f1": 0.0456}))
+        (out / "eval.json").write_text("{}")
+        return 0, "", 1.0
+
+    monkeypatch.setattr("lorafit.sweep._timed_execute", fake_execute)
+    lines = []
+    results = run_sweep(path, tmp_path / "sweep", report=lines.append)
+    assert lines == ["[1/2] rank=2: validation accuracy 0.5200 (best epoch), ran, 1 s",  # one worker: in order
+                     "[2/2] rank=4: validation accuracy 0.5400 (best epoch), ran, 1 s"]
+    assert not any("0.0123" in line or "0.0456" in line for line in lines)
+    assert [r["validation"] for r in results] == [{"accuracy": 0.52}, {"accuracy": 0.54}]
 
 
 def test_a_failing_trial_is_reported_and_the_others_run(tmp_path, tiny_bert, tiny_data, capsys):

@@ -2,16 +2,20 @@
 
 A *configuration* is everything in a run's config except the seed (and settings that cannot change
 results: threads, progress bars, logging and checkpoint cadence); its runs over different seeds are
-its samples. Per configuration: efficiency figures, test accuracy and macro-F1 as mean ± the 95%
-t-interval half-width over seeds, and against the best configuration (highest mean accuracy):
+its samples. Per configuration: efficiency figures, the mean validation figure of its runs' best
+epochs, test accuracy and macro-F1 as mean ± the 95% t-interval half-width over seeds, and against
+the *reference* configuration, the one with the best mean **validation** figure (by the metric the
+runs chose their best epochs by, `train.metric`; accuracy from each best epoch's record where runs
+differ in it). Test figures never choose anything: a reference picked on test would then be tested
+against the others on the very data that crowned it. Against the reference:
 
 - the accuracy difference with a 95% paired-bootstrap interval: shared seeds and test examples are
   resampled (the same examples for every seed of a draw), the statistic is the mean over seeds of
   the per-seed accuracy difference, so seed noise and example noise both show;
 - the bootstrap's two-sided p-value (seeds and examples both resampled), and McNemar's exact test on
   per-example correctness, per shared seed, reporting the largest p (the conservative reading).
-  Every row is tested against a winner picked on the same data, without a multiple-comparison
-  correction: read p-values near 0.05 with that in mind.
+  Every row is tested against the reference without a multiple-comparison correction: read
+  p-values near 0.05 with that in mind.
 
 Also: per-class F1 against training-set frequency (Spearman's rho: do rare classes suffer?), the
 most confused label pairs, and per-class misclassification proportions across configurations
@@ -34,7 +38,7 @@ import numpy as np
 from .errors import UserError
 from .rundir import RunDir, make_folder
 
-__all__ = ["Run", "collect", "compare", "to_markdown", "write"]
+__all__ = ["Run", "Group", "choose_reference", "collect", "compare", "columns", "to_markdown", "write"]
 
 #: Settings that do not change what a run computes: runs differing only here are one configuration.
 _NOT_CONFIGURATION = {("seed",), ("train", "threads"), ("train", "progress"), ("train", "log_every"),
@@ -162,6 +166,33 @@ def mean_ci(values: list[float]) -> tuple[float, float | None]:
     return mean, float(stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
 
 
+def _validation(run: Run, metric: str) -> float:
+    """The run's best-epoch validation `metric`: summary.json's best_validation, else its metrics.jsonl record."""
+    recorded = run.summary.get("best_validation") or {}
+    if metric in recorded:
+        return float(recorded[metric])
+    best_epoch = run.summary.get("best_epoch")
+    for record in RunDir(run.path).metrics() if (run.path / "metrics.jsonl").is_file() else []:
+        if record.get("type") == "epoch" and record.get("epoch") == best_epoch and f"val_{metric}" in record:
+            return float(record[f"val_{metric}"])
+    raise UserError(f"{run.path} has no validation {metric} for its best epoch (summary.json best_validation, "
+                    "metrics.jsonl); the reference configuration is chosen on validation, never on test")
+
+
+def choose_reference(groups: list[Group]) -> tuple[int, str, list[float]]:
+    """(index of the reference configuration, the validation metric that chose it, each group's mean).
+
+    The metric is the runs' `train.metric` (what picked their best epochs) when they share one, else
+    accuracy. Reads validation figures only.
+    """
+    chosen_by = {r.settings.get("train.metric") or next(iter(r.summary.get("best_validation") or {}), None)
+                 for g in groups for r in g.runs}
+    metric = chosen_by.pop() if len(chosen_by) == 1 and None not in chosen_by else "accuracy"
+    means = [float(np.mean([_validation(r, metric) for r in g.runs])) for g in groups]
+    index = int(np.argmin(means) if metric == "loss" else np.argmax(means))
+    return index, metric, means
+
+
 def paired_tests(best: Group, other: Group, seed: int = 0) -> dict | None:
     """Bootstrap interval and p-value of accuracy(other) - accuracy(best), and McNemar's p, over shared seeds."""
     from scipy import stats
@@ -225,15 +256,16 @@ def compare(runs: list[Run]) -> dict:
             "peak_memory_mb": float(np.mean([r.summary["peak_memory_mb"] for r in g.runs])),
             "accuracy": acc[0], "accuracy_ci": acc[1], "macro_f1": f1[0], "macro_f1_ci": f1[1],
         })
-    best_index = int(np.argmax([r["accuracy"] for r in rows]))
+    best_index, metric, validation = choose_reference(groups)
     for i, (row, g) in enumerate(zip(rows, groups)):
-        row["best"] = i == best_index
+        row["validation"] = validation[i]
+        row["best"] = i == best_index  # the reference: best mean validation `metric`
         row["versus_best"] = None if i == best_index else paired_tests(groups[best_index], g)
-    return {"rows": rows, "per_class": _per_class(groups, labels), "best": rows[best_index]["configuration"],
-            "confused_pairs": _confused_pairs(groups[best_index], labels)}
+    return {"rows": rows, "per_class": _per_class(groups, labels, best_index), "best": rows[best_index]["configuration"],
+            "reference_metric": metric, "confused_pairs": _confused_pairs(groups[best_index], labels)}
 
 
-def _per_class(groups: list[Group], labels: list[str]) -> dict:
+def _per_class(groups: list[Group], labels: list[str], reference: int) -> dict:
     """Per class: training count, F1 and misclassification proportion per configuration (seed means)."""
     counts = groups[0].runs[0].summary.get("train_label_counts")
     f1 = {g.name: [float(np.mean([r.eval["per_class"][label]["f1"] for r in g.runs])) for label in labels] for g in groups}
@@ -242,9 +274,8 @@ def _per_class(groups: list[Group], labels: list[str]) -> dict:
     if counts:
         from scipy import stats
 
-        best = max(groups, key=lambda g: np.mean([r.summary["test_accuracy"] for r in g.runs]))
         rho = {g.name: float(stats.spearmanr([counts.get(label, 0) for label in labels], f1[g.name]).statistic) for g in groups}
-        rho["_best"] = best.name
+        rho["_best"] = groups[reference].name
     mean_error = np.mean([error[g.name] for g in groups], axis=0)
     hardest = [labels[i] for i in np.argsort(-mean_error, kind="stable")]
     return {"labels": labels, "train_counts": [counts.get(label, 0) for label in labels] if counts else None,
@@ -276,18 +307,32 @@ def _p(value: float) -> str:
     return "<0.0001" if value < 1e-4 else f"{value:.4f}"
 
 
-#: The configuration table's columns; `table_rows` gives its cells (compare.md and the HTML report).
-COLUMNS = ["configuration", "seeds", "trainable", "trainable %", "adapter size", "s/epoch", "peak memory",
-           "test accuracy % (mean ± 95% CI)", "test macro-F1 %", "Δ accuracy vs best [95% CI]", "p (bootstrap)", "p (McNemar)"]
+def _validation_cell(value: float, metric: str) -> str:
+    return f"{value:.4f}" if metric == "loss" else f"{100 * value:.2f}"
+
+
+def _chosen_by(result: dict) -> str:
+    metric = result["reference_metric"]
+    return f"{'lowest' if metric == 'loss' else 'highest'} mean validation {metric.replace('_', '-')}"
+
+
+def columns(result: dict) -> list[str]:
+    """The configuration table's header; `table_rows` gives its cells (compare.md and the HTML report)."""
+    metric = result["reference_metric"].replace("_", "-")
+    validation = f"validation {metric}{'' if metric == 'loss' else ' %'} (mean; picks the reference)"
+    return ["configuration", "seeds", "trainable", "trainable %", "adapter size", "s/epoch", "peak memory", validation,
+            "test accuracy % (mean ± 95% CI)", "test macro-F1 %", "Δ test accuracy vs reference [95% CI]", "p (bootstrap)",
+            "p (McNemar)"]
 
 
 def table_rows(result: dict) -> list[list[str]]:
-    """One row of cells per configuration, best accuracy first."""
+    """One row of cells per configuration, in validation order: the reference first."""
+    metric = result["reference_metric"]
     table = []
-    for r in sorted(result["rows"], key=lambda r: -r["accuracy"]):
+    for r in sorted(result["rows"], key=lambda r: (not r["best"], r["validation"] if metric == "loss" else -r["validation"])):
         v = r["versus_best"]
         if r["best"]:
-            versus = ["best", "", ""]
+            versus = ["reference", "", ""]
         elif v is None:
             versus = ["not paired: no shared seed with predictions.json", "", ""]
         else:
@@ -295,15 +340,19 @@ def table_rows(result: dict) -> list[list[str]]:
                       _p(v["p_bootstrap"]), _p(v["p_mcnemar"])]
         table.append([r["configuration"], str(len(r["seeds"])), f"{r['trainable_params']:,}", f"{r['trainable_percent']:.2f}",
                       _size(r["adapter_bytes"]), f"{r['seconds_per_epoch']:.0f}", f"{r['peak_memory_mb']:,.0f} MB",
+                      _validation_cell(r["validation"], metric),
                       _pct(r["accuracy"], r["accuracy_ci"]), _pct(r["macro_f1"], r["macro_f1_ci"]), *versus])
     return table
 
 
 def to_markdown(result: dict, hardest: int = 15) -> str:
     out = io.StringIO()
-    out.write("| " + " | ".join(COLUMNS) + " |\n|---|" + "---:|" * (len(COLUMNS) - 1) + "\n")
+    header = columns(result)
+    out.write("| " + " | ".join(header) + " |\n|---|" + "---:|" * (len(header) - 1) + "\n")
     for cells in table_rows(result):
         out.write("| " + " | ".join(cells) + " |\n")
+    out.write(f"\nReference: {result['best']}, the {_chosen_by(result)} over seeds (each run's best epoch); "
+              "test figures are reported, never used to choose.\n")
     out.write("\nCI: 95% t-interval over seeds (none with one seed). Δ and p: paired over shared seeds and the same "
               "test examples; bootstrap resampling seeds and examples (10,000 draws); McNemar exact per seed, largest p. "
               "No multiple-comparison correction.\n")
@@ -312,7 +361,7 @@ def to_markdown(result: dict, hardest: int = 15) -> str:
         rho = {k: v for k, v in pc["spearman_count_f1"].items() if not k.startswith("_")}
         out.write("\n**Per-class F1 against training-set frequency** (Spearman's rho; positive: rarer classes score lower): "
                   + "; ".join(f"{name}: {value:+.2f}" for name, value in rho.items()) + "\n")
-    out.write(f"\n**Most confused pairs** (best configuration, {result['best']}, summed over seeds):\n\n")
+    out.write(f"\n**Most confused pairs** (reference configuration, {result['best']}, summed over seeds):\n\n")
     out.write("| true | predicted | count |\n|---|---|---:|\n")
     for c in result["confused_pairs"]:
         out.write(f"| {c['true']} | {c['predicted']} | {c['count']} |\n")
@@ -334,12 +383,14 @@ def write(result: dict, folder: Path) -> list[Path]:
     with open(folder / "compare.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["configuration", "seeds", "trainable_params", "trainable_percent", "adapter_bytes", "seconds_per_epoch",
-                         "peak_memory_mb", "accuracy_mean", "accuracy_ci95", "macro_f1_mean", "macro_f1_ci95",
+                         "peak_memory_mb", f"validation_{result['reference_metric']}_mean", "reference", "accuracy_mean",
+                         "accuracy_ci95", "macro_f1_mean", "macro_f1_ci95",
                          "delta_vs_best", "delta_ci_low", "delta_ci_high", "p_bootstrap", "p_mcnemar"])
         for r in result["rows"]:
             v = r["versus_best"] or {}
             writer.writerow([r["configuration"], " ".join(map(str, r["seeds"])), r["trainable_params"], r["trainable_percent"],
-                             r["adapter_bytes"], r["seconds_per_epoch"], r["peak_memory_mb"], r["accuracy"], r["accuracy_ci"],
+                             r["adapter_bytes"], r["seconds_per_epoch"], r["peak_memory_mb"], r["validation"], r["best"],
+                             r["accuracy"], r["accuracy_ci"],
                              r["macro_f1"], r["macro_f1_ci"], v.get("difference"), v.get("ci_low"), v.get("ci_high"),
                              v.get("p_bootstrap"), v.get("p_mcnemar")])
     pc = result["per_class"]

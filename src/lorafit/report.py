@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .compare import COLUMNS, collect, compare, table_rows
+from .compare import collect, columns, compare, table_rows
 from .errors import UserError
 from .rundir import RunDir, make_folder, write_text_atomic
 
@@ -222,12 +222,14 @@ def _sweep_section(paths: list[Path]) -> tuple[list, list[Figure]]:
     best_group = [r for r in runs if str(r.path) in best_paths]
     confusion = np.sum([np.array(r.eval["confusion"]) for r in best_group], axis=0)
     per_class_best = {label: {"f1": result["per_class"]["f1"][result["best"]][i]} for i, label in enumerate(result["per_class"]["labels"])}
+    reference = f"Reference configuration ({result['best']}, best mean validation {result['reference_metric'].replace('_', '-')})"
     figures = [plot_accuracy_vs_params(rows), plot_losses({name: mean_over_seeds(runs) for name, runs in curves.items()}),
                plot_validation(curves), plot_misclassification(result["per_class"]),
-               plot_confusion(confusion, result["per_class"]["labels"], f"Best configuration ({result['best']}): test confusion, row-normalised"),
-               plot_per_class_f1(per_class_best, f"Best configuration ({result['best']}): test F1 per class, mean over seeds")]
+               plot_confusion(confusion, result["per_class"]["labels"], f"{reference}: test confusion, row-normalised"),
+               plot_per_class_f1(per_class_best, f"{reference}: test F1 per class, mean over seeds")]
     pairs = [[c["true"], c["predicted"], c["count"]] for c in result["confused_pairs"]]
-    tables = [("Configurations", _table(COLUMNS, table_rows(result))), ("Most confused pairs (best configuration)", _table(["true", "predicted", "count"], pairs))]
+    tables = [("Configurations", _table(columns(result), table_rows(result))),
+              ("Most confused pairs (reference configuration)", _table(["true", "predicted", "count"], pairs))]
     return tables, figures
 
 

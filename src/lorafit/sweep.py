@@ -263,8 +263,9 @@ def run_sweep(spec_path: str | Path, out: str | Path, workers: int = 1, executor
         outcome = ("resumed" if status == "resumable" else "ran") if code == 0 else f"failed ({last})"
         result = _result(trial, folder, outcome, seconds)
         results.append(result)
-        figures = (f"accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}, "
-                   if result.get("accuracy") is not None else "")
+        # Validation only: test figures are for the final table (`lorafit compare`), never for watching trials.
+        figures = "".join(f"validation {metric.replace('_', '-')} {value:.4f} (best epoch), "
+                          for metric, value in (result.get("validation") or {}).items())
         report(f"[{len(results)}/{len(trials)}] {trial.name}: {figures}{outcome}, {seconds:.0f} s")
 
     if executor == "ray":
@@ -311,5 +312,5 @@ def _result(trial: Trial, folder: Path, outcome: str, seconds: float) -> dict:
     summary = folder / "summary.json"
     if summary.is_file():
         s = json.loads(summary.read_text())
-        result.update(accuracy=s.get("test_accuracy"), macro_f1=s.get("test_macro_f1"))
+        result.update(validation=s.get("best_validation"), test_accuracy=s.get("test_accuracy"), test_macro_f1=s.get("test_macro_f1"))
     return result
