@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import types
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from torch import nn
 
 import lorafit
 from conftest import build_tiny_encoder, tiny_overrides
-from lorafit import kernels
+from lorafit import hardware, kernels
 from lorafit.config import load_config
 from lorafit.data import collate
 from lorafit.inference import load_model
@@ -154,14 +156,136 @@ def test_fast_dropout_is_inverted_dropout_for_every_p(p, seed):
         assert kept.all()
 
 
+@pytest.fixture
+def fresh_decisions():
+    """This test's kernel checks and decisions are made afresh and forgotten after it: a monkeypatched
+    private op must not leak into (or out of) the process-wide cache."""
+    kernels._problem.cache_clear()
+    kernels._decide.cache_clear()
+    yield
+    kernels._problem.cache_clear()
+    kernels._decide.cache_clear()
+
+
+def _timings(stock_ms: float, onednn_ms: float):
+    """A stand-in for the timing: every model shape takes these milliseconds."""
+    return lambda: {kernels._shape_name(n_in, n_out): {"stock": stock_ms, "onednn": onednn_ms}
+                    for n_in, n_out, _ in kernels.MODEL_SHAPES}
+
+
+def _no_timing():
+    raise AssertionError("the kernels were timed")
+
+
+def _small_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.1), nn.Linear(16, 4))
+
+
+def _linear_kinds(model: nn.Module) -> list[type]:
+    return [type(m) for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def _replace_private_op(monkeypatch, op) -> None:
+    """torch.ops.mkldnn as a PyTorch would have it with `_linear_pointwise` = op (None: no such op)."""
+    torch.ops.mkldnn  # noqa: B018 -- resolved lazily; monkeypatch needs the attribute to exist
+    namespace = types.SimpleNamespace() if op is None else types.SimpleNamespace(_linear_pointwise=op)
+    monkeypatch.setattr(torch.ops, "mkldnn", namespace)
+
+
+def _raise(*args):
+    raise RuntimeError("no oneDNN kernel for this CPU")
+
+
+@pytest.mark.parametrize(("op", "reason"), [(None, "private op missing"), (_raise, "private op raised RuntimeError")])
+def test_a_missing_or_raising_private_op_keeps_pytorchs_linear(op, reason, monkeypatch, fresh_decisions, caplog):
+    _replace_private_op(monkeypatch, op)
+    monkeypatch.setattr(kernels, "_time_linears", _no_timing)
+    record = kernels.decide(1)
+    assert record == {"onednn_linear": False, "reason": reason, "timings_ms": {}, "threads": 1,
+                      "cpu": hardware.cpu_info(), "torch": torch.__version__}
+    assert json.loads(json.dumps(record)) == record
+    assert not kernels.onednn_available()
+    model = _small_model()
+    assert kernels.speed_up(model, torch.device("cpu")) == {"fast_dropout": 1}
+    assert _linear_kinds(model) == [nn.Linear, nn.Linear]
+    # A resumed run whose first part used oneDNN: warned, PyTorch's linear, and it still computes.
+    with caplog.at_level(logging.WARNING, logger="lorafit.kernels"):
+        assert kernels.speed_up(model, torch.device("cpu"), onednn=True) == {"fast_dropout": 0}
+    assert reason in caplog.text and _linear_kinds(model) == [nn.Linear, nn.Linear]
+    assert model(torch.randn(3, 8)).shape == (3, 4)
+
+
+@pytest.mark.parametrize("wrong_in", ["forward", "backward"])
+def test_a_private_op_that_disagrees_with_f_linear_is_refused(wrong_in, monkeypatch, fresh_decisions, caplog):
+    real = torch.ops.mkldnn._linear_pointwise
+
+    def wrong(a, b, bias, *args):
+        # The backward alone passes transposed operands: so "backward" is off only in the gradients.
+        off = wrong_in == "forward" or not (a.is_contiguous() and b.is_contiguous())
+        return real(a, b, bias, *args) * (1.01 if off else 1.0)
+
+    _replace_private_op(monkeypatch, wrong)
+    monkeypatch.setattr(kernels, "_time_linears", _no_timing)
+    record = kernels.decide(1)
+    assert not record["onednn_linear"] and record["reason"].startswith("oneDNN disagrees with F.linear"), record
+    model = _small_model()
+    with caplog.at_level(logging.WARNING, logger="lorafit.kernels"):
+        assert kernels.speed_up(model, torch.device("cpu"), onednn=True, dropout=False) == {}
+    assert "disagrees" in caplog.text and _linear_kinds(model) == [nn.Linear, nn.Linear]
+
+
+@pytest.mark.parametrize(("stock_ms", "onednn_ms", "chosen", "reason"), [
+    (2.0, 1.0, True, "oneDNN 2.00x faster on 3 model shapes, forward+backward"),
+    (1.05, 1.0, False, "not faster (1.05x, needs 1.10x)"),
+    (0.93, 1.0, False, "not faster (0.93x, needs 1.10x)"),
+])
+def test_decide_keeps_onednn_only_when_clearly_faster(stock_ms, onednn_ms, chosen, reason, monkeypatch, fresh_decisions):
+    calls = []
+    timings = _timings(stock_ms, onednn_ms)
+    monkeypatch.setattr(kernels, "_time_linears", lambda: calls.append(torch.get_num_threads()) or timings())
+    record = kernels.decide(1)
+    assert (record["onednn_linear"], record["reason"]) == (chosen, reason)
+    assert record["timings_ms"] == timings() and len(record["timings_ms"]) == 3
+    record["onednn_linear"] = not chosen  # the caller's copy; the process's decision stays
+    assert kernels.decide(1)["onednn_linear"] is chosen
+    kernels.decide(2)
+    assert calls == [1, 2]  # once per thread count, timed with that many threads
+    model = _small_model()
+    assert kernels.speed_up(model, torch.device("cpu"), dropout=False) == ({"onednn_linear": 2} if chosen else {})
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_speed_up_replays_a_recorded_decision_without_timing(onednn, monkeypatch, fresh_decisions):
+    monkeypatch.setattr(kernels, "_time_linears", _no_timing)
+    model = _small_model()
+    changed = kernels.speed_up(model, torch.device("cpu"), onednn=onednn)
+    assert changed == ({"onednn_linear": 2, "fast_dropout": 1} if onednn else {"fast_dropout": 1})
+    assert _linear_kinds(model) == [kernels.OneDnnLinear if onednn else nn.Linear] * 2
+    assert kernels._decide.cache_info().currsize == 0
+    assert kernels.speed_up(_small_model(), torch.device("cuda"), onednn=onednn) == {}
+
+
+def test_deciding_leaves_the_random_stream_alone(fresh_decisions):
+    # A run seeds, then builds its model and decides: the decision's test data must not shift the
+    # run's dropout masks and shuffles (or a resumed run, which does not decide, would differ).
+    torch.manual_seed(0)
+    record = kernels.decide(torch.get_num_threads())  # the real timing
+    after = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(4), after)
+    assert set(record["timings_ms"]) == {kernels._shape_name(i, o) for i, o, _ in kernels.MODEL_SHAPES}
+    assert all(ms > 0 for shape in record["timings_ms"].values() for ms in shape.values())
+    assert record["reason"] and json.loads(json.dumps(record)) == record
+
+
 def _run(tmp_path, model, data, name, kernels_mode, **extra):
     overrides = tiny_overrides(model, data, **{"train.cpu_kernels": kernels_mode, **extra})
     return train(load_config(None, overrides), tmp_path / name)
 
 
-def test_training_with_fast_kernels_matches_stock_layers(tmp_path, tiny_models, tiny_data, monkeypatch):
-    # The timing choice is forced on, so the test covers the fast path on every CPU.
-    monkeypatch.setattr(kernels, "choose", lambda threads: True)
+def test_training_with_fast_kernels_matches_stock_layers(tmp_path, tiny_models, tiny_data, monkeypatch, fresh_decisions):
+    # The timing is made to favour oneDNN, so the test covers the fast path on every CPU.
+    monkeypatch.setattr(kernels, "_time_linears", _timings(2.0, 1.0))
     no_dropout = {"method.dropout": 0.0, "model.head_dropout": 0.0}
     model = build_tiny_encoder(tmp_path / "nodrop", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     fast = _run(tmp_path, model, tiny_data, "fast", "auto", **no_dropout)
@@ -173,8 +297,9 @@ def test_training_with_fast_kernels_matches_stock_layers(tmp_path, tiny_models, 
     np.testing.assert_allclose(pa["probability"], pb["probability"], atol=1e-4)
 
 
-def test_stock_kernels_stay_stock_through_training_and_evaluation(tmp_path, tiny_bert, tiny_data, monkeypatch):
-    monkeypatch.setattr(kernels, "choose", lambda threads: True)  # oneDNN would win the timing
+def test_stock_kernels_stay_stock_through_training_and_evaluation(tmp_path, tiny_bert, tiny_data, monkeypatch,
+                                                                 fresh_decisions):
+    monkeypatch.setattr(kernels, "_time_linears", _timings(2.0, 1.0))  # oneDNN would win the timing
 
     def refuse(*args):
         raise AssertionError("train.cpu_kernels=stock ran a oneDNN linear")
@@ -184,8 +309,9 @@ def test_stock_kernels_stay_stock_through_training_and_evaluation(tmp_path, tiny
     assert result.summary["cpu_fast_paths"] == {}
 
 
-def test_loaded_runs_are_merged_and_predict_like_the_training_time_model(tmp_path, tiny_bert, tiny_data, monkeypatch):
-    monkeypatch.setattr(kernels, "choose", lambda threads: True)
+def test_loaded_runs_are_merged_and_predict_like_the_training_time_model(tmp_path, tiny_bert, tiny_data, monkeypatch,
+                                                                         fresh_decisions):
+    monkeypatch.setattr(kernels, "_time_linears", _timings(2.0, 1.0))
     result = _run(tmp_path, tiny_bert, tiny_data, "run", "auto")
     run = RunDir(result.path)
     cfg, labels = run.config(), run.labels()

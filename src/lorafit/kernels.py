@@ -1,12 +1,13 @@
 """CPU fast paths: float32 linear layers through oneDNN, and a cheaper dropout mask.
 
-PyTorch's CPU `F.linear` calls MKL's sgemm. MKL picks its kernels by CPU vendor, and on AMD
-processors (this project's 2-core EPYC among them) it runs a path at about half the speed oneDNN
-reaches on the same core: measured here, a (960 x 384) @ (384 x 1536) product runs at ~100 GFLOP/s
-through `F.linear` and ~200-235 GFLOP/s through oneDNN, forward and backward alike. PyTorch
-routes float32 matmuls to oneDNN only in reduced-precision modes, so lorafit calls oneDNN's linear
-(`torch.ops.mkldnn._linear_pointwise`, the kernel PyTorch's own CPU inference compiler uses) itself,
-with a backward written from the same kernel:
+PyTorch's CPU `F.linear` calls MKL's sgemm. MKL picks its kernels by CPU vendor, and on some AMD
+processors it runs a slow path: on this project's 2-core EPYC a (960 x 384) @ (384 x 1536) product
+ran at ~100 GFLOP/s through `F.linear` and ~200-235 GFLOP/s through oneDNN, forward and backward
+alike. That gain is host-dependent: on another 2-core EPYC of the same kind `torch.mm` measured
+159 GFLOP/s against oneDNN's 139 for a 2048-cube product, and an Intel CPU's MKL is fast anyway.
+PyTorch routes float32 matmuls to oneDNN only in reduced-precision modes, so lorafit calls oneDNN's
+linear (`torch.ops.mkldnn._linear_pointwise`, the private op PyTorch's own CPU inference compiler
+uses) itself, with a backward written from the same kernel:
 
     y  = x W^T + b          dx = dy W          dW = dy^T x          db = sum(dy)
 
@@ -15,8 +16,13 @@ with a backward written from the same kernel:
 and state_dict keys, so saving, merging and peft are unaffected. It falls back to `F.linear` for
 anything but float32 CPU tensors (CUDA, autocast, half precision) and while torch.export/ONNX
 tracing. Results equal `F.linear` up to float summation order (tests/test_kernels.py: outputs and
-gradients within 1e-5 relative). `choose(...)` times both once per process and keeps oneDNN only
-where it is faster, so an Intel CPU whose MKL is already fast keeps the stock path.
+gradients within 1e-5 relative, for any of input/weight/bias trainable and strided operands).
+
+`decide(threads)` makes the choice once per process and thread count, and returns it as a record
+(for summary.json): oneDNN is used only when the private op exists, its forward and backward agree
+with `F.linear` within 1e-4 relative on the model's layer shapes, and it is clearly faster there
+(`MARGIN`) in interleaved, repeated timings of forward+backward; otherwise PyTorch's kernel. So a
+PyTorch without the op, or a CPU where MKL is as fast, simply keeps the stock path.
 
 Dropout: `F.dropout` on CPU draws one Bernoulli variable per element (~1.1 ms for a 32 x 20 x 384
 activation here: a quarter of a LoRA training step once the matmuls are fast). `FastDropout` draws
@@ -25,22 +31,27 @@ with a threshold: the same Bernoulli mask distribution, with the drop probabilit
 multiple of 1/65536 (0.1 -> 0.100006), at about half the cost. Seeding and checkpoint-resume work
 as before (it uses torch's default generator); the draws differ from `F.dropout`'s.
 
-`speed_up(model, device)` applies both on CPU; `train.cpu_kernels: stock` turns them off.
+`speed_up(model, device)` applies both on CPU (`onednn=` replays a recorded decision, e.g. the one of
+a run being resumed, without timing); `train.cpu_kernels: stock` turns them off.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
+import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["OneDnnLinear", "FastDropout", "use_onednn_linear", "use_fast_dropout", "onednn_available", "choose",
-           "speed_up", "fast_dropout"]
+from lorafit.hardware import cpu_info
+
+__all__ = ["OneDnnLinear", "FastDropout", "use_onednn_linear", "use_fast_dropout", "onednn_available", "decide",
+           "speed_up", "fast_dropout", "MODEL_SHAPES", "MARGIN", "TOLERANCE"]
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +67,9 @@ if not {"ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"} & se
     os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(PRIMITIVE_CACHE_CAPACITY)
 
 
-@functools.cache
 def onednn_available() -> bool:
-    try:
-        op = torch.ops.mkldnn._linear_pointwise
-        x, w = torch.ones(2, 3), torch.ones(4, 3)
-        return bool(torch.backends.mkldnn.is_available() and torch.equal(op(x, w, None, "none", [], ""), F.linear(x, w)))
-    except (AttributeError, RuntimeError):
-        return False
+    """True when oneDNN's linear can be used here: the private op exists and agrees with `F.linear`."""
+    return _problem() is None
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,28 +122,130 @@ def use_onednn_linear(model: nn.Module, enable: bool = True) -> int:
     return _swap(model, nn.Linear, OneDnnLinear) if enable else _swap(model, OneDnnLinear, nn.Linear)
 
 
+#: (in, out, layers of this shape per encoder block) of the linear layers the default model
+#: (all-MiniLM-L6-v2, BERT-small widths) runs: query/key/value/output projections, the feed-forward
+#: up and down projections. The timings are weighted by these counts, as a training step is.
+MODEL_SHAPES = ((384, 384, 4), (384, 1536, 1), (1536, 384, 1))
+ROWS = 256  # tokens in a timed batch: a few hundred, as train.max_batch_tokens cuts batches on CPU
+REPEATS = 5  # timed rounds (after one warm-up round, in which oneDNN builds its primitives)
+MARGIN = 1.1  # oneDNN is kept only when at least 10 % faster: near a tie the stock kernel is the safer one
+TOLERANCE = 1e-4  # largest difference from F.linear, relative to the largest value, in y, dx, dW and db
+
+
+def _shape_name(n_in: int, n_out: int) -> str:
+    return f"{ROWS}x{n_in}->{n_out}"
+
+
+def _pair(n_in: int, n_out: int) -> tuple[nn.Linear, OneDnnLinear, torch.Tensor, torch.Tensor]:
+    """A stock and a oneDNN layer with the same weights, an input needing a gradient and an upstream gradient."""
+    stock = nn.Linear(n_in, n_out)
+    fast = OneDnnLinear(n_in, n_out)
+    fast.load_state_dict(stock.state_dict())
+    return stock, fast, torch.randn(ROWS, n_in, requires_grad=True), torch.randn(ROWS, n_out)
+
+
+def _step(layer: nn.Linear, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One forward and backward: (y, dx, dW, db)."""
+    y = layer(x)
+    return (y.detach(), *torch.autograd.grad(y, (x, layer.weight, layer.bias), g))
+
+
+def _isolated(fn):
+    """Run `fn` with gradients on, autocast off and torch's random state restored afterwards, so that
+    deciding (which draws random test data) leaves a seeded run's random stream as it found it."""
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        with torch.random.fork_rng(devices=[]), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+            torch.manual_seed(0)
+            return fn(*args)
+
+    return wrapper
+
+
 @functools.cache
-def choose(threads: int) -> bool:
-    """True when oneDNN's linear beats `F.linear` on this CPU (timed once per process and thread count)."""
-    if not onednn_available():
-        return False
-    x, layer = torch.randn(512, 384), nn.Linear(384, 1536)
-    fast = OneDnnLinear(384, 1536)
-    fast.load_state_dict(layer.state_dict())
+@_isolated
+def _problem() -> str | None:
+    """Why oneDNN's linear must not be used here (one short sentence), or None when it may."""
+    if not torch.backends.mkldnn.is_available():
+        return "this PyTorch build has no oneDNN"
+    try:
+        torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return "private op missing"
+    worst = 0.0
+    try:
+        for n_in, n_out, _ in MODEL_SHAPES:
+            stock, fast, x, g = _pair(n_in, n_out)
+            for a, b in zip(_step(fast, x, g), _step(stock, x, g), strict=True):
+                worst = max(worst, float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)))
+    except Exception as exc:  # a private op may change its signature or fail on some CPUs
+        log.debug("oneDNN linear check raised", exc_info=True)
+        return f"private op raised {type(exc).__name__}"
+    if not worst <= TOLERANCE:  # also catches NaN
+        return f"oneDNN disagrees with F.linear (relative error {worst:.1e})"
+    return None
 
-    def best(f) -> float:
-        f()
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - start)
-        return min(times)
 
-    with torch.no_grad():
-        stock, onednn = best(lambda: layer(x)), best(lambda: fast(x))
-    log.debug("linear 512x384x1536: F.linear %.2f ms, oneDNN %.2f ms", 1e3 * stock, 1e3 * onednn)
-    return onednn < 0.9 * stock
+@_isolated
+def _time_linears() -> dict[str, dict[str, float]]:
+    """Median milliseconds of forward+backward per model shape: {shape: {"stock": ms, "onednn": ms}}.
+
+    Both kernels are timed in turn within each round (order alternating), so a load that comes and
+    goes slows both alike rather than the one that happened to run during it.
+    """
+    pairs = [(_shape_name(n_in, n_out), *_pair(n_in, n_out)) for n_in, n_out, _ in MODEL_SHAPES]
+    seconds: dict[str, dict[str, list[float]]] = {name: {"stock": [], "onednn": []} for name, *_ in pairs}
+    for round_ in range(REPEATS + 1):
+        for name, stock, fast, x, g in pairs:
+            order = [("stock", stock), ("onednn", fast)]
+            for kind, layer in order if round_ % 2 else order[::-1]:
+                start = time.perf_counter()
+                _step(layer, x, g)
+                if round_:
+                    seconds[name][kind].append(time.perf_counter() - start)
+    return {name: {kind: round(1e3 * statistics.median(t), 3) for kind, t in by_kind.items()}
+            for name, by_kind in seconds.items()}
+
+
+@functools.cache
+def _decide(threads: int) -> dict:
+    record = {"onednn_linear": False, "reason": "", "timings_ms": {}, "threads": threads, "cpu": cpu_info(),
+              "torch": torch.__version__}
+    problem = _problem()
+    if problem is not None:
+        record["reason"] = problem
+        return record
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        record["timings_ms"] = timings = _time_linears()
+    except Exception as exc:
+        log.debug("timing oneDNN's linear raised", exc_info=True)
+        record["reason"] = f"private op raised {type(exc).__name__} while timed"
+        return record
+    finally:
+        torch.set_num_threads(previous)
+    total = {kind: sum(count * timings[_shape_name(n_in, n_out)][kind] for n_in, n_out, count in MODEL_SHAPES)
+             for kind in ("stock", "onednn")}
+    speedup = total["stock"] / total["onednn"]
+    record["onednn_linear"] = speedup >= MARGIN
+    record["reason"] = (f"oneDNN {speedup:.2f}x faster on {len(MODEL_SHAPES)} model shapes, forward+backward"
+                        if record["onednn_linear"] else f"not faster ({speedup:.2f}x, needs {MARGIN:.2f}x)")
+    log.debug("CPU linear kernel: %s; %s", "oneDNN" if record["onednn_linear"] else "F.linear", record["reason"])
+    return record
+
+
+def decide(threads: int) -> dict:
+    """Whether `speed_up` uses oneDNN's linear with `threads` threads, and why, as a JSON-ready record:
+
+    {"onednn_linear": bool, "reason": one short sentence, "timings_ms": {shape: {"stock": ms,
+    "onednn": ms}} (empty when not timed), "threads": int, "cpu": hardware.cpu_info(), "torch": version}.
+
+    Decided once per process and thread count: the private op must exist and agree with `F.linear`
+    (forward and backward within `TOLERANCE`) and be at least `MARGIN` times faster on `MODEL_SHAPES`.
+    """
+    return copy.deepcopy(_decide(threads))
 
 
 def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -181,12 +289,24 @@ def use_fast_dropout(model: nn.Module, enable: bool = True) -> int:
     return _swap(model, nn.Dropout, FastDropout) if enable else _swap(model, FastDropout, nn.Dropout)
 
 
-def speed_up(model: nn.Module, device: torch.device, dropout: bool = True) -> dict[str, int]:
-    """The CPU fast paths for `model` on `device`: oneDNN linears where faster here, fast dropout masks."""
+def speed_up(model: nn.Module, device: torch.device, dropout: bool = True, onednn: bool | None = None) -> dict[str, int]:
+    """The CPU fast paths for `model` on `device`; returns how many layers were switched, by kind.
+
+    oneDNN linears where `decide` finds them correct and faster here, or, when `onednn` is given (the
+    decision a run being resumed recorded), as told, without timing: asked for but unusable here
+    (op missing, or disagreeing with F.linear), PyTorch's linear is kept with a warning. Fast dropout
+    masks when `dropout`.
+    """
     if device.type != "cpu":
         return {}
+    if onednn is None:
+        onednn = decide(torch.get_num_threads())["onednn_linear"]
+    elif onednn and (problem := _problem()) is not None:
+        log.warning("oneDNN linear layers were asked for, but %s here: PyTorch's F.linear is used instead "
+                    "(the same results up to float rounding)", problem)
+        onednn = False
     changed = {}
-    if choose(torch.get_num_threads()):
+    if onednn:
         changed["onednn_linear"] = use_onednn_linear(model)
     if dropout:
         changed["fast_dropout"] = use_fast_dropout(model)
