@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from lorafit.cli import main
-from lorafit.compare import Group, choose_reference, collect, compare, mean_ci, to_markdown
+from lorafit.compare import BOOTSTRAP_SAMPLES, Group, choose_reference, collect, compare, mean_ci, to_markdown
 from lorafit.config import dump, load_config
 from lorafit.errors import UserError
 from lorafit.evaluate import classification_metrics
@@ -179,6 +179,22 @@ def test_choosing_the_reference_never_reads_test_figures(tmp_path):
     index, metric, means = choose_reference(list(groups.values()))
     assert list(groups)[index] == 4 and metric == "accuracy"
     assert means == pytest.approx([0.71, 0.91, 0.81])
+
+
+@pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")  # the all-right run's per-class F1 is constant
+def test_bootstrap_p_value_counts_the_observed_difference_and_never_claims_below_its_resolution(tmp_path):
+    """Every draw favours one side: p = 2 (0 + 1) / (B + 1), the smallest a B-draw bootstrap can state, printed as such."""
+    everything = np.arange(len(TARGETS))
+    runs = [fake_run(tmp_path / f"right{s}", s, 8, everything[:0]) for s in (0, 1)]
+    runs += [fake_run(tmp_path / f"wrong{s}", s, 4, everything) for s in (0, 1)]
+    result = compare(collect(runs))
+    (other,) = [r for r in result["rows"] if not r["best"]]
+    v = other["versus_best"]
+    assert v["difference"] == v["ci_low"] == v["ci_high"] == -1.0
+    assert v["p_bootstrap"] == 2 / (BOOTSTRAP_SAMPLES + 1)
+    markdown = to_markdown(result)
+    assert "<0.0001" not in markdown and "| 0.0002 |" in markdown
+    assert "2 (k + 1) / (B + 1)" in markdown
 
 
 def test_runs_of_different_methods_get_distinct_names(tmp_path):

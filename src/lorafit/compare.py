@@ -12,7 +12,8 @@ against the others on the very data that crowned it. Against the reference:
 - the accuracy difference with a 95% paired-bootstrap interval: shared seeds and test examples are
   resampled (the same examples for every seed of a draw), the statistic is the mean over seeds of
   the per-seed accuracy difference, so seed noise and example noise both show;
-- the bootstrap's two-sided p-value (seeds and examples both resampled), and McNemar's exact test on
+- the bootstrap's two-sided p-value (seeds and examples both resampled), 2 (k + 1) / (B + 1) with k
+  the draws on the far side of 0 (so never below 2 / (B + 1)), and McNemar's exact test on
   per-example correctness, per shared seed, reporting the largest p (the conservative reading).
   Every row is tested against the reference without a multiple-comparison correction: read
   p-values near 0.05 with that in mind.
@@ -223,8 +224,12 @@ def paired_tests(best: Group, other: Group, seed: int = 0) -> dict | None:
         per_seed = np.stack([diff[:, examples[d]].mean(axis=1) for d in range(size)])  # (D, S) accuracy differences
         draws[i : i + size] = np.take_along_axis(per_seed, seeds, axis=1).mean(axis=1)
     low, high = np.quantile(draws, [0.025, 0.975])
-    # Two-sided bootstrap p-value for "no difference": how often the resampled difference crosses 0.
-    p_boot = float(min(1.0, 2 * min((draws <= 0).mean(), (draws >= 0).mean())))
+    # Two-sided bootstrap p-value for "no difference": k = the draws on the far side of 0 (the
+    # smaller tail), p = 2 (k + 1) / (B + 1), counting the observed difference as one of the draws
+    # (Phipson & Smyth 2010, "Permutation p-values should never be zero"): B draws cannot show a p
+    # below 2 / (B + 1), and k = 0 must not read as p = 0.
+    far_side = int(min((draws <= 0).sum(), (draws >= 0).sum()))
+    p_boot = min(1.0, 2 * (far_side + 1) / (BOOTSTRAP_SAMPLES + 1))
     # McNemar's exact test per seed (pooling seeds would count near-identical predictions S times);
     # the largest p over the seeds is reported, the conservative reading.
     only_best = ((best_correct == 1) & (other_correct == 0)).sum(axis=1).astype(int)  # (S,)
@@ -304,7 +309,8 @@ def _size(n: int) -> str:
 
 
 def _p(value: float) -> str:
-    return "<0.0001" if value < 1e-4 else f"{value:.4f}"
+    """Four decimals; below 1e-4 (exact McNemar p can be) two significant digits, never a bare "<"."""
+    return f"{value:.4f}" if value >= 1e-4 else f"{value:.1e}"
 
 
 def _validation_cell(value: float, metric: str) -> str:
@@ -354,8 +360,11 @@ def to_markdown(result: dict, hardest: int = 15) -> str:
     out.write(f"\nReference: {result['best']}, the {_chosen_by(result)} over seeds (each run's best epoch); "
               "test figures are reported, never used to choose.\n")
     out.write("\nCI: 95% t-interval over seeds (none with one seed). Δ and p: paired over shared seeds and the same "
-              "test examples; bootstrap resampling seeds and examples (10,000 draws); McNemar exact per seed, largest p. "
-              "No multiple-comparison correction.\n")
+              f"test examples. Bootstrap: B = {BOOTSTRAP_SAMPLES:,} draws, each resampling the shared seeds and, once for all "
+              "seeds, the test examples (two levels); statistic the mean over seeds of the per-seed accuracy difference; "
+              "interval its 2.5-97.5 % quantiles; p = 2 (k + 1) / (B + 1) with k the draws on the far side of 0, so "
+              f"{2 / (BOOTSTRAP_SAMPLES + 1):.4f} is the smallest it can report. McNemar: exact binomial test per seed, "
+              "the largest p. No multiple-comparison correction.\n")
     pc = result["per_class"]
     if pc["spearman_count_f1"]:
         rho = {k: v for k, v in pc["spearman_count_f1"].items() if not k.startswith("_")}
