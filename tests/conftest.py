@@ -150,3 +150,72 @@ def dropout_free_overrides(folder: Path, method: str, **extra) -> list[str]:
     if method == "full":  # full fine-tuning has no rank or alpha
         overrides = [o for o in overrides if not o.startswith(("method.rank", "method.alpha"))]
     return overrides
+
+
+def kill_at_checkpoint(proc, out: Path, step: int, timeout: float = 300, tree: bool = False) -> None:
+    """SIGKILL the training process `proc` once `out` holds a checkpoint at `step` or later.
+
+    The child is frozen with SIGSTOP the moment the checkpoint is seen, so on a loaded machine it
+    cannot run on (and finish, removing its checkpoints) between the look and the kill. tree: signal
+    `proc` and all its descendants (a launcher and its workers)."""
+    import contextlib
+    import signal
+    import time
+
+    from lorafit import checkpoint
+
+    class _Tree:  # the same calls, sent to the launcher and every process under it
+        def __init__(self, proc):
+            self.proc = proc
+
+        def send_signal(self, sig):
+            import psutil
+
+            root = psutil.Process(self.proc.pid)
+            for p in [*root.children(recursive=True), root]:  # torchrun's workers run in sessions of their own
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.send_signal(sig)
+
+        def poll(self):
+            return self.proc.poll()
+
+        def wait(self):
+            return self.proc.wait()
+
+        @property
+        def returncode(self):
+            return self.proc.returncode
+
+    proc = _Tree(proc) if tree else proc
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        latest = checkpoint.latest(out)
+        if latest is not None and int(latest.name.split("-")[1]) >= step:
+            proc.send_signal(signal.SIGSTOP)
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before a checkpoint at step {step} was seen"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+# -- CI: the tests that must run there fail instead of skipping ----------------------------------
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "ci_required: must run in CI; with CI=true a skip (no browser, no real weights) is a failure")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With CI=true, a skip of a `ci_required` test (at setup, by a skipif, or in its body) is a failure:
+    CI must not pass with the report rendering or the real-data smoke test silently left out."""
+    report = yield
+    if (report.skipped and not hasattr(report, "wasxfail") and os.environ.get("CI") == "true"
+            and item.get_closest_marker("ci_required") is not None):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        report.outcome = "failed"
+        report.longrepr = f"CI=true: {item.name} must run in CI but skipped: {reason}"
+    return report

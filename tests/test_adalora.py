@@ -20,7 +20,7 @@ from lorafit.methods import registry
 from lorafit.models import build_classifier, find_targets
 from lorafit.train import resume
 
-from conftest import tiny_overrides
+from conftest import kill_at_checkpoint, tiny_overrides
 from test_resume import _assert_same_outcome, _cmd, _env
 
 SETTINGS = {"name": "adalora", "rank": 2, "init_rank": 4, "alpha": 8, "dropout": 0.0, "targets": ["attention", "ffn"]}
@@ -88,21 +88,14 @@ def test_train_writes_and_prints_final_ranks(tiny_bert, tiny_data, tmp_path, cap
 
 def test_killed_adalora_run_resumes_exactly(tiny_bert, tiny_data, tmp_path):
     extra = {"method.name": "adalora", "method.rank": 2, "method.init_rank": 4, "method.delta_t": 2,
-             "train.epochs": 4, "train.checkpoint_every": 3, "method.dropout": 0.1}
+             "train.epochs": 4, "train.checkpoint_every": 3, "method.dropout": 0.1,
+             "train.cpu_kernels": "stock"}  # the reference and the killed run must not each time the kernels
     overrides = tiny_overrides(tiny_bert, tiny_data, **extra)
     ref = tmp_path / "reference"
     subprocess.run(_cmd(overrides, ref), check=True, env=_env(), capture_output=True)
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(overrides, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        latest = checkpoint.latest(out)
-        if latest is not None and int(latest.name.split("-")[1]) >= 18:  # inside the budget phase
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert checkpoint.latest(out) is not None
+    kill_at_checkpoint(proc, out, 18)  # inside the budget phase
     resume(out)
     _assert_same_outcome(ref, out)
     a, b = (json.loads((p / "summary.json").read_text())["final_ranks"] for p in (ref, out))

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_same_training, dropout_free_overrides, piece_counts
+from conftest import assert_same_training, dropout_free_overrides, kill_at_checkpoint, piece_counts, tiny_overrides
 from lorafit.config import load_config
 from lorafit.distributed import World
 from lorafit.train import train
@@ -78,3 +78,25 @@ def test_two_gloo_processes_match_one_process(tmp_path, launcher, method, extra)
     summary_a, summary_b = (json.loads((r / "summary.json").read_text()) for r in (a, b))
     assert summary_a["processes"] == 1 and summary_b["processes"] == 2
     assert_same_training(a, b, "model" if method == "full" else "adapter", tolerance=1e-4)
+
+
+def test_killed_two_process_run_resumes_exactly(tiny_bert, tiny_data, tmp_path):
+    """Dropout on: each rank draws its own masks, so a mid-epoch resume must restore each rank's own
+    random state (rank 0's on every rank would give rank 1 rank 0's masks) to end where the
+    uninterrupted 2-process run ends."""
+    overrides = tiny_overrides(tiny_bert, tiny_data, **{
+        "train.epochs": 3, "train.checkpoint_every": 2, "train.keep_checkpoints": 2, "method.dropout": 0.1,
+        "train.threads": 1, "train.cpu_kernels": "stock", "train.lr": 1e-2})
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    done = _launch("torchrun", [*overrides, "--out", str(tmp_path / "reference")], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*LAUNCHERS["torchrun"], "-m", "lorafit", "train", *overrides, "--out", str(killed)], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_at_checkpoint(proc, killed, 4, tree=True)  # mid-epoch 1 (15 batches of 8 per epoch)
+    resumed = subprocess.run([*LAUNCHERS["torchrun"], "-m", "lorafit", "train", "--resume", str(killed)], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_training(tmp_path / "reference", killed, "adapter", tolerance=1e-12)
+    ea, eb = (json.loads((r / "eval.json").read_text()) for r in (tmp_path / "reference", killed))
+    assert ea == eb

@@ -21,7 +21,7 @@ import lorafit
 from lorafit import checkpoint
 from lorafit.train import resume
 
-from conftest import tiny_overrides
+from conftest import kill_at_checkpoint, tiny_overrides
 
 EXTRA = {"train.epochs": 4, "train.checkpoint_every": 3, "train.keep_checkpoints": 2, "method.dropout": 0.1,
          "train.lr": 1e-2}
@@ -54,9 +54,11 @@ def _assert_same_outcome(a: Path, b: Path) -> None:
     assert not (b / "checkpoints").exists()
 
 
-@pytest.fixture
-def reference(tiny_bert, tiny_data, tmp_path):
-    overrides = tiny_overrides(tiny_bert, tiny_data, **EXTRA)
+@pytest.fixture(params=["onednn", "stock"])
+def reference(tiny_bert, tiny_data, tmp_path, request):
+    """The uninterrupted run, with the CPU kernels forced each way: the reference and the killed run
+    are separate processes, and under train.cpu_kernels=auto each would time the kernels itself."""
+    overrides = tiny_overrides(tiny_bert, tiny_data, **EXTRA, **{"train.cpu_kernels": request.param})
     out = tmp_path / "reference"
     subprocess.run(_cmd(overrides, out), check=True, env=_env(), capture_output=True)
     return overrides, out
@@ -67,15 +69,7 @@ def test_sigkill_then_resume_is_bitwise_identical(reference, tmp_path, kill_afte
     overrides, ref = reference
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(overrides, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        latest = checkpoint.latest(out)
-        if latest is not None and int(latest.name.split("-")[1]) >= kill_after_step:
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert checkpoint.latest(out) is not None, "the run was killed before its first checkpoint"
+    kill_at_checkpoint(proc, out, kill_after_step)
     result = resume(out)
     assert result.eval["accuracy"] == json.loads((ref / "eval.json").read_text())["accuracy"]
     _assert_same_outcome(ref, out)
@@ -140,3 +134,27 @@ def test_resume_refuses_finished_or_checkpointless_runs(tiny_bert, tiny_data, tm
         resume(out)
     with pytest.raises(lorafit.UserError, match="not found|no config"):
         resume(tmp_path / "nothing")
+
+
+def test_resume_computes_with_the_kernels_the_run_started_with(tiny_bert, tiny_data, tmp_path, monkeypatch):
+    """train.cpu_kernels=auto decides by timing; a resume reuses the decision recorded in compute.json
+    (threads and token budget too) instead of timing again, and ends like a run forced to that choice."""
+    from lorafit import kernels
+
+    overrides = tiny_overrides(tiny_bert, tiny_data, **EXTRA)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(overrides, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_at_checkpoint(proc, out, 7)
+    recorded = json.loads((out / "compute.json").read_text())
+    assert recorded["threads"] == 1 and recorded["cpu_kernels"]["cpu"]["model"]
+
+    def no_timing(threads):
+        raise AssertionError("a resume must not time the kernels again")
+
+    monkeypatch.setattr(kernels, "decide", no_timing)
+    result = resume(out)
+    assert result.summary["compute"] == recorded
+    # The uninterrupted run with the same decision (auto's fast dropout included).
+    monkeypatch.setattr(kernels, "decide", lambda threads: recorded["cpu_kernels"])
+    lorafit.train(lorafit.load_config(None, overrides), tmp_path / "reference")
+    _assert_same_outcome(tmp_path / "reference", out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 
 import numpy as np
@@ -10,6 +12,7 @@ import yaml
 from peft import PeftModel
 
 import lorafit
+from lorafit import evaluate
 from lorafit.cli import main
 from lorafit.models import build_classifier
 from lorafit.rundir import RunDir
@@ -187,13 +190,39 @@ def test_run_config_round_trips(tiny_bert, tiny_data, tmp_path):
     assert raw["derived"]["total_steps"] == raw["derived"]["steps_per_epoch"] * 2
 
 
-def test_early_stopping_keeps_best_epoch(tiny_bert, tiny_data, tmp_path):
-    # lr 0 after warmup-less constant schedule: validation never improves after epoch 1.
-    overrides = tiny_overrides(tiny_bert, tiny_data, **{
-        "train.epochs": 5, "train.patience": 2, "train.lr": 1e-12, "train.schedule": "constant", "train.warmup": 0,
-        "train.metric": "accuracy",
-    })
-    result = lorafit.train(lorafit.load_config(None, overrides), tmp_path / "run")
-    epochs = [r for r in RunDir(tmp_path / "run").metrics() if r["type"] == "epoch"]
+def _scripted_validation(monkeypatch, accuracies: list[float]) -> None:
+    """Validation accuracy reads `accuracies` epoch by epoch (test metrics stay real), so a run's
+    best epoch is known in advance while its weights keep changing."""
+    train_module = importlib.import_module("lorafit.train")
+    real, calls = evaluate.classification_metrics, iter(accuracies)
+
+    def metrics(logits, targets, label_names):
+        out = real(logits, targets, label_names)
+        stack = [frame.function for frame in inspect.stack()[1:3]]
+        return {**out, "accuracy": next(calls)} if "_epochs" in stack else out
+
+    monkeypatch.setattr(train_module, "classification_metrics", metrics)
+
+
+def test_early_stopping_evaluates_the_best_epoch_not_the_last(tiny_bert, tiny_data, tmp_path, monkeypatch):
+    """Validation peaks at epoch 1 and gets worse while the weights keep moving (a real learning
+    rate): early stopping after 2 stale epochs must test epoch 1's weights, which a run of exactly 1
+    epoch (same constant schedule, same batches and masks) has; epoch 3's give another eval.json."""
+    settings = {"train.patience": 2, "train.schedule": "constant", "train.warmup": 0, "train.metric": "accuracy",
+                "train.lr": 5e-3}
+    _scripted_validation(monkeypatch, [0.9, 0.5, 0.4])
+    result = lorafit.train(lorafit.load_config(None, tiny_overrides(tiny_bert, tiny_data, **settings, **{"train.epochs": 5})),
+                           tmp_path / "stopped")
+    epochs = [r for r in RunDir(tmp_path / "stopped").metrics() if r["type"] == "epoch"]
     assert result.summary["stopped_early"] is True
     assert len(epochs) == 3 and result.summary["best_epoch"] == 1
+
+    _scripted_validation(monkeypatch, [0.9])
+    one = lorafit.train(lorafit.load_config(None, tiny_overrides(tiny_bert, tiny_data, **settings, **{"train.epochs": 1})),
+                        tmp_path / "one")
+    _scripted_validation(monkeypatch, [0.1, 0.2, 0.3])
+    last = lorafit.train(lorafit.load_config(None, tiny_overrides(tiny_bert, tiny_data, **settings, **{"train.epochs": 3})),
+                         tmp_path / "last")
+    read = lambda run: json.loads((run / "eval.json").read_text())  # noqa: E731
+    assert read(tmp_path / "stopped") == read(tmp_path / "one")
+    assert read(tmp_path / "last") != read(tmp_path / "one")  # epoch 3 differs: testing it would be caught

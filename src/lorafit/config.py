@@ -119,11 +119,12 @@ class TrainConfig(_Section):
     """Autocast dtype; auto is bf16 (or fp16) on CUDA and fp32 elsewhere. Only CUDA autocasts."""
     threads: Annotated[int, Field(gt=0, le=1024)] | None = None
     """CPU threads for torch; null leaves torch's default (one per core)."""
-    cpu_kernels: Literal["auto", "stock"] = "auto"
-    """On CPU, auto runs linear layers through oneDNN where that is faster than PyTorch's default
-    (MKL runs a slow path on AMD CPUs) and draws dropout masks with half the random bits: equal
-    results up to float rounding, dropout from the same distribution (lorafit/kernels.py). stock
-    keeps PyTorch's own layers."""
+    cpu_kernels: Literal["auto", "stock", "onednn"] = "auto"
+    """On CPU, auto runs linear layers through oneDNN where a timing on this host finds it faster
+    than PyTorch's default, and draws dropout masks with half the random bits: equal results up to
+    float rounding, dropout from the same distribution (lorafit/kernels.py). The choice is recorded
+    in compute.json and reused by --resume. onednn forces oneDNN's linear (and the fast dropout);
+    stock keeps PyTorch's own layers."""
     checkpoint_every: Annotated[int, Field(ge=0)] = 200
     """Write a resumable checkpoint every N optimiser steps (and at every epoch end); 0 turns
     checkpoints off. Checkpoints are removed when the run finishes."""

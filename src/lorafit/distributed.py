@@ -109,20 +109,34 @@ class World:
                 dist.destroy_process_group()
 
     # -- per step ---------------------------------------------------------------------------------
-    def shard(self, batch: list[int]) -> tuple[list[int], float]:
+    def shard(self, batch: list[int], step_examples: int | None = None) -> tuple[list[int], float]:
         """This process's slice of a global batch and the weight of its summed loss.
 
-        Slices are contiguous runs of the (length-grouped) batch, so they stay similar in length. A
-        process whose slice would be empty (a last batch smaller than WORLD_SIZE) takes one example
-        with weight 0: it still joins the gradient all-reduce but adds nothing.
+        The weight is WORLD_SIZE / step_examples (the examples of all the batches one optimiser step
+        accumulates; default this batch's), so after DDP's average every example of the step weighs
+        1 / step_examples. Slices are contiguous runs of the (length-grouped) batch, so they stay
+        similar in length. A process whose slice would be empty (a last batch smaller than
+        WORLD_SIZE) takes one example with weight 0: it still joins the gradient all-reduce but adds
+        nothing.
         """
+        step_examples = step_examples or len(batch)
         if not self.active:
-            return batch, 1.0 / len(batch)
+            return batch, 1.0 / step_examples
         bounds = np.linspace(0, len(batch), self.size + 1).round().astype(int)
         mine = batch[bounds[self.rank]:bounds[self.rank + 1]]
         if not mine:
             return batch[:1], 0.0
-        return mine, self.size / len(batch)
+        return mine, self.size / step_examples
+
+    def gather_objects(self, obj: object) -> list:
+        """Every process's `obj`, in rank order (a one-item list for one process)."""
+        if not self.active:
+            return [obj]
+        import torch.distributed as dist
+
+        objects: list = [None] * self.size
+        dist.all_gather_object(objects, obj)
+        return objects
 
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over the processes (a no-op for one)."""

@@ -9,6 +9,8 @@ optimiser, scheduler, RNG states and `Progress`) lets `resume` continue bit for 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import platform
@@ -27,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from . import __version__, checkpoint, data, kernels
+from . import __version__, checkpoint, data, hardware, kernels
 from .distributed import World
 from .track import Sinks, open_sinks
 from .config import Config, load_config, resolve_schedule, validate
@@ -77,7 +79,9 @@ class Progress:
     stopped: bool = False
     window_loss: float = 0.0
     window_steps: int = 0
+    window_batches: int = 0
     window_examples: int = 0
+    skipped_steps: int = 0  # fp16: steps the gradient scaler skipped because gradients overflowed
     metrics_lines: int = 0  # metrics.jsonl lines written, so a resume drops lines from after the checkpoint
 
 
@@ -92,13 +96,43 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+#: Parameters that are weight matrices by role: the `weight` of these layers, and the low-rank factors
+#: of the LoRA family (LoRA's A/B are nn.Linear weights; LoHa/LoKr keep raw matrices).
+_MATRIX_LAYERS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)
+_FACTOR_NAMES = ("lora_A", "lora_B", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a", "lokr_w1_b",
+                 "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2", "hada_t1", "hada_t2")
+
+
+def decayed_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters weight decay applies to: weight matrices, chosen by role, not by shape.
+
+    Decay pulls a parameter towards 0, which is a prior only for weight matrices (and low-rank
+    factors, whose product is a weight update). Biases, norms, AdaLoRA's singular values (`lora_E`,
+    shape (r, 1)), IA3's scaling vectors (`ia3_l`, (out, 1)), DoRA's magnitudes and VeRA's scaling
+    vectors are not matrices in that sense, whatever their number of dimensions.
+    """
+    decayed: set[int] = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if (name == "weight" and isinstance(module, _MATRIX_LAYERS)) or name in _FACTOR_NAMES:
+                decayed.add(id(p))
+    # peft's adapter ModuleDicts/ParameterDicts (lora_E["default"], ia3_l["default"], ...): decayed only
+    # if the dict is a low-rank factor's.
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] in _FACTOR_NAMES:
+            decayed.add(id(p))
+    return decayed
+
+
 def make_optimizer(model: nn.Module, method: Method, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW with the head at train.head_lr, and no weight decay on biases and norms."""
+    """AdamW with the head at train.head_lr, and weight decay on weight matrices only (see decayed_parameters)."""
     head_lr = cfg.train.head_lr if cfg.train.head_lr is not None else cfg.train.lr
+    decayed = decayed_parameters(model)
     groups = []
     for group in method.param_groups(model, cfg.train.lr, head_lr):
-        decay = [p for p in group["params"] if p.ndim >= 2]
-        no_decay = [p for p in group["params"] if p.ndim < 2]
+        decay = [p for p in group["params"] if id(p) in decayed]
+        no_decay = [p for p in group["params"] if id(p) not in decayed]
         groups += [
             {"params": decay, "lr": group["lr"], "weight_decay": cfg.train.weight_decay, "name": group["name"]},
             {"params": no_decay, "lr": group["lr"], "weight_decay": 0.0, "name": f"{group['name']}_no_decay"},
@@ -156,12 +190,17 @@ class _Job:
     forward: nn.Module  # what training steps call: the model, or DDP around it
     fast_paths: dict[str, int]  # CPU fast paths in use: layers switched, by kind (lorafit/kernels.py)
     max_tokens: int | None  # padded tokens per forward pass (train.max_batch_tokens for this device)
+    scaler: torch.amp.GradScaler  # fp16 loss scaling; disabled (a pass-through) in every other precision
+    compute: dict  # how this run computes (threads, token budget, kernels): compute.json, reused on --resume
     sinks: Sinks | None = None  # the experiment trackers, opened when training starts
 
 
-def _prepare(cfg: Config, run: RunDir) -> _Job:
+def _prepare(cfg: Config, run: RunDir, recorded: dict | None = None) -> _Job:
+    """Everything before the first step. `recorded`: the compute.json of the run being resumed, whose
+    threads, token budget and CPU kernels are reused so the continuation computes as the start did."""
+    recorded = recorded or {}
     world = World.from_env()
-    set_threads(cfg.train.threads or world.threads())
+    set_threads(recorded.get("threads") or cfg.train.threads or world.threads())
     device = world.join(select_device(cfg.train.device))
     if not world.is_main:
         logging.getLogger("lorafit").setLevel(logging.WARNING)  # rank 0 tells the story
@@ -183,9 +222,13 @@ def _prepare(cfg: Config, run: RunDir) -> _Job:
     schedule = resolve_schedule(cfg, len(dataset.splits["train"]))
     model = method.apply(model, adapted, schedule.total_steps)
     model.to(device)
-    fast = kernels.speed_up(model, device) if cfg.train.cpu_kernels == "auto" else {}
+    fast, kernel_choice = _cpu_kernels(cfg, model, device, recorded.get("cpu_kernels"))
     if fast:
         log.info("CPU fast paths: %s", ", ".join(f"{k} x{v}" for k, v in fast.items()))
+    max_tokens = recorded["max_batch_tokens"] if "max_batch_tokens" in recorded else token_budget(cfg.train.max_batch_tokens, device)
+    compute = {"device": str(device), "threads": torch.get_num_threads(), "processes": world.size,
+               "max_batch_tokens": max_tokens, "autocast": str(amp).replace("torch.", "") if amp else None,
+               "cpu_kernels": kernel_choice}
     forward = world.wrap(model, device)
     optimizer = make_optimizer(model, method, cfg)
     scheduler = get_scheduler(
@@ -194,8 +237,30 @@ def _prepare(cfg: Config, run: RunDir) -> _Job:
         num_warmup_steps=schedule.warmup_steps,
         num_training_steps=schedule.total_steps,
     )
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     return _Job(cfg, run, device, amp, dataset, tokens, targets, pad_id, model, method, optimizer, scheduler, schedule,
-                adapted, world, forward, fast, token_budget(cfg.train.max_batch_tokens, device))
+                adapted, world, forward, fast, max_tokens, scaler, compute)
+
+
+def _cpu_kernels(cfg: Config, model: nn.Module, device: torch.device, recorded: dict | None) -> tuple[dict[str, int], dict]:
+    """Switch `model` to the CPU fast paths train.cpu_kernels asks for; (layers switched, the decision).
+
+    auto times oneDNN against PyTorch's linear on this host (kernels.decide) -- unless the run is being
+    resumed, when the choice recorded at its start is reused: the two paths differ in float summation
+    order, so a continuation that picked the other one would not end where the uninterrupted run does.
+    """
+    if device.type != "cpu" or cfg.train.cpu_kernels == "stock":
+        why = "not a CPU run" if device.type != "cpu" else "train.cpu_kernels=stock"
+        return {}, {"onednn_linear": False, "fast_dropout": False, "reason": why, "cpu": hardware.cpu_info()}
+    if cfg.train.cpu_kernels == "onednn":
+        decision = {"onednn_linear": True, "reason": "train.cpu_kernels=onednn"}
+    elif recorded is not None:
+        decision = recorded
+    else:
+        decision = kernels.decide(torch.get_num_threads())
+    fast = kernels.speed_up(model, device, onednn=bool(decision["onednn_linear"]))
+    choice = {**decision, "onednn_linear": "onednn_linear" in fast, "fast_dropout": "fast_dropout" in fast}
+    return fast, {"cpu": hardware.cpu_info(), **choice}
 
 
 def train(config: Config | str | Path | dict, out: str | Path, overwrite: bool = False) -> RunResult:
@@ -210,7 +275,8 @@ def train(config: Config | str | Path | dict, out: str | Path, overwrite: bool =
         run.create(overwrite)
         run.write_config(job.cfg, derived=asdict(job.schedule) | {"adapted_modules": len(job.adapted)})
         run.write_json("labels.json", job.dataset.label_names)
-        run.write_json("splits.json", job.dataset.splits_record() | {"seed": job.cfg.seed})
+        run.write_json("splits.json", _splits_record(job))
+        run.write_json("compute.json", job.compute)
     return _run(job, Progress())
 
 
@@ -223,15 +289,17 @@ def resume(run_dir: str | Path) -> RunResult:
         if (run.path / "summary.json").is_file():
             raise UserError(f"{run.path} already finished (summary.json exists); nothing to resume")
         raise UserError(f"{run.path} has no checkpoint to resume from (train.checkpoint_every may be off)")
-    job = _prepare(cfg, run)
-    if job.dataset.splits_record()["train"] != run.read_json("splits.json")["train"]:
-        raise UserError(f"the training data changed since {run.path} started; cannot resume it exactly")
+    recorded = run.read_json("compute.json") if (run.path / "compute.json").is_file() else None
+    job = _prepare(cfg, run, recorded)
+    _check_same_data(job, run)
     tensors, meta = checkpoint.load(latest)
     job.method.load_state_dict(job.model, {k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
     job.method.load_checkpoint_state(job.model, {k[7:]: v for k, v in tensors.items() if k.startswith("method/")}, meta["method"])
     checkpoint.optimizer_from_flat(job.optimizer, tensors, meta["optimizer"])
     job.scheduler.load_state_dict(meta["scheduler"])
-    checkpoint.restore_rng(tensors, meta["rng"])
+    checkpoint.restore_rng(*_my_rng(job.world, tensors, meta))
+    if "scaler" in meta:
+        job.scaler.load_state_dict(meta["scaler"])
     progress = Progress(**meta["progress"])
     best = {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
     job.world.barrier()  # every process has read the checkpoint before rank 0 touches the folder
@@ -242,7 +310,47 @@ def resume(run_dir: str | Path) -> RunResult:
     return _run(job, progress, best or None)
 
 
+def _splits_record(job: _Job) -> dict:
+    """splits.json: every split's source rows, the seed, and a sha256 of what the rows hold (so a
+    resume notices edited texts or labels, not only moved rows)."""
+    content = {name: hashlib.sha256(json.dumps([split.texts, split.labels], ensure_ascii=False).encode("utf-8")).hexdigest()
+               for name, split in job.dataset.splits.items()}
+    return job.dataset.splits_record() | {"seed": job.cfg.seed, "content_sha256": content}
+
+
+def _check_same_data(job: _Job, run: RunDir) -> None:
+    """Resume only onto the data the run started with: every split's rows and content, and the labels."""
+    then = run.read_json("splits.json")
+    now = _splits_record(job)
+    # "source" is where the data was read from: a moved mirror holding the same rows is fine.
+    changed = [f"{key} rows" if key in job.dataset.splits else key for key in sorted(set(then) | set(now))
+               if key not in ("source", "content_sha256") and then.get(key) != now.get(key)]
+    then_content, now_content = then.get("content_sha256", {}), now["content_sha256"]
+    changed += [f"{name} texts or labels" for name in now_content if name in then_content and then_content[name] != now_content[name]]
+    if run.read_json("labels.json") != job.dataset.label_names:
+        changed.append("label names")
+    if changed:
+        raise UserError(f"the data changed since {run.path} started ({', '.join(changed)}); "
+                        "cannot resume it exactly: restore the data or start a new run")
+
+
+def _my_rng(world: World, tensors: dict, meta: dict) -> tuple[dict, dict]:
+    """This process's RNG state from a checkpoint: each data-parallel rank saved its own (rank 0's
+    under the plain keys, so single-process checkpoints read as before)."""
+    if world.rank == 0:
+        return tensors, meta["rng"]
+    prefix = f"rank{world.rank}/"
+    mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not mine:
+        log.warning("the checkpoint holds no random state for rank %d (saved by %d processes?): using rank 0's, "
+                    "so dropout masks will not repeat the uninterrupted run's", world.rank, len(meta.get("rng_ranks", [])) + 1)
+        return tensors, meta["rng"]
+    return mine, meta["rng_ranks"][world.rank - 1]
+
+
 def _write_checkpoint(job: _Job, progress: Progress, best_state: dict | None) -> None:
+    # Every process's own random state (dropout masks differ per rank), collected by rank 0, which writes.
+    states = job.world.gather_objects(checkpoint.capture_rng())
     if not job.world.is_main:
         return
     if job.sinks is not None:
@@ -253,11 +361,17 @@ def _write_checkpoint(job: _Job, progress: Progress, best_state: dict | None) ->
     method_tensors, method_meta = job.method.checkpoint_state(job.model)
     tensors |= {f"method/{k}": v for k, v in method_tensors.items()}
     opt_tensors, opt_meta = checkpoint.optimizer_to_flat(job.optimizer)
-    rng_tensors, rng_meta = checkpoint.capture_rng()
+    rng_tensors, rng_meta = states[0]
+    for rank, (rank_tensors, _) in enumerate(states[1:], start=1):
+        rng_tensors |= {f"rank{rank}/{k}": v for k, v in rank_tensors.items()}
     meta = {
         "progress": asdict(progress), "optimizer": opt_meta, "scheduler": job.scheduler.state_dict(),
         "rng": rng_meta, "method": method_meta,
     }
+    if len(states) > 1:
+        meta["rng_ranks"] = [rank_meta for _, rank_meta in states[1:]]
+    if job.scaler.is_enabled():
+        meta["scaler"] = job.scaler.state_dict()
     checkpoint.save(job.run.path, progress.step, tensors | opt_tensors | rng_tensors, meta, job.cfg.train.keep_checkpoints)
 
 
@@ -345,7 +459,11 @@ def _epochs(job: _Job, p: Progress, best_state: dict | None, caught: list[int]) 
         window_start = time.perf_counter()
         for i in range(p.batch, len(batches)):
             batch = batches[i]
-            mine, weight = world.shard(batch)  # a single process: the whole batch, weight 1 / len(batch)
+            # An optimiser step sums the gradients of up to grad_accum batches (fewer at the epoch's end),
+            # each example weighted 1 / (examples in the step): the step's mean loss, however uneven.
+            first = i - i % cfg.train.grad_accum
+            step_examples = sum(len(b) for b in batches[first:first + cfg.train.grad_accum])
+            mine, weight = world.shard(batch, step_examples)  # one process: the whole batch, 1 / step_examples
             boundary = (i + 1) % cfg.train.grad_accum == 0 or i + 1 == len(batches)
             # Pieces of at most max_batch_tokens padded tokens; their gradients add up to the slice's.
             pieces = data.split_by_tokens(mine, lengths, job.max_tokens)
@@ -359,11 +477,11 @@ def _epochs(job: _Job, p: Progress, best_state: dict | None, caught: list[int]) 
                         logits = job.forward(input_ids.to(device), attention_mask.to(device))  # (b, C)
                         loss_sum = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing,
                                                    reduction="sum")
-                        loss = loss_sum * weight  # the global batch's mean, once summed over pieces and processes
-                        if k == 0:  # a method's penalty on the weights counts once per batch
+                        loss = loss_sum * weight  # the step's mean, once summed over pieces, batches and processes
+                        if k == 0 and i == first:  # a method's penalty on the weights counts once per step
                             extra = method.extra_loss(model)
                             loss = loss if extra is None else loss + extra
-                    (loss / cfg.train.grad_accum).backward()
+                    job.scaler.scale(loss).backward()  # fp16: scaled so small gradients do not underflow
                 mine_loss += float(loss_sum.detach())
             # The global batch's mean loss; a signal caught by any process stops them all at this step.
             summed, stop = world.sum([mine_loss if weight else 0.0, float(bool(caught))])
@@ -375,14 +493,21 @@ def _epochs(job: _Job, p: Progress, best_state: dict | None, caught: list[int]) 
                 _diverged(job, p, batch_loss if not math.isfinite(batch_loss) else float(extra.detach()))
             p.epoch_loss += batch_loss * len(batch)
             p.window_loss += batch_loss
+            p.window_batches += 1
             p.window_examples += len(batch)
             p.examples_seen += len(batch)
             p.batch = i + 1
             if not boundary:
                 continue
+            scale = job.scaler.get_scale() if job.scaler.is_enabled() else None
             if cfg.train.max_grad_norm is not None:
+                job.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                 torch.nn.utils.clip_grad_norm_([q for g in optimizer.param_groups for q in g["params"]], cfg.train.max_grad_norm)
-            optimizer.step()
+            job.scaler.step(optimizer)  # skipped when fp16 gradients overflowed
+            job.scaler.update()
+            if scale is not None and job.scaler.get_scale() < scale:
+                p.skipped_steps += 1
+                log.debug("step %d skipped: fp16 gradients overflowed; loss scale now %g", p.step + 1, job.scaler.get_scale())
             p.step += 1
             method.on_step_end(model, p.step)
             optimizer.zero_grad(set_to_none=True)
@@ -391,12 +516,11 @@ def _epochs(job: _Job, p: Progress, best_state: dict | None, caught: list[int]) 
             bar.update(1)
             now = time.perf_counter()
             rate = p.window_examples / max(now - window_start, 1e-9)
-            bar.set_postfix(loss=f"{p.window_loss / (p.window_steps * cfg.train.grad_accum):.3f}", ex_s=f"{rate:.0f}", refresh=False)
+            bar.set_postfix(loss=f"{p.window_loss / max(p.window_batches, 1):.3f}", ex_s=f"{rate:.0f}", refresh=False)
             if p.step % cfg.train.log_every == 0:
-                append({"type": "step", "step": p.step, "epoch": p.epoch,
-                        "loss": p.window_loss / (p.window_steps * cfg.train.grad_accum),
+                append({"type": "step", "step": p.step, "epoch": p.epoch, "loss": p.window_loss / max(p.window_batches, 1),
                         "lr": optimizer.param_groups[0]["lr"], "examples_per_second": rate})
-                p.window_loss, p.window_steps, p.window_examples, window_start = 0.0, 0, 0, now
+                p.window_loss, p.window_steps, p.window_batches, p.window_examples, window_start = 0.0, 0, 0, 0, now
             p.epoch_elapsed = now - started
             if caught or (cfg.train.checkpoint_every and p.step % cfg.train.checkpoint_every == 0 and p.batch < len(batches)):
                 _write_checkpoint(job, p, best_state)
@@ -493,6 +617,8 @@ def _finish(job: _Job, p: Progress, best_state: dict | None) -> RunResult:
         "threads": torch.get_num_threads(),
         "processes": job.world.size,  # data-parallel; peak memory is rank 0's, examples/s all processes'
         "cpu_fast_paths": job.fast_paths,
+        "compute": job.compute,
+        "skipped_steps": p.skipped_steps,
         "versions": _versions(),
     }
     method_summary = method.summary(model)

@@ -1,0 +1,152 @@
+"""What one optimiser step computes: gradient accumulation weights every example of the step alike,
+fp16 steps go through a gradient scaler, weight decay applies to weight matrices by role, and a
+resume refuses data that changed."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+
+import pytest
+import torch
+
+from lorafit import data
+from lorafit.config import load_config
+from lorafit.errors import UserError
+from lorafit.methods import registry
+from lorafit.models import build_classifier, find_targets
+from lorafit.train import make_optimizer, resume, train
+
+from conftest import assert_same_training, dropout_free_overrides, tiny_overrides
+
+
+def test_grad_accum_k_equals_a_k_times_larger_batch(tmp_path, monkeypatch):
+    """batch_size=B, grad_accum=2 over the very batches of a batch_size=2B run, cut unevenly (a third
+    and two thirds, and a short last step) trains like batch_size=2B: every example of a step weighs
+    1 / (examples in the step), however the step's batches are sized."""
+    big = dropout_free_overrides(tmp_path / "setup", "lora", **{"train.batch_size": 12, "train.max_batch_tokens": "null"})
+    reference = train(load_config(None, big), tmp_path / "big")
+
+    original = data.length_grouped_batches
+    cuts = []
+
+    def cut_in_two(lengths, batch_size, rng, group=50):
+        out = []
+        for b in original(lengths, 2 * batch_size, rng, group):  # the reference's batches, in its order
+            k = max(1, len(b) // 3)
+            out += [b[:k], b[k:]] if len(b) > 1 else [b]
+            cuts.append((len(b[:k]), len(b[k:])))
+        return out
+
+    monkeypatch.setattr(data, "length_grouped_batches", cut_in_two)
+    small = [o for o in big if not o.startswith("train.batch_size")] + ["train.batch_size=6", "train.grad_accum=2"]
+    accumulated = train(load_config(None, small), tmp_path / "accumulated")
+    assert any(a != b for a, b in cuts)  # uneven batches inside a step really occurred
+    assert_same_training(reference.path, accumulated.path, "adapter", 1e-5)
+
+
+def test_grad_accum_short_last_step_is_not_divided_by_grad_accum(tmp_path, monkeypatch):
+    """An epoch of 3 batches with grad_accum=2: the last step holds one batch and must weigh its
+    examples 1 / len(batch), as a run of one larger batch per step does."""
+    big = dropout_free_overrides(tmp_path / "setup", "full", **{"train.max_batch_tokens": "null", "train.lr": 1e-3})
+    cfg_big = load_config(None, big)
+    n = len(data.load(cfg_big.data, cfg_big.seed)[0].splits["train"])
+    original = data.length_grouped_batches
+    big_batch = -(-n // 2)  # two big batches: the second step of the accumulated run holds one batch
+    monkeypatch.setattr(data, "length_grouped_batches",
+                        lambda lengths, batch_size, rng, group=50: original(lengths, big_batch, rng, group))
+    reference = train(load_config(None, [*big, f"train.batch_size={big_batch}"]), tmp_path / "big")
+
+    def three(lengths, batch_size, rng, group=50):
+        first, second = original(lengths, big_batch, rng, group)
+        half = len(first) // 2
+        return [first[:half], first[half:], second]
+
+    monkeypatch.setattr(data, "length_grouped_batches", three)
+    accumulated = train(load_config(None, [*big, f"train.batch_size={big_batch // 2}", "train.grad_accum=2"]),
+                        tmp_path / "accumulated")
+    assert_same_training(reference.path, accumulated.path, "model", 1e-5)
+
+
+def test_fp16_overflow_skips_the_step_instead_of_poisoning_the_weights(tiny_bert, tiny_data, tmp_path, monkeypatch):
+    """fp16 autocast (here forced on CPU, as on a GPU without bf16) trains through torch.amp.GradScaler:
+    a step whose gradients overflow is skipped and the scale backs off; the weights stay finite."""
+    train_module = importlib.import_module("lorafit.train")
+
+    monkeypatch.setattr(train_module, "autocast_dtype", lambda cfg, device: torch.float16)
+    trained: list[torch.Tensor] = []
+    make_optimizer_ = train_module.make_optimizer
+
+    def capture(model, method, cfg):
+        optimizer = make_optimizer_(model, method, cfg)
+        trained.extend(p for g in optimizer.param_groups for p in g["params"])
+        return optimizer
+
+    monkeypatch.setattr(train_module, "make_optimizer", capture)
+    backward_ = torch.Tensor.backward
+    overflowed = []
+
+    def backward(self, *args, **kwargs):
+        backward_(self, *args, **kwargs)
+        if not overflowed:  # the first step's gradients overflow, as fp16 ones can
+            for p in trained:
+                if p.grad is not None:
+                    p.grad.fill_(float("inf"))
+            overflowed.append(True)
+
+    monkeypatch.setattr(torch.Tensor, "backward", backward)
+    overrides = tiny_overrides(tiny_bert, tiny_data, **{"train.epochs": 2, "train.checkpoint_every": 0})
+    result = train(load_config(None, overrides), tmp_path / "run")
+    assert overflowed
+    assert result.summary["skipped_steps"] == 1
+    assert result.summary["compute"]["autocast"] == "float16"
+    assert all(torch.isfinite(p).all() for p in trained)
+    assert math.isfinite(result.eval["loss"])
+
+
+@pytest.mark.parametrize("method, vectors", [("adalora", "lora_E"), ("ia3", "ia3_l")])
+def test_weight_decay_spares_scaling_vectors_by_role(tiny_bert, method, vectors):
+    """AdaLoRA's singular values (r, 1) and IA3's scaling vectors (out, 1) are 2-D but not weight
+    matrices: decaying them pulls the adapter towards zero (AdaLoRA) or the layer's output to 0 (IA3)."""
+    overrides = [f"model.name={tiny_bert}", f"method.name={method}", "train.weight_decay=0.1"]
+    if method == "adalora":
+        overrides += ["method.rank=2", "method.init_rank=4"]
+    cfg = load_config(None, overrides)
+    model = build_classifier(cfg.model, 3, 0)
+    m = registry.get(cfg.method.name)(cfg.method)
+    model = m.apply(model, find_targets(model, cfg.method.targets, cfg.method.layers), 100)
+    optimizer = make_optimizer(model, m, cfg)
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    scaling = [n for n, p in named.items() if p.requires_grad and vectors in n]
+    matrices = [n for n, p in named.items() if p.requires_grad and ("lora_A" in n or "classifier" in n and n.endswith("weight"))]
+    assert scaling and all(decay_of[id(named[n])] == 0.0 for n in scaling), scaling
+    assert all(decay_of[id(named[n])] == 0.1 for n in matrices)
+    biases = [n for n, p in named.items() if p.requires_grad and n.endswith("bias")]
+    assert all(decay_of[id(named[n])] == 0.0 for n in biases)
+
+
+@pytest.mark.parametrize("split, edit", [("test", "text"), ("test", "label"), ("validation", "text")])
+def test_resume_refuses_data_that_changed_in_any_split(tiny_bert, tiny_data, tmp_path, monkeypatch, split, edit):
+    """Not only the train rows: an edited test or validation row (same row numbers) is refused too."""
+    train_module = importlib.import_module("lorafit.train")
+    overrides = tiny_overrides(tiny_bert, tiny_data, **{"train.epochs": 2, "data.validation_fraction": 0.2})
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # dies after the last epoch's checkpoint, before test
+
+    monkeypatch.setattr(train_module, "_finish", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, overrides), tmp_path / "run")
+    monkeypatch.undo()
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+    # validation is carved from train (stratified by label): edit one of its texts, which moves no row
+    path, row = (tiny_data / "test.csv", 0) if split == "test" else (tiny_data / "train.csv", splits["validation"][0])
+    lines = path.read_text().splitlines()
+    text, label = lines[row + 1].rsplit(",", 1)
+    lines[row + 1] = f"{text} pizza,{label}" if edit == "text" else f"{text},{'food' if label != 'food' else 'sport'}"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=f"the data changed since .*{split}.* cannot resume it exactly"):
+        resume(tmp_path / "run")
+    assert not (tmp_path / "run" / "summary.json").exists()
