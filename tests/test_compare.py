@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats
 
 from lorafit.cli import main
-from lorafit.compare import BOOTSTRAP_SAMPLES, Group, choose_reference, collect, compare, mean_ci, to_markdown
+from lorafit.compare import (BOOTSTRAP_SAMPLES, Group, Run, choose_reference, collect, compare, mean_ci, paired_tests,
+                             to_markdown)
 from lorafit.config import dump, load_config
 from lorafit.errors import UserError
 from lorafit.evaluate import classification_metrics
@@ -80,8 +82,8 @@ def test_groups_over_seeds_and_paired_tests_match_hand_computation(tmp_path):
     assert v["seeds"] == 3
     assert v["only_best_correct"] == only_best and v["only_other_correct"] == only_other
     assert v["difference"] == pytest.approx(other["accuracy"] - best["accuracy"])
-    # McNemar per seed, the largest p reported.
-    assert v["p_mcnemar"] == pytest.approx(max(stats.binomtest(min(b, o), b + o, 0.5).pvalue for b, o in zip(only_best, only_other)))
+    # McNemar per seed, the largest p reported (the binomial sums written out, not the code's scipy call).
+    assert v["p_mcnemar"] == pytest.approx(max(_mcnemar_exact(b, o) for b, o in zip(only_best, only_other)), rel=1e-9)
     assert v["ci_low"] < v["difference"] < v["ci_high"] < 0  # clearly worse: the interval excludes 0
     assert v["p_bootstrap"] < 0.01 and v["p_mcnemar"] < 0.01
 
@@ -195,6 +197,63 @@ def test_bootstrap_p_value_counts_the_observed_difference_and_never_claims_below
     markdown = to_markdown(result)
     assert "<0.0001" not in markdown and "| 0.0002 |" in markdown
     assert "2 (k + 1) / (B + 1)" in markdown
+
+
+def _paired(best_correct: list, other_correct: list) -> dict:
+    """paired_tests on two configurations whose seed s got these per-example correctness vectors."""
+    def group(rows):
+        return Group({}, [Run(Path(f"s{seed}"), seed, {}, {}, {}, LABELS, np.zeros(len(c), int), np.asarray(c, bool))
+                          for seed, c in enumerate(rows)])
+    return paired_tests(group(best_correct), group(other_correct))
+
+
+def _mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar from the binomial sum, written out (no scipy): P(X <= min) doubled, X ~ Bin(b + c, 1/2)."""
+    n = b + c
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n) if n else 1.0
+
+
+def test_mcnemar_matches_a_hand_worked_case():
+    """Seed 0: 1 example only the reference gets right, 7 only the other; seed 1: 0 and 5 (of 30; 3 both wrong)."""
+    def seed(only_best: int, only_other: int) -> tuple[list[bool], list[bool]]:
+        both_right = 30 - 3 - only_best - only_other
+        best = [True] * only_best + [False] * only_other + [True] * both_right + [False] * 3
+        other = [False] * only_best + [True] * only_other + [True] * both_right + [False] * 3
+        return best, other
+    (b0, o0), (b1, o1) = seed(1, 7), seed(0, 5)
+    v = _paired([b0, b1], [o0, o1])
+    assert v["only_best_correct"] == [1, 0] and v["only_other_correct"] == [7, 5]
+    # By hand: seed 0, 2 (C(8,0) + C(8,1)) / 2^8 = 18/256; seed 1, 2 C(5,0) / 2^5 = 2/32. The larger is reported.
+    assert _mcnemar_exact(1, 7) == 18 / 256 and _mcnemar_exact(0, 5) == 2 / 32
+    assert stats.binomtest(1, 8, 0.5).pvalue == pytest.approx(18 / 256)  # the hand sums agree with scipy's test
+    assert v["p_mcnemar"] == pytest.approx(18 / 256, rel=1e-12)
+
+
+def test_bootstrap_resamples_seeds_known_distribution():
+    """Seed 0: the other configuration is right and the reference wrong on every example; seed 1: both always right.
+
+    Resampling examples then changes nothing, and resampling the 2 seeds gives a mean difference of 0, 1/2 or 1
+    with probabilities 1/4, 1/2, 1/4: interval [0, 1], P(draw <= 0) = 1/4, so p ~ 2 x 1/4."""
+    n = 40
+    v = _paired([[False] * n, [True] * n], [[True] * n, [True] * n])
+    assert v["difference"] == 0.5
+    assert v["ci_low"] == 0.0 and v["ci_high"] == 1.0
+    # k ~ Binomial(B, 1/4): p = 2 (k + 1) / (B + 1) has a standard deviation of 0.009 around 0.5.
+    assert v["p_bootstrap"] == pytest.approx(0.5, abs=0.045)
+
+
+def test_bootstrap_resamples_examples_known_distribution():
+    """One seed, 20 examples, the other configuration right where the reference is wrong on 2 of them.
+
+    A draw is X / 20 with X ~ Binomial(20, 1/10): interval [Bin.ppf(0.025), Bin.ppf(0.975)] / 20 = [0, 0.25],
+    P(draw <= 0) = 0.9^20 = 0.1216, so p ~ 2 x 0.1216."""
+    best = [False, False] + [True] * 18
+    other = [True] * 20
+    v = _paired([best], [other])
+    assert v["difference"] == pytest.approx(0.1)
+    assert (v["ci_low"], v["ci_high"]) == (stats.binom.ppf(0.025, 20, 0.1) / 20, stats.binom.ppf(0.975, 20, 0.1) / 20) == (0.0, 0.25)
+    # k ~ Binomial(B, 0.1216): p has a standard deviation of 0.0065 around 0.243.
+    assert v["p_bootstrap"] == pytest.approx(2 * 0.9**20, abs=0.03)
 
 
 def test_runs_of_different_methods_get_distinct_names(tmp_path):
