@@ -350,3 +350,113 @@ def test_serve_cli_refuses_bad_settings_before_loading(runs, capsys):
             assert main(["serve", f"topics={runs['topics']}", *extra]) == 2
             err = capsys.readouterr().err.strip()
             assert message in err and len(err.splitlines()) == 1, err
+
+
+def _oversized_exchange(port: int, head: str, chunks: list[bytes]) -> tuple[str, bytes]:
+    """Send `head` then `chunks` one by one (a client still sending when the server decides), then
+    read the answer (status line, body) and, if the server closes, up to its close: a reset raises."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(head.encode("latin-1"))
+        for chunk in chunks:
+            conn.sendall(chunk)
+            time.sleep(0.0005)
+        reply = conn.makefile("rb")
+        status = reply.readline().decode("latin-1").strip()
+        headers = {}
+        while (line := reply.readline().decode("latin-1").strip()):
+            key, _, value = line.partition(":")
+            headers[key.lower()] = value.strip()
+        body = reply.read(int(headers.get("content-length", 0)))
+        if headers.get("connection") == "close":
+            assert reply.read() == b""  # the server's clean close (a reset raises here)
+        return status, body
+
+
+def test_refused_bodies_always_get_their_answer_under_load(runs):
+    """A client sending a body the server refuses (over the size limit, by Content-Length or as a
+    chunked stream, or to a route that answers before reading) reads the whole 4xx answer and a clean
+    close, never a reset, while other clients load the server (issue 18 item 17)."""
+    import uvicorn
+
+    limit = 100_000
+    app = create_app([("topics", str(runs["topics"]), None), ("binary", str(runs["binary"]), None)],
+                     Limits(max_body_bytes=limit, max_wait_ms=2), api_key=KEY)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+
+    stop, load_statuses = threading.Event(), []
+
+    def load(i):
+        with httpx.Client(base_url=base, timeout=30) as c:
+            while not stop.is_set():
+                body = {"texts": [TEXTS[i % 5]] * 4, "adapter": ("topics", "binary")[i % 2]}
+                load_statuses.append(c.post("/v1/predict", json=body).status_code)
+
+    big = json.dumps({"texts": ["a" * 1500] * 200, "adapter": "topics"}).encode()  # ~300 kB, 3x the limit
+    pieces = [big[i:i + 16384] for i in range(0, len(big), 16384)]
+    chunked = [b"%x\r\n%s\r\n" % (len(p), p) for p in pieces] + [b"0\r\n\r\n"]
+    small = json.dumps({"name": "x", "path": "." * 60_000}).encode()  # within the limit; refused before it is read
+    post = "POST {} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n{}\r\n"
+    cases = {
+        "declared too large, connection close": (post.format("/v1/predict", f"content-length: {len(big)}\r\nconnection: close\r\n"),
+                                                 pieces, 413, f"request body over {limit} bytes"),
+        "declared too large, keep-alive": (post.format("/v1/predict", f"content-length: {len(big)}\r\n"),
+                                           pieces, 413, f"request body over {limit} bytes"),
+        "chunked, too large": (post.format("/v1/predict", "transfer-encoding: chunked\r\nconnection: close\r\n"),
+                               chunked, 413, f"request body over {limit} bytes"),
+        "admin without key": (post.format("/v1/admin/adapters", f"content-length: {len(small)}\r\nconnection: close\r\n"),
+                              [small[i:i + 8192] for i in range(0, len(small), 8192)], 401, "missing or wrong API key"),
+    }
+    failures: list[str] = []
+
+    def refused(name):
+        head, chunks, status, message = cases[name]
+        try:
+            got, body = _oversized_exchange(port, head, chunks)
+        except OSError as e:
+            failures.append(f"{name}: {type(e).__name__}")
+            return
+        if not got.startswith(f"HTTP/1.1 {status} ") or message.encode() not in body:
+            failures.append(f"{name}: {got!r} {body[:100]!r}")
+
+    loaders = [threading.Thread(target=load, args=(i,)) for i in range(6)]
+    try:
+        for t in loaders:
+            t.start()
+        while len(load_statuses) < 10:  # the load is on before the first refused body
+            assert time.monotonic() < deadline + 30
+            time.sleep(0.05)
+        for _ in range(5):  # 5 rounds of every case at once: 20 refused bodies in all
+            senders = [threading.Thread(target=refused, args=(name,)) for name in cases]
+            for t in senders:
+                t.start()
+            for t in senders:
+                t.join(60)
+    finally:
+        stop.set()
+        for t in loaders:
+            t.join(60)
+        server.should_exit = True
+        thread.join(30)
+    assert not failures, f"{len(failures)} of 20 refused bodies got no clean answer: {failures}"
+    assert set(load_statuses) == {200}, load_statuses
+
+
+def test_an_unhandled_error_is_a_one_line_500_and_counted(runs):
+    app = create_app([("topics", str(runs["topics"]), None)])
+
+    def broken(texts):
+        raise RuntimeError("a bug")
+
+    app.state.registry.served["topics"].logits = broken
+    with TestClient(app) as c:
+        r = c.post("/v1/predict", json={"texts": ["pizza"]})
+        assert r.status_code == 500 and r.json() == {"error": "internal error; see the server log"}
+        assert 'lorafit_requests_total{route="/v1/predict",status="500"} 1.0' in c.get("/metrics").text

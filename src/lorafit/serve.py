@@ -13,7 +13,8 @@ compute thread takes micro-batches, groups them by adapter and runs each group. 
 without an adapter (full fine-tuning) and merged/ONNX exports are served as standalone models.
 
 Requests wait at most `max_wait_ms` for others to share their batch. Every request is checked
-against the limits before it is queued; bad input gets a 4xx with a one-line reason, never a 5xx.
+against the limits before it is queued; bad input gets a 4xx with a one-line reason, never a 5xx,
+and a body refused before it was read is read to its end before the connection closes (`BodyGuard`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from .models import ALIASES, build_classifier, load_tokenizer, resolve_model_pat
 from .rundir import RunDir, safe_name
 from .runtime import token_budget
 
-__all__ = ["Limits", "Registry", "create_app", "run", "parse_adapter_spec", "check_can_listen"]
+__all__ = ["Limits", "Registry", "BodyGuard", "create_app", "run", "parse_adapter_spec", "check_can_listen"]
 
 log = logging.getLogger(__name__)
 
@@ -387,6 +388,94 @@ def _compute(batch: list[_Pending]) -> list[np.ndarray | Exception]:
 
 # -- the app -----------------------------------------------------------------------------------
 
+DRAIN_BYTES = 64 * 2**20
+"""At most this much of a request body the answer did not need is read (and dropped) before closing."""
+DRAIN_SECONDS = 30.0
+"""...and for at most this long."""
+
+
+def _error_body(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class BodyGuard:
+    """The outermost layer (plain ASGI): refuses a body by its Content-Length before anything reads it,
+    turns an unhandled error into a one-line 500, counts every answer, and reads what is left of a
+    request body the answer did not need before completing the answer.
+
+    Why the last: a server that closes a socket with unread bytes in it sends a reset (RST), and a
+    client still sending its body then loses the answer sitting in its buffer (ConnectionResetError,
+    BrokenPipeError instead of the 413). So such an answer is sent at once with `connection: close`,
+    the rest of the body is read and dropped (at most DRAIN_BYTES, for at most DRAIN_SECONDS), and
+    only then is the answer completed and the connection closed cleanly.
+    """
+
+    def __init__(self, app, max_body_bytes: int, count: Callable[[str, int], None]):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.count = count
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        length = headers.get("content-length")
+        body_done = length in (None, "0") and "transfer-encoding" not in headers  # nothing to read
+        started, status = False, 500
+
+        async def tracked_receive():
+            nonlocal body_done
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        async def guarded_send(message):
+            nonlocal started, status
+            if message["type"] == "http.response.start":
+                started, status = True, message["status"]
+                if not body_done and not any(k.lower() == b"connection" for k, _ in message.get("headers", [])):
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False) and not body_done:
+                await send({**message, "more_body": True})  # the whole answer is on its way to the client
+                await self._drain(tracked_receive)
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        refusal = None
+        if length is not None and not length.isdigit():
+            refusal = _error_body(400, f"bad Content-Length header {length[:20]!r}")
+        elif length is not None and int(length) > self.max_body_bytes:
+            refusal = _error_body(413, f"request body over {self.max_body_bytes} bytes")
+        if refusal is not None:
+            await refusal(scope, tracked_receive, guarded_send)
+        else:
+            try:
+                await self.app(scope, tracked_receive, guarded_send)
+            except Exception:  # never a traceback to the client
+                log.exception("unhandled error on %s", scope.get("path"))
+                if started:
+                    raise
+                await _error_body(500, "internal error; see the server log")(scope, tracked_receive, guarded_send)
+        self.count(scope.get("path", ""), status)
+
+    async def _drain(self, receive) -> None:
+        async def read_rest():
+            drained = 0
+            while drained <= DRAIN_BYTES:
+                message = await receive()
+                if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                    return
+                drained += len(message.get("body", b""))
+            log.info("stopped reading a refused request body after %d bytes", drained)
+
+        try:
+            await asyncio.wait_for(read_rest(), DRAIN_SECONDS)
+        except asyncio.TimeoutError:
+            log.info("stopped reading a refused request body after %.0f s", DRAIN_SECONDS)
+
+
 def create_app(adapters: list[tuple[str, str, float | None]], limits: Limits | None = None,
                api_key: str | None = None, adapter_root: str | Path | None = None, threads: int | None = None):
     """The FastAPI app. `adapters`: (name, path, threshold); loaded before the app is returned."""
@@ -431,25 +520,10 @@ def create_app(adapters: list[tuple[str, str, float | None]], limits: Limits | N
     app.state.registry = served
     app.state.batcher = batcher
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+    def count(path: str, status: int) -> None:
+        requests_total.labels(path if path in routes else "other", str(status)).inc()
 
-    @app.middleware("http")
-    async def count_and_guard(request: Request, call_next):
-        length = request.headers.get("content-length")
-        route = request.url.path if request.url.path in routes else "other"
-        if length is not None and not length.isdigit():
-            response = error(400, f"bad Content-Length header {length[:20]!r}")
-        elif length is not None and int(length) > limits.max_body_bytes:
-            response = error(413, f"request body over {limits.max_body_bytes} bytes")
-        else:
-            try:
-                response = await call_next(request)
-            except Exception:  # never a traceback to the client
-                log.exception("unhandled error on %s", request.url.path)
-                response = error(500, "internal error; see the server log")
-        requests_total.labels(route, str(response.status_code)).inc()
-        return response
+    app.add_middleware(BodyGuard, max_body_bytes=limits.max_body_bytes, count=count)
 
     async def read_json(request: Request, model: type[BaseModel]) -> BaseModel:
         body = bytearray()
@@ -472,7 +546,7 @@ def create_app(adapters: list[tuple[str, str, float | None]], limits: Limits | N
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError):
-        response = error(exc.status, exc.message)
+        response = _error_body(exc.status, exc.message)
         if exc.status == 503:
             response.headers["Retry-After"] = "1"
         return response
