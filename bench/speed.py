@@ -12,7 +12,11 @@ and the ratio, test accuracy and macro-F1 of both; prediction throughput of `lor
 .predict` against transformers `pipeline("text-classification")` on the same trained model (its
 merged export) over the test set, with a check that the predictions are identical; and the
 roofline fraction: useful training GFLOP/s on real (non-padding) tokens over this machine's
-measured float32 matmul peak. The last line is one JSON object.
+measured float32 matmul peak. Next to the measured peak: the CPU model, its vector extensions and
+the theoretical peak (cores x FLOP/cycle x clock, `lorafit.hardware.theoretical_peak_gflops`, with
+its assumptions). A measured peak above the theoretical one is refused: the measurement (or the
+clock the host states) is wrong, so no roofline fraction is built on it (set LORAFIT_CPU_MAX_GHZ
+where the CPU boosts above the clock the OS states). The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from lorafit import hardware
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"lora": "configs/banking77-lora.yaml", "full": "configs/banking77-full.yaml"}
@@ -191,10 +197,15 @@ def main() -> int:
     predict = predict_comparison(out / f"lorafit-lora-s{seeds[0]}", out, predict_limit)
     if args.threads:
         torch.set_num_threads(args.threads)
+    info = hardware.cpu_info()
+    theoretical = hardware.theoretical_peak_gflops(info)
     peaks = matmul_peak_gflops()
     peak = max(peaks.values())
+    refused = hardware.check_measured_peak(peak, theoretical)
     gflop = training_gflop(out / f"lorafit-lora-s{seeds[0]}")
     achieved = gflop / pairs[0][0]["train_seconds"]
+    fraction = None if refused else achieved / peak
+    of_theoretical = achieved / theoretical["gflops"] if theoretical["gflops"] else None
 
     mean = lambda rows, key: statistics.fmean(r[key] for r in rows)  # noqa: E731
     ours_rows, stock_rows = [p[0] for p in pairs], [p[1] for p in pairs]
@@ -221,15 +232,31 @@ def main() -> int:
           f"({predict['lorafit_per_s'] / predict['pipeline_per_s']:.2f}x), pipeline batch_size=64 {predict['pipeline_batch64_per_s']:.0f}/s "
           f"({predict['lorafit_per_s'] / predict['pipeline_batch64_per_s']:.2f}x); identical top-1: {predict['identical']}/{predict['texts']} "
           f"(batched {predict['identical_batched']}/{predict['texts']})")
+    print(f"CPU: {info['model']} ({info['vendor']} family {info['family']} model {info['model_id']}), "
+          f"{info['cores']} usable cores, torch threads {torch.get_num_threads()}; vector extensions: {' '.join(info['flags'])}")
+    print(f"theoretical float32 peak ({theoretical['microarchitecture']}): {theoretical['formula']}")
+    for assumption in theoretical["assumptions"]:
+        print(f"  assumed: {assumption}")
+    print(f"measured float32 matmul peak: {peak:.1f} GFLOP/s (best of 10 2048-cube products: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()) + ")")
+    if refused:
+        print(f"REFUSED: {refused}. No roofline fraction is computed against the measured peak.")
     print(f"roofline: {gflop:,.0f} useful GFLOP in {pairs[0][0]['train_seconds']:.0f} s = {achieved:.1f} GFLOP/s; "
-          f"float32 matmul peak {peak:.1f} GFLOP/s (" + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items())
-          + f"); fraction {achieved / peak:.2f}")
+          + (f"fraction of the measured peak {fraction:.2f}" if fraction is not None else "fraction of the measured peak: refused")
+          + (f"; of the theoretical peak {of_theoretical:.2f}" if of_theoretical is not None else ""))
     summary = {
         "train_speedup": round(train_speedup, 3), "memory_ratio": round(memory_ratio, 3),
         "predict_speedup": round(predict["lorafit_per_s"] / predict["pipeline_per_s"], 3),
         "predict_speedup_vs_batched_pipeline": round(predict["lorafit_per_s"] / predict["pipeline_batch64_per_s"], 3),
         "predictions_identical": predict["identical"] == predict["texts"],
-        "accuracy_delta": round(accuracy_delta, 3), "roofline_fraction": round(achieved / peak, 3),
+        "accuracy_delta": round(accuracy_delta, 3),
+        "roofline_fraction": round(fraction, 3) if fraction is not None else None,
+        "roofline_fraction_of_theoretical": round(of_theoretical, 3) if of_theoretical is not None else None,
+        "achieved_gflops": round(achieved, 1), "measured_peak_gflops": round(peak, 1),
+        "measured_peak_refused": refused is not None,
+        "theoretical_peak_gflops": round(theoretical["gflops"], 1) if theoretical["gflops"] else None,
+        "theoretical_peak_formula": theoretical["formula"],
+        "cpu_model": info["model"], "cpu_flags": info["flags"], "cpu_cores": info["cores"],
         "full_train_speedup": round(full[0]["train_examples_per_second"] / full[1]["train_examples_per_second"], 3) if full else None,
         "seeds": seeds, "epochs": epochs, "quick": args.quick,
     }

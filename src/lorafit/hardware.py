@@ -3,6 +3,9 @@
 Speed figures are only meaningful next to the machine they were measured on, so every figure lorafit
 records (summary.json's kernel decision, bench/ output) carries `cpu_info()`. Read from
 /proc/cpuinfo and sysfs on Linux; elsewhere the fields Python's `platform` knows.
+
+`theoretical_peak_gflops()` bounds what a float32 measurement can show (cores x FLOP/cycle x clock),
+so a benchmark can refuse a "peak" above what the hardware does (`check_measured_peak`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import os
 import platform
 from pathlib import Path
 
-__all__ = ["cpu_info", "VECTOR_FLAGS"]
+from .errors import UserError
+
+__all__ = ["cpu_info", "VECTOR_FLAGS", "theoretical_peak_gflops", "check_measured_peak"]
 
 #: The /proc/cpuinfo flags that decide which float kernels a CPU can run.
 VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni",
@@ -68,3 +73,88 @@ def cpu_info() -> dict:
         "mhz": mhz,
         "max_mhz": _max_mhz(),
     }
+
+
+#: Overrides the clock of the theoretical peak, in GHz: boost clocks can exceed what a VM reports.
+CLOCK_OVERRIDE = "LORAFIT_CPU_MAX_GHZ"
+
+
+def _flop_per_cycle(info: dict) -> tuple[int | None, str, str]:
+    """float32 FLOP per cycle and core: (figure or None, microarchitecture, the assumption behind it).
+
+    FMA counts 2 FLOP per lane. Figures are upper bounds: where parts of one family differ (Intel's
+    AVX-512 cores have 1 or 2 FMA units), the larger is taken, so that a real measurement is never
+    refused.
+    """
+    flags, vendor, family, model = set(info.get("flags") or ()), info.get("vendor"), info.get("family"), info.get("model_id")
+    if vendor == "AuthenticAMD" and family == 26 and "avx512f" in flags:
+        return 64, "AMD Zen 5", "Zen 5 (family 26): 2 FMA units with full 512-bit datapaths x 16 float32 lanes x 2 (FMA) = 64 " \
+                                "FLOP/cycle (mobile Zen 5 double-pumps 256-bit units: half that)"
+    if vendor == "AuthenticAMD" and family == 25 and "avx512f" in flags:
+        return 32, "AMD Zen 4", "Zen 4 (family 25 with AVX-512): 512-bit FMAs run double-pumped on 2 256-bit units, so " \
+                                "2 x 8 float32 lanes x 2 (FMA) = 32 FLOP/cycle, as with AVX2"
+    if vendor == "AuthenticAMD" and family == 23 and model is not None and model < 0x30 and "fma" in flags:
+        return 16, "AMD Zen 1/Zen+", "Zen 1/Zen+ (family 23, model < 0x30): 2 128-bit FMA units x 4 float32 lanes x 2 = 16 FLOP/cycle"
+    if vendor == "GenuineIntel" and "avx512f" in flags:
+        return 64, "Intel with AVX-512", "Intel AVX-512: assumes 2 AVX-512 FMA units (Xeon Scalable Gold/Platinum, Sapphire " \
+                                         "Rapids and later) x 16 lanes x 2 = 64 FLOP/cycle; cores with 1 unit (Xeon " \
+                                         "Silver/Bronze, client parts) reach half"
+    if "avx2" in flags and "fma" in flags:
+        where = {"AuthenticAMD": "AMD Zen 2/Zen 3", "GenuineIntel": "Intel Haswell or later"}.get(vendor, f"{vendor or 'x86'} with AVX2+FMA")
+        return 32, where, "AVX2+FMA: 2 FMA units x 8 float32 lanes x 2 (FMA) = 32 FLOP/cycle"
+    if "avx" in flags:
+        return 16, "x86 with AVX, no FMA", "AVX without FMA: 1 add + 1 multiply unit x 8 float32 lanes = 16 FLOP/cycle"
+    if "sse4_2" in flags:
+        return 8, "x86 with SSE only", "SSE: 1 add + 1 multiply unit x 4 float32 lanes = 8 FLOP/cycle"
+    return None, "unknown", f"unknown microarchitecture ({info.get('model')}; vector extensions: " \
+                            f"{' '.join(sorted(flags)) or 'none known'}): no FLOP/cycle figure, so no theoretical peak"
+
+
+def _clock_ghz(info: dict) -> tuple[float | None, str]:
+    """The highest clock stated: LORAFIT_CPU_MAX_GHZ, else cpufreq's maximum, else /proc/cpuinfo's MHz."""
+    override = os.environ.get(CLOCK_OVERRIDE)
+    if override:
+        try:
+            ghz = float(override)
+        except ValueError:
+            ghz = 0.0
+        if not 0 < ghz < 20:
+            raise UserError(f"{CLOCK_OVERRIDE}={override!r} is not a clock in GHz; give e.g. {CLOCK_OVERRIDE}=3.7")
+        return ghz, f"{CLOCK_OVERRIDE}={override} (set by the user)"
+    if info.get("max_mhz"):
+        return info["max_mhz"] / 1000, "cpufreq's cpuinfo_max_freq (the highest clock the OS states, boost included)"
+    if info.get("mhz"):
+        return info["mhz"] / 1000, (f"/proc/cpuinfo's 'cpu MHz' (no cpufreq here, as in most VMs; boost clocks can be "
+                                    f"higher, which would raise this peak: set {CLOCK_OVERRIDE} to the CPU's maximum boost)")
+    return None, f"no clock known (no cpufreq, no 'cpu MHz'; set {CLOCK_OVERRIDE})"
+
+
+def theoretical_peak_gflops(info: dict | None = None) -> dict:
+    """The float32 FLOP/s a CPU's cores cannot exceed: cores x FLOP/cycle x clock, with its assumptions.
+
+    Returns {gflops (None when a factor is unknown), cores, flop_per_cycle, ghz, microarchitecture,
+    clock_source, formula, assumptions: [str, ...]}, every part printable next to a measured figure.
+    `info` defaults to this machine's `cpu_info()`.
+    """
+    info = cpu_info() if info is None else info
+    flop, arch, why = _flop_per_cycle(info)
+    ghz, clock_source = _clock_ghz(info)
+    cores = int(info.get("cores") or 1)
+    assumptions = [why, f"clock: {clock_source}",
+                   f"{cores} cores = the logical CPUs this process may use (SMT siblings share FMA units, so with SMT on "
+                   "this overstates the peak)"]
+    gflops = cores * flop * ghz if flop and ghz else None
+    formula = (f"{cores} cores x {flop} FLOP/cycle x {ghz:.4g} GHz = {gflops:.1f} GFLOP/s" if gflops is not None
+               else "no theoretical peak: " + (why if flop is None else clock_source))
+    return {"gflops": gflops, "cores": cores, "flop_per_cycle": flop, "ghz": ghz, "microarchitecture": arch,
+            "clock_source": clock_source, "formula": formula, "assumptions": assumptions}
+
+
+def check_measured_peak(measured_gflops: float, theoretical: dict) -> str | None:
+    """Why a measured float32 peak cannot be trusted (it exceeds the theoretical one), or None."""
+    limit = theoretical.get("gflops")
+    if limit is None or measured_gflops <= limit:
+        return None
+    return (f"measured peak {measured_gflops:.1f} GFLOP/s exceeds the theoretical {limit:.1f} GFLOP/s "
+            f"({theoretical['formula']}): the measurement is wrong or the host is not what it states; if the CPU boosts "
+            f"above the stated clock, set {CLOCK_OVERRIDE}")
