@@ -17,6 +17,7 @@ from conftest import tiny_overrides
 from test_compare import fake_sweep
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+NO_BROWSER = "chromium not installed: rendering not checked (apt-get install chromium); with CI=true this fails"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -59,6 +60,7 @@ def _render(page_path, tmp_path) -> tuple[str, str]:
     return done.stdout, done.stderr
 
 
+@pytest.mark.ci_required
 def test_run_report(run, tmp_path, capsys):
     assert main(["report", str(run), "--out", str(tmp_path / "r")]) == 0
     assert "report written" in capsys.readouterr().out
@@ -71,12 +73,13 @@ def test_run_report(run, tmp_path, capsys):
     assert main(["report", str(run), "--out", str(tmp_path / "a-file")]) == 2
     assert capsys.readouterr().err.strip() == f"lorafit: error: {tmp_path / 'a-file'} exists and is not a folder; choose another --out"
     if CHROMIUM is None:
-        pytest.skip("chromium not installed: rendering not checked (apt install chromium)")
+        pytest.skip(NO_BROWSER)
     dom, log = _render(tmp_path / "r" / "report.html", tmp_path)
     assert 'data-rendered="4/4"' in dom
     assert "Uncaught" not in log and "Failed to load" not in log
 
 
+@pytest.mark.ci_required
 def test_sweep_report(tmp_path):
     sweep = tmp_path / "sweep"
     for name in fake_sweep(sweep, 5):
@@ -88,7 +91,7 @@ def test_sweep_report(tmp_path):
     assert re.search(r"<td>rank=8</td><td>2</td>", page)
     assert "best" in page and "p (bootstrap)" in page and "p (McNemar)" in page
     if CHROMIUM is None:
-        pytest.skip("chromium not installed: rendering not checked (apt install chromium)")
+        pytest.skip(NO_BROWSER)
     dom, log = _render(sweep / "report.html", tmp_path)
     assert 'data-rendered="6/6"' in dom
     assert "Uncaught" not in log
