@@ -2,13 +2,17 @@
 
     LORAFIT_DATA_DIR=../shared/data python bench/speed.py            # full: 5 epochs, seeds 0 and 1
     LORAFIT_DATA_DIR=../shared/data python bench/speed.py --quick    # 1,500 rows, 1 epoch, one seed
+    LORAFIT_DATA_DIR=../shared/data python bench/speed.py --smoke    # every code path; figures mean nothing
 
 For each seed, LoRA (rank 8, lorafit's default targets: attention + FFN in every layer, batch 32)
-trains twice, each tool in its own process: `lorafit train configs/banking77-lora.yaml ...` and
+trains three times, each in its own process: `lorafit train configs/banking77-lora.yaml ...`, and
 bench/stock_recipe.py (transformers Trainer + DataCollatorWithPadding + peft get_peft_model) on the
-very rows of lorafit's run. Full fine-tuning is compared the same way on the first seed.
-Printed: training examples/s and the ratio, peak memory (RSS on CPU, CUDA max allocated on GPU)
-and the ratio, test accuracy and macro-F1 of both; prediction throughput of `lorafit.load(run)
+very rows of lorafit's run, once as written by default and once with the Trainer's length grouping
+(`train_sampling_strategy="group_by_length"`, one documented flag that pads less). The speed-up
+against the length-grouped stock recipe is the headline; the one against the default is printed
+next to it. Full fine-tuning is compared against the length-grouped stock recipe on the first seed.
+Printed: training examples/s and the ratios, peak memory (RSS on CPU, CUDA max allocated on GPU)
+and the ratios, test accuracy and macro-F1 of all three; prediction throughput of `lorafit.load(run)
 .predict` against transformers `pipeline("text-classification")` on the same trained model (its
 merged export) over the test set, with a check that the predictions are identical; and the
 roofline fraction: useful training GFLOP/s on real (non-padding) tokens over this machine's
@@ -38,8 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"lora": "configs/banking77-lora.yaml", "full": "configs/banking77-full.yaml"}
 
 
-def run_lorafit(method: str, out: Path, epochs: float, seed: int, limit: int | None, threads: int | None) -> dict:
+def run_lorafit(method: str, out: Path, epochs: float, seed: int, limit: int | None, threads: int | None,
+                dataset: str | None = None) -> dict:
     overrides = [f"train.epochs={epochs:g}", f"seed={seed}", "train.batch_size=32", "train.patience=null"]
+    if dataset:
+        overrides.append(f"data.name={dataset}")
     if method == "lora":
         overrides += ["method.rank=8", "method.alpha=16"]
     if limit:
@@ -56,7 +63,8 @@ def run_lorafit(method: str, out: Path, epochs: float, seed: int, limit: int | N
             "cpu_fast_paths": s.get("cpu_fast_paths")}
 
 
-def run_stock(method: str, lorafit_run: Path, out: Path, epochs: float, seed: int, threads: int | None) -> dict:
+def run_stock(method: str, lorafit_run: Path, out: Path, epochs: float, seed: int, threads: int | None,
+              group_by_length: bool = False) -> dict:
     from lorafit.rundir import RunDir
 
     cfg = RunDir(lorafit_run).config()
@@ -67,6 +75,8 @@ def run_stock(method: str, lorafit_run: Path, out: Path, epochs: float, seed: in
             command += ["--rank", "8", "--alpha", "16", "--dropout", str(cfg.method.dropout)]
         if threads:
             command += ["--threads", str(threads)]
+        if group_by_length:
+            command.append("--group-by-length")
         subprocess.run(command, check=True, cwd=ROOT)
     return json.loads(out.read_text())
 
@@ -169,30 +179,42 @@ def predict_comparison(run: Path, out: Path, limit: int | None) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1,500 training rows, 1 epoch, seed 0, 1,000 test texts for predict")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every code path in a minute or two, figures meaningless: TREC-6 (500 test rows), 300 training "
+                             "rows, 1 epoch, seed 0, 100 texts for predict")
     parser.add_argument("--epochs", type=float, default=5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--threads", type=int, help="torch threads for both tools (default: all cores)")
+    parser.add_argument("--threads", type=int, help="torch threads for all tools (default: all cores)")
     parser.add_argument("--skip-full", action="store_true", help="skip the full fine-tuning comparison")
     parser.add_argument("--out", default="runs/speed", help="run folders and results (finished runs are reused)")
     args = parser.parse_args()
-    limit, epochs, seeds, predict_limit = (1500, 1, [0], 1000) if args.quick else (None, args.epochs, args.seeds, None)
-    out = ROOT / args.out / ("quick" if args.quick else "full")
+    dataset = None
+    if args.smoke:
+        mode, limit, epochs, seeds, predict_limit, dataset = "smoke", 300, 1, [0], 100, "trec6"
+    elif args.quick:
+        mode, limit, epochs, seeds, predict_limit = "quick", 1500, 1, [0], 1000
+    else:
+        mode, limit, epochs, seeds, predict_limit = "full", None, args.epochs, args.seeds, None
+    out = ROOT / args.out / mode
     out.mkdir(parents=True, exist_ok=True)
 
-    pairs = []
+    triples = []  # (lorafit, stock as written, stock with length grouping) per seed
     for seed in seeds:
         run = out / f"lorafit-lora-s{seed}"
         print(f"seed {seed}: lorafit LoRA ...", file=sys.stderr, flush=True)
-        ours = run_lorafit("lora", run, epochs, seed, limit, args.threads)
+        ours = run_lorafit("lora", run, epochs, seed, limit, args.threads, dataset)
         print(f"seed {seed}: stock LoRA ...", file=sys.stderr, flush=True)
         stock = run_stock("lora", run, out / f"stock-lora-s{seed}.json", epochs, seed, args.threads)
-        pairs.append((ours, stock))
+        print(f"seed {seed}: stock LoRA, group_by_length ...", file=sys.stderr, flush=True)
+        grouped = run_stock("lora", run, out / f"stock-grouped-lora-s{seed}.json", epochs, seed, args.threads, group_by_length=True)
+        triples.append((ours, stock, grouped))
     full = None
     if not args.skip_full:
         run = out / f"lorafit-full-s{seeds[0]}"
-        print("full fine-tuning: lorafit, then stock ...", file=sys.stderr, flush=True)
-        full = (run_lorafit("full", run, epochs, seeds[0], limit, args.threads),
-                run_stock("full", run, out / f"stock-full-s{seeds[0]}.json", epochs, seeds[0], args.threads))
+        print("full fine-tuning: lorafit, then stock with group_by_length ...", file=sys.stderr, flush=True)
+        full = (run_lorafit("full", run, epochs, seeds[0], limit, args.threads, dataset),
+                run_stock("full", run, out / f"stock-grouped-full-s{seeds[0]}.json", epochs, seeds[0], args.threads,
+                          group_by_length=True))
     print("prediction throughput ...", file=sys.stderr, flush=True)
     predict = predict_comparison(out / f"lorafit-lora-s{seeds[0]}", out, predict_limit)
     if args.threads:
@@ -203,28 +225,31 @@ def main() -> int:
     peak = max(peaks.values())
     refused = hardware.check_measured_peak(peak, theoretical)
     gflop = training_gflop(out / f"lorafit-lora-s{seeds[0]}")
-    achieved = gflop / pairs[0][0]["train_seconds"]
+    achieved = gflop / triples[0][0]["train_seconds"]
     fraction = None if refused else achieved / peak
     of_theoretical = achieved / theoretical["gflops"] if theoretical["gflops"] else None
 
     mean = lambda rows, key: statistics.fmean(r[key] for r in rows)  # noqa: E731
-    ours_rows, stock_rows = [p[0] for p in pairs], [p[1] for p in pairs]
-    train_speedup = mean(ours_rows, "train_examples_per_second") / mean(stock_rows, "train_examples_per_second")
-    memory_ratio = mean(ours_rows, "peak_memory_mb") / mean(stock_rows, "peak_memory_mb")
-    accuracy_delta = 100 * (mean(ours_rows, "test_accuracy") - mean(stock_rows, "test_accuracy"))
-    print(f"\nLoRA r=8 on attention+FFN, batch 32, {epochs:g} epoch(s), {len(seeds)} seed(s){', quick' if args.quick else ''}; "
-          f"torch threads {args.threads or torch.get_num_threads()}\n")
+    ours_rows, stock_rows, grouped_rows = ([t[i] for t in triples] for i in range(3))
+    ratio = lambda key, baseline: mean(ours_rows, key) / mean(baseline, key)  # noqa: E731
+    speedup_grouped, speedup_default = ratio("train_examples_per_second", grouped_rows), ratio("train_examples_per_second", stock_rows)
+    memory_grouped, memory_default = ratio("peak_memory_mb", grouped_rows), ratio("peak_memory_mb", stock_rows)
+    delta = lambda baseline: 100 * (mean(ours_rows, "test_accuracy") - mean(baseline, "test_accuracy"))  # noqa: E731
+    print(f"\nLoRA r=8 on attention+FFN, batch 32, {epochs:g} epoch(s), {len(seeds)} seed(s), {mode}"
+          f"{' (TREC-6)' if dataset else ''}; torch threads {args.threads or torch.get_num_threads()}\n")
     print("| seed | tool | train examples/s | peak memory | test accuracy | test macro-F1 |")
     print("|---|---|---:|---:|---:|---:|")
-    for seed, (ours, stock) in zip(seeds, pairs):
-        for r in (ours, stock):
+    for seed, rows in zip(seeds, triples):
+        for r in rows:
             print(f"| {seed} | {r['tool']} | {r['train_examples_per_second']:.1f} | {r['peak_memory_mb']:,.0f} MB "
                   f"| {100 * r['test_accuracy']:.2f}% | {100 * r['test_macro_f1']:.2f} |")
-    print(f"\nlorafit CPU fast paths (layers switched): {pairs[0][0]['cpu_fast_paths']}")
-    print(f"training speed-up {train_speedup:.2f}x; peak memory ratio {memory_ratio:.2f}x; "
-          f"accuracy lorafit - stock {accuracy_delta:+.2f} points")
+    print(f"\nlorafit CPU fast paths (layers switched): {triples[0][0]['cpu_fast_paths']}")
+    print(f"training speed-up against the stock recipe with length grouping (the headline): {speedup_grouped:.2f}x; "
+          f"peak memory ratio {memory_grouped:.2f}x; accuracy lorafit - stock {delta(grouped_rows):+.2f} points")
+    print(f"against the stock recipe as written by default (no length grouping): {speedup_default:.2f}x; "
+          f"peak memory ratio {memory_default:.2f}x; accuracy {delta(stock_rows):+.2f} points")
     if full:
-        print(f"full fine-tuning: lorafit {full[0]['train_examples_per_second']:.1f} vs stock "
+        print(f"full fine-tuning: lorafit {full[0]['train_examples_per_second']:.1f} vs stock with length grouping "
               f"{full[1]['train_examples_per_second']:.1f} examples/s ({full[0]['train_examples_per_second'] / full[1]['train_examples_per_second']:.2f}x); "
               f"accuracy {100 * full[0]['test_accuracy']:.2f}% vs {100 * full[1]['test_accuracy']:.2f}%; "
               f"memory {full[0]['peak_memory_mb']:,.0f} vs {full[1]['peak_memory_mb']:,.0f} MB")
@@ -241,15 +266,17 @@ def main() -> int:
           + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()) + ")")
     if refused:
         print(f"REFUSED: {refused}. No roofline fraction is computed against the measured peak.")
-    print(f"roofline: {gflop:,.0f} useful GFLOP in {pairs[0][0]['train_seconds']:.0f} s = {achieved:.1f} GFLOP/s; "
+    print(f"roofline: {gflop:,.0f} useful GFLOP in {triples[0][0]['train_seconds']:.0f} s = {achieved:.1f} GFLOP/s; "
           + (f"fraction of the measured peak {fraction:.2f}" if fraction is not None else "fraction of the measured peak: refused")
           + (f"; of the theoretical peak {of_theoretical:.2f}" if of_theoretical is not None else ""))
     summary = {
-        "train_speedup": round(train_speedup, 3), "memory_ratio": round(memory_ratio, 3),
+        "train_speedup_vs_grouped": round(speedup_grouped, 3), "train_speedup_vs_default": round(speedup_default, 3),
+        "memory_ratio_vs_grouped": round(memory_grouped, 3), "memory_ratio_vs_default": round(memory_default, 3),
+        "accuracy_delta_vs_grouped": round(delta(grouped_rows), 3), "accuracy_delta_vs_default": round(delta(stock_rows), 3),
+        "stock_grouped_sampler": triples[0][2].get("sampler"),
         "predict_speedup": round(predict["lorafit_per_s"] / predict["pipeline_per_s"], 3),
         "predict_speedup_vs_batched_pipeline": round(predict["lorafit_per_s"] / predict["pipeline_batch64_per_s"], 3),
         "predictions_identical": predict["identical"] == predict["texts"],
-        "accuracy_delta": round(accuracy_delta, 3),
         "roofline_fraction": round(fraction, 3) if fraction is not None else None,
         "roofline_fraction_of_theoretical": round(of_theoretical, 3) if of_theoretical is not None else None,
         "achieved_gflops": round(achieved, 1), "measured_peak_gflops": round(peak, 1),
@@ -257,8 +284,9 @@ def main() -> int:
         "theoretical_peak_gflops": round(theoretical["gflops"], 1) if theoretical["gflops"] else None,
         "theoretical_peak_formula": theoretical["formula"],
         "cpu_model": info["model"], "cpu_flags": info["flags"], "cpu_cores": info["cores"],
-        "full_train_speedup": round(full[0]["train_examples_per_second"] / full[1]["train_examples_per_second"], 3) if full else None,
-        "seeds": seeds, "epochs": epochs, "quick": args.quick,
+        "full_train_speedup_vs_grouped": (round(full[0]["train_examples_per_second"] / full[1]["train_examples_per_second"], 3)
+                                          if full else None),
+        "seeds": seeds, "epochs": epochs, "mode": mode, "quick": args.quick,
     }
     print(json.dumps(summary))
     return 0

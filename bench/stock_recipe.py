@@ -3,8 +3,12 @@
 transformers `Trainer` + `DataCollatorWithPadding` + peft `get_peft_model` (or full fine-tuning)
 on `AutoModelForSequenceClassification`. Only the choice of rows comes from lorafit (the run's
 train and test splits, so both tools see the same data); everything timed is stock.
+`--group-by-length` turns on the Trainer's documented length grouping (transformers 5:
+`train_sampling_strategy="group_by_length"`; before: `group_by_length=True`), which batches texts of
+similar length and so pads less: one flag away for any user, so the fair stock baseline.
 
     python bench/stock_recipe.py RUN_DIR --method lora --rank 8 --epochs 5 --out stock.json
+    python bench/stock_recipe.py RUN_DIR --method lora --rank 8 --epochs 5 --group-by-length --out grouped.json
 
 Writes one JSON object: training examples/s, train seconds, peak RSS, test accuracy and macro-F1,
 the trained model's test predictions. Run it in its own process so the peak RSS is its own.
@@ -13,6 +17,7 @@ the trained model's test predictions. Run it in its own process so the peak RSS 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import resource
 import time
@@ -37,11 +42,13 @@ def main() -> int:
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--group-by-length", action="store_true", help="the Trainer's length-grouped sampler")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    import transformers
     from datasets import Dataset
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainingArguments)
@@ -71,14 +78,24 @@ def main() -> int:
 
         model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=args.rank, lora_alpha=args.alpha,
                                                  lora_dropout=args.dropout, target_modules=args.targets.split(",")))
+    sampling = {}
+    if args.group_by_length:
+        # transformers 5 replaced the boolean with a sampler choice; older versions only know the boolean.
+        if "train_sampling_strategy" in inspect.signature(TrainingArguments.__init__).parameters:
+            sampling = {"train_sampling_strategy": "group_by_length"}
+        else:
+            sampling = {"group_by_length": True}
     training_args = TrainingArguments(
         output_dir=f"{args.out}.trainer", per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
         num_train_epochs=args.epochs, learning_rate=args.lr, warmup_steps=args.warmup, weight_decay=args.weight_decay,
         lr_scheduler_type="linear", seed=args.seed, logging_strategy="no", save_strategy="no", eval_strategy="no",
-        report_to=[], use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
+        report_to=[], use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True, **sampling,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=train_ds,
                       data_collator=DataCollatorWithPadding(tokenizer))
+    sampler = type(trainer._get_train_sampler()).__name__  # which sampler the flag really gave (outside the timing)
+    if args.group_by_length and sampler != "LengthGroupedSampler":
+        raise SystemExit(f"stock_recipe: asked for length grouping, but the Trainer samples with {sampler}")
     started = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - started
@@ -92,7 +109,8 @@ def main() -> int:
     predicted = np.asarray(logits).argmax(-1)
     targets = np.array(test_ds["label"])
     result = {
-        "tool": "stock", "method": args.method, "rank": args.rank, "epochs": args.epochs, "seed": args.seed,
+        "tool": "stock (group_by_length)" if args.group_by_length else "stock", "sampler": sampler,
+        "training_arguments": sampling, "transformers": transformers.__version__, "method": args.method, "rank": args.rank, "epochs": args.epochs, "seed": args.seed,
         "train_examples": len(train_ds), "train_seconds": train_seconds,
         "train_examples_per_second": len(train_ds) * args.epochs / train_seconds,
         "peak_memory_mb": peak_train,
