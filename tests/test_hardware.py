@@ -24,7 +24,7 @@ def no_override(monkeypatch):
 
 def test_zen3_avx2_two_fma_units_at_the_stated_mhz():
     peak = theoretical_peak_gflops(fake_cpu(family=25, model_id=0x01, flags=AVX2, mhz=2450.0))
-    assert peak["flop_per_cycle"] == 32 and peak["cores"] == 2 and peak["ghz"] == 2.45
+    assert peak["flop_per_cycle"] == 32 and peak["cores"] == 2 and peak["ghz"] == 2.45 and peak["microarchitecture"] == "AMD Zen 3"
     assert peak["gflops"] == pytest.approx(2 * 32 * 2.45)
     assert "/proc/cpuinfo" in peak["clock_source"] and "LORAFIT_CPU_MAX_GHZ" in peak["clock_source"]
     assert "2 cores x 32 FLOP/cycle x 2.45 GHz = 156.8 GFLOP/s" == peak["formula"]

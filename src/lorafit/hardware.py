@@ -94,13 +94,15 @@ def _flop_per_cycle(info: dict) -> tuple[int | None, str, str]:
         return 32, "AMD Zen 4", "Zen 4 (family 25 with AVX-512): 512-bit FMAs run double-pumped on 2 256-bit units, so " \
                                 "2 x 8 float32 lanes x 2 (FMA) = 32 FLOP/cycle, as with AVX2"
     if vendor == "AuthenticAMD" and family == 23 and model is not None and model < 0x30 and "fma" in flags:
-        return 16, "AMD Zen 1/Zen+", "Zen 1/Zen+ (family 23, model < 0x30): 2 128-bit FMA units x 4 float32 lanes x 2 = 16 FLOP/cycle"
+        return 16, "AMD Zen 1/Zen+", "Zen 1/Zen+ (family 23, model < 0x30): 2 128-bit FMA units x 4 float32 lanes x 2 " \
+                                     "= 16 FLOP/cycle"
     if vendor == "GenuineIntel" and "avx512f" in flags:
         return 64, "Intel with AVX-512", "Intel AVX-512: assumes 2 AVX-512 FMA units (Xeon Scalable Gold/Platinum, Sapphire " \
                                          "Rapids and later) x 16 lanes x 2 = 64 FLOP/cycle; cores with 1 unit (Xeon " \
                                          "Silver/Bronze, client parts) reach half"
     if "avx2" in flags and "fma" in flags:
-        where = {"AuthenticAMD": "AMD Zen 2/Zen 3", "GenuineIntel": "Intel Haswell or later"}.get(vendor, f"{vendor or 'x86'} with AVX2+FMA")
+        where = ({23: "AMD Zen 2", 25: "AMD Zen 3"}.get(family, "AMD") if vendor == "AuthenticAMD"
+                 else "Intel Haswell or later" if vendor == "GenuineIntel" else f"{vendor or 'x86'} with AVX2+FMA")
         return 32, where, "AVX2+FMA: 2 FMA units x 8 float32 lanes x 2 (FMA) = 32 FLOP/cycle"
     if "avx" in flags:
         return 16, "x86 with AVX, no FMA", "AVX without FMA: 1 add + 1 multiply unit x 8 float32 lanes = 16 FLOP/cycle"
