@@ -21,7 +21,7 @@ import lorafit
 from lorafit import checkpoint
 from lorafit.train import resume
 
-from conftest import kill_at_checkpoint, tiny_overrides
+from conftest import kill_at_checkpoint, tiny_overrides, write_dataset
 
 EXTRA = {"train.epochs": 4, "train.checkpoint_every": 3, "train.keep_checkpoints": 2, "method.dropout": 0.1,
          "train.lr": 1e-2}
@@ -54,12 +54,14 @@ def _assert_same_outcome(a: Path, b: Path) -> None:
     assert not (b / "checkpoints").exists()
 
 
-@pytest.fixture(params=["onednn", "stock"])
-def reference(tiny_bert, tiny_data, tmp_path, request):
-    """The uninterrupted run, with the CPU kernels forced each way: the reference and the killed run
-    are separate processes, and under train.cpu_kernels=auto each would time the kernels itself."""
-    overrides = tiny_overrides(tiny_bert, tiny_data, **EXTRA, **{"train.cpu_kernels": request.param})
-    out = tmp_path / "reference"
+@pytest.fixture(scope="module", params=["onednn", "stock"])
+def reference(tiny_bert, tmp_path_factory, request):
+    """The uninterrupted run (one per module and kernel choice), with the CPU kernels forced each way:
+    the reference and the killed run are separate processes, and under train.cpu_kernels=auto each
+    would time the kernels itself."""
+    root = tmp_path_factory.mktemp(f"reference-{request.param}")
+    overrides = tiny_overrides(tiny_bert, write_dataset(root / "data"), **EXTRA, **{"train.cpu_kernels": request.param})
+    out = root / "reference"
     subprocess.run(_cmd(overrides, out), check=True, env=_env(), capture_output=True)
     return overrides, out
 
@@ -93,7 +95,8 @@ def test_sigterm_checkpoints_and_says_how_to_resume(reference, tmp_path):
 
 
 def test_failed_write_keeps_previous_checkpoint(tiny_bert, tiny_data, tmp_path, monkeypatch):
-    overrides = tiny_overrides(tiny_bert, tiny_data, **EXTRA)
+    # Kernels forced: the killed run (a subprocess) and the reference (this process) each decide under auto.
+    overrides = tiny_overrides(tiny_bert, tiny_data, **EXTRA, **{"train.cpu_kernels": "stock"})
     # Measure checkpoint sizes of this exact run (kept, for the measurement only).
     monkeypatch.setattr(checkpoint, "remove_all", lambda run_path: None)
     measured = tmp_path / "measured"

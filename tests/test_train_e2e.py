@@ -19,7 +19,8 @@ from lorafit.rundir import RunDir
 
 from conftest import tiny_overrides
 
-RUN_FILES = {"config.yaml", "labels.json", "splits.json", "metrics.jsonl", "eval.json", "predictions.json", "summary.json"}
+RUN_FILES = {"config.yaml", "labels.json", "splits.json", "compute.json", "metrics.jsonl", "eval.json", "predictions.json",
+             "summary.json"}
 
 
 @pytest.mark.parametrize("method,artifact", [("lora", "adapter"), ("full", "model")])

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from . import __version__, checkpoint, data, hardware, kernels
+from . import __version__, checkpoint, data, hardware, kernels, modelcard
 from .distributed import World
 from .track import Sinks, open_sinks
 from .config import Config, load_config, resolve_schedule, validate
@@ -222,7 +222,7 @@ def _prepare(cfg: Config, run: RunDir, recorded: dict | None = None) -> _Job:
     schedule = resolve_schedule(cfg, len(dataset.splits["train"]))
     model = method.apply(model, adapted, schedule.total_steps)
     model.to(device)
-    fast, kernel_choice = _cpu_kernels(cfg, model, device, recorded.get("cpu_kernels"))
+    fast, kernel_choice = _cpu_kernels(cfg, model, device, world, recorded.get("cpu_kernels"))
     if fast:
         log.info("CPU fast paths: %s", ", ".join(f"{k} x{v}" for k, v in fast.items()))
     max_tokens = recorded["max_batch_tokens"] if "max_batch_tokens" in recorded else token_budget(cfg.train.max_batch_tokens, device)
@@ -242,12 +242,14 @@ def _prepare(cfg: Config, run: RunDir, recorded: dict | None = None) -> _Job:
                 adapted, world, forward, fast, max_tokens, scaler, compute)
 
 
-def _cpu_kernels(cfg: Config, model: nn.Module, device: torch.device, recorded: dict | None) -> tuple[dict[str, int], dict]:
+def _cpu_kernels(cfg: Config, model: nn.Module, device: torch.device, world: World,
+                 recorded: dict | None) -> tuple[dict[str, int], dict]:
     """Switch `model` to the CPU fast paths train.cpu_kernels asks for; (layers switched, the decision).
 
     auto times oneDNN against PyTorch's linear on this host (kernels.decide) -- unless the run is being
     resumed, when the choice recorded at its start is reused: the two paths differ in float summation
     order, so a continuation that picked the other one would not end where the uninterrupted run does.
+    Data-parallel processes all take rank 0's decision.
     """
     if device.type != "cpu" or cfg.train.cpu_kernels == "stock":
         why = "not a CPU run" if device.type != "cpu" else "train.cpu_kernels=stock"
@@ -257,7 +259,7 @@ def _cpu_kernels(cfg: Config, model: nn.Module, device: torch.device, recorded: 
     elif recorded is not None:
         decision = recorded
     else:
-        decision = kernels.decide(torch.get_num_threads())
+        decision = world.gather_objects(kernels.decide(torch.get_num_threads()) if world.is_main else None)[0]
     fast = kernels.speed_up(model, device, onednn=bool(decision["onednn_linear"]))
     choice = {**decision, "onednn_linear": "onednn_linear" in fast, "fast_dropout": "fast_dropout" in fast}
     return fast, {"cpu": hardware.cpu_info(), **choice}
@@ -625,6 +627,7 @@ def _finish(job: _Job, p: Progress, best_state: dict | None) -> RunResult:
     summary.update(method_summary)
     job.sinks.finish(test, summary, p.step)
     run.write_json("summary.json", summary)
+    modelcard.write(run.path)  # README.md, the model card, from the files just written
     checkpoint.remove_all(run.path)
     log.info(
         "test (best epoch %d): accuracy %.4f, macro-F1 %.4f, loss %.4f on %d examples; %.1f s/epoch, %.0f train examples/s",
