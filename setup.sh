@@ -12,14 +12,15 @@ pip=("$venv/bin/python" -m pip install -q)
 "${pip[@]}" --upgrade pip
 
 # torch first, at the tested version. PyPI's Linux torch is the CUDA build (GBs of nvidia-* wheels);
-# a machine without an NVIDIA GPU takes the CPU build from PyTorch's CPU index instead. pip still
-# looks in the find-links and extra indexes it is configured with (an offline wheel folder, say).
+# a machine without an NVIDIA GPU takes the CPU build from PyTorch's CPU index instead (torch alone:
+# its small dependencies come with lorafit's, from the usual index). pip still looks in the
+# find-links and extra indexes it is configured with (an offline wheel folder, say).
 if command -v nvidia-smi >/dev/null 2>&1; then
   echo "installing torch 2.13.0 (CUDA build: an NVIDIA GPU is present) into $venv"
   "${pip[@]}" torch==2.13.0
 else
   echo "installing torch 2.13.0 (CPU build) into $venv"
-  "${pip[@]}" torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+  "${pip[@]}" --no-deps torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 fi
 echo "installing lorafit with its optional parts and test tools"
 "${pip[@]}" -e ".[dev]"
