@@ -8,6 +8,7 @@ and top-k are the same for all of them.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Callable
@@ -17,15 +18,16 @@ import torch
 from torch import nn
 
 from . import data, kernels
-from .config import Config
+from .config import Config, ModelConfig
 from .errors import UserError
 from .evaluate import classification_metrics, softmax
 from .methods import registry
-from .models import build_classifier, load_tokenizer
+from .models import ALIASES, build_classifier, load_tokenizer, looks_like_hub_id
 from .rundir import RunDir
 from .runtime import autocast, autocast_dtype, select_device, token_budget
 
-__all__ = ["Classifier", "load", "predict_logits", "check_no_pickles", "run_split", "TorchBackend", "OnnxBackend"]
+__all__ = ["Classifier", "load", "predict_logits", "check_no_pickles", "run_split", "base_model_config", "TorchBackend",
+           "OnnxBackend"]
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +168,29 @@ def check_no_pickles(folder: Path, trust_pickle: bool) -> None:
         )
 
 
+def base_model_config(model: ModelConfig, artifact: Path) -> ModelConfig:
+    """`model`, or, where its name does not resolve on this machine (a run copied from the machine
+    that trained it, whose base folder stayed there), the same settings naming the base by the hub
+    id the adapter in `artifact` records (models.hub_id). A recorded local path is never taken
+    instead of the config's name."""
+    if model.name in ALIASES or Path(model.name).expanduser().exists():
+        return model
+    try:
+        recorded = json.loads((artifact / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return model
+    if not isinstance(recorded, str) or recorded == model.name or not looks_like_hub_id(recorded):
+        return model
+    log.info("base model %s is not on this machine; loading %s, the hub id the adapter records", model.name, recorded)
+    return model.model_copy(update={"name": recorded})
+
+
 def load_model(folder: RunDir, cfg: Config, labels: list[str], artifact: Path | None = None) -> nn.Module:
     """The trained PyTorch model of a run folder (or of an adapter export, whose files are `artifact`)."""
     method = registry.get(cfg.method.name)(cfg.method)
     artifact = artifact or folder.artifact(method.artifact)
     check_no_pickles(artifact, cfg.model.trust_pickle)
-    base = build_classifier(cfg.model, len(labels), cfg.seed)
+    base = build_classifier(base_model_config(cfg.model, artifact), len(labels), cfg.seed)
     return method.load(base, artifact)
 
 
@@ -189,12 +208,14 @@ def load(path: str | Path, device: str = "auto", threads: int | None = None, mer
         torch.set_num_threads(threads)
     cfg = folder.config()
     labels = folder.labels()
+    method = registry.get(cfg.method.name)(cfg.method)
     model = load_model(folder, cfg, labels)
     if merge:
-        model = registry.get(cfg.method.name)(cfg.method).merge(model)
+        model = method.merge(model)
     target = select_device(device)
     amp = autocast_dtype(cfg.train, target) if target.type == "cuda" else None
-    return Classifier(TorchBackend(model, target, amp, fast=True), load_tokenizer(cfg.model), labels, cfg)
+    tokenizer = load_tokenizer(base_model_config(cfg.model, folder.artifact(method.artifact)))
+    return Classifier(TorchBackend(model, target, amp, fast=True), tokenizer, labels, cfg)
 
 
 def _folder_tokenizer(folder: Path):
@@ -226,7 +247,8 @@ def _load_export(folder: RunDir, device: str, threads: int | None) -> Classifier
         return Classifier(TorchBackend(model, target, amp, fast=True), _folder_tokenizer(folder.path), labels, cfg, kind)
     if kind == "adapter":
         model = load_model(folder, cfg, labels, artifact=folder.path)
-        return Classifier(TorchBackend(model, target, amp, fast=True), load_tokenizer(cfg.model), labels, cfg, kind)
+        tokenizer = load_tokenizer(base_model_config(cfg.model, folder.path))
+        return Classifier(TorchBackend(model, target, amp, fast=True), tokenizer, labels, cfg, kind)
     raise UserError(f"{folder.path}/export.json names an unknown format {kind!r}; re-export with lorafit export")
 
 

@@ -22,9 +22,12 @@ __all__ = [
     "build_classifier",
     "load_tokenizer",
     "resolve_model_path",
+    "hub_id",
+    "looks_like_hub_id",
     "find_targets",
     "TARGET_GROUPS",
     "ALIASES",
+    "ALIAS_HUB_IDS",
 ]
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,8 @@ def _minilm_l6() -> str:
 
 #: Short names for base models that install with a Python package (so they work offline).
 ALIASES = {"minilm-l6": _minilm_l6, "all-minilm-l6-v2": _minilm_l6}
+#: The hub id each alias's installed folder is a copy of: what adapters record as their base.
+ALIAS_HUB_IDS = dict.fromkeys(ALIASES, "sentence-transformers/all-MiniLM-L6-v2")
 
 # Regular expressions on full module names (`encoder.layer.3.attention.self.query`) for each
 # target group, per architecture family. Module names differ between families, so
@@ -127,6 +132,47 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+_HUB_REMOTE = re.compile(r"url\s*=\s*https?://(?:[^@/]*@)?(?:www\.)?huggingface\.co/(?:models/)?([\w.-]+/[\w.-]+?)(?:\.git)?/?\s*$",
+                         re.MULTILINE)
+
+
+_HUB_ID_FORM = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """`name` has the form of a hub repository id (`name` or `org/name`), not of a path."""
+    return bool(_HUB_ID_FORM.match(name)) and "--" not in name and ".." not in name
+
+
+def hub_id(name: str) -> str:
+    """The name of base model `name` that loads on another machine: what an adapter records as
+    `base_model_name_or_path` (resolve_model_path gives the local folder this machine loads).
+
+    An alias -> the hub id its package copies; a folder in a Hugging Face hub cache
+    (`models--org--name/snapshots/<revision>`) or a git clone from the hub -> that repository's id;
+    any other local folder -> `name` as the user gave it; a hub id -> itself.
+
+    A folder's `_name_or_path` is not trusted: it names whatever the weights were loaded from before
+    they were saved, often the parent model (the packaged all-MiniLM-L6-v2 says
+    nreimers/MiniLM-L6-H384-uncased), and an adapter on the wrong base of the same shape loads
+    silently and predicts nonsense.
+    """
+    if name in ALIAS_HUB_IDS:
+        return ALIAS_HUB_IDS[name]
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return name
+    path = path.resolve()
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name.removeprefix("models--").replace("--", "/")  # repo ids never hold "--"
+    git_config = path / ".git" / "config"
+    if git_config.is_file():
+        match = _HUB_REMOTE.search(git_config.read_text(errors="replace"))
+        if match:
+            return match.group(1)
+    return name
+
+
 def _load_error(name: str, error: Exception) -> UserError:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return UserError(
@@ -172,7 +218,7 @@ def build_classifier(cfg: ModelConfig, num_labels: int, seed: int) -> SequenceCl
     encoder.name_or_path = path
     torch.manual_seed(seed)
     model = SequenceClassifier(encoder, num_labels, cfg.pooling, cfg.head_dropout)
-    model.name_or_path = path
+    model.name_or_path = hub_id(cfg.name)  # what a saved adapter names as its base (peft reads this)
     return model
 
 

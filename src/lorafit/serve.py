@@ -42,7 +42,7 @@ from torch import nn
 from . import data
 from .errors import UserError
 from .evaluate import softmax
-from .inference import batched_logits, check_no_pickles, load
+from .inference import base_model_config, batched_logits, check_no_pickles, load
 from .methods import registry
 from .models import ALIASES, build_classifier, load_tokenizer, resolve_model_path
 from .rundir import RunDir, safe_name
@@ -180,14 +180,16 @@ class Registry:
         cfg, labels = folder.config(), folder.labels()
         if cfg.model.trust_pickle and not trusted:
             raise UserError(f"{folder.path} sets model.trust_pickle; adapters added at run time may not load pickles")
-        if not trusted and (meta is None or meta.get("format") == "adapter"):
-            self._check_base_allowed(cfg.model.name)
         method = registry.get(cfg.method.name)(cfg.method)
         adapter_dir = None
         if meta is None and method.artifact == "adapter":
             adapter_dir = folder.artifact("adapter")
         elif meta is not None and meta.get("format") == "adapter":
             adapter_dir = folder.path
+        if adapter_dir is not None:  # a run copied from another machine builds on the hub id its adapter records
+            cfg = cfg.model_copy(update={"model": base_model_config(cfg.model, adapter_dir)})
+        if not trusted and (meta is None or meta.get("format") == "adapter"):
+            self._check_base_allowed(cfg.model.name)
         if adapter_dir is not None and (adapter_dir / "adapter_model.safetensors").is_file():
             check_no_pickles(adapter_dir, cfg.model.trust_pickle)
             from peft import PeftConfig

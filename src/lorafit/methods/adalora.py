@@ -133,7 +133,7 @@ class AdaLora(PeftMethod):
         try:
             with warnings.catch_warnings():  # a module pruned to rank 0 saves zero-sized tensors, by design
                 warnings.filterwarnings("ignore", message=".*have invalid shape")
-                model.save_pretrained(str(path), safe_serialization=True)
+                model.save_pretrained(str(path), safe_serialization=True, save_embedding_layers=False)  # see PeftMethod.save
         finally:
             config.rank_pattern = live
 

@@ -82,7 +82,7 @@ class Lora(PeftMethod):
     def save(self, model: nn.Module, path: Path) -> None:
         if not self.mutates_base:
             return super().save(model, path)
-        state = get_peft_model_state_dict(model)
+        state = get_peft_model_state_dict(model, save_embedding_layers=False)  # see PeftMethod.save
         for key in list(state):
             if ".lora_A." in key:
                 state[key] = torch.cat([state[key], self._initial[key]], dim=0)  # (2r, in)

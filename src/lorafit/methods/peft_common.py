@@ -31,7 +31,8 @@ class PeftMethod(Method):
         return get_peft_model(model, config)
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+        state = get_peft_model_state_dict(model, save_embedding_layers=False)  # see save()
+        return {k: v.detach().clone() for k, v in state.items()}
 
     def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         result = set_peft_model_state_dict(model, state)
@@ -40,7 +41,9 @@ class PeftMethod(Method):
             raise RuntimeError(f"adapter state has keys the model lacks: {unexpected[:5]}")
 
     def save(self, model: nn.Module, path: Path) -> None:
-        model.save_pretrained(str(path), safe_serialization=True)
+        # Targets are linear layers only, never embeddings; saying so spares peft its check of the
+        # base's vocabulary, a hub request now that adapters name their base by hub id (models.hub_id).
+        model.save_pretrained(str(path), safe_serialization=True, save_embedding_layers=False)
 
     def load(self, base: nn.Module, path: Path) -> nn.Module:
         return PeftModel.from_pretrained(base, str(path))
