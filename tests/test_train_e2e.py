@@ -20,7 +20,7 @@ from lorafit.rundir import RunDir
 from conftest import tiny_overrides
 
 RUN_FILES = {"config.yaml", "labels.json", "splits.json", "compute.json", "metrics.jsonl", "eval.json", "predictions.json",
-             "summary.json"}
+             "summary.json", "README.md"}
 
 
 @pytest.mark.parametrize("method,artifact", [("lora", "adapter"), ("full", "model")])

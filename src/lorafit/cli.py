@@ -165,6 +165,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_card(args: argparse.Namespace) -> int:
+    from .modelcard import write
+
+    print(f"model card written: {write(args.folder)}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from .serve import Limits, check_can_listen, create_app, parse_adapter_spec, run
@@ -313,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.add_argument("--split", default="validation", choices=["validation", "test"], help="split for the parity check")
     p.set_defaults(func=cmd_export)
+
+    p = verbs.add_parser("card", help="(re)write the model card (README.md) of a run folder or export from its files")
+    p.add_argument("folder", metavar="RUN_OR_EXPORT")
+    p.set_defaults(func=cmd_card)
 
     p = verbs.add_parser("serve", help="HTTP inference server: many adapters over one base model")
     p.add_argument("paths", nargs="+", metavar="[NAME=]PATH", help="run folders or exports; NAME defaults to the folder name")

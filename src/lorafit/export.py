@@ -10,8 +10,8 @@ Formats:
 
 Every export is written to a hidden temporary folder, reloaded from its files alone, and its logits
 on the run's validation split compared with the training-time model's (the parity check). Only an
-export within tolerance is renamed into place, with the figures in `export.json`; one that breaks
-parity is an error and leaves nothing behind.
+export within tolerance is renamed into place, with the figures in `export.json` and its model card
+in `README.md` (lorafit.modelcard); one that breaks parity is an error and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from . import __version__, kernels
+from . import __version__, kernels, modelcard
 from .errors import UserError
 from .evaluate import softmax
 from .inference import Classifier, label_indices, load, run_split
 from .methods import registry
-from .models import SequenceClassifier, save_transformers_folder
-from .rundir import RunDir, folder_bytes
+from .models import SequenceClassifier, hub_id, save_transformers_folder
+from .rundir import RunDir, folder_bytes, write_text_atomic
 
 __all__ = ["export", "describe", "FORMATS", "TOLERANCES"]
 
@@ -100,6 +100,7 @@ def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | No
             "source_run": str(run.path.resolve()),
             "method": cfg.method.name,
             "base_model": cfg.model.name,
+            "base_model_hub_id": hub_id(cfg.model.name),
             "pooling": cfg.model.pooling,
             "max_length": cfg.data.max_length,
             "num_labels": len(labels),
@@ -110,6 +111,8 @@ def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | No
         exported = load(tmp, device="cpu")  # from the written files alone
         log.info("parity: the exported %s model on the same examples", format)
         meta["parity"] = _parity(reference_logits, exported, parity_split, split, quantize)
+        # The model card (README.md; for an adapter it replaces peft's stub), from the run's files and these figures.
+        write_text_atomic(tmp / modelcard.CARD, modelcard.render(tmp, export_meta=meta))
         meta["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         meta["bytes"] = folder_bytes(tmp)
         RunDir(tmp).write_json("export.json", meta)
