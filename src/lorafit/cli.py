@@ -172,6 +172,14 @@ def cmd_card(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from .push import push
+
+    pushed = push(args.folder, args.repo_id, private=args.private, token=args.token)
+    print(f"pushed {pushed['files']} files of {args.folder} to {args.repo_id}: {pushed['commit_url']}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from .serve import Limits, check_can_listen, create_app, parse_adapter_spec, run
@@ -324,6 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("card", help="(re)write the model card (README.md) of a run folder or export from its files")
     p.add_argument("folder", metavar="RUN_OR_EXPORT")
     p.set_defaults(func=cmd_card)
+
+    p = verbs.add_parser("push", help="upload a run folder or export, with its model card, to the Hugging Face hub")
+    p.add_argument("folder", metavar="RUN_OR_EXPORT")
+    p.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="the model repository (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--token", help="a write token (default: $HF_TOKEN, else a saved `hf auth login`); the hub "
+                                   "is $HF_ENDPOINT if set")
+    p.set_defaults(func=cmd_push)
 
     p = verbs.add_parser("serve", help="HTTP inference server: many adapters over one base model")
     p.add_argument("paths", nargs="+", metavar="[NAME=]PATH", help="run folders or exports; NAME defaults to the folder name")
