@@ -6,7 +6,9 @@ Starts `lorafit serve` with the given adapters on 127.0.0.1 (a free port), then
 0. reads its resident memory after a warm-up and `--memory-seconds` of traffic;
 1. sends single-text requests from `--concurrency` clients for `--duration` seconds (bounded by
    `--max-requests`), texts drawn from each run's test split, adapters chosen at random;
-2. sends the malformed battery (bench/serve_cases.py) and counts answers outside 4xx;
+2. sends the malformed battery (bench/serve_cases.py) `--battery-rounds` times while the same
+   clients keep loading the server, and counts answers outside 4xx (a refused body must still be
+   answered, not reset);
 3. starts the same server on a merged export of each run (`lorafit export --format merged`: every
    classifier a full model, the alternative without sharing), sends it the same traffic as in 0 and
    compares resident memory.
@@ -23,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -64,7 +67,9 @@ def wait_healthy(base: str, server: subprocess.Popen, timeout: float = 120) -> N
     raise SystemExit("server did not become healthy")
 
 
-async def load(base: str, texts: dict[str, list[str]], concurrency: int, duration: float, max_requests: int) -> dict:
+async def load(base: str, texts: dict[str, list[str]], concurrency: int, duration: float, max_requests: int,
+               stop: threading.Event | None = None) -> dict:
+    """`concurrency` clients for `duration` seconds, or until `stop` is set."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     sent = 0
@@ -75,7 +80,7 @@ async def load(base: str, texts: dict[str, list[str]], concurrency: int, duratio
     async def client():
         nonlocal sent
         async with httpx.AsyncClient(base_url=base, timeout=30) as c:
-            while time.monotonic() < stop_at and sent < max_requests:
+            while time.monotonic() < stop_at and sent < max_requests and not (stop and stop.is_set()):
                 sent += 1
                 name = rng.choice(names)
                 body = {"texts": [rng.choice(texts[name])], "top_k": 3, "adapter": name}
@@ -113,6 +118,21 @@ def battery(port: int, adapter: str) -> list[dict]:
             status = f"no answer ({type(e).__name__})"
         results.append({"case": what, "status": status})
     return results
+
+
+def battery_under_load(port: int, adapter: str, texts: dict[str, list[str]], args) -> tuple[list[dict], dict]:
+    """The battery, `args.battery_rounds` times, while `args.concurrency` clients keep sending predictions."""
+    stop, traffic = threading.Event(), {}
+    loader = threading.Thread(target=lambda: traffic.update(asyncio.run(
+        load(f"http://127.0.0.1:{port}", texts, args.concurrency, 3600, args.max_requests, stop))))
+    loader.start()
+    try:
+        time.sleep(1.0)  # the clients are busy before the first malformed request
+        cases = [c for _ in range(args.battery_rounds) for c in battery(port, adapter)]
+    finally:
+        stop.set()
+        loader.join()
+    return cases, traffic
 
 
 def start_server(specs: dict[str, str], max_wait_ms: float, threads: int | None) -> tuple[subprocess.Popen, int]:
@@ -166,6 +186,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, help="the server's torch threads (default: all cores)")
     parser.add_argument("--memory-seconds", type=float, default=10.0, help="traffic before memory is read")
     parser.add_argument("--skip-memory", action="store_true", help="skip the merged-models comparison")
+    parser.add_argument("--battery-rounds", type=int, default=3, help="times the malformed battery is sent, under load")
     args = parser.parse_args()
 
     specs = dict(parse_adapter_spec(s) for s in args.adapters)
@@ -179,7 +200,7 @@ def main() -> int:
     try:
         server_memory = memory_phase(server, port, texts, args)  # the merged server gets the same below
         result = asyncio.run(load(base, texts, args.concurrency, args.duration, args.max_requests))
-        cases = battery(port, next(iter(specs)))
+        cases, traffic = battery_under_load(port, next(iter(specs)), texts, args)
         metrics = httpx.get(f"{base}/metrics").text
         alive = server.poll() is None
     finally:
@@ -192,9 +213,10 @@ def main() -> int:
           f"p99 {result['p99_ms']:.1f} ms  max {result['max_ms']:.1f} ms  statuses {result['statuses']}")
     print(f"5xx or no answer: {result['server_errors']}; p99 bound {args.p99_bound_ms:.0f} ms: "
           f"{'met' if result['p99_ms'] < args.p99_bound_ms else 'MISSED'}")
-    print(f"malformed battery: {len(cases)} cases, {len(cases) - len(not_4xx)} answered 4xx"
+    print(f"malformed battery: {len(cases)} cases ({args.battery_rounds} rounds, while {args.concurrency} clients sent "
+          f"{traffic['requests']} predictions, 5xx or no answer {traffic['server_errors']}), {len(cases) - len(not_4xx)} answered 4xx"
           + (f"; NOT 4xx: {not_4xx}" if not_4xx else "") + f"; server alive after: {alive}")
-    for c in cases:
+    for c in cases[:len(cases) // max(1, args.battery_rounds)]:
         print(f"  {c['status']}  {c['case']}")
     batch_lines = [line for line in metrics.splitlines() if line.startswith("lorafit_batch_requests_") and "bucket" not in line]
     print("micro-batches: " + ", ".join(batch_lines))
@@ -215,7 +237,7 @@ def main() -> int:
         "merged_rss_warm_mb": round(merged["warm"]["VmRSS"]) if merged else None,
     }
     print(json.dumps(summary))
-    return 0 if not result["server_errors"] and not not_4xx and alive else 1
+    return 0 if not result["server_errors"] and not traffic["server_errors"] and not not_4xx and alive else 1
 
 
 if __name__ == "__main__":

@@ -352,14 +352,16 @@ def test_serve_cli_refuses_bad_settings_before_loading(runs, capsys):
             assert message in err and len(err.splitlines()) == 1, err
 
 
-def _oversized_exchange(port: int, head: str, chunks: list[bytes]) -> tuple[str, bytes]:
-    """Send `head` then `chunks` one by one (a client still sending when the server decides), then
-    read the answer (status line, body) and, if the server closes, up to its close: a reset raises."""
+def _oversized_exchange(port: int, head: str, chunks: list[bytes], read_after: float = 0.0) -> tuple[str, bytes]:
+    """Send `head` then `chunks` one by one (a client still sending when the server decides), wait
+    `read_after` seconds, then read the answer (status line, body) and, if the server closes, up to
+    its close: a reset raises (and discards an answer not yet read)."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
         conn.sendall(head.encode("latin-1"))
         for chunk in chunks:
             conn.sendall(chunk)
             time.sleep(0.0005)
+        time.sleep(read_after)
         reply = conn.makefile("rb")
         status = reply.readline().decode("latin-1").strip()
         headers = {}
@@ -407,6 +409,9 @@ def test_refused_bodies_always_get_their_answer_under_load(runs):
     cases = {
         "declared too large, connection close": (post.format("/v1/predict", f"content-length: {len(big)}\r\nconnection: close\r\n"),
                                                  pieces, 413, f"request body over {limit} bytes"),
+        # bench/serve_load.py's way: the whole body at once (into the socket buffers), the answer read later.
+        "declared too large, sent at once, read late": (post.format("/v1/predict", f"content-length: {len(big)}\r\nconnection: close\r\n"),
+                                                        [big], 413, f"request body over {limit} bytes"),
         "declared too large, keep-alive": (post.format("/v1/predict", f"content-length: {len(big)}\r\n"),
                                            pieces, 413, f"request body over {limit} bytes"),
         "chunked, too large": (post.format("/v1/predict", "transfer-encoding: chunked\r\nconnection: close\r\n"),
@@ -419,7 +424,7 @@ def test_refused_bodies_always_get_their_answer_under_load(runs):
     def refused(name):
         head, chunks, status, message = cases[name]
         try:
-            got, body = _oversized_exchange(port, head, chunks)
+            got, body = _oversized_exchange(port, head, chunks, read_after=0.3 if "read late" in name else 0.0)
         except OSError as e:
             failures.append(f"{name}: {type(e).__name__}")
             return
@@ -433,7 +438,7 @@ def test_refused_bodies_always_get_their_answer_under_load(runs):
         while len(load_statuses) < 10:  # the load is on before the first refused body
             assert time.monotonic() < deadline + 30
             time.sleep(0.05)
-        for _ in range(5):  # 5 rounds of every case at once: 20 refused bodies in all
+        for _ in range(5):  # 5 rounds of every case at once: 25 refused bodies in all
             senders = [threading.Thread(target=refused, args=(name,)) for name in cases]
             for t in senders:
                 t.start()
@@ -445,7 +450,7 @@ def test_refused_bodies_always_get_their_answer_under_load(runs):
             t.join(60)
         server.should_exit = True
         thread.join(30)
-    assert not failures, f"{len(failures)} of 20 refused bodies got no clean answer: {failures}"
+    assert not failures, f"{len(failures)} of 25 refused bodies got no clean answer: {failures}"
     assert set(load_statuses) == {200}, load_statuses
 
 
