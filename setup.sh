@@ -20,7 +20,11 @@ if command -v nvidia-smi >/dev/null 2>&1; then
   "${pip[@]}" torch==2.13.0
 else
   echo "installing torch 2.13.0 (CPU build) into $venv"
-  "${pip[@]}" --no-deps torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+  if ! "${pip[@]}" --no-deps torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; then
+    echo "PyTorch's CPU index could not serve torch 2.13.0; taking torch from the default index instead" \
+         "(on Linux that may be the CUDA build, several GB)" >&2
+    "${pip[@]}" torch==2.13.0
+  fi
 fi
 echo "installing lorafit with its optional parts and test tools"
 "${pip[@]}" -e ".[dev]"

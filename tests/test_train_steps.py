@@ -69,18 +69,23 @@ def test_grad_accum_short_last_step_is_not_divided_by_grad_accum(tmp_path, monke
     assert_same_training(reference.path, accumulated.path, "model", 1e-5)
 
 
-def test_fp16_overflow_skips_the_step_instead_of_poisoning_the_weights(tiny_bert, tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_fp16_overflow_skips_the_step_instead_of_poisoning_the_weights(tiny_bert, tiny_data, tmp_path, monkeypatch, method):
     """fp16 autocast (here forced on CPU, as on a GPU without bf16) trains through torch.amp.GradScaler:
-    a step whose gradients overflow is skipped and the scale backs off; the weights stay finite."""
+    a step whose gradients overflow is skipped and the scale backs off; the weights stay finite, and
+    AdaLoRA's rank allocator never scores the skipped step's inf gradients (its statistics would be
+    NaN for the rest of the run)."""
     train_module = importlib.import_module("lorafit.train")
 
     monkeypatch.setattr(train_module, "autocast_dtype", lambda cfg, device: torch.float16)
     trained: list[torch.Tensor] = []
+    models = []
     make_optimizer_ = train_module.make_optimizer
 
     def capture(model, method, cfg):
         optimizer = make_optimizer_(model, method, cfg)
         trained.extend(p for g in optimizer.param_groups for p in g["params"])
+        models.append(model)
         return optimizer
 
     monkeypatch.setattr(train_module, "make_optimizer", capture)
@@ -96,13 +101,25 @@ def test_fp16_overflow_skips_the_step_instead_of_poisoning_the_weights(tiny_bert
             overflowed.append(True)
 
     monkeypatch.setattr(torch.Tensor, "backward", backward)
-    overrides = tiny_overrides(tiny_bert, tiny_data, **{"train.epochs": 2, "train.checkpoint_every": 0})
+    from peft.tuners.adalora.layer import RankAllocator
+
+    update_ipt_, scored = RankAllocator.update_ipt, []
+
+    def update_ipt(self, model):  # after each scoring: are the allocator's statistics all finite?
+        update_ipt_(self, model)
+        scored.append(all(torch.isfinite(t).all() for t in [*self.exp_avg_ipt.values(), *self.exp_avg_unc.values()]))
+
+    monkeypatch.setattr(RankAllocator, "update_ipt", update_ipt)
+    extra = {"method.name": "adalora", "method.rank": 2, "method.init_rank": 4} if method == "adalora" else {}
+    overrides = tiny_overrides(tiny_bert, tiny_data, **{"train.epochs": 2, "train.checkpoint_every": 0, **extra})
     result = train(load_config(None, overrides), tmp_path / "run")
     assert overflowed
     assert result.summary["skipped_steps"] == 1
     assert result.summary["compute"]["autocast"] == "float16"
     assert all(torch.isfinite(p).all() for p in trained)
     assert math.isfinite(result.eval["loss"])
+    if method == "adalora":
+        assert scored and all(scored), "the rank allocator scored non-finite importance"
 
 
 @pytest.mark.parametrize("method, vectors", [("adalora", "lora_E"), ("ia3", "ia3_l")])

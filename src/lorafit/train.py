@@ -96,33 +96,21 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-#: Parameters that are weight matrices by role: the `weight` of these layers, and the low-rank factors
-#: of the LoRA family (LoRA's A/B are nn.Linear weights; LoHa/LoKr keep raw matrices).
-_MATRIX_LAYERS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)
-_FACTOR_NAMES = ("lora_A", "lora_B", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a", "lokr_w1_b",
-                 "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2", "hada_t1", "hada_t2")
+#: Parameters of two or more dimensions that are scales, not weight matrices: AdaLoRA's singular values
+#: (lora_E, (r, 1)), IA3's scaling vectors (ia3_l, (out, 1)), DoRA's magnitudes, VeRA's scaling vectors.
+NO_DECAY_ROLES = ("lora_E", "ia3_l", "lora_magnitude_vector", "vera_lambda_b", "vera_lambda_d")
 
 
 def decayed_parameters(model: nn.Module) -> set[int]:
-    """ids of the parameters weight decay applies to: weight matrices, chosen by role, not by shape.
+    """ids of the parameters weight decay applies to: weight matrices, chosen by role, not by shape alone.
 
-    Decay pulls a parameter towards 0, which is a prior only for weight matrices (and low-rank
-    factors, whose product is a weight update). Biases, norms, AdaLoRA's singular values (`lora_E`,
-    shape (r, 1)), IA3's scaling vectors (`ia3_l`, (out, 1)), DoRA's magnitudes and VeRA's scaling
-    vectors are not matrices in that sense, whatever their number of dimensions.
+    Decay pulls a parameter towards 0, which is a prior for weight matrices (and low-rank factors,
+    whose product is a weight update), not for biases, norms or the scaling vectors of NO_DECAY_ROLES,
+    whatever their number of dimensions: decaying AdaLoRA's singular values shrinks the update, and
+    IA3's vectors multiply a layer's output, so decaying them pulls the output to 0.
     """
-    decayed: set[int] = set()
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if (name == "weight" and isinstance(module, _MATRIX_LAYERS)) or name in _FACTOR_NAMES:
-                decayed.add(id(p))
-    # peft's adapter ModuleDicts/ParameterDicts (lora_E["default"], ia3_l["default"], ...): decayed only
-    # if the dict is a low-rank factor's.
-    for name, p in model.named_parameters():
-        parts = name.split(".")
-        if len(parts) >= 2 and parts[-2] in _FACTOR_NAMES:
-            decayed.add(id(p))
-    return decayed
+    return {id(p) for name, p in model.named_parameters()
+            if p.ndim >= 2 and not any(role in name.split(".") for role in NO_DECAY_ROLES)}
 
 
 def make_optimizer(model: nn.Module, method: Method, cfg: Config) -> torch.optim.Optimizer:
@@ -488,7 +476,10 @@ def _epochs(job: _Job, p: Progress, best_state: dict | None, caught: list[int]) 
             # The global batch's mean loss; a signal caught by any process stops them all at this step.
             summed, stop = world.sum([mine_loss if weight else 0.0, float(bool(caught))])
             batch_loss = summed / len(batch)
-            if stop and not caught:
+            # Decide on the value all processes summed: a signal landing on one process after this point
+            # waits for the next batch, so every process takes the same path through the checkpoint below.
+            stopping = bool(stop)
+            if stopping and not caught:
                 caught.append(signal.SIGTERM)
             if not math.isfinite(batch_loss) or (extra is not None and not torch.isfinite(extra)):
                 bar.close()
@@ -507,13 +498,17 @@ def _epochs(job: _Job, p: Progress, best_state: dict | None, caught: list[int]) 
                 torch.nn.utils.clip_grad_norm_([q for g in optimizer.param_groups for q in g["params"]], cfg.train.max_grad_norm)
             job.scaler.step(optimizer)  # skipped when fp16 gradients overflowed
             job.scaler.update()
-            if scale is not None and job.scaler.get_scale() < scale:
-                p.skipped_steps += 1
-                log.debug("step %d skipped: fp16 gradients overflowed; loss scale now %g", p.step + 1, job.scaler.get_scale())
+            skipped = scale is not None and job.scaler.get_scale() < scale
             p.step += 1
-            method.on_step_end(model, p.step)
+            if skipped:  # no update happened: the method's hook (AdaLoRA would score the inf gradients) and the
+                # schedule wait for a real step, as transformers' Trainer does
+                p.skipped_steps += 1
+                log.debug("step %d skipped: fp16 gradients overflowed; loss scale now %g", p.step, job.scaler.get_scale())
+            else:
+                method.on_step_end(model, p.step)
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            if not skipped:
+                scheduler.step()
             p.window_steps += 1
             bar.update(1)
             now = time.perf_counter()
@@ -524,9 +519,9 @@ def _epochs(job: _Job, p: Progress, best_state: dict | None, caught: list[int]) 
                         "lr": optimizer.param_groups[0]["lr"], "examples_per_second": rate})
                 p.window_loss, p.window_steps, p.window_batches, p.window_examples, window_start = 0.0, 0, 0, 0, now
             p.epoch_elapsed = now - started
-            if caught or (cfg.train.checkpoint_every and p.step % cfg.train.checkpoint_every == 0 and p.batch < len(batches)):
+            if stopping or (cfg.train.checkpoint_every and p.step % cfg.train.checkpoint_every == 0 and p.batch < len(batches)):
                 _write_checkpoint(job, p, best_state)
-            if caught:
+            if stopping:
                 bar.close()
                 raise Interrupted(
                     f"stopped by signal {signal.Signals(caught[0]).name} after step {p.step} (epoch {p.epoch}); "
@@ -557,11 +552,12 @@ def _epochs(job: _Job, p: Progress, best_state: dict | None, caught: list[int]) 
                 p.stopped = True
         p.epoch += 1
         p.batch, p.epoch_loss, p.epoch_elapsed = 0, 0.0, 0.0
-        if world.sum([float(bool(caught))])[0] and not caught:
+        stopping = bool(world.sum([float(bool(caught))])[0])  # the same decision on every process
+        if stopping and not caught:
             caught.append(signal.SIGTERM)  # another process was signalled during validation
         if cfg.train.checkpoint_every:
             _write_checkpoint(job, p, best_state)
-        if caught:
+        if stopping:
             raise Interrupted(f"stopped by signal {signal.Signals(caught[0]).name} after epoch {p.epoch - 1}; "
                               f"checkpoint saved; resume with: lorafit train --resume {run.path}", caught[0])
     return best_state
