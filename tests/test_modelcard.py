@@ -125,3 +125,22 @@ def test_card_cli_regenerates_and_refuses_what_it_cannot_describe(run, tmp_path,
     with pytest.raises(UserError, match="has no eval.json: the run did not finish"):
         write(unfinished)
     assert not (unfinished / "README.md").exists()
+
+
+def test_a_relative_local_base_is_never_called_a_hub_id_wherever_the_card_is_rendered(tiny_bert, tmp_path, monkeypatch):
+    """Trained from `models/tiny` (a folder relative to the working directory, which looks like a hub
+    id): the card must not name it `base_model` when rendered from another directory, where the
+    folder does not exist."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_bert, work / "models" / "tiny")
+    data = write_dataset(work / "data")
+    monkeypatch.chdir(work)
+    lorafit.train(lorafit.load_config(None, tiny_overrides(Path("models/tiny"), data)), work / "run")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    card = ModelCard(render(work / "run"))
+    assert card.data.base_model is None
+    assert "`models/tiny` (a local model folder)" in card.text

@@ -76,6 +76,7 @@ class _Facts:
         self.eval = run.read_json("eval.json")
         self.summary = run.read_json("summary.json")
         self.splits = run.read_json("splits.json") if (run.path / "splits.json").is_file() else {}
+        self.compute = run.read_json("compute.json") if (run.path / "compute.json").is_file() else {}
         method = registry.get(self.config["method"]["name"])
         self.kind = export_meta["format"] if export_meta else method.artifact  # adapter, model, merged, onnx
         self.quantize = (export_meta or {}).get("quantize")
@@ -99,6 +100,11 @@ class _Facts:
 
     @property
     def base_on_hub(self) -> bool:
+        """Whether the base is a hub id: as decided at training time (compute.json), where the name was
+        resolved; a folder name tested here would depend on where the card is rendered."""
+        recorded = self.compute.get("base_model")
+        if recorded and recorded.get("hub_id") == self.base:
+            return bool(recorded["on_hub"])
         return looks_like_hub_id(self.base) and not Path(self.base).expanduser().exists()
 
     # -- front matter ----------------------------------------------------------------------

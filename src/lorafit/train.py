@@ -38,7 +38,7 @@ from .evaluate import classification_metrics, softmax
 from .inference import predict_logits
 from .methods import registry
 from .methods.base import AdapterConfig, Method
-from .models import build_classifier, find_targets, load_tokenizer
+from .models import build_classifier, find_targets, hub_id, load_tokenizer, looks_like_hub_id
 from .rundir import RunDir, folder_bytes
 from .runtime import autocast, autocast_dtype, peak_memory_mb, seed_everything, select_device, set_threads, token_budget
 
@@ -216,7 +216,7 @@ def _prepare(cfg: Config, run: RunDir, recorded: dict | None = None) -> _Job:
     max_tokens = recorded["max_batch_tokens"] if "max_batch_tokens" in recorded else token_budget(cfg.train.max_batch_tokens, device)
     compute = {"device": str(device), "threads": torch.get_num_threads(), "processes": world.size,
                "max_batch_tokens": max_tokens, "autocast": str(amp).replace("torch.", "") if amp else None,
-               "cpu_kernels": kernel_choice}
+               "cpu_kernels": kernel_choice, "base_model": _base_model_record(cfg.model.name)}
     forward = world.wrap(model, device)
     optimizer = make_optimizer(model, method, cfg)
     scheduler = get_scheduler(
@@ -228,6 +228,13 @@ def _prepare(cfg: Config, run: RunDir, recorded: dict | None = None) -> _Job:
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     return _Job(cfg, run, device, amp, dataset, tokens, targets, pad_id, model, method, optimizer, scheduler, schedule,
                 adapted, world, forward, fast, max_tokens, scaler, compute)
+
+
+def _base_model_record(name: str) -> dict:
+    """The base model by the name other machines know it by, decided here, where `name` was resolved:
+    later readers (the model card, push) may run elsewhere, where a relative folder means something else."""
+    hub = hub_id(name)
+    return {"name": name, "hub_id": hub, "on_hub": hub != name or (looks_like_hub_id(name) and not Path(name).expanduser().exists())}
 
 
 def _cpu_kernels(cfg: Config, model: nn.Module, device: torch.device, world: World,
