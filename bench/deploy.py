@@ -1,6 +1,6 @@
 """Deployment figures for one run: export sizes, test accuracy, latency and throughput per backend.
 
-    LORAFIT_DATA_DIR=../shared/data python bench/deploy.py runs/b77-lora
+    python bench/deploy.py runs/b77-lora
 
 Exports the run as adapter, merged, ONNX and ONNX int8 (each with its parity check), then for the
 run itself (PyTorch + adapter), the merged model, ONNX and ONNX int8 measures: test accuracy and

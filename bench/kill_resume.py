@@ -6,7 +6,7 @@ fraction of a step), run `lorafit train --resume`, and compare with the referenc
 (accuracy, macro-F1, loss, confusion matrix), every adapter tensor bitwise (`torch.equal`) and
 metrics.jsonl (timings aside). Exit status 1 if any trial differs.
 
-    LORAFIT_DATA_DIR=/work/shared/data python bench/kill_resume.py --kills 20
+    python bench/kill_resume.py --kills 20
 
 The run is small but real: Banking77 (from $LORAFIT_DATA_DIR), all-MiniLM-L6-v2, LoRA rank 8,
 600 training rows, 2 epochs, a checkpoint every 5 steps, one CPU thread (so results are bitwise

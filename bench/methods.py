@@ -6,7 +6,7 @@ Each method trains in its own process (`python -m lorafit train ...`), so peak m
 peak resident set on CPU) belongs to that method alone. A run folder that already holds a finished
 run is reused, so the table can be rebuilt, or completed, without training again.
 
-    LORAFIT_DATA_DIR=../shared/data python bench/methods.py --out runs/methods
+    python bench/methods.py --out runs/methods
     python bench/methods.py --out runs/methods --only lora,dora --epochs 1   # a quick pass
 """
 

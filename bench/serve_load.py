@@ -1,6 +1,6 @@
 """Load test for `lorafit serve` on loopback: throughput, latency, 5xx count, malformed battery, memory.
 
-    LORAFIT_DATA_DIR=../shared/data python bench/serve_load.py banking=runs/b77-lora emotion=runs/emotion-lora
+    LORAFIT_DATA_DIR=/path/to/mirror python bench/serve_load.py banking=runs/b77-lora emotion=runs/emotion-lora
 
 Starts `lorafit serve` with the given adapters on 127.0.0.1 (a free port), then
 0. reads its resident memory after a warm-up and `--memory-seconds` of traffic;

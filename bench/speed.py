@@ -1,8 +1,8 @@
 """lorafit against the stock Hugging Face recipe on the same machine, data, model, method and seed.
 
-    LORAFIT_DATA_DIR=../shared/data python bench/speed.py            # full: 5 epochs, seeds 0 and 1
-    LORAFIT_DATA_DIR=../shared/data python bench/speed.py --quick    # 1,500 rows, 1 epoch, one seed
-    LORAFIT_DATA_DIR=../shared/data python bench/speed.py --smoke    # every code path; figures mean nothing
+    python bench/speed.py            # full: 5 epochs, seeds 0 and 1
+    python bench/speed.py --quick    # 1,500 rows, 1 epoch, one seed
+    LORAFIT_DATA_DIR=/path/to/mirror python bench/speed.py --smoke    # every code path; figures mean nothing
 
 For each seed, LoRA (rank 8, lorafit's default targets: attention + FFN in every layer, batch 32)
 trains three times, each in its own process: `lorafit train configs/banking77-lora.yaml ...`, and
