@@ -113,7 +113,7 @@ def training_gflop(run: Path) -> float:
     gradient); a trained weight adds 2*in*out for its own gradient; a LoRA pair adds 6*r*(in+out).
     Attention scores and their use cost 4*T*H per token and layer forward, twice that backward.
     """
-    from lorafit import data
+    from lorafit import batching
     from lorafit.inference import run_split
     from lorafit.models import load_tokenizer
     from lorafit.rundir import RunDir
@@ -122,7 +122,7 @@ def training_gflop(run: Path) -> float:
     cfg = rundir.config()
     summary = json.loads((run / "summary.json").read_text())
     train = run_split(rundir, cfg, "train")
-    lengths = np.array([len(t) for t in data.tokenize(load_tokenizer(cfg.model), train.texts, cfg.data.max_length)], dtype=np.float64)
+    lengths = np.array([len(t) for t in batching.tokenize(load_tokenizer(cfg.model), train.texts, cfg.data.max_length)], dtype=np.float64)
     from transformers import AutoConfig
 
     from lorafit.models import resolve_model_path

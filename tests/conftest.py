@@ -126,15 +126,15 @@ def assert_same_training(a: Path, b: Path, artifact: str, tolerance: float) -> N
 def piece_counts(cfg, world: int = 1, epoch: int = 1) -> list[list[int]]:
     """For each batch of a run's `epoch`, the forward passes each of `world` processes makes under
     cfg.train.max_batch_tokens, reproducing the training loop's split, batches and slices."""
-    from lorafit import data
+    from lorafit import batching, data
     from lorafit.distributed import World
     from lorafit.models import load_tokenizer
 
     dataset, data_cfg = data.load(cfg.data, cfg.seed)
-    tokens = data.tokenize(load_tokenizer(cfg.model), dataset.splits["train"].texts, data_cfg.max_length)
+    tokens = batching.tokenize(load_tokenizer(cfg.model), dataset.splits["train"].texts, data_cfg.max_length)
     lengths = [len(t) for t in tokens]
-    batches = data.length_grouped_batches(lengths, cfg.train.batch_size, random.Random(cfg.seed * 1000 + epoch))
-    return [[len(data.split_by_tokens(World(rank, world).shard(batch)[0], lengths, cfg.train.max_batch_tokens))
+    batches = batching.length_grouped_batches(lengths, cfg.train.batch_size, random.Random(cfg.seed * 1000 + epoch))
+    return [[len(batching.split_by_tokens(World(rank, world).shard(batch)[0], lengths, cfg.train.max_batch_tokens))
              for rank in range(world)] for batch in batches]
 
 

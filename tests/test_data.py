@@ -22,9 +22,10 @@ import pandas as pd
 import pytest
 import torch
 
-from lorafit import data
+from lorafit import batching, data, sources
 from lorafit.config import DataConfig
-from lorafit.data import BuiltinDataset, RemoteFile, Split
+from lorafit.data import Split
+from lorafit.sources import BuiltinDataset, RemoteFile
 from lorafit.errors import UserError
 
 from conftest import synthetic_frame, tiny_overrides
@@ -176,7 +177,7 @@ def test_jsonl_null_texts_are_dropped(tmp_path):
     rows = [{"text": "hello hotel", "label": "travel"}, {"text": None, "label": "food"},
             {"text": "pizza now", "label": "food"}, {"text": "golf please", "label": None}]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    split, dropped = data._read_split(tmp_path / "train.jsonl", "text", "label")
+    split, dropped = data.read_split(tmp_path / "train.jsonl", "text", "label")
     assert dropped == 2
     assert (split.texts, split.labels, split.rows) == (["hello hotel", "pizza now"], ["travel", "food"], [0, 2])
 
@@ -334,7 +335,7 @@ def _padding_ratio(lengths: list[int], batches: list[list[int]]) -> float:
 
 def test_length_grouped_batches_cover_every_index_once_with_little_padding():
     lengths = _varied_lengths()
-    batches = data.length_grouped_batches(lengths, 16, random.Random(0))
+    batches = batching.length_grouped_batches(lengths, 16, random.Random(0))
 
     flat = [i for b in batches for i in b]
     assert sorted(flat) == list(range(len(lengths)))
@@ -349,9 +350,9 @@ def test_length_grouped_batches_cover_every_index_once_with_little_padding():
 
 def test_length_grouped_batches_are_seeded_and_shuffled():
     lengths = _varied_lengths(n=800, seed=1)
-    first = data.length_grouped_batches(lengths, 8, random.Random(3), group=10)
-    assert first == data.length_grouped_batches(lengths, 8, random.Random(3), group=10)
-    assert first != data.length_grouped_batches(lengths, 8, random.Random(4), group=10)
+    first = batching.length_grouped_batches(lengths, 8, random.Random(3), group=10)
+    assert first == batching.length_grouped_batches(lengths, 8, random.Random(3), group=10)
+    assert first != batching.length_grouped_batches(lengths, 8, random.Random(4), group=10)
     batch_max = [max(lengths[i] for i in b) for b in first]
     assert batch_max != sorted(batch_max)  # batch order is shuffled, not longest-last
     assert sorted(i for b in first for i in b) == list(range(800))
@@ -359,7 +360,7 @@ def test_length_grouped_batches_are_seeded_and_shuffled():
 
 def test_sorted_batches_are_in_length_order():
     lengths = _varied_lengths(n=101, seed=2)
-    batches = data.sorted_batches(lengths, 10)
+    batches = batching.sorted_batches(lengths, 10)
     flat = [i for b in batches for i in b]
     assert sorted(flat) == list(range(101))
     assert [len(b) for b in batches] == [10] * 10 + [1]
@@ -368,19 +369,19 @@ def test_sorted_batches_are_in_length_order():
 
 def test_collate_pads_to_the_longest_and_masks_the_padding():
     sequences = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
-    input_ids, attention_mask = data.collate(sequences, pad_id=0)
+    input_ids, attention_mask = batching.collate(sequences, pad_id=0)
     assert input_ids.shape == attention_mask.shape == (3, 5)
     assert input_ids.dtype == attention_mask.dtype == torch.long
     assert input_ids.tolist() == [[5, 6, 7, 0, 0], [8, 0, 0, 0, 0], [9, 10, 11, 12, 13]]
     assert attention_mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
 
-    ids, mask = data.collate([[4, 4], [4]], pad_id=99)
+    ids, mask = batching.collate([[4, 4], [4]], pad_id=99)
     assert ids.tolist() == [[4, 4], [4, 99]] and mask.sum().item() == 3
 
 
 def test_iterate_yields_the_batches_in_order():
     tokens = [[1, 2], [3], [4, 5, 6], [7]]
-    out = list(data.iterate(tokens, [[2, 0], [3, 1]], pad_id=0))
+    out = list(batching.iterate(tokens, [[2, 0], [3, 1]], pad_id=0))
     assert [b for b, _, _ in out] == [[2, 0], [3, 1]]
     assert out[0][1].tolist() == [[4, 5, 6], [1, 2, 0]]
     assert out[1][2].tolist() == [[1], [1]]
@@ -462,21 +463,21 @@ def test_fetch_builtin_downloads_into_the_cache_and_checks_sha256(served):
     server, root, cache = served
     spec = _spec(server, root)
 
-    found = data.fetch_builtin(spec)
+    found = sources.fetch_builtin(spec)
 
     folder = cache / "datasets" / "tinyremote"
     assert {split: file.path for split, file in found.items()} == {"train": folder / "train.csv", "test": folder / "test.csv"}
     assert _all_files(cache) == ["datasets/tinyremote/test.csv", "datasets/tinyremote/train.csv"]  # no .part left
     for split in ("train", "test"):
         assert (folder / f"{split}.csv").read_bytes() == (root / f"{split}.csv").read_bytes()
-        assert data.sha256_of(folder / f"{split}.csv") == spec.files[split].sha256
+        assert sources.sha256_of(folder / f"{split}.csv") == spec.files[split].sha256
     assert sorted(server.requests) == ["/test.csv", "/train.csv"]
 
     # A second call uses the cache; a damaged cached file is fetched again.
-    assert data.fetch_builtin(spec) == found
+    assert sources.fetch_builtin(spec) == found
     assert len(server.requests) == 2
     (folder / "train.csv").write_text("text,label\ntampered,x\n")
-    data.fetch_builtin(spec)
+    sources.fetch_builtin(spec)
     assert server.requests[2:] == ["/train.csv"]
     assert _sha256(folder / "train.csv") == spec.files["train"].sha256
 
@@ -486,7 +487,7 @@ def test_wrong_sha256_is_corrupt_and_leaves_nothing_in_the_cache(served):
     spec = _spec(server, root, train="0" * 64)
 
     with pytest.raises(UserError) as info:
-        data.fetch_builtin(spec)
+        sources.fetch_builtin(spec)
 
     message = str(info.value)
     assert "corrupt" in message and server.url("train.csv") in message and "0" * 64 in message
@@ -502,7 +503,7 @@ def test_unreachable_source_tells_how_to_use_a_local_mirror(served):
                           files={"train": RemoteFile(url, _sha256(root / "train.csv"))})
 
     with pytest.raises(UserError) as info:
-        data.fetch_builtin(spec)
+        sources.fetch_builtin(spec)
 
     message = str(info.value)
     assert "\n" not in message
@@ -516,7 +517,7 @@ def test_missing_remote_file_is_a_user_error(served):
     spec = BuiltinDataset(name="gone", text_column="t", label_column="l",
                           files={"train": RemoteFile(server.url("nothing-here.csv"), "0" * 64)})
     with pytest.raises(UserError, match="cannot download .*nothing-here.csv.*LORAFIT_DATA_DIR"):
-        data.fetch_builtin(spec)
+        sources.fetch_builtin(spec)
     assert server.requests == ["/nothing-here.csv"]
     assert _all_files(cache) == []
 
@@ -527,19 +528,19 @@ def test_local_mirror_wins_over_download(served, tmp_path, monkeypatch):
     monkeypatch.setenv("LORAFIT_DATA_DIR", str(mirror))
     spec = _spec(server, root)
 
-    assert {split: file.path for split, file in data.fetch_builtin(spec).items()} == {
+    assert {split: file.path for split, file in sources.fetch_builtin(spec).items()} == {
         "train": mirror / "tinyremote" / "train.csv", "test": mirror / "tinyremote" / "test.csv"}
     assert server.requests == []
     assert _all_files(cache) == []
 
-    monkeypatch.setitem(data.BUILTINS, "tinyremote", spec)
+    monkeypatch.setitem(sources.BUILTINS, "tinyremote", spec)
     dataset, _ = data.load(DataConfig(name="tinyremote"), seed=0)
     assert dataset.splits["test"].texts == pd.read_csv(root / "test.csv")["utterance"].tolist()
     assert server.requests == []
 
     # A mirror folder without this dataset is ignored: the download path is taken.
     monkeypatch.setenv("LORAFIT_DATA_DIR", str(tmp_path / "elsewhere"))
-    assert data.fetch_builtin(spec)["train"].path == cache / "datasets" / "tinyremote" / "train.csv"
+    assert sources.fetch_builtin(spec)["train"].path == cache / "datasets" / "tinyremote" / "train.csv"
     assert sorted(server.requests) == ["/test.csv", "/train.csv"]
 
 
@@ -556,7 +557,7 @@ def test_mirror_only_dataset_without_a_mirror_says_where_to_put_it(tmp_path, mon
 def test_load_builtin_downloads_and_uses_the_spec_columns(served, monkeypatch):
     server, root, cache = served
     spec = _spec(server, root)
-    monkeypatch.setitem(data.BUILTINS, "tinyremote", spec)
+    monkeypatch.setitem(sources.BUILTINS, "tinyremote", spec)
 
     dataset, resolved = data.load(DataConfig(name="tinyremote"), seed=0)
 
@@ -589,7 +590,7 @@ def test_tampered_mirror_file_is_one_clear_error(served, tmp_path, monkeypatch):
     server, root, cache = served
     mirror = _mirror_copy(tmp_path, root)
     monkeypatch.setenv("LORAFIT_DATA_DIR", str(mirror))
-    monkeypatch.setitem(data.BUILTINS, "tinyremote", _spec(server, root))
+    monkeypatch.setitem(sources.BUILTINS, "tinyremote", _spec(server, root))
     dataset, _ = data.load(DataConfig(name="tinyremote"), seed=0)  # exact copies: read from the mirror
     assert len(dataset.splits["test"]) == 15
     assert server.requests == [] and _all_files(cache) == []
@@ -619,7 +620,7 @@ def test_tampered_mirror_stops_lorafit_train_with_exit_2(served, tmp_path, monke
     mirror = _mirror_copy(tmp_path, root)
     _append_row(mirror / "tinyremote" / "test.csv")
     monkeypatch.setenv("LORAFIT_DATA_DIR", str(mirror))
-    monkeypatch.setitem(data.BUILTINS, "tinyremote", _spec(server, root))
+    monkeypatch.setitem(sources.BUILTINS, "tinyremote", _spec(server, root))
     out = tmp_path / "run"
 
     assert main(["train", *tiny_overrides(tiny_bert, "tinyremote"), "--out", str(out)]) == 2
@@ -647,7 +648,7 @@ def test_hub_files_with_integer_labels_are_pinned_checked_and_named(served, monk
                                _sha256(root / "split" / f"{split}-00000-of-00001.parquet"),
                                name=f"{split}.parquet", label_names=tuple(names))
              for split in ("train", "test")}
-    monkeypatch.setitem(data.BUILTINS, "tinyhub", BuiltinDataset(name="tinyhub", text_column="text", label_column="label", files=files))
+    monkeypatch.setitem(sources.BUILTINS, "tinyhub", BuiltinDataset(name="tinyhub", text_column="text", label_column="label", files=files))
 
     dataset, _ = data.load(DataConfig(name="tinyhub"), seed=0)
 
@@ -668,7 +669,7 @@ def test_hub_files_with_integer_labels_are_pinned_checked_and_named(served, monk
 def test_damaged_cache_offline_is_one_clear_error(served, monkeypatch):
     server, root, cache = served
     spec = _spec(server, root)
-    monkeypatch.setitem(data.BUILTINS, "tinyremote", spec)
+    monkeypatch.setitem(sources.BUILTINS, "tinyremote", spec)
     data.load(DataConfig(name="tinyremote"), seed=0)
     cached = cache / "datasets" / "tinyremote" / "test.csv"
     _append_row(cached)
@@ -682,12 +683,12 @@ def test_damaged_cache_offline_is_one_clear_error(served, monkeypatch):
 
 
 def test_builtins_are_pinned_by_sha256_and_emotion_by_hub_revision():
-    for spec in data.BUILTINS.values():
+    for spec in sources.BUILTINS.values():
         assert spec.files, spec.name
         for split, remote in spec.files.items():
             assert re.fullmatch(r"[0-9a-f]{64}", remote.sha256), (spec.name, split)
             assert remote.url is None or not re.search(r"/(main|master)/", remote.url), remote.url
-    emotion = data.BUILTINS["emotion"]
+    emotion = sources.BUILTINS["emotion"]
     assert set(emotion.files) == {"train", "validation", "test"}
     for split, remote in emotion.files.items():
         assert remote.url == ("https://huggingface.co/datasets/dair-ai/emotion/resolve/"
@@ -696,7 +697,7 @@ def test_builtins_are_pinned_by_sha256_and_emotion_by_hub_revision():
     # The CSV export of the same splits (label names, not numbers) is accepted in a mirror, by its own sha256.
     assert {split: f.file_name(split) for split, f in emotion.mirror_files.items()} == {
         "train": "train.csv", "validation": "validation.csv", "test": "test.csv"}
-    assert not data.BUILTINS["emotion"].packaged  # license unclear: never shipped
+    assert not sources.BUILTINS["emotion"].packaged  # license unclear: never shipped
 
 
 # -- Banking77 inside the package: the built-in name works offline -----------------------------
@@ -706,10 +707,10 @@ def _no_network_for(monkeypatch, tmp_path: Path, name: str) -> None:
     monkeypatch.delenv("LORAFIT_DATA_DIR", raising=False)
     monkeypatch.setenv("LORAFIT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    spec = data.BUILTINS[name]
+    spec = sources.BUILTINS[name]
     closed = f"http://127.0.0.1:{_closed_port()}"
     files = {split: dataclasses.replace(remote, url=f"{closed}/{split}.csv") for split, remote in spec.files.items()}
-    monkeypatch.setitem(data.BUILTINS, name, dataclasses.replace(spec, files=files))
+    monkeypatch.setitem(sources.BUILTINS, name, dataclasses.replace(spec, files=files))
 
 
 def test_banking77_loads_offline_from_the_package(monkeypatch, tmp_path):
@@ -723,7 +724,7 @@ def test_banking77_loads_offline_from_the_package(monkeypatch, tmp_path):
     assert len(dataset.splits["train"]) + len(dataset.splits["validation"]) == 10003
     assert dataset.source == "builtin:banking77"
     assert not (tmp_path / "cache").exists()  # nothing downloaded, nothing cached
-    shipped = data.PACKAGE_DATA / "banking77"
+    shipped = sources.PACKAGE_DATA / "banking77"
     assert {"LICENSE", "README.md", "train.csv", "test.csv"} <= {p.name for p in shipped.iterdir()}
     assert "CC-BY-4.0" in (shipped / "README.md").read_text() or "CC BY 4.0" in (shipped / "README.md").read_text()
 
@@ -731,9 +732,9 @@ def test_banking77_loads_offline_from_the_package(monkeypatch, tmp_path):
 def test_damaged_package_data_is_one_clear_error(monkeypatch, tmp_path):
     _no_network_for(monkeypatch, tmp_path, "banking77")
     packaged = tmp_path / "package"
-    shutil.copytree(data.PACKAGE_DATA / "banking77", packaged / "banking77")
+    shutil.copytree(sources.PACKAGE_DATA / "banking77", packaged / "banking77")
     _append_row(packaged / "banking77" / "train.csv")
-    monkeypatch.setattr(data, "PACKAGE_DATA", packaged)
+    monkeypatch.setattr(sources, "PACKAGE_DATA", packaged)
 
     with pytest.raises(UserError) as info:
         data.load(DataConfig(name="banking77"), seed=0)

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import assert_same_training, dropout_free_overrides, piece_counts
-from lorafit import data
+from lorafit import batching
 from lorafit.config import load_config
 from lorafit.errors import UserError
 from lorafit.inference import batched_logits
@@ -24,7 +24,7 @@ from lorafit.train import train
 def test_pieces_keep_the_batch_in_order_within_the_budget(lengths, budget):
     batch = list(range(len(lengths)))
     random.Random(len(lengths)).shuffle(batch)
-    pieces = data.split_by_tokens(batch, lengths, budget)
+    pieces = batching.split_by_tokens(batch, lengths, budget)
     assert [i for piece in pieces for i in piece] == batch
     for k, piece in enumerate(pieces):
         padded = len(piece) * max(lengths[i] for i in piece)
@@ -32,16 +32,16 @@ def test_pieces_keep_the_batch_in_order_within_the_budget(lengths, budget):
         if k + 1 < len(pieces):  # greedy: the next row would not have fitted
             grown = piece + pieces[k + 1][:1]
             assert len(grown) * max(lengths[i] for i in grown) > budget
-    assert data.split_by_tokens(batch, lengths, None) == [batch]
+    assert batching.split_by_tokens(batch, lengths, None) == [batch]
 
 
 def test_sorted_batches_respect_rows_and_tokens():
     lengths = [random.Random(i).randint(1, 30) for i in range(200)]
-    batches = data.sorted_batches(lengths, 16, max_tokens=100)
+    batches = batching.sorted_batches(lengths, 16, max_tokens=100)
     flat = [i for b in batches for i in b]
     assert sorted(flat) == list(range(200)) and [lengths[i] for i in flat] == sorted(lengths)
     assert all(len(b) <= 16 and len(b) * max(lengths[i] for i in b) <= 100 for b in batches)
-    assert len(batches) > len(data.sorted_batches(lengths, 16))  # the budget did cut some
+    assert len(batches) > len(batching.sorted_batches(lengths, 16))  # the budget did cut some
 
 
 def test_auto_budget_bounds_cpu_memory_and_keeps_gpu_batches_whole():

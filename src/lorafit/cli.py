@@ -134,7 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         except OSError:  # a name too long, say: data.load says so
             is_file = False
         if is_file:
-            split, _ = data._read_split(other, data_cfg.text_column, data_cfg.label_column)
+            split, _ = data.read_split(other, data_cfg.text_column, data_cfg.label_column)
         else:
             dataset, _ = data.load(data_cfg, cfg.seed)
             split = dataset.splits[args.split]

@@ -1,0 +1,91 @@
+"""Token ids to batches, shared by training, prediction and serving.
+
+Tokenising, the batch orders (length-grouped and shuffled for training, length-sorted for
+evaluation), the cut of a batch into pieces under a padded-token budget, and padding to tensors.
+Pure functions of lengths and ids: no model, no device, no data files.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+import torch
+
+__all__ = [
+    "tokenize",
+    "length_grouped_batches",
+    "sorted_batches",
+    "split_by_tokens",
+    "collate",
+    "iterate",
+]
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random, group: int = 50) -> list[list[int]]:
+    """Shuffled batches of similar-length examples, so padding wastes almost nothing.
+
+    Shuffle, cut into megabatches of `group` batches, sort each by length, cut into batches,
+    shuffle the batch order: random enough for SGD, with ~1.0 padded tokens per real token.
+    """
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches: list[list[int]] = []
+    span = batch_size * group
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def sorted_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Evaluation order: by length, so no batch pads much; at most `max_tokens` padded tokens each."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    cut = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [piece for batch in cut for piece in split_by_tokens(batch, lengths, max_tokens)]
+
+
+def split_by_tokens(batch: list[int], lengths: list[int], max_tokens: int | None) -> list[list[int]]:
+    """`batch` cut, in order, into pieces of at most `max_tokens` padded tokens (rows x longest row).
+
+    A row longer than the budget is a piece of its own; None keeps the batch whole. Activation
+    memory grows with padded tokens, so this bounds it; the training loop sums the pieces'
+    gradients, which is the whole batch's gradient.
+    """
+    if max_tokens is None:
+        return [batch]
+    pieces: list[list[int]] = []
+    piece: list[int] = []
+    longest = 0
+    for i in batch:
+        if piece and (len(piece) + 1) * max(longest, lengths[i]) > max_tokens:
+            pieces.append(piece)
+            piece, longest = [], 0
+        piece.append(i)
+        longest = max(longest, lengths[i])
+    if piece:
+        pieces.append(piece)
+    return pieces
+
+
+def collate(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to the longest sequence in the batch -> (input_ids, attention_mask), both (B, T)."""
+    longest = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, : len(seq)] = 1
+    return input_ids, attention_mask
+
+
+def iterate(token_ids: list[list[int]], batches: list[list[int]], pad_id: int) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(batch indices, input_ids, attention_mask) for each batch of `batches`, in order."""
+    for batch in batches:
+        input_ids, attention_mask = collate([token_ids[i] for i in batch], pad_id)
+        yield batch, input_ids, attention_mask
