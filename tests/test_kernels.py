@@ -206,11 +206,11 @@ def test_a_missing_or_raising_private_op_keeps_pytorchs_linear(op, reason, monke
     assert json.loads(json.dumps(record)) == record
     assert not kernels.onednn_available()
     model = _small_model()
-    assert kernels.speed_up(model, torch.device("cpu")) == {"fast_dropout": 1}
+    assert kernels.use_fast_paths(model, torch.device("cpu")).counts == {"fast_dropout": 1}
     assert _linear_kinds(model) == [nn.Linear, nn.Linear]
     # A resumed run whose first part used oneDNN: warned, PyTorch's linear, and it still computes.
     with caplog.at_level(logging.WARNING, logger="lorafit.kernels"):
-        assert kernels.speed_up(model, torch.device("cpu"), onednn=True) == {"fast_dropout": 0}
+        assert kernels.use_fast_paths(model, torch.device("cpu"), onednn=True).counts == {"fast_dropout": 0}
     assert reason in caplog.text and _linear_kinds(model) == [nn.Linear, nn.Linear]
     assert model(torch.randn(3, 8)).shape == (3, 4)
 
@@ -230,7 +230,7 @@ def test_a_private_op_that_disagrees_with_f_linear_is_refused(wrong_in, monkeypa
     assert not record["onednn_linear"] and record["reason"].startswith("oneDNN disagrees with F.linear"), record
     model = _small_model()
     with caplog.at_level(logging.WARNING, logger="lorafit.kernels"):
-        assert kernels.speed_up(model, torch.device("cpu"), onednn=True, dropout=False) == {}
+        assert kernels.use_fast_paths(model, torch.device("cpu"), onednn=True, dropout=False).counts == {}
     assert "disagrees" in caplog.text and _linear_kinds(model) == [nn.Linear, nn.Linear]
 
 
@@ -251,18 +251,19 @@ def test_decide_keeps_onednn_only_when_clearly_faster(stock_ms, onednn_ms, chose
     kernels.decide(2)
     assert calls == [1, 2]  # once per thread count, timed with that many threads
     model = _small_model()
-    assert kernels.speed_up(model, torch.device("cpu"), dropout=False) == ({"onednn_linear": 2} if chosen else {})
+    assert (kernels.use_fast_paths(model, torch.device("cpu"), dropout=False).counts
+            == ({"onednn_linear": 2} if chosen else {}))
 
 
 @pytest.mark.parametrize("onednn", [True, False])
-def test_speed_up_replays_a_recorded_decision_without_timing(onednn, monkeypatch, fresh_decisions):
+def test_use_fast_paths_replays_a_recorded_decision_without_timing(onednn, monkeypatch, fresh_decisions):
     monkeypatch.setattr(kernels, "_time_linears", _no_timing)
     model = _small_model()
-    changed = kernels.speed_up(model, torch.device("cpu"), onednn=onednn)
+    changed = kernels.use_fast_paths(model, torch.device("cpu"), onednn=onednn).counts
     assert changed == ({"onednn_linear": 2, "fast_dropout": 1} if onednn else {"fast_dropout": 1})
     assert _linear_kinds(model) == [kernels.OneDnnLinear if onednn else nn.Linear] * 2
     assert kernels._decide.cache_info().currsize == 0
-    assert kernels.speed_up(_small_model(), torch.device("cuda"), onednn=onednn) == {}
+    assert kernels.use_fast_paths(_small_model(), torch.device("cuda"), onednn=onednn).counts == {}
 
 
 def test_deciding_leaves_the_random_stream_alone(fresh_decisions):

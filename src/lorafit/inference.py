@@ -39,16 +39,16 @@ class TorchBackend:
     """A PyTorch module (lorafit's SequenceClassifier, or a transformers model returning `.logits`).
 
     `fast=True` (a model loaded for prediction) runs its linear layers through oneDNN on CPU where
-    that is faster here (lorafit/kernels.py); the training loop's evaluation leaves its model's
-    layers as `train.cpu_kernels` chose them.
+    that is faster here (lorafit/kernels.py); `fast_paths` records the switch (`.undo()` gives the
+    model its stock layers back). The training loop's evaluation leaves its model's layers as
+    `train.cpu_kernels` chose them.
     """
 
     def __init__(self, model: nn.Module, device: torch.device, amp: torch.dtype | None = None, fast: bool = False):
         self.model = model.to(device).eval()
         self.device = device
         self.amp = amp
-        if fast:
-            kernels.speed_up(self.model, device, dropout=False)
+        self.fast_paths = kernels.use_fast_paths(self.model, device, dropout=False) if fast else kernels.FastPaths()
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:

@@ -11,12 +11,12 @@ uses) itself, with a backward written from the same kernel:
 
     y  = x W^T + b          dx = dy W          dW = dy^T x          db = sum(dy)
 
-`use_onednn_linear(model)` turns every `nn.Linear` of a model (peft's `base_layer`, `lora_A` and
-`lora_B` included: they are `nn.Linear`s) into `OneDnnLinear`, a subclass with the same parameters
-and state_dict keys, so saving, merging and peft are unaffected. It falls back to `F.linear` for
-anything but float32 CPU tensors (CUDA, autocast, half precision) and while torch.export/ONNX
-tracing. Results equal `F.linear` up to float summation order (tests/test_kernels.py: outputs and
-gradients within 1e-5 relative, for any of input/weight/bias trainable and strided operands).
+`OneDnnLinear` is an `nn.Linear` subclass with the same parameters and state_dict keys, so saving,
+merging and peft are unaffected; switching a layer to it changes only the layer's class (peft's
+`base_layer`, `lora_A` and `lora_B` are `nn.Linear`s too). It falls back to `F.linear` for anything
+but float32 CPU tensors (CUDA, autocast, half precision) and while torch.export/ONNX tracing.
+Results equal `F.linear` up to float summation order (tests/test_kernels.py: outputs and gradients
+within 1e-5 relative, for any of input/weight/bias trainable and strided operands).
 
 `decide(threads)` makes the choice once per process and thread count, and returns it as a record
 (for summary.json): oneDNN is used only when the private op exists, its forward and backward agree
@@ -31,8 +31,14 @@ with a threshold: the same Bernoulli mask distribution, with the drop probabilit
 multiple of 1/65536 (0.1 -> 0.100006), at about half the cost. Seeding and checkpoint-resume work
 as before (it uses torch's default generator); the draws differ from `F.dropout`'s.
 
-`speed_up(model, device)` applies both on CPU (`onednn=` replays a recorded decision, e.g. the one of
-a run being resumed, without timing); `train.cpu_kernels: stock` turns them off.
+The switch is an explicit step of whoever loads or trains a model: `fast = use_fast_paths(model,
+device)` switches the layers on CPU (`onednn=` replays a recorded decision, e.g. the one of a run
+being resumed, without timing) and returns a `FastPaths` record: `fast.counts` (layers switched, by
+kind) and `fast.undo()` (also on leaving `with fast:`), which gives every switched module its stock
+class back. train.py's `_cpu_kernels` and inference's `TorchBackend` call it; `train.cpu_kernels:
+stock` keeps the stock layers. Importing this module changes nothing, not even the environment:
+oneDNN's primitive cache is capped (`PRIMITIVE_CACHE_CAPACITY`, in the environment, which oneDNN
+reads once per process) by the check that precedes lorafit's first oneDNN call.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import logging
 import os
 import statistics
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +57,9 @@ from torch import nn
 
 from lorafit.hardware import cpu_info
 
-__all__ = ["OneDnnLinear", "FastDropout", "use_onednn_linear", "use_fast_dropout", "onednn_available", "decide",
-           "speed_up", "fast_dropout", "MODEL_SHAPES", "MARGIN", "TOLERANCE"]
+__all__ = ["OneDnnLinear", "FastDropout", "FastPaths", "use_fast_paths", "use_onednn_linear", "use_fast_dropout",
+           "onednn_available", "decide", "fast_dropout", "MODEL_SHAPES", "MARGIN", "TOLERANCE",
+           "PRIMITIVE_CACHE_CAPACITY"]
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +67,21 @@ log = logging.getLogger(__name__)
 # oneDNN compiles a primitive per distinct shape and keeps up to 1,024 of them. Variable-length
 # batches bring new shapes nearly every step, so a full cache held ~350 MB here (one Banking77 LoRA
 # epoch: peak RSS 2,012 MB with 1,024, 1,631 MB with 64, 1,601 MB with 32, at the same speed; with
-# no cache 1,491 MB but 30 % slower). oneDNN reads the setting when it first runs, so it is set when
-# this module is imported (on the importing thread, before any lorafit oneDNN call); a value the
-# user exported under either of oneDNN's names wins.
+# no cache 1,491 MB but 30 % slower).
 PRIMITIVE_CACHE_CAPACITY = 64
-if not {"ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"} & set(os.environ):
-    os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(PRIMITIVE_CACHE_CAPACITY)
+_PRIMITIVE_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")  # oneDNN's two names
+
+
+def _cap_primitive_cache() -> None:
+    """Ask oneDNN to keep at most `PRIMITIVE_CACHE_CAPACITY` primitives, unless the user exported a
+    capacity under either of oneDNN's names (theirs wins).
+
+    oneDNN reads the variable once per process, when it builds its first primitive; later changes
+    are ignored. So `_problem`, the check that `decide`, `use_fast_paths` and `onednn_available` run
+    before they make lorafit's first oneDNN call, calls this first.
+    """
+    if not any(name in os.environ for name in _PRIMITIVE_CACHE_VARIABLES):
+        os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(PRIMITIVE_CACHE_CAPACITY)
 
 
 def onednn_available() -> bool:
@@ -118,8 +135,10 @@ class OneDnnLinear(nn.Linear):
 
 
 def use_onednn_linear(model: nn.Module, enable: bool = True) -> int:
-    """Switch every plain `nn.Linear` of `model` to `OneDnnLinear` (or back); returns how many changed."""
-    return _swap(model, nn.Linear, OneDnnLinear) if enable else _swap(model, OneDnnLinear, nn.Linear)
+    """Switch every plain `nn.Linear` of `model` to `OneDnnLinear` (or every `OneDnnLinear` back);
+    returns how many changed. The unchecked, unrecorded switch: loading and training use `use_fast_paths`;
+    export uses `enable=False` to hand a merged model to the ONNX exporter with stock layers."""
+    return len(_swap(model, nn.Linear, OneDnnLinear) if enable else _swap(model, OneDnnLinear, nn.Linear))
 
 
 #: (in, out, layers of this shape per encoder block) of the linear layers the default model
@@ -167,6 +186,7 @@ def _isolated(fn):
 @_isolated
 def _problem() -> str | None:
     """Why oneDNN's linear must not be used here (one short sentence), or None when it may."""
+    _cap_primitive_cache()  # before the checks below make this process's first oneDNN call
     if not torch.backends.mkldnn.is_available():
         return "this PyTorch build has no oneDNN"
     try:
@@ -237,7 +257,7 @@ def _decide(threads: int) -> dict:
 
 
 def decide(threads: int) -> dict:
-    """Whether `speed_up` uses oneDNN's linear with `threads` threads, and why, as a JSON-ready record:
+    """Whether `use_fast_paths` uses oneDNN's linear with `threads` threads, and why, as a JSON-ready record:
 
     {"onednn_linear": bool, "reason": one short sentence, "timings_ms": {shape: {"stock": ms,
     "onednn": ms}} (empty when not timed), "threads": int, "cpu": hardware.cpu_info(), "torch": version}.
@@ -275,39 +295,74 @@ class FastDropout(nn.Dropout):
         return fast_dropout(x, self.p)
 
 
-def _swap(model: nn.Module, source: type, target: type) -> int:
-    changed = 0
-    for module in model.modules():
-        if type(module) is source:
-            module.__class__ = target
-            changed += 1
-    return changed
+def _swap(model: nn.Module, source: type, target: type) -> list[nn.Module]:
+    """Give every module of exactly class `source` the class `target`; returns the modules switched.
+    `source` and `target` are an `nn` class and its lorafit subclass: the same parameters, buffers and
+    state_dict keys, so only the forward changes."""
+    switched = [module for module in model.modules() if type(module) is source]
+    for module in switched:
+        module.__class__ = target
+    return switched
 
 
 def use_fast_dropout(model: nn.Module, enable: bool = True) -> int:
-    """Switch every plain `nn.Dropout` of `model` to `FastDropout` (or back); returns how many changed."""
-    return _swap(model, nn.Dropout, FastDropout) if enable else _swap(model, FastDropout, nn.Dropout)
+    """Switch every plain `nn.Dropout` of `model` to `FastDropout` (or every `FastDropout` back);
+    returns how many changed. The unrecorded switch: loading and training use `use_fast_paths`."""
+    return len(_swap(model, nn.Dropout, FastDropout) if enable else _swap(model, FastDropout, nn.Dropout))
 
 
-def speed_up(model: nn.Module, device: torch.device, dropout: bool = True, onednn: bool | None = None) -> dict[str, int]:
-    """The CPU fast paths for `model` on `device`; returns how many layers were switched, by kind.
+@dataclass(eq=False)
+class FastPaths:
+    """The CPU fast paths `use_fast_paths` switched on in one model, and the way back.
+
+    `counts`: layers switched, by kind (`onednn_linear`, `fast_dropout`); a kind is present when it
+    was asked for and usable here, even if the model had no such layer. summary.json records it as
+    `cpu_fast_paths`. `undo()` (or leaving `with fast:`) gives every switched module its stock class
+    back; parameters, buffers and state_dict keys were never touched, so the model computes exactly
+    as before the switch. Undoing twice does nothing.
+    """
+
+    counts: dict[str, int] = field(default_factory=dict)
+    switched: list[tuple[nn.Module, type]] = field(default_factory=list, repr=False)  # (module, its stock class)
+
+    def _switch(self, model: nn.Module, kind: str, source: type, target: type) -> None:
+        modules = _swap(model, source, target)
+        self.switched += [(module, source) for module in modules]
+        self.counts[kind] = len(modules)
+
+    def undo(self) -> None:
+        while self.switched:
+            module, stock = self.switched.pop()
+            module.__class__ = stock
+
+    def __enter__(self) -> FastPaths:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.undo()
+
+
+def use_fast_paths(model: nn.Module, device: torch.device, dropout: bool = True,
+                   onednn: bool | None = None) -> FastPaths:
+    """Switch `model` to the CPU fast paths on `device`; returns what was switched, to log or undo.
 
     oneDNN linears where `decide` finds them correct and faster here, or, when `onednn` is given (the
     decision a run being resumed recorded), as told, without timing: asked for but unusable here
     (op missing, or disagreeing with F.linear), PyTorch's linear is kept with a warning. Fast dropout
-    masks when `dropout`.
+    masks when `dropout`. Nothing is switched off the CPU. Before any oneDNN call, oneDNN's primitive
+    cache is capped (`PRIMITIVE_CACHE_CAPACITY`; see `_cap_primitive_cache`).
     """
+    fast = FastPaths()
     if device.type != "cpu":
-        return {}
+        return fast
     if onednn is None:
         onednn = decide(torch.get_num_threads())["onednn_linear"]
     elif onednn and (problem := _problem()) is not None:
         log.warning("oneDNN linear layers were asked for, but %s here: PyTorch's F.linear is used instead "
                     "(the same results up to float rounding)", problem)
         onednn = False
-    changed = {}
     if onednn:
-        changed["onednn_linear"] = use_onednn_linear(model)
+        fast._switch(model, "onednn_linear", nn.Linear, OneDnnLinear)
     if dropout:
-        changed["fast_dropout"] = use_fast_dropout(model)
-    return changed
+        fast._switch(model, "fast_dropout", nn.Dropout, FastDropout)
+    return fast

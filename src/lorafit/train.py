@@ -255,7 +255,7 @@ def _cpu_kernels(cfg: Config, model: nn.Module, device: torch.device, world: Wor
         decision = recorded
     else:
         decision = world.gather_objects(kernels.decide(torch.get_num_threads()) if world.is_main else None)[0]
-    fast = kernels.speed_up(model, device, onednn=bool(decision["onednn_linear"]))
+    fast = kernels.use_fast_paths(model, device, onednn=bool(decision["onednn_linear"])).counts
     choice = {**decision, "onednn_linear": "onednn_linear" in fast, "fast_dropout": "fast_dropout" in fast}
     return fast, {"cpu": hardware.cpu_info(), **choice}
 
