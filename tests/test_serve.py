@@ -87,7 +87,7 @@ def test_adapters_share_one_base(client):
     registry = client.app.state.registry
     (base,) = registry.bases.values()
     base_bytes = sum(t.nbytes for t in base.model.base_model.model.encoder.state_dict().values())
-    full_bytes = sum(t.nbytes for t in registry.served["full"].info["_model"].state_dict().values())
+    full_bytes = sum(t.nbytes for t in registry.served["full"].model.state_dict().values())
     # Two adapters over one base hold the base once: less than two full models.
     assert base_bytes < health["weights_bytes"] < base_bytes + full_bytes + 0.2 * base_bytes
     assert {k: v for k, v in health.items() if not k.startswith("weights")} == {"status": "ok", "adapters": 3, "shared_bases": 1,
@@ -99,6 +99,32 @@ def test_adapters_share_one_base(client):
     assert not listed["full"]["shared_base"] and listed["full"]["kind"] == "run"
     assert set(base.heads) == {"topics", "binary"}
     assert set(base.model.peft_config) == {"topics", "binary"}
+
+
+def test_the_registry_follows_the_load_plan_and_one_token_budget(client, runs):
+    """What to load is inference.plan_load's decision, and the token budget is the run's
+    train.max_batch_tokens resolved once for the device the model runs on, for the shared base's
+    adapters as for a loaded classifier; what the server shows holds no private keys."""
+    import torch
+
+    from lorafit.inference import plan_load
+    from lorafit.runtime import token_budget
+
+    registry = client.app.state.registry
+    cpu = torch.device("cpu")
+    for name in ("topics", "binary"):
+        plan = plan_load(runs[name])
+        assert (plan.kind, plan.is_adapter, plan.weights) == ("run", True, runs[name] / "adapter")
+        (base,) = [b for b in registry.bases.values() if name in b.adapters]
+        assert base.adapters[name].max_tokens == token_budget(plan.cfg.train.max_batch_tokens, cpu)
+        assert base.adapters[name].max_length == plan.cfg.data.max_length
+    plan = plan_load(runs["full"])
+    assert (plan.kind, plan.is_adapter, plan.weights) == ("run", False, runs["full"] / "model")
+    assert plan.base is not None and plan.file_bytes == 0
+    assert lorafit.load(plan, device="cpu").max_tokens == token_budget(plan.cfg.train.max_batch_tokens, cpu)
+    full = registry.served["full"]
+    assert full.model is not None and full.file_bytes == 0 and full.base_path is not None
+    assert not [k for adapter in registry.describe() for k in adapter if k.startswith("_")]
 
 
 def test_concurrent_requests_for_different_adapters_share_batches(runs):
@@ -253,7 +279,7 @@ def test_admin_adds_an_adapter_at_run_time(client, runs, tmp_path_factory):
     import yaml
 
     outside = tmp_path_factory.mktemp("elsewhere") / "model"
-    shutil.copytree(client.app.state.registry.served["topics"].info["_base_path"], outside)
+    shutil.copytree(client.app.state.registry.served["topics"].base_path, outside)
     for i, model in enumerate(("bert-base-uncased", str(outside))):
         folder = runs["topics"].parent / f"topics-other-base{i}"
         shutil.copytree(exported, folder, dirs_exist_ok=True)

@@ -1,15 +1,19 @@
 """A trained classifier, loaded for prediction and evaluation: `lorafit.load(path)`.
 
-`path` is a run folder or a folder written by `lorafit export`. Whatever computes the logits
+`path` is a run folder or a folder written by `lorafit export`. What to load from it (which kind of
+folder, which base model, where the trained weights are) is decided once, by `plan_load`; `load`
+and the server's registry (serving.py) both follow that `LoadPlan`. Whatever computes the logits
 (PyTorch with the adapter, a merged PyTorch model, ONNX Runtime) is a *backend*: a callable from a
-padded batch (input_ids, attention_mask) to logits. Tokenising, length-sorted batching, softmax
-and top-k are the same for all of them.
+padded batch (input_ids, attention_mask) to logits. Tokenising, length-sorted batching under the
+token budget (resolved once, at load, for the device the model runs on), softmax and top-k
+(`top_labels`) are the same for all of them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,8 +30,8 @@ from .models import ALIASES, build_classifier, load_tokenizer, looks_like_hub_id
 from .rundir import RunDir
 from .runtime import autocast, autocast_dtype, select_device, token_budget
 
-__all__ = ["Classifier", "load", "predict_logits", "check_no_pickles", "run_split", "base_model_config", "TorchBackend",
-           "OnnxBackend"]
+__all__ = ["Classifier", "LoadPlan", "plan_load", "load", "load_model", "top_labels", "predict_logits", "check_no_pickles",
+           "run_split", "base_model_config", "TorchBackend", "OnnxBackend"]
 
 log = logging.getLogger(__name__)
 
@@ -99,17 +103,21 @@ def predict_logits(model: nn.Module, token_ids: list[list[int]], pad_id: int, ba
 
 
 class Classifier:
-    """A backend, its tokenizer and label space, ready to predict."""
+    """A backend, its tokenizer and label space, ready to predict.
 
-    def __init__(self, backend: Backend, tokenizer, labels: list[str], cfg: Config, kind: str = "run",
-                 batch_size: int | None = None):
+    `max_tokens` is the run's train.max_batch_tokens resolved for the device the backend runs on
+    (`runtime.token_budget`), by whoever placed the backend there (`load`).
+    """
+
+    def __init__(self, backend: Backend, tokenizer, labels: list[str], cfg: Config, max_tokens: int | None,
+                 kind: str = "run", batch_size: int | None = None):
         self.backend = backend
         self.tokenizer = tokenizer
         self.labels = labels
         self.cfg = cfg
+        self.max_tokens = max_tokens  # padded tokens per forward pass; None: no budget, rows only
         self.kind = kind  # "run", or the export format: "merged", "adapter", "onnx"
         self.batch_size = batch_size or cfg.train.eval_batch_size
-        self.max_tokens = token_budget(cfg.train.max_batch_tokens, getattr(backend, "device", torch.device("cpu")))
 
     @property
     def model(self) -> nn.Module | None:
@@ -138,6 +146,8 @@ class Classifier:
 
 
 def top_labels(probs: np.ndarray, labels: list[str], top_k: int) -> list[list[tuple[str, float]]]:
+    """For each row of `probs` (N, C), the `top_k` labels with their probabilities, most likely first
+    (ties in label order); every label once where `top_k` is over the label count."""
     k = max(1, min(top_k, len(labels)))
     order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
     return [[(labels[j], float(p[j])) for j in row] for row, p in zip(order, probs)]
@@ -194,28 +204,91 @@ def load_model(folder: RunDir, cfg: Config, labels: list[str], artifact: Path | 
     return method.load(base, artifact)
 
 
-def load(path: str | Path, device: str = "auto", threads: int | None = None, merge: bool = True) -> Classifier:
-    """A classifier from a run folder or an export folder, from its files alone.
+#: What `lorafit export --format` writes (export.json "format").
+EXPORT_FORMATS = ("merged", "adapter", "onnx")
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """What a run or export folder holds for prediction, decided from its small files (export.json,
+    config.yaml, labels.json, adapter_config.json) before any weight is read."""
+
+    folder: Path
+    kind: str
+    """"run", or the export format: "merged", "adapter", "onnx"."""
+    cfg: Config
+    """The config as the folder records it."""
+    labels: list[str]
+    weights: Path
+    """The trained weights: the run's adapter/ or model/ folder, or the export folder itself."""
+    base: ModelConfig | None
+    """The base model the weights load into, named as it is found on this machine (`base_model_config`);
+    None for merged and ONNX exports, which carry every weight."""
+    is_adapter: bool
+    """`weights` is a peft adapter over `base` (an adapter method's run, an adapter export)."""
+
+    @property
+    def file_bytes(self) -> int:
+        """Bytes of weights run from a file rather than held as PyTorch tensors (an ONNX graph)."""
+        return (self.folder / "model.onnx").stat().st_size if self.kind == "onnx" else 0
+
+
+def plan_load(path: str | Path) -> LoadPlan:
+    """What `load` builds from the run or export folder at `path`."""
+    folder = RunDir(path)
+    meta = folder.read_json("export.json") if (folder.path / "export.json").is_file() else None
+    cfg, labels = folder.config(), folder.labels()
+    if meta is None:
+        method = registry.get(cfg.method.name)(cfg.method)
+        kind, weights, is_adapter = "run", folder.artifact(method.artifact), method.artifact == "adapter"
+    else:
+        kind, weights = meta.get("format"), folder.path
+        if kind not in EXPORT_FORMATS:
+            raise UserError(f"{folder.path}/export.json names an unknown format {kind!r}; re-export with lorafit export")
+        is_adapter = kind == "adapter"
+    base = base_model_config(cfg.model, weights) if kind in ("run", "adapter") else None
+    return LoadPlan(folder.path, kind, cfg, labels, weights, base, is_adapter)
+
+
+def load(path: str | Path | LoadPlan, device: str = "auto", threads: int | None = None, merge: bool = True) -> Classifier:
+    """A classifier from a run folder or an export folder (or its `plan_load`), from its files alone.
 
     A run's adapter is folded into the base weights (`merge=True`): the same function, one matmul
     per layer instead of two paths, logits equal to the unmerged model's up to float rounding
     (tests/test_train_e2e.py). `merge=False` keeps the training-time modules (what export compares with).
+    `threads` sets torch's thread count for a run and ONNX Runtime's for an ONNX export.
     """
-    folder = RunDir(path)
-    if (folder.path / "export.json").is_file():
-        return _load_export(folder, device, threads)
-    if threads is not None:
+    plan = path if isinstance(path, LoadPlan) else plan_load(path)
+    if plan.kind == "onnx":
+        # Batches of at most 64: int8 graphs quantise activations with one scale per batch, so a
+        # text's scores shift a little with its batch-mates, least in small batches (Banking77
+        # test accuracy of the int8 model: 93.34% one text at a time, 93.44% at 64, 93.15% at 128);
+        # 64 is also faster than 128 on ONNX Runtime here.
+        backend = OnnxBackend(plan.folder / "model.onnx", threads)
+        return Classifier(backend, _folder_tokenizer(plan.folder), plan.labels, plan.cfg,
+                          token_budget(plan.cfg.train.max_batch_tokens, torch.device("cpu")),  # ONNX Runtime runs on CPU
+                          plan.kind, batch_size=min(64, plan.cfg.train.eval_batch_size))
+    if plan.kind == "run" and threads is not None:
         torch.set_num_threads(threads)
-    cfg = folder.config()
-    labels = folder.labels()
-    method = registry.get(cfg.method.name)(cfg.method)
-    model = load_model(folder, cfg, labels)
-    if merge:
-        model = method.merge(model)
+    model = _torch_model(plan, merge)
     target = select_device(device)
-    amp = autocast_dtype(cfg.train, target) if target.type == "cuda" else None
-    tokenizer = load_tokenizer(base_model_config(cfg.model, folder.artifact(method.artifact)))
-    return Classifier(TorchBackend(model, target, amp, fast=True), tokenizer, labels, cfg)
+    amp = autocast_dtype(plan.cfg.train, target) if target.type == "cuda" else None
+    tokenizer = _folder_tokenizer(plan.folder) if plan.base is None else load_tokenizer(plan.base)
+    return Classifier(TorchBackend(model, target, amp, fast=True), tokenizer, plan.labels, plan.cfg,
+                      token_budget(plan.cfg.train.max_batch_tokens, target), plan.kind)
+
+
+def _torch_model(plan: LoadPlan, merge: bool) -> nn.Module:
+    """The PyTorch model `plan` names, on CPU; a run's adapter merged where `merge`."""
+    if plan.kind == "merged":
+        from .modeling_lorafit import LorafitForSequenceClassification
+
+        check_no_pickles(plan.folder, trust_pickle=False)
+        return LorafitForSequenceClassification.from_pretrained(str(plan.folder))
+    model = load_model(RunDir(plan.folder), plan.cfg, plan.labels, artifact=plan.weights)
+    if plan.kind == "run" and merge:
+        model = registry.get(plan.cfg.method.name)(plan.cfg.method).merge(model)
+    return model
 
 
 def _folder_tokenizer(folder: Path):
@@ -224,32 +297,6 @@ def _folder_tokenizer(folder: Path):
     # The folder's config.json declares lorafit's own model type with remote code; the tokenizer
     # files name their class, so nothing from the folder needs to run.
     return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-
-
-def _load_export(folder: RunDir, device: str, threads: int | None) -> Classifier:
-    meta = folder.read_json("export.json")
-    cfg, labels, kind = folder.config(), folder.labels(), meta.get("format")
-    if kind == "onnx":
-        backend: Backend = OnnxBackend(folder.path / "model.onnx", threads)
-        # Batches of at most 64: int8 graphs quantise activations with one scale per batch, so a
-        # text's scores shift a little with its batch-mates, least in small batches (Banking77
-        # test accuracy of the int8 model: 93.34% one text at a time, 93.44% at 64, 93.15% at 128);
-        # 64 is also faster than 128 on ONNX Runtime here.
-        return Classifier(backend, _folder_tokenizer(folder.path), labels, cfg, kind,
-                          batch_size=min(64, cfg.train.eval_batch_size))
-    target = select_device(device)
-    amp = autocast_dtype(cfg.train, target) if target.type == "cuda" else None
-    if kind == "merged":
-        from .modeling_lorafit import LorafitForSequenceClassification
-
-        check_no_pickles(folder.path, trust_pickle=False)
-        model = LorafitForSequenceClassification.from_pretrained(str(folder.path))
-        return Classifier(TorchBackend(model, target, amp, fast=True), _folder_tokenizer(folder.path), labels, cfg, kind)
-    if kind == "adapter":
-        model = load_model(folder, cfg, labels, artifact=folder.path)
-        tokenizer = load_tokenizer(base_model_config(cfg.model, folder.path))
-        return Classifier(TorchBackend(model, target, amp, fast=True), tokenizer, labels, cfg, kind)
-    raise UserError(f"{folder.path}/export.json names an unknown format {kind!r}; re-export with lorafit export")
 
 
 def run_split(run: RunDir, cfg: Config, split: str) -> data.Split:
