@@ -21,7 +21,7 @@ from . import data, kernels
 from .config import Config, ModelConfig
 from .errors import UserError
 from .evaluate import classification_metrics, softmax
-from .methods import registry
+from . import methods
 from .models import ALIASES, build_classifier, load_tokenizer, looks_like_hub_id
 from .rundir import RunDir
 from .runtime import autocast, autocast_dtype, select_device, token_budget
@@ -187,7 +187,7 @@ def base_model_config(model: ModelConfig, artifact: Path) -> ModelConfig:
 
 def load_model(folder: RunDir, cfg: Config, labels: list[str], artifact: Path | None = None) -> nn.Module:
     """The trained PyTorch model of a run folder (or of an adapter export, whose files are `artifact`)."""
-    method = registry.get(cfg.method.name)(cfg.method)
+    method = methods.build(cfg.method)
     artifact = artifact or folder.artifact(method.artifact)
     check_no_pickles(artifact, cfg.model.trust_pickle)
     base = build_classifier(base_model_config(cfg.model, artifact), len(labels), cfg.seed)
@@ -208,7 +208,7 @@ def load(path: str | Path, device: str = "auto", threads: int | None = None, mer
         torch.set_num_threads(threads)
     cfg = folder.config()
     labels = folder.labels()
-    method = registry.get(cfg.method.name)(cfg.method)
+    method = methods.build(cfg.method)
     model = load_model(folder, cfg, labels)
     if merge:
         model = method.merge(model)

@@ -43,7 +43,7 @@ from . import data
 from .errors import UserError
 from .evaluate import softmax
 from .inference import base_model_config, batched_logits, check_no_pickles, load
-from .methods import registry
+from . import methods
 from .models import ALIASES, build_classifier, load_tokenizer, resolve_model_path
 from .rundir import RunDir, safe_name
 from .runtime import token_budget
@@ -180,7 +180,7 @@ class Registry:
         cfg, labels = folder.config(), folder.labels()
         if cfg.model.trust_pickle and not trusted:
             raise UserError(f"{folder.path} sets model.trust_pickle; adapters added at run time may not load pickles")
-        method = registry.get(cfg.method.name)(cfg.method)
+        method = methods.build(cfg.method)
         adapter_dir = None
         if meta is None and method.artifact == "adapter":
             adapter_dir = folder.artifact("adapter")
