@@ -13,7 +13,7 @@ __all__ = ["register", "get", "build", "names", "all_methods", "discover", "NOT_
 
 _METHODS: dict = {}
 #: Modules of this package that are infrastructure, not methods.
-NOT_METHODS = {"base", "registry", "peft_common", "targets"}
+NOT_METHODS = {"base", "registry", "peft_common"}
 
 
 def register(method_class):
