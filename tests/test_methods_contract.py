@@ -271,3 +271,27 @@ def test_adalora_without_step_budget_is_refused(tiny_models):
 def test_adalora_rank_above_init_rank_is_refused():
     with pytest.raises(UserError, match="must not exceed method.init_rank"):
         validate({"method": {"name": "adalora", "rank": 16, "init_rank": 12}})
+
+
+# -- apply resolves its own targets ----------------------------------------------------------------
+
+@CASE
+def test_apply_resolves_the_targets_the_settings_select(tiny_models, case):
+    cfg, base, _, targets = _setup(tiny_models["bert"], case)
+    method = lorafit.methods.build(cfg.method)
+    assert type(method) is registry.get(cfg.method.name) and method.cfg is cfg.method
+    assert method.adapted == []
+    model = method.apply(base, total_steps=10)
+    assert method.adapted == targets  # find_targets of the settings; none for full fine-tuning
+    _, given, explicit, _ = _setup(tiny_models["bert"], case)
+    given = explicit.apply(given, targets, total_steps=10)
+    assert explicit.adapted == targets
+    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == \
+        [(n, p.requires_grad) for n, p in given.named_parameters()]
+
+
+def test_apply_reports_bad_targets_of_the_settings(tiny_models):
+    cfg, base, _, _ = _setup(tiny_models["bert"], "lora")
+    method = lorafit.methods.build(cfg.method.model_copy(update={"targets": ["q_proj"]}))
+    with pytest.raises(UserError, match="method.targets: 'q_proj' matches no linear module"):
+        method.apply(base, total_steps=10)

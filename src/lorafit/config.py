@@ -1,6 +1,6 @@
 """The typed config tree: defaults -> YAML file -> dotted overrides, validated before any work.
 
-Every field's docstring is its help text (`lorafit config show --help-keys` prints them). The tree
+Every field's docstring is its help text (`lorafit config keys` prints them). The tree
 is frozen and holds plain data only, so it round-trips through YAML. Values derived from the data
 (steps per epoch, total and warmup steps) are computed once, in `resolve_schedule`.
 """

@@ -32,7 +32,7 @@ from . import __version__, kernels, modelcard
 from .errors import UserError
 from .evaluate import softmax
 from .inference import Classifier, label_indices, load, run_split
-from .methods import registry
+from . import methods
 from .models import SequenceClassifier, hub_id, save_transformers_folder
 from .rundir import RunDir, folder_bytes, write_text_atomic
 
@@ -64,7 +64,7 @@ def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | No
     if (run.path / "export.json").is_file():
         raise UserError(f"{run.path} is already an export; export from the run folder it came from")
     cfg, labels = run.config(), run.labels()
-    method = registry.get(cfg.method.name)(cfg.method)
+    method = methods.build(cfg.method)
     if format == "adapter" and method.artifact != "adapter":
         raise UserError(f"{run.path} was trained with {cfg.method.name} and has no adapter; export --format merged or onnx")
     target = RunDir(out)

@@ -25,7 +25,7 @@ from . import data, kernels
 from .config import Config, ModelConfig
 from .errors import UserError
 from .evaluate import classification_metrics, softmax
-from .methods import registry
+from . import methods
 from .models import ALIASES, build_classifier, load_tokenizer, looks_like_hub_id
 from .rundir import RunDir
 from .runtime import autocast, autocast_dtype, select_device, token_budget
@@ -197,7 +197,7 @@ def base_model_config(model: ModelConfig, artifact: Path) -> ModelConfig:
 
 def load_model(folder: RunDir, cfg: Config, labels: list[str], artifact: Path | None = None) -> nn.Module:
     """The trained PyTorch model of a run folder (or of an adapter export, whose files are `artifact`)."""
-    method = registry.get(cfg.method.name)(cfg.method)
+    method = methods.build(cfg.method)
     artifact = artifact or folder.artifact(method.artifact)
     check_no_pickles(artifact, cfg.model.trust_pickle)
     base = build_classifier(base_model_config(cfg.model, artifact), len(labels), cfg.seed)
@@ -239,7 +239,7 @@ def plan_load(path: str | Path) -> LoadPlan:
     meta = folder.read_json("export.json") if (folder.path / "export.json").is_file() else None
     cfg, labels = folder.config(), folder.labels()
     if meta is None:
-        method = registry.get(cfg.method.name)(cfg.method)
+        method = methods.build(cfg.method)
         kind, weights, is_adapter = "run", folder.artifact(method.artifact), method.artifact == "adapter"
     else:
         kind, weights = meta.get("format"), folder.path
@@ -287,7 +287,7 @@ def _torch_model(plan: LoadPlan, merge: bool) -> nn.Module:
         return LorafitForSequenceClassification.from_pretrained(str(plan.folder))
     model = load_model(RunDir(plan.folder), plan.cfg, plan.labels, artifact=plan.weights)
     if plan.kind == "run" and merge:
-        model = registry.get(plan.cfg.method.name)(plan.cfg.method).merge(model)
+        model = methods.build(plan.cfg.method).merge(model)
     return model
 
 

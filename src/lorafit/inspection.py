@@ -9,10 +9,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from . import methods
 from .config import Config
-from .methods import registry
-from .methods.base import AdapterConfig
-from .models import build_classifier, find_targets
+from .models import build_classifier
 from .train import count_parameters
 
 #: `encoder.encoder.layer.3.attention.self.query` -> `attention.self.query`: the module's role.
@@ -57,12 +56,12 @@ def inspect_config(cfg: Config, num_labels: int = 2, total_steps: int = 1000) ->
     """Build the model, apply the method and count. `total_steps` only feeds step-budgeted methods
     (AdaLoRA); it does not change any count."""
     model = build_classifier(cfg.model, num_labels, cfg.seed)
-    targets = find_targets(model, cfg.method.targets, cfg.method.layers) if isinstance(cfg.method, AdapterConfig) else []
-    modules = dict(model.named_modules())
-    shapes = {t: (modules[t].out_features, modules[t].in_features) for t in targets}
+    modules = dict(model.named_modules())  # before apply: the adapted modules are still the bare linears
     head_weights = sum(p.numel() for p in model.classifier.parameters())
-    method = registry.get(cfg.method.name)(cfg.method)
-    adapted = method.apply(model, targets, total_steps)
+    method = methods.build(cfg.method)
+    adapted = method.apply(model, total_steps=total_steps)
+    targets = method.adapted
+    shapes = {t: (modules[t].out_features, modules[t].in_features) for t in targets}
 
     per_target = dict.fromkeys(targets, 0)
     for name, p in adapted.named_parameters():

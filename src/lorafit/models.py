@@ -1,4 +1,8 @@
-"""Build the classifier from a checkpoint name or path; per-architecture target module names."""
+"""Build the classifier from a checkpoint name or path; per-architecture target module names.
+
+Below the methods and the config tree: it imports neither (`ModelConfig` is only a type here), so
+methods build on it and `lorafit.config` imports the methods without a loop.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,18 @@ import logging
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from .config import ModelConfig
 from .errors import UserError
 from .modeling_lorafit import LorafitConfig
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 __all__ = [
     "SequenceClassifier",

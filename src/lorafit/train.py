@@ -36,9 +36,9 @@ from .config import Config, load_config, resolve_schedule, validate
 from .errors import UserError
 from .evaluate import classification_metrics, softmax
 from .inference import predict_logits
-from .methods import registry
-from .methods.base import AdapterConfig, Method
-from .models import build_classifier, find_targets, hub_id, load_tokenizer, looks_like_hub_id
+from . import methods
+from .methods.base import Method
+from .models import build_classifier, hub_id, load_tokenizer, looks_like_hub_id
 from .rundir import RunDir, folder_bytes
 from .runtime import autocast, autocast_dtype, peak_memory_mb, seed_everything, select_device, set_threads, token_budget
 
@@ -205,10 +205,9 @@ def _prepare(cfg: Config, run: RunDir, recorded: dict | None = None) -> _Job:
     # -- model and method ---------------------------------------------------------------------
     seed_everything(cfg.seed)
     model = build_classifier(cfg.model, len(dataset.label_names), cfg.seed)
-    method = registry.get(cfg.method.name)(cfg.method)
-    adapted = find_targets(model, cfg.method.targets, cfg.method.layers) if isinstance(cfg.method, AdapterConfig) else []
+    method = methods.build(cfg.method)
     schedule = resolve_schedule(cfg, len(dataset.splits["train"]))
-    model = method.apply(model, adapted, schedule.total_steps)
+    model = method.apply(model, total_steps=schedule.total_steps)
     model.to(device)
     fast, kernel_choice = _cpu_kernels(cfg, model, device, world, recorded.get("cpu_kernels"))
     if fast:
@@ -227,7 +226,7 @@ def _prepare(cfg: Config, run: RunDir, recorded: dict | None = None) -> _Job:
     )
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     return _Job(cfg, run, device, amp, dataset, tokens, targets, pad_id, model, method, optimizer, scheduler, schedule,
-                adapted, world, forward, fast, max_tokens, scaler, compute)
+                method.adapted, world, forward, fast, max_tokens, scaler, compute)
 
 
 def _base_model_record(name: str) -> dict:

@@ -18,9 +18,8 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import peft
 import torch
 from pydantic import Field, model_validator
 from torch import nn
@@ -29,6 +28,9 @@ from ..errors import UserError
 from . import registry
 from .base import AdapterConfig
 from .peft_common import PeftMethod
+
+if TYPE_CHECKING:
+    import peft
 
 ADAPTER = "default"
 _STATS = ("ipt", "exp_avg_ipt", "exp_avg_unc")
@@ -75,6 +77,8 @@ class AdaLora(PeftMethod):
     config_class = AdaLoraConfig
 
     def peft_config(self, targets: list[str], total_steps: int) -> peft.PeftConfig:
+        import peft
+
         c = self.cfg
         tinit, tfinal = _steps(c.tinit, total_steps), _steps(c.tfinal, total_steps)
         if total_steps <= 0 or tinit >= total_steps - tfinal:

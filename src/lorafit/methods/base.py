@@ -2,7 +2,8 @@
 
 A method is one file in this package that defines a `MethodConfig` subclass (its settings, with
 `name: Literal["<name>"]`) and a `Method` subclass, and calls `register(...)`. The loop never asks
-which method runs; it only calls these hooks.
+which method runs; it only calls these hooks. `apply` chooses the modules to adapt itself, from the
+method's settings (`AdapterMethod`), so callers never resolve targets.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-__all__ = ["MethodConfig", "Method"]
+from ..models import find_targets
+
+__all__ = ["MethodConfig", "AdapterConfig", "Method", "AdapterMethod", "is_head_param"]
 
 
 class MethodConfig(BaseModel):
@@ -27,7 +30,8 @@ class MethodConfig(BaseModel):
 
 
 class Method:
-    """Hooks with do-nothing defaults; a method overrides what it needs.
+    """Hooks with do-nothing defaults; a method overrides what it needs. Callers start with `apply`;
+    a method puts its adapters in place in `inject`, on the modules `resolve_targets` chose.
 
     `model` below is always the `lorafit.models.SequenceClassifier` (possibly wrapped by peft).
     """
@@ -39,10 +43,26 @@ class Method:
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
+        #: Full names of the modules `apply` adapted (none before it runs, none for full fine-tuning).
+        self.adapted: list[str] = []
 
     # -- before training -------------------------------------------------------------------
-    def apply(self, model: nn.Module, targets: list[str], total_steps: int) -> nn.Module:
-        """Inject adapters and set `requires_grad`; the classifier head must stay trainable."""
+    def apply(self, model: nn.Module, targets: list[str] | None = None, total_steps: int = 0) -> nn.Module:
+        """Make `model` ready to train and return it; what it adapted is then `self.adapted`.
+
+        `targets`: None (what training does) takes the modules the method's settings select on
+        `model` (`resolve_targets`); a list, such as a saved adapter's modules, is used as given.
+        `total_steps`: the run's optimiser steps, for step-budgeted methods (AdaLoRA).
+        """
+        self.adapted = self.resolve_targets(model) if targets is None else list(targets)
+        return self.inject(model, self.adapted, total_steps)
+
+    def resolve_targets(self, model: nn.Module) -> list[str]:
+        """Full names of the modules this method adapts on `model`: none unless it has adapters."""
+        return []
+
+    def inject(self, model: nn.Module, targets: list[str], total_steps: int) -> nn.Module:
+        """Put adapters on `targets` and set `requires_grad`; the classifier head must stay trainable."""
         raise NotImplementedError
 
     def param_groups(self, model: nn.Module, lr: float, head_lr: float) -> list[dict[str, Any]]:
@@ -111,3 +131,12 @@ class AdapterConfig(MethodConfig):
     q_lin, ...) or regular expressions on full module names written re:<pattern>."""
     layers: list[int] | None = None
     """Encoder layer indices to adapt (0-based); null adapts every layer."""
+
+
+class AdapterMethod(Method):
+    """A method that adds adapters to chosen modules: its settings are an `AdapterConfig`."""
+
+    cfg: AdapterConfig
+
+    def resolve_targets(self, model: nn.Module) -> list[str]:
+        return find_targets(model, self.cfg.targets, self.cfg.layers)

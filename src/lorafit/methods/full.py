@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ..models import save_transformers_folder
 from . import registry
 from .base import Method, MethodConfig
 
@@ -23,8 +24,8 @@ class Full(Method):
     config_class = FullConfig
     artifact = "model"
 
-    def apply(self, model: nn.Module, targets: list[str], total_steps: int) -> nn.Module:
-        model.requires_grad_(True)
+    def inject(self, model: nn.Module, targets: list[str], total_steps: int) -> nn.Module:
+        model.requires_grad_(True)  # every weight trains; nothing to inject
         return model
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -35,8 +36,6 @@ class Full(Method):
 
     def save(self, model: nn.Module, path: Path) -> None:
         # A transformers folder: AutoModelForSequenceClassification(..., trust_remote_code=True) loads it.
-        from ..models import save_transformers_folder  # here: the config tree imports the methods
-
         save_transformers_folder(model, path)
 
     def load(self, base: nn.Module, path: Path) -> nn.Module:

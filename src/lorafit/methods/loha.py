@@ -3,14 +3,16 @@ products, (B1 A1) * (B2 A2), scaled by alpha / rank. peft's LoHa."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-import peft
 from pydantic import Field
 
 from . import registry
 from .base import AdapterConfig
 from .peft_common import PeftMethod
+
+if TYPE_CHECKING:
+    import peft
 
 
 class LohaConfig(AdapterConfig):
@@ -31,6 +33,8 @@ class Loha(PeftMethod):
     config_class = LohaConfig
 
     def peft_config(self, targets: list[str], total_steps: int) -> peft.PeftConfig:
+        import peft
+
         c = self.cfg
         return peft.LoHaConfig(r=c.rank, alpha=c.alpha, rank_dropout=c.rank_dropout, module_dropout=c.module_dropout,
                                target_modules=targets)

@@ -3,14 +3,16 @@ matrix and a (low-rank when small enough) second factor, scaled by alpha / rank.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-import peft
 from pydantic import Field
 
 from . import registry
 from .loha import LohaConfig
 from .peft_common import PeftMethod
+
+if TYPE_CHECKING:
+    import peft
 
 
 class LokrConfig(LohaConfig):
@@ -29,6 +31,8 @@ class Lokr(PeftMethod):
     config_class = LokrConfig
 
     def peft_config(self, targets: list[str], total_steps: int) -> peft.PeftConfig:
+        import peft
+
         c = self.cfg
         return peft.LoKrConfig(r=c.rank, alpha=c.alpha, rank_dropout=c.rank_dropout, module_dropout=c.module_dropout,
                                decompose_both=c.decompose_both, target_modules=targets)

@@ -17,11 +17,9 @@ import copy
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-import peft
 import torch
-from peft import get_peft_model_state_dict
 from pydantic import Field
 from safetensors.torch import save_file
 from torch import nn
@@ -30,6 +28,9 @@ from ..errors import UserError
 from . import registry
 from .base import AdapterConfig
 from .peft_common import PeftMethod
+
+if TYPE_CHECKING:
+    import peft
 
 INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 
@@ -60,6 +61,8 @@ class Lora(PeftMethod):
         return {}
 
     def peft_config(self, targets: list[str], total_steps: int) -> peft.PeftConfig:
+        import peft
+
         c = self.cfg
         return peft.LoraConfig(r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=targets,
                                init_lora_weights=INITS[c.init], rank_pattern=dict(c.rank_pattern),
@@ -69,12 +72,12 @@ class Lora(PeftMethod):
     def mutates_base(self) -> bool:
         return self.cfg.init in ("pissa", "olora")
 
-    def apply(self, model: nn.Module, targets: list[str], total_steps: int) -> nn.Module:
+    def inject(self, model: nn.Module, targets: list[str], total_steps: int) -> nn.Module:
         for pattern in self.cfg.rank_pattern:
             if not any(re.match(rf"(.*\.)?({pattern})$", t) for t in targets):
                 raise UserError(f"method.rank_pattern: {pattern!r} matches none of the adapted modules "
                                 f"(e.g. {', '.join(targets[:3])}); write a regex on the module names")
-        model = super().apply(model, targets, total_steps)
+        model = super().inject(model, targets, total_steps)
         # PiSSA/OLoRA: remember A0, B0 (deterministic from W, so a resumed run recomputes them).
         self._initial = self.state_dict(model) if self.mutates_base else None
         return model
@@ -82,6 +85,8 @@ class Lora(PeftMethod):
     def save(self, model: nn.Module, path: Path) -> None:
         if not self.mutates_base:
             return super().save(model, path)
+        from peft import get_peft_model_state_dict
+
         state = get_peft_model_state_dict(model, save_embedding_layers=False)  # see PeftMethod.save
         for key in list(state):
             if ".lora_A." in key:

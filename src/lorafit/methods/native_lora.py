@@ -14,7 +14,6 @@ import math
 from pathlib import Path
 from typing import Annotated, Literal
 
-import peft
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -22,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import registry
-from .base import AdapterConfig, Method
+from .base import AdapterConfig, AdapterMethod
 
 PEFT_PREFIX = "base_model.model."
 
@@ -66,17 +65,16 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @registry.register
-class NativeLora(Method):
+class NativeLora(AdapterMethod):
     name = "native-lora"
     config_class = NativeLoraConfig
 
-    def apply(self, model: nn.Module, targets: list[str], total_steps: int) -> nn.Module:
+    def inject(self, model: nn.Module, targets: list[str], total_steps: int) -> nn.Module:
         c = self.cfg
         model.requires_grad_(False)
         for name in targets:
             _replace(model, name, LoraLinear(model.get_submodule(name), c.rank, c.alpha, c.dropout))
         model.classifier.requires_grad_(True)
-        self._targets = list(targets)
         return model
 
     # -- weights, in peft's key layout ------------------------------------------------------------
@@ -105,8 +103,10 @@ class NativeLora(Method):
                 params[key].copy_(value)
 
     def save(self, model: nn.Module, path: Path) -> None:
+        import peft  # only for its config file format; see lorafit.methods
+
         c = self.cfg
-        config = peft.LoraConfig(r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=self._targets,
+        config = peft.LoraConfig(r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=self.adapted,
                                  modules_to_save=["classifier"], inference_mode=True)
         config.base_model_name_or_path = getattr(model, "name_or_path", None)
         path.mkdir(parents=True, exist_ok=True)

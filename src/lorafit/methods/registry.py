@@ -1,4 +1,5 @@
-"""Name -> method class. `discover()` imports every module of this package once."""
+"""Name -> method class. `discover()` imports every module of this package once; `build` makes
+the method a config section names."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import importlib
 import pkgutil
 
 from ..errors import UserError
+from .base import Method, MethodConfig
 
-__all__ = ["register", "get", "names", "all_methods", "discover", "NOT_METHODS"]
+__all__ = ["register", "get", "build", "names", "all_methods", "discover", "NOT_METHODS"]
 
 _METHODS: dict = {}
 #: Modules of this package that are infrastructure, not methods.
-NOT_METHODS = {"base", "registry", "peft_common", "targets"}
+NOT_METHODS = {"base", "registry", "peft_common"}
 
 
 def register(method_class):
@@ -27,6 +29,11 @@ def get(name: str):
         return _METHODS[name]
     except KeyError:
         raise UserError(f"unknown method {name!r}; choose one of: {', '.join(names())}") from None
+
+
+def build(cfg: MethodConfig) -> Method:
+    """The method `cfg` configures (`cfg.name` picks the class), ready to `apply`."""
+    return get(cfg.name)(cfg)
 
 
 def names() -> list[str]:

@@ -3,14 +3,16 @@ layer; each layer trains only two scaling vectors, d (rank) and b (out features)
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-import peft
 from pydantic import Field
 
 from . import registry
 from .base import AdapterConfig
 from .peft_common import PeftMethod
+
+if TYPE_CHECKING:
+    import peft
 
 
 class VeraConfig(AdapterConfig):
@@ -31,6 +33,8 @@ class Vera(PeftMethod):
     config_class = VeraConfig
 
     def peft_config(self, targets: list[str], total_steps: int) -> peft.PeftConfig:
+        import peft
+
         c = self.cfg
         return peft.VeraConfig(r=c.rank, vera_dropout=c.dropout, d_initial=c.d_initial, target_modules=targets,
                                projection_prng_key=c.projection_seed, save_projection=True)
