@@ -21,11 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import data, kernels
+from . import batching, data, kernels, methods
 from .config import Config, ModelConfig
 from .errors import UserError
 from .evaluate import classification_metrics, softmax
-from . import methods
 from .models import ALIASES, build_classifier, load_tokenizer, looks_like_hub_id
 from .rundir import RunDir
 from .runtime import autocast, autocast_dtype, select_device, token_budget
@@ -87,8 +86,8 @@ def batched_logits(backend: Backend, token_ids: list[list[int]], pad_id: int, ba
     hold at most `batch_size` rows and `max_tokens` padded tokens."""
     lengths = [len(t) for t in token_ids]
     out: np.ndarray | None = None
-    batches = data.sorted_batches(lengths, batch_size, max_tokens)
-    for batch, input_ids, attention_mask in data.iterate(token_ids, batches, pad_id):
+    batches = batching.sorted_batches(lengths, batch_size, max_tokens)
+    for batch, input_ids, attention_mask in batching.iterate(token_ids, batches, pad_id):
         logits = backend(input_ids, attention_mask)  # (B, C)
         if out is None:
             out = np.zeros((len(token_ids), logits.shape[-1]), dtype=np.float32)
@@ -128,7 +127,7 @@ class Classifier:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
-        return data.tokenize(self.tokenizer, list(texts), self.cfg.data.max_length)
+        return batching.tokenize(self.tokenizer, list(texts), self.cfg.data.max_length)
 
     def logits(self, texts: list[str]) -> np.ndarray:
         return batched_logits(self.backend, self.tokenize(texts), self.pad_id, self.batch_size, self.max_tokens)

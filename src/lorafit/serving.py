@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import data
+from . import batching
 from .config import ModelConfig
 from .errors import UserError
 from .evaluate import softmax
@@ -156,7 +156,7 @@ class SharedBase:
             return adapter.head(encoder.features(input_ids, attention_mask)).float().numpy()  # (B, C)
 
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        token_ids = data.tokenize(self.tokenizer, texts, adapter.max_length)
+        token_ids = batching.tokenize(self.tokenizer, texts, adapter.max_length)
         return batched_logits(backend, token_ids, pad_id, self.batch_size, adapter.max_tokens)
 
 
