@@ -15,10 +15,11 @@ from pathlib import Path
 
 import yaml
 
+from . import atomic
 from .errors import UserError
 from .methods import registry
 from .models import hub_id, looks_like_hub_id
-from .rundir import RunDir, write_text_atomic
+from .rundir import RunDir
 
 __all__ = ["render", "write", "DATASET_HUB_IDS", "CARD"]
 
@@ -39,7 +40,7 @@ def write(folder: str | Path, repo_id: str | None = None) -> Path:
     path = RunDir(folder).path
     text = render(path, repo_id)
     card = path / CARD
-    write_text_atomic(card, text)
+    atomic.write_text(card, text)
     return card
 
 

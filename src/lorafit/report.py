@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from . import atomic
 from .compare import collect, columns, compare, table_rows
 from .errors import UserError
-from .rundir import RunDir, make_folder, write_text_atomic
+from .rundir import RunDir, make_folder
 
 __all__ = ["report"]
 
@@ -265,8 +266,8 @@ def report(paths: list[str | Path], out: str | Path | None = None) -> tuple[Path
         add_table(heading, table_html, table_md)
     page.append(f"<script>{_CHECK}</script></body></html>")
     html_path, md_path = target / "report.html", target / "report.md"
-    write_text_atomic(html_path, "\n".join(page))
-    write_text_atomic(md_path, "\n".join(markdown))
+    atomic.write_text(html_path, "\n".join(page))
+    atomic.write_text(md_path, "\n".join(markdown))
     return html_path, md_path
 
 

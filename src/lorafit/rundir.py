@@ -17,18 +17,17 @@ A run folder is the hand-off between stages: `eval`, `predict` (and later `repor
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from . import atomic
 from .config import Config, dump, validate
 from .errors import UserError
 
-__all__ = ["RunDir", "write_text_atomic", "folder_bytes", "make_folder", "safe_name"]
+__all__ = ["RunDir", "folder_bytes", "make_folder", "safe_name"]
 
 # A name must stay one path component: no separator (either OS's), no NUL or control characters,
 # and ':' is out because on Windows "C:x" is a drive-relative path.
@@ -54,22 +53,6 @@ def safe_name(name: str, what: str) -> str:
     if len(name.encode("utf-8", "surrogatepass")) > 255:
         raise UserError(f"{what} {shown} is longer than 255 bytes, the file-name limit")
     return name
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; run files and reports are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def make_folder(path: Path) -> Path:
@@ -116,7 +99,7 @@ class RunDir:
 
     # -- files --------------------------------------------------------------------------------
     def write_json(self, name: str, data: Any) -> None:
-        write_text_atomic(self.path / name, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        atomic.write_text(self.path / name, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
     def read_json(self, name: str) -> Any:
         path = self.path / safe_name(name, "run file")
@@ -139,7 +122,7 @@ class RunDir:
         text = dump(cfg)
         if derived:
             text += yaml.safe_dump({"derived": derived}, sort_keys=False)
-        write_text_atomic(self.path / "config.yaml", text)
+        atomic.write_text(self.path / "config.yaml", text)
 
     def config(self) -> Config:
         path = self.path / "config.yaml"

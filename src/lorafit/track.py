@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import atomic
 from .errors import UserError
 
 __all__ = ["open_sinks", "Sinks", "flatten"]
@@ -225,5 +226,5 @@ def open_sinks(cfg, run_path: Path, resume_step: int | None = None) -> Sinks:
             Sinks(opened, params).close(False)
             first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise UserError(f"cannot start the {name} tracker: {first}; fix track.* or leave {name} out of track.sinks") from None
-    state_path.write_text(json.dumps(state, indent=2) + "\n")
+    atomic.write_text(state_path, json.dumps(state, indent=2) + "\n")  # --resume reopens the same tracker runs
     return Sinks(opened, params)
