@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -16,6 +17,7 @@ from lorafit.compare import (BOOTSTRAP_SAMPLES, Group, Run, choose_reference, co
 from lorafit.config import dump, load_config
 from lorafit.errors import UserError
 from lorafit.evaluate import classification_metrics
+from lorafit.rundir import Summary
 
 LABELS = ["a", "b", "c", "rare"]
 TARGETS = np.array([0, 1, 2] * 60 + [3] * 6)  # 186 test examples; "rare" is rare in train too
@@ -144,16 +146,17 @@ def test_runs_trained_on_different_metrics_are_compared_on_validation_accuracy_o
         compare(collect([a, b]))
 
 
-class _NoTest(dict):
+class _NoTest(Summary):
     """A summary.json whose test figures may not be read."""
 
-    def __getitem__(self, key):
-        if key.startswith("test"):
-            raise AssertionError(f"the reference choice read {key}")
-        return super().__getitem__(key)
+    def __getattribute__(self, name):
+        if name.startswith("test"):
+            raise AssertionError(f"the reference choice read {name}")
+        return super().__getattribute__(name)
 
-    def get(self, key, default=None):
-        return self[key] if key in self else default
+
+def _no_test(summary: Summary) -> _NoTest:
+    return _NoTest(**{f.name: getattr(summary, f.name) for f in dataclasses.fields(summary)})
 
 
 def test_choosing_the_reference_never_reads_test_figures(tmp_path):
@@ -167,14 +170,14 @@ def test_choosing_the_reference_never_reads_test_figures(tmp_path):
     # The same runs with their test figures shuffled between configurations (and reversed in rank):
     # the reference does not move.
     runs = collect(folders)
-    accuracies = sorted((r.summary["test_accuracy"] for r in runs))
-    for run, accuracy in zip(sorted(runs, key=lambda r: r.summary["test_accuracy"]), reversed(accuracies)):
-        run.summary["test_accuracy"] = accuracy
+    accuracies = sorted((r.summary.test_accuracy for r in runs))
+    for run, accuracy in zip(sorted(runs, key=lambda r: r.summary.test_accuracy), reversed(accuracies)):
+        run.summary = dataclasses.replace(run.summary, test_accuracy=accuracy)
     assert compare(runs)["best"] == chosen
     # The choice itself, given runs that hold no test figure at all.
     runs = collect(folders)
     for run in runs:
-        run.summary, run.eval, run.correct, run.target = _NoTest(run.summary), None, None, None
+        run.summary, run.eval, run.correct, run.target = _no_test(run.summary), None, None, None
     groups = {}
     for run in runs:
         groups.setdefault(run.settings["method.rank"], Group(run.settings)).runs.append(run)

@@ -51,6 +51,7 @@ def test_export_reloads_with_parity(lora_run, data_dir, tmp_path, fmt, quantize,
     meta = export(lora_run, fmt, out, quantize=quantize)
     assert {p.name for p in out.iterdir()} == files | {"export.json", "config.yaml", "labels.json", "README.md"}  # README: the model card
     assert not list(tmp_path.glob(".*partial*")), "the temporary folder must be gone"
+    assert [p.name for p in tmp_path.iterdir()] == ["exported"], "no temporary or replaced folder is left beside it"
     assert json.loads((out / "export.json").read_text()) == meta
     parity = meta["parity"]
     assert parity["passed"] and parity["split"] == "validation" and parity["examples"] == 15

@@ -115,7 +115,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import data
     from .inference import load, run_split
-    from .rundir import RunDir, write_text_atomic
+    from . import atomic
+    from .rundir import RunDir
 
     run = RunDir(args.run_dir)
     cfg = run.config()
@@ -151,7 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for c in result["top_confusions"][:10]:
             print(f"  {c['true']} -> {c['predicted']}: {c['count']}")
     if args.output:
-        write_text_atomic(Path(args.output), json.dumps(result, indent=2) + "\n")
+        atomic.write_text(Path(args.output), json.dumps(result, indent=2) + "\n")
         print(f"metrics written to {args.output}")
     return 0
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
-from .rundir import RunDir, make_folder
+from .rundir import Eval, RunDir, Summary, make_folder
 
 __all__ = ["Run", "Group", "choose_reference", "collect", "compare", "columns", "to_markdown", "write"]
 
@@ -52,8 +52,8 @@ class Run:
     path: Path
     seed: int
     settings: dict[str, Any]  # flattened config without the seed etc.
-    summary: dict
-    eval: dict
+    summary: Summary
+    eval: Eval
     labels: list[str]
     target: np.ndarray | None = None
     correct: np.ndarray | None = None  # per test example
@@ -83,11 +83,11 @@ def _read_run(folder: Path) -> Run:
     cfg = run.config()
     flat = _flatten(cfg.model_dump(mode="json"))
     settings = {".".join(k): v for k, v in flat.items() if k not in _NOT_CONFIGURATION and k[0] != "track"}
-    result = Run(folder, cfg.seed, settings, run.read_json("summary.json"), run.read_json("eval.json"), run.labels())
+    result = Run(folder, cfg.seed, settings, run.summary(), run.eval(), run.labels())
     if (folder / "predictions.json").is_file():
-        p = run.read_json("predictions.json")
-        result.target = np.asarray(p["target"])
-        result.correct = np.asarray(p["predicted"]) == result.target
+        p = run.predictions()
+        result.target = np.asarray(p.target)
+        result.correct = np.asarray(p.predicted) == result.target
     return result
 
 
@@ -169,10 +169,10 @@ def mean_ci(values: list[float]) -> tuple[float, float | None]:
 
 def _validation(run: Run, metric: str) -> float:
     """The run's best-epoch validation `metric`: summary.json's best_validation, else its metrics.jsonl record."""
-    recorded = run.summary.get("best_validation") or {}
+    recorded = run.summary.best_validation or {}
     if metric in recorded:
         return float(recorded[metric])
-    best_epoch = run.summary.get("best_epoch")
+    best_epoch = run.summary.best_epoch
     for record in RunDir(run.path).metrics() if (run.path / "metrics.jsonl").is_file() else []:
         if record.get("type") == "epoch" and record.get("epoch") == best_epoch and f"val_{metric}" in record:
             return float(record[f"val_{metric}"])
@@ -186,7 +186,7 @@ def choose_reference(groups: list[Group]) -> tuple[int, str, list[float]]:
     The metric is the runs' `train.metric` (what picked their best epochs) when they share one, else
     accuracy. Reads validation figures only.
     """
-    chosen_by = {r.settings.get("train.metric") or next(iter(r.summary.get("best_validation") or {}), None)
+    chosen_by = {r.settings.get("train.metric") or next(iter(r.summary.best_validation or {}), None)
                  for g in groups for r in g.runs}
     metric = chosen_by.pop() if len(chosen_by) == 1 and None not in chosen_by else "accuracy"
     means = [float(np.mean([_validation(r, metric) for r in g.runs])) for g in groups]
@@ -249,16 +249,16 @@ def compare(runs: list[Run]) -> dict:
         raise UserError("the runs have different label spaces; compare runs on the same dataset")
     rows = []
     for g in groups:
-        acc = mean_ci([r.summary["test_accuracy"] for r in g.runs])
-        f1 = mean_ci([r.summary["test_macro_f1"] for r in g.runs])
+        acc = mean_ci([r.summary.test_accuracy for r in g.runs])
+        f1 = mean_ci([r.summary.test_macro_f1 for r in g.runs])
         s0 = g.runs[0].summary
         rows.append({
             "configuration": g.name, "seeds": sorted(r.seed for r in g.runs), "method": g.settings.get("method.name"),
             "runs": [str(r.path) for r in g.runs],
-            "trainable_params": s0["trainable_params"], "trainable_percent": s0["trainable_percent"],
-            "adapter_bytes": s0["adapter_bytes"],
-            "seconds_per_epoch": float(np.mean([r.summary["seconds_per_epoch"] for r in g.runs])),
-            "peak_memory_mb": float(np.mean([r.summary["peak_memory_mb"] for r in g.runs])),
+            "trainable_params": s0.trainable_params, "trainable_percent": s0.trainable_percent,
+            "adapter_bytes": s0.adapter_bytes,
+            "seconds_per_epoch": float(np.mean([r.summary.seconds_per_epoch for r in g.runs])),
+            "peak_memory_mb": float(np.mean([r.summary.peak_memory_mb for r in g.runs])),
             "accuracy": acc[0], "accuracy_ci": acc[1], "macro_f1": f1[0], "macro_f1_ci": f1[1],
         })
     best_index, metric, validation = choose_reference(groups)
@@ -272,9 +272,9 @@ def compare(runs: list[Run]) -> dict:
 
 def _per_class(groups: list[Group], labels: list[str], reference: int) -> dict:
     """Per class: training count, F1 and misclassification proportion per configuration (seed means)."""
-    counts = groups[0].runs[0].summary.get("train_label_counts")
-    f1 = {g.name: [float(np.mean([r.eval["per_class"][label]["f1"] for r in g.runs])) for label in labels] for g in groups}
-    error = {g.name: [float(np.mean([1 - r.eval["per_class"][label]["recall"] for r in g.runs])) for label in labels] for g in groups}
+    counts = groups[0].runs[0].summary.train_label_counts
+    f1 = {g.name: [float(np.mean([r.eval.per_class[label].f1 for r in g.runs])) for label in labels] for g in groups}
+    error = {g.name: [float(np.mean([1 - r.eval.per_class[label].recall for r in g.runs])) for label in labels] for g in groups}
     rho = None
     if counts:
         from scipy import stats
@@ -289,7 +289,7 @@ def _per_class(groups: list[Group], labels: list[str], reference: int) -> dict:
 
 
 def _confused_pairs(group: Group, labels: list[str], k: int = 10) -> list[dict]:
-    total = np.sum([np.array(r.eval["confusion"]) for r in group.runs], axis=0)
+    total = np.sum([np.array(r.eval.confusion) for r in group.runs], axis=0)
     np.fill_diagonal(total, 0)
     order = np.dstack(np.unravel_index(np.argsort(-total, axis=None, kind="stable"), total.shape))[0][:k]
     return [{"true": labels[t], "predicted": labels[p], "count": int(total[t, p]), "runs": len(group.runs)}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -28,13 +27,13 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from . import __version__, kernels, modelcard
+from . import __version__, atomic, kernels, modelcard
 from .errors import UserError
 from .evaluate import softmax
 from .inference import Classifier, label_indices, load, run_split
 from . import methods
 from .models import SequenceClassifier, hub_id, save_transformers_folder
-from .rundir import RunDir, folder_bytes, write_text_atomic
+from .rundir import RunDir, folder_bytes
 
 __all__ = ["export", "describe", "FORMATS", "TOLERANCES"]
 
@@ -78,10 +77,7 @@ def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | No
     log.info("reference: the training-time model on %d %s examples", len(parity_split.texts), split)
     reference_logits = reference.logits(parity_split.texts)  # (N, C), before any merging
 
-    tmp = target.path.parent / f".{target.path.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic.folder(target.path) as tmp:  # renamed into place only if the parity check passes
         if format == "adapter":
             shutil.copytree(run.artifact(method.artifact), tmp, dirs_exist_ok=True)
         else:
@@ -112,18 +108,13 @@ def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | No
         log.info("parity: the exported %s model on the same examples", format)
         meta["parity"] = _parity(reference_logits, exported, parity_split, split, quantize)
         # The model card (README.md; for an adapter it replaces peft's stub), from the run's files and these figures.
-        write_text_atomic(tmp / modelcard.CARD, modelcard.render(tmp, export_meta=meta))
+        atomic.write_text(tmp / modelcard.CARD, modelcard.render(tmp, export_meta=meta))
         meta["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         meta["bytes"] = folder_bytes(tmp)
         RunDir(tmp).write_json("export.json", meta)
         if not meta["parity"]["passed"]:
             raise UserError(f"the {format} export breaks parity ({_parity_line(meta['parity'])}; tolerance "
                             f"{meta['parity']['tolerance']}); nothing was written")
-        if target.path.exists():
-            shutil.rmtree(target.path)
-        os.replace(tmp, target.path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 

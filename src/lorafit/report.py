@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from . import atomic
 from .compare import collect, columns, compare, table_rows
 from .errors import UserError
-from .rundir import RunDir, make_folder, write_text_atomic
+from .rundir import RunDir, make_folder
 
 __all__ = ["report"]
 
@@ -133,12 +134,13 @@ def plot_confusion(confusion: np.ndarray, labels: list[str], title: str) -> Figu
     return Figure("confusion", title, _png(fig))
 
 
-def plot_per_class_f1(per_class: dict[str, dict], title: str) -> Figure:
+def plot_per_class_f1(f1: dict[str, float], title: str) -> Figure:
+    """Horizontal bars of each class's F1 (`f1`: label -> F1), weakest first."""
     plt = _plt()
-    items = sorted(per_class.items(), key=lambda kv: kv[1]["f1"])
+    items = sorted(f1.items(), key=lambda kv: kv[1])
     n = len(items)
     fig, ax = plt.subplots(figsize=(7, max(3.0, 0.15 * n + 1)))
-    values = [v["f1"] for _, v in items]
+    values = [v for _, v in items]
     ax.barh(range(n), values, color=["C3" if v < 0.8 else "C0" for v in values])
     ax.set_yticks(range(n), [k for k, _ in items], fontsize=max(4.0, min(9.0, 420 / n)))
     ax.set_xlim(0, 1)
@@ -193,21 +195,21 @@ def _table(header: list[str], rows: list[list[str]]) -> tuple[str, str]:
 
 
 def _run_section(run: RunDir) -> tuple[list[tuple[str, str]], list[Figure]]:
-    cfg, summary, ev = run.config(), run.read_json("summary.json"), run.read_json("eval.json")
+    cfg, summary, ev = run.config(), run.summary(), run.eval()
     labels = run.labels()
     smoothing = f" (with label smoothing {cfg.train.label_smoothing:g})" if cfg.train.label_smoothing else ""
     figures = [plot_losses({run.path.name: run.metrics()}, smoothing), plot_validation({"": [run.metrics()]}),
-               plot_confusion(np.array(ev["confusion"]), labels, f"Test confusion matrix (row-normalised), {len(labels)} classes"),
-               plot_per_class_f1(ev["per_class"], "Test F1 per class")]
+               plot_confusion(np.array(ev.confusion), labels, f"Test confusion matrix (row-normalised), {len(labels)} classes"),
+               plot_per_class_f1({label: scores.f1 for label, scores in ev.per_class.items()}, "Test F1 per class")]
     facts = [["method", cfg.method.name], ["base model", cfg.model.name], ["data", cfg.data.name],
-             ["test accuracy", f"{100 * ev['accuracy']:.2f}%"], ["test macro-F1", f"{100 * ev['macro_f1']:.2f}%"],
-             ["trainable parameters", f"{summary['trainable_params']:,} ({summary['trainable_percent']:.2f}%)"],
-             ["adapter size", f"{summary['adapter_bytes'] / 2**20:.2f} MiB"],
-             ["seconds per epoch", f"{summary['seconds_per_epoch']:.1f}"], ["peak memory", f"{summary['peak_memory_mb']:,.0f} MB"],
-             ["best epoch", f"{summary['best_epoch']} of {summary['epochs_run']}"], ["device", summary.get("device", "")]]
-    per_class = [[k, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", v["support"]]
-                 for k, v in sorted(ev["per_class"].items(), key=lambda kv: kv[1]["f1"])]
-    confusions = [[c["true"], c["predicted"], c["count"]] for c in ev.get("top_confusions", [])[:15]]
+             ["test accuracy", f"{100 * ev.accuracy:.2f}%"], ["test macro-F1", f"{100 * ev.macro_f1:.2f}%"],
+             ["trainable parameters", f"{summary.trainable_params:,} ({summary.trainable_percent:.2f}%)"],
+             ["adapter size", f"{summary.adapter_bytes / 2**20:.2f} MiB"],
+             ["seconds per epoch", f"{summary.seconds_per_epoch:.1f}"], ["peak memory", f"{summary.peak_memory_mb:,.0f} MB"],
+             ["best epoch", f"{summary.best_epoch} of {summary.epochs_run}"], ["device", summary.device or ""]]
+    per_class = [[k, f"{v.precision:.3f}", f"{v.recall:.3f}", f"{v.f1:.3f}", v.support]
+                 for k, v in sorted(ev.per_class.items(), key=lambda kv: kv[1].f1)]
+    confusions = [[c.true, c.predicted, c.count] for c in (ev.top_confusions or [])[:15]]
     tables = [("Summary", _table(["", ""], facts)), ("Most confused pairs (test)", _table(["true", "predicted", "count"], confusions)),
               ("Per class (test), weakest first", _table(["class", "precision", "recall", "F1", "support"], per_class))]
     return tables, figures
@@ -220,13 +222,13 @@ def _sweep_section(paths: list[Path]) -> tuple[list, list[Figure]]:
     curves = {r["configuration"]: [RunDir(path).metrics() for path in r["runs"]] for r in rows}
     best_paths = next(r["runs"] for r in rows if r["best"])
     best_group = [r for r in runs if str(r.path) in best_paths]
-    confusion = np.sum([np.array(r.eval["confusion"]) for r in best_group], axis=0)
-    per_class_best = {label: {"f1": result["per_class"]["f1"][result["best"]][i]} for i, label in enumerate(result["per_class"]["labels"])}
+    confusion = np.sum([np.array(r.eval.confusion) for r in best_group], axis=0)
+    f1_best = dict(zip(result["per_class"]["labels"], result["per_class"]["f1"][result["best"]]))
     reference = f"Reference configuration ({result['best']}, best mean validation {result['reference_metric'].replace('_', '-')})"
     figures = [plot_accuracy_vs_params(rows), plot_losses({name: mean_over_seeds(runs) for name, runs in curves.items()}),
                plot_validation(curves), plot_misclassification(result["per_class"]),
                plot_confusion(confusion, result["per_class"]["labels"], f"{reference}: test confusion, row-normalised"),
-               plot_per_class_f1(per_class_best, f"{reference}: test F1 per class, mean over seeds")]
+               plot_per_class_f1(f1_best, f"{reference}: test F1 per class, mean over seeds")]
     pairs = [[c["true"], c["predicted"], c["count"]] for c in result["confused_pairs"]]
     tables = [("Configurations", _table(columns(result), table_rows(result))),
               ("Most confused pairs (reference configuration)", _table(["true", "predicted", "count"], pairs))]
@@ -265,8 +267,8 @@ def report(paths: list[str | Path], out: str | Path | None = None) -> tuple[Path
         add_table(heading, table_html, table_md)
     page.append(f"<script>{_CHECK}</script></body></html>")
     html_path, md_path = target / "report.html", target / "report.md"
-    write_text_atomic(html_path, "\n".join(page))
-    write_text_atomic(md_path, "\n".join(markdown))
+    atomic.write_text(html_path, "\n".join(page))
+    atomic.write_text(md_path, "\n".join(markdown))
     return html_path, md_path
 
 

@@ -309,8 +309,7 @@ def _timed_execute(command: list[str], log_path: str) -> tuple[int, str, float]:
 
 def _result(trial: Trial, folder: Path, outcome: str, seconds: float) -> dict:
     result = {"name": trial.name, "values": trial.values, "folder": str(folder), "outcome": outcome, "seconds": seconds}
-    summary = folder / "summary.json"
-    if summary.is_file():
-        s = json.loads(summary.read_text())
-        result.update(validation=s.get("best_validation"), test_accuracy=s.get("test_accuracy"), test_macro_f1=s.get("test_macro_f1"))
+    if (folder / "summary.json").is_file():
+        s = RunDir(folder).summary()
+        result.update(validation=s.best_validation, test_accuracy=s.test_accuracy, test_macro_f1=s.test_macro_f1)
     return result

@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import atomic
 from .errors import UserError
+from .rundir import Summary
 
 __all__ = ["open_sinks", "Sinks", "flatten"]
 
@@ -36,6 +38,7 @@ _NAMES = {
               "epoch": "epoch"},
 }
 _FINAL = ("accuracy", "macro_f1", "weighted_f1", "loss")
+#: Summary fields that go to the trackers as efficiency/<name> at the end.
 _EFFICIENCY = ("trainable_params", "total_params", "trainable_percent", "adapter_bytes", "train_seconds",
                "seconds_per_epoch", "train_examples_per_second", "peak_memory_mb", "best_epoch")
 
@@ -176,9 +179,12 @@ class Sinks:
         self.last_step = int(record.get("step", self.last_step))
         self._each("log", metrics, self.last_step)
 
-    def finish(self, test: dict, summary: dict, step: int) -> None:
+    def finish(self, test: dict, summary: Summary, step: int) -> None:
+        if isinstance(summary, dict):  # TEMP(issue-14 merge): train._finish passes summary.json's dict until it builds a Summary
+            summary = Summary.from_json(summary)
         final = {f"test/{k}": float(test[k]) for k in _FINAL if k in test}
-        final |= {f"efficiency/{k}": float(summary[k]) for k in _EFFICIENCY if isinstance(summary.get(k), (int, float))}
+        figures = {name: getattr(summary, name) for name in _EFFICIENCY}
+        final |= {f"efficiency/{k}": float(v) for k, v in figures.items() if isinstance(v, (int, float))}
         self._each("finish", self.params, final, step)
 
     def flush(self) -> None:
@@ -225,5 +231,5 @@ def open_sinks(cfg, run_path: Path, resume_step: int | None = None) -> Sinks:
             Sinks(opened, params).close(False)
             first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise UserError(f"cannot start the {name} tracker: {first}; fix track.* or leave {name} out of track.sinks") from None
-    state_path.write_text(json.dumps(state, indent=2) + "\n")
+    atomic.write_text(state_path, json.dumps(state, indent=2) + "\n")  # --resume reopens the same tracker runs
     return Sinks(opened, params)
