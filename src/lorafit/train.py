@@ -1,4 +1,5 @@
 """The one training loop. Reads top to bottom: data -> model -> method -> optimiser -> epochs -> test.
+Over 400 lines on purpose: a run's whole story (setup, steps, checkpoints, test) in reading order.
 
 `train` (a new run) and `resume` (from a checkpoint) build a `_Job` with `_prepare` (data, model,
 method, optimiser, scheduler) and hand it to `_run`, which calls, in this order:
