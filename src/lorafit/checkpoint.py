@@ -5,14 +5,13 @@ A checkpoint is a folder `checkpoints/step-00001234/` holding
                           the optimiser's moment tensors and the torch RNG states
     state.json            where the loop stands, the optimiser's hyperparameters, the
                           scheduler, the Python/NumPy RNG states
-It is first written to a hidden temporary folder and then renamed, so a checkpoint folder is
-either complete or absent, whenever the process dies. The newest `keep` survive.
+It is written through `atomic.folder` (a hidden temporary folder, then renamed), so a checkpoint
+folder is either complete or absent, whenever the process dies. The newest `keep` survive.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from . import atomic
 
 __all__ = ["save", "latest", "load", "capture_rng", "restore_rng", "optimizer_to_flat", "optimizer_from_flat"]
 
@@ -86,24 +87,12 @@ def save(run_path: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict
     folder = _folder(run_path)
     folder.mkdir(exist_ok=True)
     final = folder / f"{PREFIX}{step:08d}"
-    tmp = folder / f".tmp-{PREFIX}{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with atomic.folder(final) as tmp:
         try:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
         except Exception as e:  # safetensors reports a failed write (disk full, ...) as its own error type
             raise OSError(f"writing {tmp / 'tensors.safetensors'} failed: {e}") from e
-        with open(tmp / "state.json", "w", encoding="utf-8") as f:
-            json.dump(meta, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic.write_text(tmp / "state.json", json.dumps(meta))
     for old in sorted(p for p in folder.iterdir() if p.name.startswith(PREFIX))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -1,8 +1,17 @@
 """The one training loop. Reads top to bottom: data -> model -> method -> optimiser -> epochs -> test.
+Over 400 lines on purpose: a run's whole story (setup, steps, checkpoints, test) in reading order.
 
-Each epoch: length-grouped batches -> loss (+ the method's extra loss) -> backward -> clip -> step ->
-`on_step_end` -> schedule -> log; then validation, best checkpoint and early stopping. The loop never
-asks which method runs. Everything the loop knows lives in `Progress`, so a checkpoint (weights,
+`train` (a new run) and `resume` (from a checkpoint) build a `_Job` with `_prepare` (data, model,
+method, optimiser, scheduler) and hand it to `_run`, which calls, in this order:
+    _epochs             epoch after epoch, until the last one or early stopping
+      _train_step       one micro-batch: `_forward_backward` (token-budget pieces, DDP no_sync, autocast,
+                        loss weighted per step, backward), the divergence check, and on the step's last
+                        micro-batch `_optimizer_step` (unscale, clip, step, `on_step_end`, zero_grad, schedule)
+      _after_step       progress bar, a metrics line, a checkpoint every train.checkpoint_every steps
+      _end_epoch        validation, best state and artifact, early stopping, the epoch's checkpoint
+    _finish             the best epoch on test: eval.json, predictions.json, summary.json (`_summary`)
+A signal (SIGINT/SIGTERM, `_Signals`) stops the loop after the current step, with a checkpoint. The loop
+never asks which method runs. Everything the loop knows lives in `Progress`, so a checkpoint (weights,
 optimiser, scheduler, RNG states and `Progress`) lets `resume` continue bit for bit.
 """
 
@@ -15,7 +24,6 @@ import logging
 import math
 import platform
 import random
-import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -29,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from . import __version__, checkpoint, data, hardware, kernels, modelcard
+from . import __version__, atomic, checkpoint, data, hardware, kernels, modelcard
 from .distributed import World
 from .track import Sinks, open_sinks
 from .config import Config, load_config, resolve_schedule, validate
@@ -78,7 +86,7 @@ class Progress:
     stale: int = 0
     stopped: bool = False
     window_loss: float = 0.0
-    window_steps: int = 0
+    window_steps: int = 0  # no longer counted (it was never read); kept so older checkpoints still load
     window_batches: int = 0
     window_examples: int = 0
     skipped_steps: int = 0  # fp16: steps the gradient scaler skipped because gradients overflowed
@@ -132,20 +140,6 @@ def _better(metric: str, value: float, best: float | None) -> bool:
     if best is None:
         return True
     return value < best if metric == "loss" else value > best
-
-
-def _save_atomic(method: Method, model: nn.Module, target: Path) -> None:
-    """Save into a sibling temp folder, then swap it in: the previous artifact survives a crash."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    method.save(model, tmp)
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _as_config(config: Config | str | Path | dict) -> Config:
@@ -371,32 +365,6 @@ def _write_checkpoint(job: _Job, progress: Progress, best_state: dict | None) ->
     checkpoint.save(job.run.path, progress.step, tensors | opt_tensors | rng_tensors, meta, job.cfg.train.keep_checkpoints)
 
 
-def _no_sync(forward: nn.Module, skip: bool):
-    """DDP's no_sync between gradient-accumulation steps (the next backward adds to the local grads)."""
-    return forward.no_sync() if skip and hasattr(forward, "no_sync") else contextlib.nullcontext()
-
-
-@contextmanager
-def _catch_signals():
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and stops."""
-    caught: list[int] = []
-    previous = {}
-
-    def handler(signum, frame):
-        caught.append(signum)
-
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        previous = {}
-    try:
-        yield caught
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def _run(job: _Job, p: Progress, best_state: dict | None = None) -> RunResult:
     job.sinks = open_sinks(job.cfg, job.run.path, resume_step=p.step or None) if job.world.is_main else Sinks([], {})
     finished = False
@@ -411,8 +379,8 @@ def _run(job: _Job, p: Progress, best_state: dict | None = None) -> RunResult:
 
 def _train_and_finish(job: _Job, p: Progress, best_state: dict | None) -> RunResult:
     try:
-        with _catch_signals() as caught:
-            best_state = _epochs(job, p, best_state, caught)
+        with _catch_signals() as signals:
+            best_state = _epochs(job, p, best_state, signals)
     except OSError as e:
         latest = checkpoint.latest(job.run.path)
         kept = f"the last checkpoint ({latest.name}) is intact" if latest else "no checkpoint was written yet"
@@ -423,150 +391,255 @@ def _train_and_finish(job: _Job, p: Progress, best_state: dict | None) -> RunRes
     return _finish(job, p, best_state)
 
 
-def _epochs(job: _Job, p: Progress, best_state: dict | None, caught: list[int]) -> dict | None:
-    cfg, run, model, method, optimizer, scheduler = job.cfg, job.run, job.model, job.method, job.optimizer, job.scheduler
-    device, amp = job.device, job.amp
-    trainable, total = count_parameters(model)
+@dataclass
+class _Epoch:
+    """One pass over the train batches: what its steps share besides `Progress`. Not checkpointed: a
+    resumed epoch draws the same batches again and restarts its clocks."""
+
+    batches: list[list[int]]  # micro-batches of train example indices, length-grouped
+    bar: tqdm
+    started: float  # perf_counter at the epoch's start, moved back by the time it ran before a resume
+    window_start: float  # perf_counter when the current logging window opened
+
+
+def _epochs(job: _Job, p: Progress, best_state: dict | None, signals: _Signals) -> dict | None:
+    """Epochs from where `p` stands to the last one (or early stopping); returns the best epoch's state."""
+    cfg = job.cfg
+    _log_start(job)
+    lengths = [len(t) for t in job.tokens["train"]]
+    while p.epoch <= cfg.train.epochs and not p.stopped:
+        job.model.train()
+        batches = data.length_grouped_batches(lengths, cfg.train.batch_size, random.Random(cfg.seed * 1000 + p.epoch))
+        if p.batch == 0:
+            torch.manual_seed(cfg.seed * 1000 + p.epoch + 7919 * job.world.rank)  # dropout masks repeat per epoch
+        with _progress_bar(job, p, len(batches)) as bar:  # closed however the epoch ends
+            epoch = _Epoch(batches, bar, started=time.perf_counter() - p.epoch_elapsed, window_start=time.perf_counter())
+            for i in range(p.batch, len(batches)):
+                stepped, stopping = _train_step(job, p, batches, i, lengths, signals)
+                if stepped:
+                    _after_step(job, p, epoch, best_state, signals, stopping)
+        best_state = _end_epoch(job, p, best_state, signals, seconds=time.perf_counter() - epoch.started)
+    return best_state
+
+
+def _train_step(job: _Job, p: Progress, batches: list[list[int]], i: int, lengths: list[int],
+                signals: _Signals) -> tuple[bool, bool]:
+    """Micro-batch i: forward and backward; on the last micro-batch of a step, the optimiser step.
+
+    Returns (whether the optimiser stepped, whether to stop: some process caught a signal)."""
+    batch = batches[i]
+    boundary = (i + 1) % job.cfg.train.grad_accum == 0 or i + 1 == len(batches)  # the step's last micro-batch
+    mine_loss, extra = _forward_backward(job, batches, i, lengths, boundary)
+    # The global batch's mean loss; a signal caught by any process stops them all at this step.
+    summed, votes = job.world.sum([mine_loss, signals.vote()])
+    batch_loss = summed / len(batch)
+    stopping = signals.agreed(votes)
+    if not math.isfinite(batch_loss) or (extra is not None and not torch.isfinite(extra)):
+        _diverged(job, p, batch_loss if not math.isfinite(batch_loss) else float(extra.detach()))
+    p.epoch_loss += batch_loss * len(batch)
+    p.window_loss += batch_loss
+    p.window_batches += 1
+    p.window_examples += len(batch)
+    p.examples_seen += len(batch)
+    p.batch = i + 1
+    if boundary:
+        _optimizer_step(job, p)
+    return boundary, stopping
+
+
+def _forward_backward(job: _Job, batches: list[list[int]], i: int, lengths: list[int],
+                      boundary: bool) -> tuple[float, torch.Tensor | None]:
+    """Add micro-batch i's gradients to the parameters' (this process's share of it, in pieces).
+
+    Returns (this process's summed loss, the method's extra loss or None). An optimiser step sums the
+    gradients of up to grad_accum batches (fewer at the epoch's end), each example weighted
+    1 / (examples in the step): the step's mean loss, however uneven.
+    """
+    cfg, device, world = job.cfg, job.device, job.world
+    first = i - i % cfg.train.grad_accum  # the step's first micro-batch
+    step_examples = sum(len(b) for b in batches[first:first + cfg.train.grad_accum])
+    mine, weight = world.shard(batches[i], step_examples)  # one process: the whole batch, 1 / step_examples
+    # Pieces of at most max_batch_tokens padded tokens; their gradients add up to the slice's.
+    pieces = data.split_by_tokens(mine, lengths, job.max_tokens)
+    mine_loss, extra = 0.0, None
+    for k, piece in enumerate(pieces):
+        input_ids, attention_mask = data.collate([job.tokens["train"][j] for j in piece], job.pad_id)  # (b, T)
+        y = torch.as_tensor(job.targets["train"][piece], device=device)  # (b,)
+        # DDP all-reduces on the step's last backward only (no_sync must cover forward and backward).
+        with _no_sync(job.forward, not (boundary and k == len(pieces) - 1)):
+            with autocast(device, job.amp):
+                logits = job.forward(input_ids.to(device), attention_mask.to(device))  # (b, C)
+                loss_sum = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing, reduction="sum")
+                loss = loss_sum * weight  # the step's mean, once summed over pieces, batches and processes
+                if k == 0 and i == first:  # a method's penalty on the weights counts once per step
+                    extra = job.method.extra_loss(job.model)
+                    loss = loss if extra is None else loss + extra
+            job.scaler.scale(loss).backward()  # fp16: scaled so small gradients do not underflow
+        mine_loss += float(loss_sum.detach())
+    return (mine_loss if weight else 0.0), extra  # weight 0: a stand-in example that adds nothing
+
+
+def _optimizer_step(job: _Job, p: Progress) -> None:
+    """The optimiser step on the accumulated gradients: clip, step, the method's hook, zero, schedule."""
+    optimizer, scaler, max_norm = job.optimizer, job.scaler, job.cfg.train.max_grad_norm
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    if max_norm is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_([q for g in optimizer.param_groups for q in g["params"]], max_norm)
+    scaler.step(optimizer)  # skipped when fp16 gradients overflowed
+    scaler.update()
+    skipped = scale is not None and scaler.get_scale() < scale
+    p.step += 1
+    if skipped:  # no update happened: the method's hook (AdaLoRA would score the inf gradients) and the
+        # schedule wait for a real step, as transformers' Trainer does
+        p.skipped_steps += 1
+        log.debug("step %d skipped: fp16 gradients overflowed; loss scale now %g", p.step, scaler.get_scale())
+    else:
+        job.method.on_step_end(job.model, p.step)
+    optimizer.zero_grad(set_to_none=True)
+    if not skipped:
+        job.scheduler.step()
+
+
+def _after_step(job: _Job, p: Progress, epoch: _Epoch, best_state: dict | None, signals: _Signals,
+                stopping: bool) -> None:
+    """After an optimiser step: the progress bar, a metrics line every log_every steps, a checkpoint every
+    checkpoint_every steps; on a signal, a checkpoint and Interrupted."""
+    cfg = job.cfg
+    epoch.bar.update(1)
+    now = time.perf_counter()
+    rate = p.window_examples / max(now - epoch.window_start, 1e-9)
+    window_loss = p.window_loss / max(p.window_batches, 1)
+    epoch.bar.set_postfix(loss=f"{window_loss:.3f}", ex_s=f"{rate:.0f}", refresh=False)
+    if p.step % cfg.train.log_every == 0:
+        _append_metrics(job, p, {"type": "step", "step": p.step, "epoch": p.epoch, "loss": window_loss,
+                                 "lr": job.optimizer.param_groups[0]["lr"], "examples_per_second": rate})
+        p.window_loss, p.window_batches, p.window_examples, epoch.window_start = 0.0, 0, 0, now
+    p.epoch_elapsed = now - epoch.started
+    # Not after the epoch's last step: _end_epoch writes that checkpoint, once validation ran.
+    scheduled = cfg.train.checkpoint_every and p.step % cfg.train.checkpoint_every == 0 and p.batch < len(epoch.batches)
+    if stopping or scheduled:
+        _write_checkpoint(job, p, best_state)
+    if stopping:
+        raise signals.interrupted(job.run, f"step {p.step} (epoch {p.epoch})")
+
+
+def _end_epoch(job: _Job, p: Progress, best_state: dict | None, signals: _Signals, seconds: float) -> dict | None:
+    """Validation, the epoch's metrics line, the best state (its artifact saved) or early stopping, and a
+    checkpoint. Returns the best epoch's state."""
+    cfg, run, model, method = job.cfg, job.run, job.model, job.method
+    p.epoch_seconds.append(seconds)
+    val = classification_metrics(_logits(job, "validation"), job.targets["validation"], job.dataset.label_names)
+    record = {
+        "type": "epoch", "epoch": p.epoch, "step": p.step, "train_loss": p.epoch_loss / len(job.tokens["train"]),
+        "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
+        "seconds": seconds, "examples_per_second": len(job.tokens["train"]) / seconds,
+    }
+    _append_metrics(job, p, record)
+    value = val[cfg.train.metric]
+    improved = _better(cfg.train.metric, value, p.best_value)
+    log.info("%s", _table_row(record, improved))
+    if improved:
+        p.best_value, p.best_epoch, p.stale = value, p.epoch, 0
+        best_state = method.state_dict(model)
+        if job.world.is_main:
+            with atomic.folder(run.path / method.artifact) as tmp:  # the previous best survives a crash
+                method.save(model, tmp)
+    else:
+        p.stale += 1
+        if cfg.train.patience is not None and p.stale >= cfg.train.patience:
+            log.info("early stop: validation %s did not improve for %d epochs", cfg.train.metric, p.stale)
+            p.stopped = True
+    p.epoch += 1
+    p.batch, p.epoch_loss, p.epoch_elapsed = 0, 0.0, 0.0
+    stopping = signals.agreed(job.world.sum([signals.vote()])[0])  # a process may have been signalled in validation
+    if cfg.train.checkpoint_every:
+        _write_checkpoint(job, p, best_state)
+    if stopping:
+        raise signals.interrupted(run, f"epoch {p.epoch - 1}")
+    return best_state
+
+
+def _log_start(job: _Job) -> None:
+    """What trains on what, then the header of the per-epoch table."""
+    cfg = job.cfg
+    trainable, total = count_parameters(job.model)
     log.info(
         "%s on %s: %d train / %d validation / %d test examples, %d labels; %s trainable of %s parameters (%.2f%%) on %s",
         cfg.method.name, cfg.model.name, len(job.tokens["train"]), len(job.tokens["validation"]), len(job.tokens["test"]),
-        len(job.dataset.label_names), f"{trainable:,}", f"{total:,}", 100 * trainable / total, device,
+        len(job.dataset.label_names), f"{trainable:,}", f"{total:,}", 100 * trainable / total, job.device,
     )
-    lengths = [len(t) for t in job.tokens["train"]]
     log.info("%s", _table_header())
 
-    world = job.world
 
-    def append(record: dict) -> None:
-        p.metrics_lines += 1
-        if world.is_main:
-            run.append_metrics(record)
-            job.sinks.log(record)
+def _progress_bar(job: _Job, p: Progress, batches: int) -> tqdm:
+    """The epoch's bar, counting optimiser steps (rank 0 only, when train.progress)."""
+    cfg = job.cfg
+    return tqdm(total=math.ceil(batches / cfg.train.grad_accum), initial=p.batch // cfg.train.grad_accum,
+                desc=f"epoch {p.epoch}/{cfg.train.epochs}", disable=not (cfg.train.progress and job.world.is_main),
+                leave=False, unit="step", dynamic_ncols=True)
 
-    while p.epoch <= cfg.train.epochs and not p.stopped:
-        model.train()
-        batches = data.length_grouped_batches(lengths, cfg.train.batch_size, random.Random(cfg.seed * 1000 + p.epoch))
-        if p.batch == 0:
-            torch.manual_seed(cfg.seed * 1000 + p.epoch + 7919 * world.rank)  # dropout masks repeat per epoch
-        steps_in_epoch = math.ceil(len(batches) / cfg.train.grad_accum)
-        bar = tqdm(total=steps_in_epoch, initial=p.batch // cfg.train.grad_accum, desc=f"epoch {p.epoch}/{cfg.train.epochs}",
-                   disable=not (cfg.train.progress and world.is_main), leave=False, unit="step", dynamic_ncols=True)
-        started = time.perf_counter() - p.epoch_elapsed
-        window_start = time.perf_counter()
-        for i in range(p.batch, len(batches)):
-            batch = batches[i]
-            # An optimiser step sums the gradients of up to grad_accum batches (fewer at the epoch's end),
-            # each example weighted 1 / (examples in the step): the step's mean loss, however uneven.
-            first = i - i % cfg.train.grad_accum
-            step_examples = sum(len(b) for b in batches[first:first + cfg.train.grad_accum])
-            mine, weight = world.shard(batch, step_examples)  # one process: the whole batch, 1 / step_examples
-            boundary = (i + 1) % cfg.train.grad_accum == 0 or i + 1 == len(batches)
-            # Pieces of at most max_batch_tokens padded tokens; their gradients add up to the slice's.
-            pieces = data.split_by_tokens(mine, lengths, job.max_tokens)
-            mine_loss, extra = 0.0, None
-            for k, piece in enumerate(pieces):
-                input_ids, attention_mask = data.collate([job.tokens["train"][j] for j in piece], job.pad_id)  # (b, T)
-                y = torch.as_tensor(job.targets["train"][piece], device=device)  # (b,)
-                # DDP all-reduces on the step's last backward only (no_sync must cover forward and backward).
-                with _no_sync(job.forward, not (boundary and k == len(pieces) - 1)):
-                    with autocast(device, amp):
-                        logits = job.forward(input_ids.to(device), attention_mask.to(device))  # (b, C)
-                        loss_sum = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing,
-                                                   reduction="sum")
-                        loss = loss_sum * weight  # the step's mean, once summed over pieces, batches and processes
-                        if k == 0 and i == first:  # a method's penalty on the weights counts once per step
-                            extra = method.extra_loss(model)
-                            loss = loss if extra is None else loss + extra
-                    job.scaler.scale(loss).backward()  # fp16: scaled so small gradients do not underflow
-                mine_loss += float(loss_sum.detach())
-            # The global batch's mean loss; a signal caught by any process stops them all at this step.
-            summed, stop = world.sum([mine_loss if weight else 0.0, float(bool(caught))])
-            batch_loss = summed / len(batch)
-            # Decide on the value all processes summed: a signal landing on one process after this point
-            # waits for the next batch, so every process takes the same path through the checkpoint below.
-            stopping = bool(stop)
-            if stopping and not caught:
-                caught.append(signal.SIGTERM)
-            if not math.isfinite(batch_loss) or (extra is not None and not torch.isfinite(extra)):
-                bar.close()
-                _diverged(job, p, batch_loss if not math.isfinite(batch_loss) else float(extra.detach()))
-            p.epoch_loss += batch_loss * len(batch)
-            p.window_loss += batch_loss
-            p.window_batches += 1
-            p.window_examples += len(batch)
-            p.examples_seen += len(batch)
-            p.batch = i + 1
-            if not boundary:
-                continue
-            scale = job.scaler.get_scale() if job.scaler.is_enabled() else None
-            if cfg.train.max_grad_norm is not None:
-                job.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                torch.nn.utils.clip_grad_norm_([q for g in optimizer.param_groups for q in g["params"]], cfg.train.max_grad_norm)
-            job.scaler.step(optimizer)  # skipped when fp16 gradients overflowed
-            job.scaler.update()
-            skipped = scale is not None and job.scaler.get_scale() < scale
-            p.step += 1
-            if skipped:  # no update happened: the method's hook (AdaLoRA would score the inf gradients) and the
-                # schedule wait for a real step, as transformers' Trainer does
-                p.skipped_steps += 1
-                log.debug("step %d skipped: fp16 gradients overflowed; loss scale now %g", p.step, job.scaler.get_scale())
-            else:
-                method.on_step_end(model, p.step)
-            optimizer.zero_grad(set_to_none=True)
-            if not skipped:
-                scheduler.step()
-            p.window_steps += 1
-            bar.update(1)
-            now = time.perf_counter()
-            rate = p.window_examples / max(now - window_start, 1e-9)
-            bar.set_postfix(loss=f"{p.window_loss / max(p.window_batches, 1):.3f}", ex_s=f"{rate:.0f}", refresh=False)
-            if p.step % cfg.train.log_every == 0:
-                append({"type": "step", "step": p.step, "epoch": p.epoch, "loss": p.window_loss / max(p.window_batches, 1),
-                        "lr": optimizer.param_groups[0]["lr"], "examples_per_second": rate})
-                p.window_loss, p.window_steps, p.window_batches, p.window_examples, window_start = 0.0, 0, 0, 0, now
-            p.epoch_elapsed = now - started
-            if stopping or (cfg.train.checkpoint_every and p.step % cfg.train.checkpoint_every == 0 and p.batch < len(batches)):
-                _write_checkpoint(job, p, best_state)
-            if stopping:
-                bar.close()
-                raise Interrupted(
-                    f"stopped by signal {signal.Signals(caught[0]).name} after step {p.step} (epoch {p.epoch}); "
-                    f"checkpoint saved; resume with: lorafit train --resume {run.path}", caught[0])
-        bar.close()
-        seconds = time.perf_counter() - started
-        p.epoch_seconds.append(seconds)
 
-        val = classification_metrics(_logits(job, "validation"), job.targets["validation"], job.dataset.label_names)
-        record = {
-            "type": "epoch", "epoch": p.epoch, "step": p.step, "train_loss": p.epoch_loss / len(job.tokens["train"]),
-            "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
-            "seconds": seconds, "examples_per_second": len(job.tokens["train"]) / seconds,
-        }
-        append(record)
-        value = val[cfg.train.metric]
-        improved = _better(cfg.train.metric, value, p.best_value)
-        log.info("%s", _table_row(record, improved))
-        if improved:
-            p.best_value, p.best_epoch, p.stale = value, p.epoch, 0
-            best_state = method.state_dict(model)
-            if world.is_main:
-                _save_atomic(method, model, run.path / method.artifact)
-        else:
-            p.stale += 1
-            if cfg.train.patience is not None and p.stale >= cfg.train.patience:
-                log.info("early stop: validation %s did not improve for %d epochs", cfg.train.metric, p.stale)
-                p.stopped = True
-        p.epoch += 1
-        p.batch, p.epoch_loss, p.epoch_elapsed = 0, 0.0, 0.0
-        stopping = bool(world.sum([float(bool(caught))])[0])  # the same decision on every process
-        if stopping and not caught:
-            caught.append(signal.SIGTERM)  # another process was signalled during validation
-        if cfg.train.checkpoint_every:
-            _write_checkpoint(job, p, best_state)
-        if stopping:
-            raise Interrupted(f"stopped by signal {signal.Signals(caught[0]).name} after epoch {p.epoch - 1}; "
-                              f"checkpoint saved; resume with: lorafit train --resume {run.path}", caught[0])
-    return best_state
+def _append_metrics(job: _Job, p: Progress, record: dict) -> None:
+    """One metrics.jsonl line and the trackers (rank 0). Every process counts it: the count is in `Progress`."""
+    p.metrics_lines += 1
+    if job.world.is_main:
+        job.run.append_metrics(record)
+        job.sinks.log(record)
+
+
+def _no_sync(forward: nn.Module, skip: bool):
+    """DDP's no_sync between gradient-accumulation steps (the next backward adds to the local grads)."""
+    return forward.no_sync() if skip and hasattr(forward, "no_sync") else contextlib.nullcontext()
+
+
+@dataclass
+class _Signals:
+    """SIGINT/SIGTERM caught in any process, acted on by all of them together: the loop finishes its
+    step, writes a checkpoint and raises Interrupted."""
+
+    caught: list[int] = field(default_factory=list)  # signals this process received (`_catch_signals`)
+
+    def vote(self) -> float:
+        """This process's say in the stop decision, to be summed over processes (world.sum)."""
+        return float(bool(self.caught))
+
+    def agreed(self, votes: float) -> bool:
+        """Stop when the summed `votes` say any process caught a signal.
+
+        Deciding on the sum, not on `caught`, keeps every process on the same path through the
+        checkpoint: a signal landing on one process after the sum waits for the next decision. A process
+        that caught nothing itself stops as if sent SIGTERM."""
+        if votes and not self.caught:
+            self.caught.append(signal.SIGTERM)
+        return bool(votes)
+
+    def interrupted(self, run: RunDir, after: str) -> Interrupted:
+        """The error to raise once the checkpoint is written; `after`: where the loop stopped."""
+        signum = self.caught[0]
+        return Interrupted(f"stopped by signal {signal.Signals(signum).name} after {after}; checkpoint saved; "
+                           f"resume with: lorafit train --resume {run.path}", signum)
+
+
+@contextmanager
+def _catch_signals():
+    """SIGINT/SIGTERM are recorded in the `_Signals` yielded, not raised; the loop decides when to stop."""
+    signals = _Signals()
+    previous = {}
+
+    def handler(signum, frame):
+        signals.caught.append(signum)
+
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = {}
+    try:
+        yield signals
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _logits(job: _Job, split: str) -> np.ndarray:
@@ -579,31 +652,48 @@ def _logits(job: _Job, split: str) -> np.ndarray:
 
 
 def _finish(job: _Job, p: Progress, best_state: dict | None) -> RunResult:
-    """The best epoch, on test; summary.json; checkpoints are no longer needed."""
-    cfg, run, model, method = job.cfg, job.run, job.model, job.method
+    """The best epoch, on test: eval.json, predictions.json, summary.json and the model card; checkpoints
+    are no longer needed."""
+    run = job.run
     assert best_state is not None
-    method.load_state_dict(model, best_state)
+    job.method.load_state_dict(job.model, best_state)
     logits = _logits(job, "test")  # (N, C)
     test = {"split": "test", **classification_metrics(logits, job.targets["test"], job.dataset.label_names)}
     if not job.world.is_main:
         return RunResult(run.path, test, {})
     run.write_json("eval.json", test)
-    # Per-example outcomes, in test-split order: what paired tests between runs (`lorafit compare`) need.
-    run.write_json("predictions.json", {
+    run.write_json("predictions.json", _predictions(job, logits))
+    summary = _summary(job, p, test)
+    job.sinks.finish(test, summary, p.step)
+    run.write_json("summary.json", summary)
+    modelcard.write(run.path)  # README.md, the model card, from the files just written
+    checkpoint.remove_all(run.path)
+    _log_test(job, p, test, summary)
+    return RunResult(run.path, test, summary)
+
+
+def _predictions(job: _Job, logits: np.ndarray) -> dict:
+    """Per-example outcomes, in test-split order: what paired tests between runs (`lorafit compare`) need."""
+    return {
         "split": "test",
         "target": [int(t) for t in job.targets["test"]],
         "predicted": [int(i) for i in logits.argmax(-1)],
-        "probability": [round(float(p), 6) for p in softmax(logits).max(-1)],
-    })
-    trainable, total = count_parameters(model)
+        "probability": [round(float(x), 6) for x in softmax(logits).max(-1)],
+    }
+
+
+def _summary(job: _Job, p: Progress, test: dict) -> dict:
+    """summary.json: the run's size, cost, best epoch and test figures, then the method's own (method.summary)."""
+    cfg = job.cfg
+    trainable, total = count_parameters(job.model)
     train_seconds = float(sum(p.epoch_seconds))
-    summary = {
+    return {
         "method": cfg.method.name,
         "model": cfg.model.name,
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100 * trainable / total,
-        "adapter_bytes": folder_bytes(run.path / method.artifact),
+        "adapter_bytes": folder_bytes(job.run.path / job.method.artifact),
         "train_seconds": train_seconds,
         "seconds_per_epoch": train_seconds / len(p.epoch_seconds),
         "train_examples_per_second": p.examples_seen / train_seconds,
@@ -624,22 +714,19 @@ def _finish(job: _Job, p: Progress, best_state: dict | None) -> RunResult:
         "compute": job.compute,
         "skipped_steps": p.skipped_steps,
         "versions": _versions(),
-    }
-    method_summary = method.summary(model)
-    summary.update(method_summary)
-    job.sinks.finish(test, summary, p.step)
-    run.write_json("summary.json", summary)
-    modelcard.write(run.path)  # README.md, the model card, from the files just written
-    checkpoint.remove_all(run.path)
+    } | job.method.summary(job.model)
+
+
+def _log_test(job: _Job, p: Progress, test: dict, summary: dict) -> None:
     log.info(
         "test (best epoch %d): accuracy %.4f, macro-F1 %.4f, loss %.4f on %d examples; %.1f s/epoch, %.0f train examples/s",
         p.best_epoch, test["accuracy"], test["macro_f1"], test["loss"], test["examples"],
         summary["seconds_per_epoch"], summary["train_examples_per_second"],
     )
-    for key, value in method_summary.items():
+    for key in job.method.summary(job.model):  # the method's figures, as summary.json holds them
+        value = summary[key]
         shown = ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value
         log.info("%s: %s", key, shown)
-    return RunResult(run.path, test, summary)
 
 
 def _diverged(job: _Job, p: Progress, value: float) -> None:
