@@ -18,7 +18,7 @@ import lorafit
 from conftest import build_tiny_encoder, tiny_overrides
 from lorafit import hardware, kernels
 from lorafit.config import load_config
-from lorafit.data import collate
+from lorafit.batching import collate
 from lorafit.inference import load_model
 from lorafit.rundir import RunDir
 from lorafit.train import train

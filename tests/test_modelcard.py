@@ -92,6 +92,8 @@ def test_export_cards(run, tmp_path):
     ev = json.loads((run / "eval.json").read_text())
     assert _metrics(card)["Accuracy"] == round(ev["accuracy"], 4)
     assert "trust_remote_code=True" in card.text and f"{meta['parity']['max_abs_logit_diff']:.2e}" in card.text
+    # named after the folder the export ends up in, not the temporary one it was written in
+    assert card.text.lstrip().startswith("# merged") and 'path/to/merged"' in card.text and ".tmp" not in card.text
 
     adapter = tmp_path / "adapter"
     export(run, "adapter", adapter)

@@ -121,7 +121,7 @@ def test_failed_write_keeps_previous_checkpoint(tiny_bert, tiny_data, tmp_path, 
     assert "Traceback" not in proc.stderr
     kept = checkpoint.latest(out)
     assert kept is not None and int(kept.name.split("-")[1]) == sizes[first_with_best - 1][0]
-    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no temporary folder left
     load_file(str(kept / "tensors.safetensors"))  # complete and readable
     # With room again, the run resumes and ends like an uninterrupted one.
     resume(out)

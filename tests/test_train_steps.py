@@ -11,12 +11,13 @@ import math
 import pytest
 import torch
 
-from lorafit import data
+from lorafit import batching, data
 from lorafit.config import load_config
 from lorafit.errors import UserError
 from lorafit.methods import registry
 from lorafit.models import build_classifier, find_targets
-from lorafit.train import make_optimizer, resume, train
+from lorafit.job import make_optimizer
+from lorafit.train import resume, train
 
 from conftest import assert_same_training, dropout_free_overrides, tiny_overrides
 
@@ -28,7 +29,7 @@ def test_grad_accum_k_equals_a_k_times_larger_batch(tmp_path, monkeypatch):
     big = dropout_free_overrides(tmp_path / "setup", "lora", **{"train.batch_size": 12, "train.max_batch_tokens": "null"})
     reference = train(load_config(None, big), tmp_path / "big")
 
-    original = data.length_grouped_batches
+    original = batching.length_grouped_batches
     cuts = []
 
     def cut_in_two(lengths, batch_size, rng, group=50):
@@ -39,7 +40,7 @@ def test_grad_accum_k_equals_a_k_times_larger_batch(tmp_path, monkeypatch):
             cuts.append((len(b[:k]), len(b[k:])))
         return out
 
-    monkeypatch.setattr(data, "length_grouped_batches", cut_in_two)
+    monkeypatch.setattr(batching, "length_grouped_batches", cut_in_two)
     small = [o for o in big if not o.startswith("train.batch_size")] + ["train.batch_size=6", "train.grad_accum=2"]
     accumulated = train(load_config(None, small), tmp_path / "accumulated")
     assert any(a != b for a, b in cuts)  # uneven batches inside a step really occurred
@@ -52,9 +53,9 @@ def test_grad_accum_short_last_step_is_not_divided_by_grad_accum(tmp_path, monke
     big = dropout_free_overrides(tmp_path / "setup", "full", **{"train.max_batch_tokens": "null", "train.lr": 1e-3})
     cfg_big = load_config(None, big)
     n = len(data.load(cfg_big.data, cfg_big.seed)[0].splits["train"])
-    original = data.length_grouped_batches
+    original = batching.length_grouped_batches
     big_batch = -(-n // 2)  # two big batches: the second step of the accumulated run holds one batch
-    monkeypatch.setattr(data, "length_grouped_batches",
+    monkeypatch.setattr(batching, "length_grouped_batches",
                         lambda lengths, batch_size, rng, group=50: original(lengths, big_batch, rng, group))
     reference = train(load_config(None, [*big, f"train.batch_size={big_batch}"]), tmp_path / "big")
 
@@ -63,7 +64,7 @@ def test_grad_accum_short_last_step_is_not_divided_by_grad_accum(tmp_path, monke
         half = len(first) // 2
         return [first[:half], first[half:], second]
 
-    monkeypatch.setattr(data, "length_grouped_batches", three)
+    monkeypatch.setattr(batching, "length_grouped_batches", three)
     accumulated = train(load_config(None, [*big, f"train.batch_size={big_batch // 2}", "train.grad_accum=2"]),
                         tmp_path / "accumulated")
     assert_same_training(reference.path, accumulated.path, "model", 1e-5)
@@ -75,12 +76,12 @@ def test_fp16_overflow_skips_the_step_instead_of_poisoning_the_weights(tiny_bert
     a step whose gradients overflow is skipped and the scale backs off; the weights stay finite, and
     AdaLoRA's rank allocator never scores the skipped step's inf gradients (its statistics would be
     NaN for the rest of the run)."""
-    train_module = importlib.import_module("lorafit.train")
+    job_module = importlib.import_module("lorafit.job")
 
-    monkeypatch.setattr(train_module, "autocast_dtype", lambda cfg, device: torch.float16)
+    monkeypatch.setattr(job_module, "autocast_dtype", lambda cfg, device: torch.float16)
     trained: list[torch.Tensor] = []
     models = []
-    make_optimizer_ = train_module.make_optimizer
+    make_optimizer_ = job_module.make_optimizer
 
     def capture(model, method, cfg):
         optimizer = make_optimizer_(model, method, cfg)
@@ -88,7 +89,7 @@ def test_fp16_overflow_skips_the_step_instead_of_poisoning_the_weights(tiny_bert
         models.append(model)
         return optimizer
 
-    monkeypatch.setattr(train_module, "make_optimizer", capture)
+    monkeypatch.setattr(job_module, "make_optimizer", capture)
     backward_ = torch.Tensor.backward
     overflowed = []
 

@@ -1,4 +1,5 @@
 """`lorafit compare`: runs grouped into configurations, with the statistics that say which differences are real.
+(Just over 400 lines: the grouping, the statistics and the tables they feed stay together.)
 
 A *configuration* is everything in a run's config except the seed (and settings that cannot change
 results: threads, progress bars, logging and checkpoint cadence); its runs over different seeds are
@@ -375,7 +376,7 @@ def to_markdown(result: dict, hardest: int = 15) -> str:
     for c in result["confused_pairs"]:
         out.write(f"| {c['true']} | {c['predicted']} | {c['count']} |\n")
     names = list(pc["error"])
-    out.write(f"\n**Hardest classes across configurations** (misclassification proportion = 1 - recall, mean over seeds):\n\n")
+    out.write("\n**Hardest classes across configurations** (misclassification proportion = 1 - recall, mean over seeds):\n\n")
     out.write("| class | train count | " + " | ".join(names) + " |\n|---|---:|" + "---:|" * len(names) + "\n")
     index = {label: i for i, label in enumerate(pc["labels"])}
     for label in pc["hardest"][:hardest]:

@@ -29,9 +29,6 @@ from .config import DataConfig
 from .errors import UserError
 from .sources import SPLITS
 
-# TEMP(issue-14 merge): callers move to lorafit.batching at merge
-from .batching import collate, iterate, length_grouped_batches, sorted_batches, split_by_tokens, tokenize  # noqa: F401
-
 __all__ = ["Split", "Dataset", "load", "read_split", "read_table", "carve", "label_counts"]
 
 log = logging.getLogger(__name__)

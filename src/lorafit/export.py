@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from . import __version__, atomic, kernels, modelcard
 from .errors import UserError
@@ -108,7 +107,7 @@ def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | No
         log.info("parity: the exported %s model on the same examples", format)
         meta["parity"] = _parity(reference_logits, exported, parity_split, split, quantize)
         # The model card (README.md; for an adapter it replaces peft's stub), from the run's files and these figures.
-        atomic.write_text(tmp / modelcard.CARD, modelcard.render(tmp, export_meta=meta))
+        atomic.write_text(tmp / modelcard.CARD, modelcard.render(tmp, export_meta=meta, name=target.path.name))
         meta["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         meta["bytes"] = folder_bytes(tmp)
         RunDir(tmp).write_json("export.json", meta)

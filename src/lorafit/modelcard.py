@@ -44,9 +44,10 @@ def write(folder: str | Path, repo_id: str | None = None) -> Path:
     return card
 
 
-def render(folder: str | Path, repo_id: str | None = None, export_meta: dict | None = None) -> str:
+def render(folder: str | Path, repo_id: str | None = None, export_meta: dict | None = None, name: str | None = None) -> str:
     """The card's text. `export_meta`: an export's export.json before it is written (lorafit export
-    writes the card inside its temporary folder); read from the folder otherwise."""
+    writes the card inside its temporary folder); read from the folder otherwise. `name`: the folder's
+    name where it will end up, if not its present one (that temporary folder's)."""
     folder = RunDir(folder)
     folder.config()  # a folder that is not there, not lorafit's, or corrupt: its one-line error
     if export_meta is None and (folder.path / "export.json").is_file():
@@ -58,19 +59,19 @@ def render(folder: str | Path, repo_id: str | None = None, export_meta: dict | N
                             "from that run's evaluation; regenerate it where the run is")
     else:
         source = folder
-    facts = _Facts(folder.path, source, export_meta, repo_id)
+    facts = _Facts(folder.path, source, export_meta, repo_id, name or folder.path.name)
     return f"---\n{facts.front_matter()}---\n\n{facts.body()}"
 
 
 class _Facts:
     """What the card says, read once from the folder's files."""
 
-    def __init__(self, folder: Path, run: RunDir, export_meta: dict | None, repo_id: str | None):
+    def __init__(self, folder: Path, run: RunDir, export_meta: dict | None, repo_id: str | None, folder_name: str):
         run.config()
         for name in ("labels.json", "eval.json", "summary.json"):
             if not (run.path / name).is_file():
                 raise UserError(f"{run.path} has no {name}: the run did not finish, so there is nothing to describe")
-        self.folder, self.run, self.export, self.repo_id = folder, run, export_meta, repo_id
+        self.folder, self.run, self.export, self.repo_id, self.name = folder, run, export_meta, repo_id, folder_name
         self.config_text = (run.path / "config.yaml").read_text()
         self.config = yaml.safe_load(self.config_text)
         self.labels = run.labels()
@@ -86,7 +87,7 @@ class _Facts:
         self.dataset_hub = DATASET_HUB_IDS.get(data_name) or (data_name[3:] if data_name.startswith("hf:") else None)
         self.dataset = data_name[3:] if data_name.startswith("hf:") else data_name if data_name in DATASET_HUB_IDS \
             else Path(data_name).name or data_name  # a local folder by its name only
-        self.title = repo_id.split("/")[-1] if repo_id else folder.name
+        self.title = repo_id.split("/")[-1] if repo_id else folder_name
 
     def _base_model(self) -> str:
         """The hub id the adapter or export records (models.hub_id), else worked out from the name."""
@@ -283,7 +284,7 @@ class _Facts:
 
     def _loading(self) -> str:
         where = (f'from huggingface_hub import snapshot_download\n\nfolder = snapshot_download("{self.repo_id}")'
-                 if self.repo_id else f'folder = "path/to/{self.folder.name}"  # this folder')
+                 if self.repo_id else f'folder = "path/to/{self.name}"  # this folder')
         n, c = len(self.labels), self.config
         blocks = ["## How to load",
                   "With lorafit installed (it loads any of its run folders and exports):",

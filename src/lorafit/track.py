@@ -180,8 +180,6 @@ class Sinks:
         self._each("log", metrics, self.last_step)
 
     def finish(self, test: dict, summary: Summary, step: int) -> None:
-        if isinstance(summary, dict):  # TEMP(issue-14 merge): train._finish passes summary.json's dict until it builds a Summary
-            summary = Summary.from_json(summary)
         final = {f"test/{k}": float(test[k]) for k in _FINAL if k in test}
         figures = {name: getattr(summary, name) for name in _EFFICIENCY}
         final |= {f"efficiency/{k}": float(v) for k, v in figures.items() if isinstance(v, (int, float))}

@@ -1,8 +1,9 @@
-"""The one training loop. Reads top to bottom: data -> model -> method -> optimiser -> epochs -> test.
-Over 400 lines on purpose: a run's whole story (setup, steps, checkpoints, test) in reading order.
+"""The one training loop. Reads top to bottom: epochs -> steps -> validation -> test.
+Over 400 lines on purpose: a run's whole story (steps, signals, checkpoints, validation, test) in
+reading order; what is built before the first step lives in job.py.
 
-`train` (a new run) and `resume` (from a checkpoint) build a `_Job` with `_prepare` (data, model,
-method, optimiser, scheduler) and hand it to `_run`, which calls, in this order:
+`train` (a new run) and `resume` (from a checkpoint) build a `Job` with `job.prepare` (data, model,
+method, optimiser, scheduler, how to compute) and hand it to `_run`, which calls, in this order:
     _epochs             epoch after epoch, until the last one or early stopping
       _train_step       one micro-batch: `_forward_backward` (token-budget pieces, DDP no_sync, autocast,
                         loss weighted per step, backward), the divergence check, and on the step's last
@@ -18,8 +19,6 @@ optimiser, scheduler, RNG states and `Progress`) lets `resume` continue bit for 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import platform
@@ -35,20 +34,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
-from . import __version__, atomic, checkpoint, data, hardware, kernels, modelcard
+from . import __version__, atomic, batching, checkpoint, data, modelcard
+from .config import Config
 from .distributed import World
-from .track import Sinks, open_sinks
-from .config import Config, load_config, resolve_schedule, validate
 from .errors import UserError
 from .evaluate import classification_metrics, softmax
 from .inference import predict_logits
-from . import methods
-from .methods.base import Method
-from .models import build_classifier, hub_id, load_tokenizer, looks_like_hub_id
-from .rundir import RunDir, folder_bytes
-from .runtime import autocast, autocast_dtype, peak_memory_mb, seed_everything, select_device, set_threads, token_budget
+from .job import Job, as_config, check_same_data, count_parameters, prepare, splits_record
+from .rundir import Eval, Predictions, RunDir, Summary, folder_bytes
+from .runtime import autocast, peak_memory_mb
+from .track import Sinks, open_sinks
 
 __all__ = ["train", "resume", "RunResult", "Interrupted", "count_parameters"]
 
@@ -93,180 +89,26 @@ class Progress:
     metrics_lines: int = 0  # metrics.jsonl lines written, so a resume drops lines from after the checkpoint
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total); peft's frozen copy of a saved module is not counted twice."""
-    trainable = total = 0
-    for name, p in model.named_parameters():
-        if ".original_module." in name:
-            continue
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    return trainable, total
-
-
-#: Parameters of two or more dimensions that are scales, not weight matrices: AdaLoRA's singular values
-#: (lora_E, (r, 1)), IA3's scaling vectors (ia3_l, (out, 1)), DoRA's magnitudes, VeRA's scaling vectors.
-NO_DECAY_ROLES = ("lora_E", "ia3_l", "lora_magnitude_vector", "vera_lambda_b", "vera_lambda_d")
-
-
-def decayed_parameters(model: nn.Module) -> set[int]:
-    """ids of the parameters weight decay applies to: weight matrices, chosen by role, not by shape alone.
-
-    Decay pulls a parameter towards 0, which is a prior for weight matrices (and low-rank factors,
-    whose product is a weight update), not for biases, norms or the scaling vectors of NO_DECAY_ROLES,
-    whatever their number of dimensions: decaying AdaLoRA's singular values shrinks the update, and
-    IA3's vectors multiply a layer's output, so decaying them pulls the output to 0.
-    """
-    return {id(p) for name, p in model.named_parameters()
-            if p.ndim >= 2 and not any(role in name.split(".") for role in NO_DECAY_ROLES)}
-
-
-def make_optimizer(model: nn.Module, method: Method, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW with the head at train.head_lr, and weight decay on weight matrices only (see decayed_parameters)."""
-    head_lr = cfg.train.head_lr if cfg.train.head_lr is not None else cfg.train.lr
-    decayed = decayed_parameters(model)
-    groups = []
-    for group in method.param_groups(model, cfg.train.lr, head_lr):
-        decay = [p for p in group["params"] if id(p) in decayed]
-        no_decay = [p for p in group["params"] if id(p) not in decayed]
-        groups += [
-            {"params": decay, "lr": group["lr"], "weight_decay": cfg.train.weight_decay, "name": group["name"]},
-            {"params": no_decay, "lr": group["lr"], "weight_decay": 0.0, "name": f"{group['name']}_no_decay"},
-        ]
-    return torch.optim.AdamW([g for g in groups if g["params"]])
-
-
 def _better(metric: str, value: float, best: float | None) -> bool:
     if best is None:
         return True
     return value < best if metric == "loss" else value > best
 
 
-def _as_config(config: Config | str | Path | dict) -> Config:
-    if isinstance(config, Config):
-        return config
-    if isinstance(config, dict):
-        return validate(config)
-    return load_config(config)
-
-
-@dataclass
-class _Job:
-    """Everything built before the first step; the same for a fresh run and a resumed one."""
-
-    cfg: Config
-    run: RunDir
-    device: torch.device
-    amp: torch.dtype | None
-    dataset: data.Dataset
-    tokens: dict[str, list[list[int]]]
-    targets: dict[str, np.ndarray]
-    pad_id: int
-    model: nn.Module
-    method: Method
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    schedule: object
-    adapted: list[str]
-    world: World  # this process among the data-parallel ones (size 1: a plain run)
-    forward: nn.Module  # what training steps call: the model, or DDP around it
-    fast_paths: dict[str, int]  # CPU fast paths in use: layers switched, by kind (lorafit/kernels.py)
-    max_tokens: int | None  # padded tokens per forward pass (train.max_batch_tokens for this device)
-    scaler: torch.amp.GradScaler  # fp16 loss scaling; disabled (a pass-through) in every other precision
-    compute: dict  # how this run computes (threads, token budget, kernels): compute.json, reused on --resume
-    sinks: Sinks | None = None  # the experiment trackers, opened when training starts
-
-
-def _prepare(cfg: Config, run: RunDir, recorded: dict | None = None) -> _Job:
-    """Everything before the first step. `recorded`: the compute.json of the run being resumed, whose
-    threads, token budget and CPU kernels are reused so the continuation computes as the start did."""
-    recorded = recorded or {}
-    world = World.from_env()
-    set_threads(recorded.get("threads") or cfg.train.threads or world.threads())
-    device = world.join(select_device(cfg.train.device))
-    if not world.is_main:
-        logging.getLogger("lorafit").setLevel(logging.WARNING)  # rank 0 tells the story
-    amp = autocast_dtype(cfg.train, device)
-
-    # -- data: read, clean, split, tokenise once ----------------------------------------------
-    dataset, data_cfg = data.load(cfg.data, cfg.seed)
-    cfg = cfg.model_copy(update={"data": data_cfg})
-    tokenizer = load_tokenizer(cfg.model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    tokens = {name: data.tokenize(tokenizer, split.texts, cfg.data.max_length) for name, split in dataset.splits.items()}
-    targets = {name: np.array(dataset.label_ids(name)) for name in dataset.splits}
-
-    # -- model and method ---------------------------------------------------------------------
-    seed_everything(cfg.seed)
-    model = build_classifier(cfg.model, len(dataset.label_names), cfg.seed)
-    method = methods.build(cfg.method)
-    schedule = resolve_schedule(cfg, len(dataset.splits["train"]))
-    model = method.apply(model, total_steps=schedule.total_steps)
-    model.to(device)
-    fast, kernel_choice = _cpu_kernels(cfg, model, device, world, recorded.get("cpu_kernels"))
-    if fast:
-        log.info("CPU fast paths: %s", ", ".join(f"{k} x{v}" for k, v in fast.items()))
-    max_tokens = recorded["max_batch_tokens"] if "max_batch_tokens" in recorded else token_budget(cfg.train.max_batch_tokens, device)
-    compute = {"device": str(device), "threads": torch.get_num_threads(), "processes": world.size,
-               "max_batch_tokens": max_tokens, "autocast": str(amp).replace("torch.", "") if amp else None,
-               "cpu_kernels": kernel_choice, "base_model": _base_model_record(cfg.model.name)}
-    forward = world.wrap(model, device)
-    optimizer = make_optimizer(model, method, cfg)
-    scheduler = get_scheduler(
-        "constant_with_warmup" if cfg.train.schedule == "constant" else cfg.train.schedule,
-        optimizer,
-        num_warmup_steps=schedule.warmup_steps,
-        num_training_steps=schedule.total_steps,
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    return _Job(cfg, run, device, amp, dataset, tokens, targets, pad_id, model, method, optimizer, scheduler, schedule,
-                method.adapted, world, forward, fast, max_tokens, scaler, compute)
-
-
-def _base_model_record(name: str) -> dict:
-    """The base model by the name other machines know it by, decided here, where `name` was resolved:
-    later readers (the model card, push) may run elsewhere, where a relative folder means something else."""
-    hub = hub_id(name)
-    return {"name": name, "hub_id": hub, "on_hub": hub != name or (looks_like_hub_id(name) and not Path(name).expanduser().exists())}
-
-
-def _cpu_kernels(cfg: Config, model: nn.Module, device: torch.device, world: World,
-                 recorded: dict | None) -> tuple[dict[str, int], dict]:
-    """Switch `model` to the CPU fast paths train.cpu_kernels asks for; (layers switched, the decision).
-
-    auto times oneDNN against PyTorch's linear on this host (kernels.decide) -- unless the run is being
-    resumed, when the choice recorded at its start is reused: the two paths differ in float summation
-    order, so a continuation that picked the other one would not end where the uninterrupted run does.
-    Data-parallel processes all take rank 0's decision.
-    """
-    if device.type != "cpu" or cfg.train.cpu_kernels == "stock":
-        why = "not a CPU run" if device.type != "cpu" else "train.cpu_kernels=stock"
-        return {}, {"onednn_linear": False, "fast_dropout": False, "reason": why, "cpu": hardware.cpu_info()}
-    if cfg.train.cpu_kernels == "onednn":
-        decision = {"onednn_linear": True, "reason": "train.cpu_kernels=onednn"}
-    elif recorded is not None:
-        decision = recorded
-    else:
-        decision = world.gather_objects(kernels.decide(torch.get_num_threads()) if world.is_main else None)[0]
-    fast = kernels.use_fast_paths(model, device, onednn=bool(decision["onednn_linear"])).counts
-    choice = {**decision, "onednn_linear": "onednn_linear" in fast, "fast_dropout": "fast_dropout" in fast}
-    return fast, {"cpu": hardware.cpu_info(), **choice}
-
-
 def train(config: Config | str | Path | dict, out: str | Path, overwrite: bool = False) -> RunResult:
     """Train, keep the best epoch, evaluate it on test; everything lands in the run folder `out`."""
-    cfg = _as_config(config)
+    cfg = as_config(config)
     run = RunDir(out)
     run.check_new(overwrite)
-    job = _prepare(cfg, run)
+    job = prepare(cfg, run)
     job.world.barrier()  # every process has checked the folder before rank 0 creates it
     # Everything that can fail on bad input has been checked: only now is the folder created.
     if job.world.is_main:
         run.create(overwrite)
         run.write_config(job.cfg, derived=asdict(job.schedule) | {"adapted_modules": len(job.adapted)})
         run.write_json("labels.json", job.dataset.label_names)
-        run.write_json("splits.json", _splits_record(job))
-        run.write_json("compute.json", job.compute)
+        run.write_record(splits_record(job))
+        run.write_record(job.compute)
     return _run(job, Progress())
 
 
@@ -279,9 +121,9 @@ def resume(run_dir: str | Path) -> RunResult:
         if (run.path / "summary.json").is_file():
             raise UserError(f"{run.path} already finished (summary.json exists); nothing to resume")
         raise UserError(f"{run.path} has no checkpoint to resume from (train.checkpoint_every may be off)")
-    recorded = run.read_json("compute.json") if (run.path / "compute.json").is_file() else None
-    job = _prepare(cfg, run, recorded)
-    _check_same_data(job, run)
+    recorded = run.compute() if (run.path / "compute.json").is_file() else None
+    job = prepare(cfg, run, recorded)
+    check_same_data(job, run)
     tensors, meta = checkpoint.load(latest)
     job.method.load_state_dict(job.model, {k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
     job.method.load_checkpoint_state(job.model, {k[7:]: v for k, v in tensors.items() if k.startswith("method/")}, meta["method"])
@@ -300,30 +142,6 @@ def resume(run_dir: str | Path) -> RunResult:
     return _run(job, progress, best or None)
 
 
-def _splits_record(job: _Job) -> dict:
-    """splits.json: every split's source rows, the seed, and a sha256 of what the rows hold (so a
-    resume notices edited texts or labels, not only moved rows)."""
-    content = {name: hashlib.sha256(json.dumps([split.texts, split.labels], ensure_ascii=False).encode("utf-8")).hexdigest()
-               for name, split in job.dataset.splits.items()}
-    return job.dataset.splits_record() | {"seed": job.cfg.seed, "content_sha256": content}
-
-
-def _check_same_data(job: _Job, run: RunDir) -> None:
-    """Resume only onto the data the run started with: every split's rows and content, and the labels."""
-    then = run.read_json("splits.json")
-    now = _splits_record(job)
-    # "source" is where the data was read from: a moved mirror holding the same rows is fine.
-    changed = [f"{key} rows" if key in job.dataset.splits else key for key in sorted(set(then) | set(now))
-               if key not in ("source", "content_sha256") and then.get(key) != now.get(key)]
-    then_content, now_content = then.get("content_sha256", {}), now["content_sha256"]
-    changed += [f"{name} texts or labels" for name in now_content if name in then_content and then_content[name] != now_content[name]]
-    if run.read_json("labels.json") != job.dataset.label_names:
-        changed.append("label names")
-    if changed:
-        raise UserError(f"the data changed since {run.path} started ({', '.join(changed)}); "
-                        "cannot resume it exactly: restore the data or start a new run")
-
-
 def _my_rng(world: World, tensors: dict, meta: dict) -> tuple[dict, dict]:
     """This process's RNG state from a checkpoint: each data-parallel rank saved its own (rank 0's
     under the plain keys, so single-process checkpoints read as before)."""
@@ -338,7 +156,7 @@ def _my_rng(world: World, tensors: dict, meta: dict) -> tuple[dict, dict]:
     return mine, meta["rng_ranks"][world.rank - 1]
 
 
-def _write_checkpoint(job: _Job, progress: Progress, best_state: dict | None) -> None:
+def _write_checkpoint(job: Job, progress: Progress, best_state: dict | None) -> None:
     # Every process's own random state (dropout masks differ per rank), collected by rank 0, which writes.
     states = job.world.gather_objects(checkpoint.capture_rng())
     if not job.world.is_main:
@@ -365,7 +183,7 @@ def _write_checkpoint(job: _Job, progress: Progress, best_state: dict | None) ->
     checkpoint.save(job.run.path, progress.step, tensors | opt_tensors | rng_tensors, meta, job.cfg.train.keep_checkpoints)
 
 
-def _run(job: _Job, p: Progress, best_state: dict | None = None) -> RunResult:
+def _run(job: Job, p: Progress, best_state: dict | None = None) -> RunResult:
     job.sinks = open_sinks(job.cfg, job.run.path, resume_step=p.step or None) if job.world.is_main else Sinks([], {})
     finished = False
     try:
@@ -377,7 +195,7 @@ def _run(job: _Job, p: Progress, best_state: dict | None = None) -> RunResult:
         job.world.leave()
 
 
-def _train_and_finish(job: _Job, p: Progress, best_state: dict | None) -> RunResult:
+def _train_and_finish(job: Job, p: Progress, best_state: dict | None) -> RunResult:
     try:
         with _catch_signals() as signals:
             best_state = _epochs(job, p, best_state, signals)
@@ -402,14 +220,14 @@ class _Epoch:
     window_start: float  # perf_counter when the current logging window opened
 
 
-def _epochs(job: _Job, p: Progress, best_state: dict | None, signals: _Signals) -> dict | None:
+def _epochs(job: Job, p: Progress, best_state: dict | None, signals: _Signals) -> dict | None:
     """Epochs from where `p` stands to the last one (or early stopping); returns the best epoch's state."""
     cfg = job.cfg
     _log_start(job)
     lengths = [len(t) for t in job.tokens["train"]]
     while p.epoch <= cfg.train.epochs and not p.stopped:
         job.model.train()
-        batches = data.length_grouped_batches(lengths, cfg.train.batch_size, random.Random(cfg.seed * 1000 + p.epoch))
+        batches = batching.length_grouped_batches(lengths, cfg.train.batch_size, random.Random(cfg.seed * 1000 + p.epoch))
         if p.batch == 0:
             torch.manual_seed(cfg.seed * 1000 + p.epoch + 7919 * job.world.rank)  # dropout masks repeat per epoch
         with _progress_bar(job, p, len(batches)) as bar:  # closed however the epoch ends
@@ -422,7 +240,7 @@ def _epochs(job: _Job, p: Progress, best_state: dict | None, signals: _Signals) 
     return best_state
 
 
-def _train_step(job: _Job, p: Progress, batches: list[list[int]], i: int, lengths: list[int],
+def _train_step(job: Job, p: Progress, batches: list[list[int]], i: int, lengths: list[int],
                 signals: _Signals) -> tuple[bool, bool]:
     """Micro-batch i: forward and backward; on the last micro-batch of a step, the optimiser step.
 
@@ -447,7 +265,7 @@ def _train_step(job: _Job, p: Progress, batches: list[list[int]], i: int, length
     return boundary, stopping
 
 
-def _forward_backward(job: _Job, batches: list[list[int]], i: int, lengths: list[int],
+def _forward_backward(job: Job, batches: list[list[int]], i: int, lengths: list[int],
                       boundary: bool) -> tuple[float, torch.Tensor | None]:
     """Add micro-batch i's gradients to the parameters' (this process's share of it, in pieces).
 
@@ -460,10 +278,10 @@ def _forward_backward(job: _Job, batches: list[list[int]], i: int, lengths: list
     step_examples = sum(len(b) for b in batches[first:first + cfg.train.grad_accum])
     mine, weight = world.shard(batches[i], step_examples)  # one process: the whole batch, 1 / step_examples
     # Pieces of at most max_batch_tokens padded tokens; their gradients add up to the slice's.
-    pieces = data.split_by_tokens(mine, lengths, job.max_tokens)
+    pieces = batching.split_by_tokens(mine, lengths, job.max_tokens)
     mine_loss, extra = 0.0, None
     for k, piece in enumerate(pieces):
-        input_ids, attention_mask = data.collate([job.tokens["train"][j] for j in piece], job.pad_id)  # (b, T)
+        input_ids, attention_mask = batching.collate([job.tokens["train"][j] for j in piece], job.pad_id)  # (b, T)
         y = torch.as_tensor(job.targets["train"][piece], device=device)  # (b,)
         # DDP all-reduces on the step's last backward only (no_sync must cover forward and backward).
         with _no_sync(job.forward, not (boundary and k == len(pieces) - 1)):
@@ -479,7 +297,7 @@ def _forward_backward(job: _Job, batches: list[list[int]], i: int, lengths: list
     return (mine_loss if weight else 0.0), extra  # weight 0: a stand-in example that adds nothing
 
 
-def _optimizer_step(job: _Job, p: Progress) -> None:
+def _optimizer_step(job: Job, p: Progress) -> None:
     """The optimiser step on the accumulated gradients: clip, step, the method's hook, zero, schedule."""
     optimizer, scaler, max_norm = job.optimizer, job.scaler, job.cfg.train.max_grad_norm
     scale = scaler.get_scale() if scaler.is_enabled() else None
@@ -501,7 +319,7 @@ def _optimizer_step(job: _Job, p: Progress) -> None:
         job.scheduler.step()
 
 
-def _after_step(job: _Job, p: Progress, epoch: _Epoch, best_state: dict | None, signals: _Signals,
+def _after_step(job: Job, p: Progress, epoch: _Epoch, best_state: dict | None, signals: _Signals,
                 stopping: bool) -> None:
     """After an optimiser step: the progress bar, a metrics line every log_every steps, a checkpoint every
     checkpoint_every steps; on a signal, a checkpoint and Interrupted."""
@@ -524,7 +342,7 @@ def _after_step(job: _Job, p: Progress, epoch: _Epoch, best_state: dict | None, 
         raise signals.interrupted(job.run, f"step {p.step} (epoch {p.epoch})")
 
 
-def _end_epoch(job: _Job, p: Progress, best_state: dict | None, signals: _Signals, seconds: float) -> dict | None:
+def _end_epoch(job: Job, p: Progress, best_state: dict | None, signals: _Signals, seconds: float) -> dict | None:
     """Validation, the epoch's metrics line, the best state (its artifact saved) or early stopping, and a
     checkpoint. Returns the best epoch's state."""
     cfg, run, model, method = job.cfg, job.run, job.model, job.method
@@ -560,7 +378,7 @@ def _end_epoch(job: _Job, p: Progress, best_state: dict | None, signals: _Signal
     return best_state
 
 
-def _log_start(job: _Job) -> None:
+def _log_start(job: Job) -> None:
     """What trains on what, then the header of the per-epoch table."""
     cfg = job.cfg
     trainable, total = count_parameters(job.model)
@@ -572,7 +390,7 @@ def _log_start(job: _Job) -> None:
     log.info("%s", _table_header())
 
 
-def _progress_bar(job: _Job, p: Progress, batches: int) -> tqdm:
+def _progress_bar(job: Job, p: Progress, batches: int) -> tqdm:
     """The epoch's bar, counting optimiser steps (rank 0 only, when train.progress)."""
     cfg = job.cfg
     return tqdm(total=math.ceil(batches / cfg.train.grad_accum), initial=p.batch // cfg.train.grad_accum,
@@ -580,7 +398,7 @@ def _progress_bar(job: _Job, p: Progress, batches: int) -> tqdm:
                 leave=False, unit="step", dynamic_ncols=True)
 
 
-def _append_metrics(job: _Job, p: Progress, record: dict) -> None:
+def _append_metrics(job: Job, p: Progress, record: dict) -> None:
     """One metrics.jsonl line and the trackers (rank 0). Every process counts it: the count is in `Progress`."""
     p.metrics_lines += 1
     if job.world.is_main:
@@ -642,7 +460,7 @@ def _catch_signals():
             signal.signal(sig, old)
 
 
-def _logits(job: _Job, split: str) -> np.ndarray:
+def _logits(job: Job, split: str) -> np.ndarray:
     """Logits (N, C) of a split, in split order; data-parallel processes each compute a share."""
     tokens, world = job.tokens[split], job.world
     mine = world.my_examples([len(t) for t in tokens])  # one process: all of them
@@ -651,7 +469,7 @@ def _logits(job: _Job, split: str) -> np.ndarray:
     return world.gather_rows(part, mine, len(tokens))
 
 
-def _finish(job: _Job, p: Progress, best_state: dict | None) -> RunResult:
+def _finish(job: Job, p: Progress, best_state: dict | None) -> RunResult:
     """The best epoch, on test: eval.json, predictions.json, summary.json and the model card; checkpoints
     are no longer needed."""
     run = job.run
@@ -661,75 +479,72 @@ def _finish(job: _Job, p: Progress, best_state: dict | None) -> RunResult:
     test = {"split": "test", **classification_metrics(logits, job.targets["test"], job.dataset.label_names)}
     if not job.world.is_main:
         return RunResult(run.path, test, {})
-    run.write_json("eval.json", test)
-    run.write_json("predictions.json", _predictions(job, logits))
+    run.write_record(Eval.from_json(test))
+    run.write_record(_predictions(job, logits))
     summary = _summary(job, p, test)
     job.sinks.finish(test, summary, p.step)
-    run.write_json("summary.json", summary)
+    run.write_record(summary)
     modelcard.write(run.path)  # README.md, the model card, from the files just written
     checkpoint.remove_all(run.path)
-    _log_test(job, p, test, summary)
-    return RunResult(run.path, test, summary)
+    _log_test(p, test, summary)
+    return RunResult(run.path, test, summary.to_json())
 
 
-def _predictions(job: _Job, logits: np.ndarray) -> dict:
+def _predictions(job: Job, logits: np.ndarray) -> Predictions:
     """Per-example outcomes, in test-split order: what paired tests between runs (`lorafit compare`) need."""
-    return {
-        "split": "test",
-        "target": [int(t) for t in job.targets["test"]],
-        "predicted": [int(i) for i in logits.argmax(-1)],
-        "probability": [round(float(x), 6) for x in softmax(logits).max(-1)],
-    }
+    return Predictions(split="test", target=[int(t) for t in job.targets["test"]],
+                       predicted=[int(i) for i in logits.argmax(-1)],
+                       probability=[round(float(x), 6) for x in softmax(logits).max(-1)])
 
 
-def _summary(job: _Job, p: Progress, test: dict) -> dict:
+def _summary(job: Job, p: Progress, test: dict) -> Summary:
     """summary.json: the run's size, cost, best epoch and test figures, then the method's own (method.summary)."""
     cfg = job.cfg
     trainable, total = count_parameters(job.model)
     train_seconds = float(sum(p.epoch_seconds))
-    return {
-        "method": cfg.method.name,
-        "model": cfg.model.name,
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_percent": 100 * trainable / total,
-        "adapter_bytes": folder_bytes(job.run.path / job.method.artifact),
-        "train_seconds": train_seconds,
-        "seconds_per_epoch": train_seconds / len(p.epoch_seconds),
-        "train_examples_per_second": p.examples_seen / train_seconds,
-        "peak_memory_mb": peak_memory_mb(job.device),
-        "best_epoch": p.best_epoch,
-        "epochs_run": len(p.epoch_seconds),
-        "stopped_early": len(p.epoch_seconds) < cfg.train.epochs,
-        "best_validation": {cfg.train.metric: p.best_value},
-        "test_accuracy": test["accuracy"],
-        "test_macro_f1": test["macro_f1"],
-        "train_label_counts": data.label_counts(job.dataset.splits["train"].labels),
-        "steps": p.step,
-        "device": str(job.device),
-        "autocast": str(job.amp).replace("torch.", "") if job.amp else None,
-        "threads": torch.get_num_threads(),
-        "processes": job.world.size,  # data-parallel; peak memory is rank 0's, examples/s all processes'
-        "cpu_fast_paths": job.fast_paths,
-        "compute": job.compute,
-        "skipped_steps": p.skipped_steps,
-        "versions": _versions(),
-    } | job.method.summary(job.model)
+    return Summary(
+        method=cfg.method.name,
+        model=cfg.model.name,
+        trainable_params=trainable,
+        total_params=total,
+        trainable_percent=100 * trainable / total,
+        adapter_bytes=folder_bytes(job.run.path / job.method.artifact),
+        train_seconds=train_seconds,
+        seconds_per_epoch=train_seconds / len(p.epoch_seconds),
+        train_examples_per_second=p.examples_seen / train_seconds,
+        peak_memory_mb=peak_memory_mb(job.device),
+        best_epoch=p.best_epoch,
+        epochs_run=len(p.epoch_seconds),
+        stopped_early=len(p.epoch_seconds) < cfg.train.epochs,
+        best_validation={cfg.train.metric: p.best_value},
+        test_accuracy=test["accuracy"],
+        test_macro_f1=test["macro_f1"],
+        train_label_counts=data.label_counts(job.dataset.splits["train"].labels),
+        steps=p.step,
+        device=str(job.device),
+        autocast=str(job.amp).replace("torch.", "") if job.amp else None,
+        threads=torch.get_num_threads(),
+        processes=job.world.size,  # data-parallel; peak memory is rank 0's, examples/s all processes'
+        cpu_fast_paths=job.fast_paths,
+        compute=job.compute,
+        skipped_steps=p.skipped_steps,
+        versions=_versions(),
+        extra=job.method.summary(job.model),  # the method's own figures (AdaLoRA's ranks), after the fields
+    )
 
 
-def _log_test(job: _Job, p: Progress, test: dict, summary: dict) -> None:
+def _log_test(p: Progress, test: dict, summary: Summary) -> None:
     log.info(
         "test (best epoch %d): accuracy %.4f, macro-F1 %.4f, loss %.4f on %d examples; %.1f s/epoch, %.0f train examples/s",
         p.best_epoch, test["accuracy"], test["macro_f1"], test["loss"], test["examples"],
-        summary["seconds_per_epoch"], summary["train_examples_per_second"],
+        summary.seconds_per_epoch, summary.train_examples_per_second,
     )
-    for key in job.method.summary(job.model):  # the method's figures, as summary.json holds them
-        value = summary[key]
+    for key, value in summary.extra.items():  # the method's figures, as summary.json holds them
         shown = ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value
         log.info("%s: %s", key, shown)
 
 
-def _diverged(job: _Job, p: Progress, value: float) -> None:
+def _diverged(job: Job, p: Progress, value: float) -> None:
     run, method = job.run, job.method
     kept = (
         f"the last good checkpoint (epoch {p.best_epoch}) is kept in {run.path / method.artifact}"

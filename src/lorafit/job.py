@@ -1,0 +1,214 @@
+"""Everything a run is built from before its first step: the same for a new run and a resumed one.
+
+`prepare(cfg, run, recorded)` reads and tokenises the data, builds the classifier, applies the
+method, decides how to compute (threads, device, autocast, token budget, CPU fast paths: recorded in
+compute.json and reused on resume) and makes the optimiser and schedule; it returns a `Job`, which
+the loop in train.py runs. Also here: which parameters weight decay applies to, and the records
+that let a resume check it continues on the same data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import get_scheduler
+
+from . import batching, data, hardware, kernels, methods
+from .config import Config, load_config, resolve_schedule, validate
+from .distributed import World
+from .errors import UserError
+from .methods.base import Method
+from .models import build_classifier, hub_id, load_tokenizer, looks_like_hub_id
+from .rundir import Compute, RunDir, Splits
+from .runtime import autocast_dtype, seed_everything, select_device, set_threads, token_budget
+from .track import Sinks
+
+__all__ = ["Job", "prepare", "as_config", "count_parameters", "decayed_parameters", "make_optimizer", "NO_DECAY_ROLES",
+           "splits_record", "check_same_data"]
+
+log = logging.getLogger(__name__)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total); peft's frozen copy of a saved module is not counted twice."""
+    trainable = total = 0
+    for name, p in model.named_parameters():
+        if ".original_module." in name:
+            continue
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+#: Parameters of two or more dimensions that are scales, not weight matrices: AdaLoRA's singular values
+#: (lora_E, (r, 1)), IA3's scaling vectors (ia3_l, (out, 1)), DoRA's magnitudes, VeRA's scaling vectors.
+NO_DECAY_ROLES = ("lora_E", "ia3_l", "lora_magnitude_vector", "vera_lambda_b", "vera_lambda_d")
+
+
+def decayed_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters weight decay applies to: weight matrices, chosen by role, not by shape alone.
+
+    Decay pulls a parameter towards 0, which is a prior for weight matrices (and low-rank factors,
+    whose product is a weight update), not for biases, norms or the scaling vectors of NO_DECAY_ROLES,
+    whatever their number of dimensions: decaying AdaLoRA's singular values shrinks the update, and
+    IA3's vectors multiply a layer's output, so decaying them pulls the output to 0.
+    """
+    return {id(p) for name, p in model.named_parameters()
+            if p.ndim >= 2 and not any(role in name.split(".") for role in NO_DECAY_ROLES)}
+
+
+def make_optimizer(model: nn.Module, method: Method, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW with the head at train.head_lr, and weight decay on weight matrices only (see decayed_parameters)."""
+    head_lr = cfg.train.head_lr if cfg.train.head_lr is not None else cfg.train.lr
+    decayed = decayed_parameters(model)
+    groups = []
+    for group in method.param_groups(model, cfg.train.lr, head_lr):
+        decay = [p for p in group["params"] if id(p) in decayed]
+        no_decay = [p for p in group["params"] if id(p) not in decayed]
+        groups += [
+            {"params": decay, "lr": group["lr"], "weight_decay": cfg.train.weight_decay, "name": group["name"]},
+            {"params": no_decay, "lr": group["lr"], "weight_decay": 0.0, "name": f"{group['name']}_no_decay"},
+        ]
+    return torch.optim.AdamW([g for g in groups if g["params"]])
+
+
+def as_config(config: Config | str | Path | dict) -> Config:
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, dict):
+        return validate(config)
+    return load_config(config)
+
+
+@dataclass
+class Job:
+    """Everything built before the first step; the same for a fresh run and a resumed one."""
+
+    cfg: Config
+    run: RunDir
+    device: torch.device
+    amp: torch.dtype | None
+    dataset: data.Dataset
+    tokens: dict[str, list[list[int]]]
+    targets: dict[str, np.ndarray]
+    pad_id: int
+    model: nn.Module
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    schedule: object
+    adapted: list[str]
+    world: World  # this process among the data-parallel ones (size 1: a plain run)
+    forward: nn.Module  # what training steps call: the model, or DDP around it
+    fast_paths: dict[str, int]  # CPU fast paths in use: layers switched, by kind (lorafit/kernels.py)
+    max_tokens: int | None  # padded tokens per forward pass (train.max_batch_tokens for this device)
+    scaler: torch.amp.GradScaler  # fp16 loss scaling; disabled (a pass-through) in every other precision
+    compute: Compute  # how this run computes (threads, token budget, kernels): compute.json, reused on --resume
+    sinks: Sinks | None = None  # the experiment trackers, opened when training starts
+
+
+def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None) -> Job:
+    """Everything before the first step. `recorded`: the compute.json of the run being resumed, whose
+    threads, token budget and CPU kernels are reused so the continuation computes as the start did."""
+    world = World.from_env()
+    set_threads((recorded and recorded.threads) or cfg.train.threads or world.threads())
+    device = world.join(select_device(cfg.train.device))
+    if not world.is_main:
+        logging.getLogger("lorafit").setLevel(logging.WARNING)  # rank 0 tells the story
+    amp = autocast_dtype(cfg.train, device)
+
+    # -- data: read, clean, split, tokenise once ----------------------------------------------
+    dataset, data_cfg = data.load(cfg.data, cfg.seed)
+    cfg = cfg.model_copy(update={"data": data_cfg})
+    tokenizer = load_tokenizer(cfg.model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tokens = {name: batching.tokenize(tokenizer, split.texts, cfg.data.max_length) for name, split in dataset.splits.items()}
+    targets = {name: np.array(dataset.label_ids(name)) for name in dataset.splits}
+
+    # -- model and method ---------------------------------------------------------------------
+    seed_everything(cfg.seed)
+    model = build_classifier(cfg.model, len(dataset.label_names), cfg.seed)
+    method = methods.build(cfg.method)
+    schedule = resolve_schedule(cfg, len(dataset.splits["train"]))
+    model = method.apply(model, total_steps=schedule.total_steps)
+    model.to(device)
+    fast, kernel_choice = cpu_kernels(cfg, model, device, world, recorded.cpu_kernels if recorded else None)
+    if fast:
+        log.info("CPU fast paths: %s", ", ".join(f"{k} x{v}" for k, v in fast.items()))
+    kept = recorded is not None and "max_batch_tokens" not in recorded.absent  # a run of an older version may lack it
+    max_tokens = recorded.max_batch_tokens if kept else token_budget(cfg.train.max_batch_tokens, device)
+    compute = Compute(device=str(device), threads=torch.get_num_threads(), processes=world.size, max_batch_tokens=max_tokens,
+                      autocast=str(amp).replace("torch.", "") if amp else None, cpu_kernels=kernel_choice,
+                      base_model=base_model_record(cfg.model.name))
+    forward = world.wrap(model, device)
+    optimizer = make_optimizer(model, method, cfg)
+    scheduler = get_scheduler(
+        "constant_with_warmup" if cfg.train.schedule == "constant" else cfg.train.schedule,
+        optimizer,
+        num_warmup_steps=schedule.warmup_steps,
+        num_training_steps=schedule.total_steps,
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    return Job(cfg, run, device, amp, dataset, tokens, targets, pad_id, model, method, optimizer, scheduler, schedule,
+                method.adapted, world, forward, fast, max_tokens, scaler, compute)
+
+
+def base_model_record(name: str) -> dict:
+    """The base model by the name other machines know it by, decided here, where `name` was resolved:
+    later readers (the model card, push) may run elsewhere, where a relative folder means something else."""
+    hub = hub_id(name)
+    return {"name": name, "hub_id": hub, "on_hub": hub != name or (looks_like_hub_id(name) and not Path(name).expanduser().exists())}
+
+
+def cpu_kernels(cfg: Config, model: nn.Module, device: torch.device, world: World,
+                 recorded: dict | None) -> tuple[dict[str, int], dict]:
+    """Switch `model` to the CPU fast paths train.cpu_kernels asks for; (layers switched, the decision).
+
+    auto times oneDNN against PyTorch's linear on this host (kernels.decide) -- unless the run is being
+    resumed, when the choice recorded at its start is reused: the two paths differ in float summation
+    order, so a continuation that picked the other one would not end where the uninterrupted run does.
+    Data-parallel processes all take rank 0's decision.
+    """
+    if device.type != "cpu" or cfg.train.cpu_kernels == "stock":
+        why = "not a CPU run" if device.type != "cpu" else "train.cpu_kernels=stock"
+        return {}, {"onednn_linear": False, "fast_dropout": False, "reason": why, "cpu": hardware.cpu_info()}
+    if cfg.train.cpu_kernels == "onednn":
+        decision = {"onednn_linear": True, "reason": "train.cpu_kernels=onednn"}
+    elif recorded is not None:
+        decision = recorded
+    else:
+        decision = world.gather_objects(kernels.decide(torch.get_num_threads()) if world.is_main else None)[0]
+    fast = kernels.use_fast_paths(model, device, onednn=bool(decision["onednn_linear"])).counts
+    choice = {**decision, "onednn_linear": "onednn_linear" in fast, "fast_dropout": "fast_dropout" in fast}
+    return fast, {"cpu": hardware.cpu_info(), **choice}
+
+
+def splits_record(job: Job) -> Splits:
+    """splits.json: every split's source rows, the seed, and a sha256 of what the rows hold (so a
+    resume notices edited texts or labels, not only moved rows)."""
+    content = {name: hashlib.sha256(json.dumps([split.texts, split.labels], ensure_ascii=False).encode("utf-8")).hexdigest()
+               for name, split in job.dataset.splits.items()}
+    return Splits.from_json(job.dataset.splits_record() | {"seed": job.cfg.seed, "content_sha256": content})
+
+
+def check_same_data(job: Job, run: RunDir) -> None:
+    """Resume only onto the data the run started with: every split's rows and content, and the labels."""
+    then = run.splits().to_json()
+    now = splits_record(job).to_json()
+    # "source" is where the data was read from: a moved mirror holding the same rows is fine.
+    changed = [f"{key} rows" if key in job.dataset.splits else key for key in sorted(set(then) | set(now))
+               if key not in ("source", "content_sha256") and then.get(key) != now.get(key)]
+    then_content, now_content = then.get("content_sha256", {}), now["content_sha256"]
+    changed += [f"{name} texts or labels" for name in now_content if name in then_content and then_content[name] != now_content[name]]
+    if run.read_json("labels.json") != job.dataset.label_names:
+        changed.append("label names")
+    if changed:
+        raise UserError(f"the data changed since {run.path} started ({', '.join(changed)}); "
+                        "cannot resume it exactly: restore the data or start a new run")
