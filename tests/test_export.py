@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lorafit
+from lorafit import evaluate
 from lorafit import export as export_module
 from lorafit.cli import main
 from lorafit.errors import UserError
@@ -49,7 +50,7 @@ def _test_texts(data_dir) -> list[str]:
 def test_export_reloads_with_parity(lora_run, data_dir, tmp_path, fmt, quantize, files):
     out = tmp_path / "exported"
     meta = export(lora_run, fmt, out, quantize=quantize)
-    assert {p.name for p in out.iterdir()} == files | {"export.json", "config.yaml", "labels.json", "README.md"}  # README: the model card
+    assert {p.name for p in out.iterdir()} == files | {"export.json", "config.yaml", "labels.json", "ood.json", "README.md"}  # README: the model card
     assert not list(tmp_path.glob(".*partial*")), "the temporary folder must be gone"
     assert [p.name for p in tmp_path.iterdir()] == ["exported"], "no temporary or replaced folder is left beside it"
     assert json.loads((out / "export.json").read_text()) == meta
@@ -93,7 +94,12 @@ def test_merged_loads_in_plain_transformers_and_pipeline(lora_run, data_dir, tmp
     got = classify(texts[:8])
     want = reference.predict(texts[:8], top_k=1)
     assert [g["label"] for g in got] == [w[0][0] for w in want]
-    assert [g["score"] for g in got] == pytest.approx([w[0][1] for w in want], abs=1e-5)
+    # transformers' pipeline knows nothing of the run's temperature (ood.json): its scores are the
+    # softmax of the raw logits; lorafit.load's are calibrated (logits / T)
+    raw = evaluate.softmax(expected[:8]).max(-1)
+    assert [g["score"] for g in got] == pytest.approx(raw.tolist(), abs=1e-5)
+    calibrated = evaluate.softmax(expected[:8] / reference.temperature).max(-1)
+    assert [w[0][1] for w in want] == pytest.approx(calibrated.tolist(), abs=1e-5)
 
 
 def test_merged_refuses_to_load_as_a_stock_model_without_its_code(lora_run, tmp_path):

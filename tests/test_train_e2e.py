@@ -19,7 +19,7 @@ from lorafit.rundir import RunDir
 
 from conftest import tiny_overrides
 
-RUN_FILES = {"config.yaml", "labels.json", "splits.json", "compute.json", "metrics.jsonl", "eval.json", "predictions.json",
+RUN_FILES = {"config.yaml", "labels.json", "splits.json", "compute.json", "metrics.jsonl", "eval.json", "predictions.json", "ood.json",
              "summary.json", "README.md"}
 
 

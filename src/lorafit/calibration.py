@@ -17,6 +17,9 @@ from .evaluate import cross_entropy, softmax
 
 __all__ = ["fit_temperature", "expected_calibration_error", "reliability_bins", "calibration_record", "BINS"]
 
+#: The temperatures fit_temperature may return.
+T_RANGE = (0.05, 20.0)
+
 #: Equal-width confidence bins for the expected calibration error (the usual 15 of Guo et al.).
 BINS = 15
 
@@ -38,7 +41,9 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, max_iter: int = 200
         return loss
 
     optimizer.step(closure)
-    t = float(log_t.detach().exp())
+    # Bounded: a model no better than chance on validation drives T to infinity, which would flatten
+    # every probability to a tie and lose the arg-max.
+    t = float(np.clip(float(log_t.detach().exp()), T_RANGE[0], T_RANGE[1]))
     # LBFGS can wander on degenerate inputs (e.g. all predictions right and growing ever more confident):
     # keep the result only if it does not make the NLL worse than T = 1.
     return t if cross_entropy(np.asarray(logits) / t, targets) <= cross_entropy(np.asarray(logits), targets) else 1.0

@@ -25,6 +25,7 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "TrackConfig",
+    "OodConfig",
     "Schedule",
     "load_config",
     "parse_overrides",
@@ -51,6 +52,14 @@ class DataConfig(_Section):
     """Share of train carved out (stratified, seeded) when the dataset has no validation split."""
     max_length: Annotated[int, Field(ge=8, le=8192)] = 128
     """Texts are truncated to this many tokens."""
+    oos_label: str | None = None
+    """The label value that marks out-of-scope examples (e.g. oos): kept out of the training classes;
+    those in validation choose the OOS threshold, those in test are scored as OOS."""
+    known_intents: Annotated[float, Field(gt=0, lt=1)] | None = None
+    """Open-intent protocol: this share of the training classes (a seeded random subset, recorded in
+    splits.json) is known; the other classes leave train and validation, their test examples become OOS."""
+    known_intents_seed: Annotated[int, Field(ge=0)] | None = None
+    """Seed of the known-intent draw; null: the run's seed."""
 
 
 class ModelConfig(_Section):
@@ -144,6 +153,20 @@ class TrainConfig(_Section):
         raise ValueError("give a number of tokens above 0, auto or null")
 
 
+class OodConfig(_Section):
+    score: Literal["msp", "energy", "mahalanobis", "knn"] = "msp"
+    """In-scope score that decides out-of-scope: msp (top softmax probability), energy (T * logsumexp
+    of logits / T), mahalanobis (distance of the sentence vector to the class means, fitted on train),
+    knn (cosine similarity to the k-th nearest training sentence vector)."""
+    target_recall: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    """Without OOS examples in validation, the threshold keeps this share of in-scope validation examples."""
+    k: Annotated[int, Field(gt=0)] = 10
+    """Neighbour rank of the knn score."""
+    calibrate: bool = True
+    """Fit a temperature on validation after training (Guo et al. 2017) and use it wherever probabilities
+    are shown or thresholded."""
+
+
 class TrackConfig(_Section):
     sinks: list[Literal["tensorboard", "mlflow", "wandb"]] = []
     """Experiment trackers that get every metric besides metrics.jsonl (always written)."""
@@ -169,6 +192,7 @@ class Config(_Section):
         default_factory=lambda: registry.get("lora").config_class(name="lora")
     )
     train: TrainConfig = TrainConfig()
+    ood: OodConfig = OodConfig()
     track: TrackConfig = TrackConfig()
 
 

@@ -1,4 +1,6 @@
 """Datasets as lorafit reads them: files parsed and cleaned, the label space, the splits.
+(Over 400 lines: every step that shapes rows into splits -- parsing, cleaning, carving, the
+out-of-scope settings -- stays in one place, in the order `load` runs them.)
 
 `load` turns `data.name` (a built-in name, a file or folder, or `hf:<hub id>`) into a `Dataset`:
 `sources` says where the files are (and checks them); here they are parsed with a line number for
@@ -29,7 +31,10 @@ from .config import DataConfig
 from .errors import UserError
 from .sources import SPLITS
 
-__all__ = ["Split", "Dataset", "load", "read_split", "read_table", "carve", "label_counts"]
+__all__ = ["Split", "Dataset", "load", "read_split", "read_table", "carve", "label_counts", "OUT_OF_SCOPE"]
+
+#: The label out-of-scope test examples get under the open-intent protocol (data.known_intents).
+OUT_OF_SCOPE = "out_of_scope"
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +60,30 @@ class Dataset:
     provenance: dict[str, str]
     source: str
     dropped: dict[str, int]
+    #: The label of out-of-scope examples in validation/test (data.oos_label, or OUT_OF_SCOPE for the
+    #: open-intent protocol's unknown classes); None: every example is in scope.
+    oos_label: str | None = None
+    #: The open-intent protocol's draw: the known classes, and the unknown ones whose test examples are OOS.
+    open_intent: dict | None = None
 
     def label_ids(self, split: str) -> list[int]:
+        """Class index of every example of `split`; -1 for an out-of-scope one."""
         index = {name: i for i, name in enumerate(self.label_names)}
-        return [index[label] for label in self.splits[split].labels]
+        return [-1 if label == self.oos_label else index[label] for label in self.splits[split].labels]
 
     def splits_record(self) -> dict:
-        """What splits.json holds: the source rows of every split."""
-        return {
+        """What splits.json holds: the source rows of every split (and the OOS setting, when there is one)."""
+        record = {
             "source": self.source,
             "provenance": self.provenance,
             "dropped_rows": self.dropped,
             **{name: split.rows for name, split in self.splits.items()},
         }
+        if self.oos_label is not None:
+            record["oos"] = {"label": self.oos_label, "examples": {n: s.labels.count(self.oos_label) for n, s in self.splits.items()}}
+        if self.open_intent is not None:
+            record["open_intent"] = self.open_intent
+        return record
 
 
 # -- reading tables -----------------------------------------------------------------------------
@@ -383,19 +399,59 @@ def load(cfg: DataConfig, seed: int) -> tuple[Dataset, DataConfig]:
             provenance[name] = f"carved from train (stratified, fraction {cfg.validation_fraction}, seed {carve_seed})"
     splits["train"] = train
 
+    oos_label, open_intent = None, None
+    if cfg.oos_label is not None:
+        splits["train"], oos_label = _set_oos_apart(splits, cfg.oos_label), cfg.oos_label
+        train = splits["train"]
+    if cfg.known_intents is not None:
+        open_intent = _open_intent(splits, cfg, seed if cfg.known_intents_seed is None else cfg.known_intents_seed)
+        oos_label = oos_label or OUT_OF_SCOPE
+        train = splits["train"]
+
     label_names = _label_order(train.labels)
     if len(label_names) < 2:
         raise UserError(f"training data has {len(label_names)} class ({_show_list(label_names)}); need at least 2")
     known = set(label_names)
     for name in ("validation", "test"):
-        unseen = sorted(set(splits[name].labels) - known)
+        unseen = sorted(set(splits[name].labels) - known - {oos_label})
         if unseen:
             raise UserError(f"{name} split has labels never seen in training: {_show_list(unseen, limit=10)}")
     for name in SPLITS:
         if len(splits[name]) == 0:
             raise UserError(f"{name} split is empty; add data or lower data.validation_fraction")
-    dataset = Dataset({n: splits[n] for n in SPLITS}, label_names, provenance, source, dropped)
+    dataset = Dataset({n: splits[n] for n in SPLITS}, label_names, provenance, source, dropped, oos_label, open_intent)
     return dataset, resolved
+
+
+def _set_oos_apart(splits: dict[str, Split], oos_label: str) -> Split:
+    """Check that data.oos_label names a label of the data; return train without its OOS examples."""
+    if not any(oos_label in split.labels for split in splits.values()):
+        labels = sorted({label for split in splits.values() for label in split.labels})
+        raise UserError(f"data.oos_label {_show(oos_label)!r} names no label of the data; labels: {_show_list(labels)}")
+    train = splits["train"]
+    return _subset(train, [i for i, label in enumerate(train.labels) if label != oos_label])
+
+
+def _open_intent(splits: dict[str, Split], cfg: DataConfig, seed: int) -> dict:
+    """The open-intent protocol (TEXTOIR): keep a seeded share of the training classes; the others leave
+    train and validation, and their test examples become OOS (labelled OUT_OF_SCOPE, or data.oos_label)."""
+    classes = _label_order(splits["train"].labels)
+    n_known = round(cfg.known_intents * len(classes))
+    if n_known < 2 or n_known >= len(classes):
+        raise UserError(f"data.known_intents={cfg.known_intents} keeps {n_known} of {len(classes)} classes; "
+                        "choose a share that keeps at least 2 and leaves at least 1 unknown")
+    if OUT_OF_SCOPE in classes and cfg.oos_label is None:
+        raise UserError(f"the data has a class named {OUT_OF_SCOPE!r}; name it data.oos_label or rename it")
+    known = sorted(random.Random(seed).sample(classes, n_known))
+    keep = set(known)
+    oos = cfg.oos_label or OUT_OF_SCOPE
+    for name in ("train", "validation"):
+        split = splits[name]
+        splits[name] = _subset(split, [i for i, label in enumerate(split.labels) if label in keep or
+                                       (name == "validation" and label == cfg.oos_label)])
+    test = splits["test"]
+    test.labels = [label if label in keep else oos for label in test.labels]
+    return {"known_intents": cfg.known_intents, "seed": seed, "known": known, "unknown": sorted(set(classes) - keep)}
 
 
 def _expand(name: str) -> Path:

@@ -87,8 +87,9 @@ def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | No
                 _write_merged(merged, reference, tmp)
             else:
                 _write_onnx(merged, reference, tmp, quantize)
-        for name in ("config.yaml", "labels.json"):
-            shutil.copy2(run.path / name, tmp / name)
+        for name in ("config.yaml", "labels.json", "ood.json"):  # ood.json: the temperature and OOS threshold
+            if (run.path / name).is_file():  # (a run of an older version has no ood.json)
+                shutil.copy2(run.path / name, tmp / name)
         meta = {
             "format": format,
             "quantize": quantize,

@@ -111,6 +111,7 @@ class Job:
     max_tokens: int | None  # padded tokens per forward pass (train.max_batch_tokens for this device)
     scaler: torch.amp.GradScaler  # fp16 loss scaling; disabled (a pass-through) in every other precision
     compute: Compute  # how this run computes (threads, token budget, kernels): compute.json, reused on --resume
+    oos_tokens: dict[str, list[list[int]]]  # out-of-scope examples of validation and test (set apart from `tokens`)
     sinks: Sinks | None = None  # the experiment trackers, opened when training starts
 
 
@@ -131,6 +132,14 @@ def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None) -> Job:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens = {name: batching.tokenize(tokenizer, split.texts, cfg.data.max_length) for name, split in dataset.splits.items()}
     targets = {name: np.array(dataset.label_ids(name)) for name in dataset.splits}
+    # Out-of-scope examples (target -1) of validation and test are set apart: the loop's metrics are
+    # in-scope classification; the OOS ones are scored after training (lorafit.ood).
+    oos_tokens = {}
+    for name in ("validation", "test"):
+        oos = targets[name] < 0
+        oos_tokens[name] = [t for t, o in zip(tokens[name], oos) if o]
+        tokens[name] = [t for t, o in zip(tokens[name], oos) if not o]
+        targets[name] = targets[name][~oos]
 
     # -- model and method ---------------------------------------------------------------------
     seed_everything(cfg.seed)
@@ -157,7 +166,7 @@ def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None) -> Job:
     )
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     return Job(cfg, run, device, amp, dataset, tokens, targets, pad_id, model, method, optimizer, scheduler, schedule,
-                method.adapted, world, forward, fast, max_tokens, scaler, compute)
+                method.adapted, world, forward, fast, max_tokens, scaler, compute, oos_tokens)
 
 
 def base_model_record(name: str) -> dict:

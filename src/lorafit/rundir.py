@@ -14,6 +14,8 @@ record here that its writer builds (`RunDir.write_record`) and its readers get b
     eval.json         test metrics of the best checkpoint                       Eval (ClassScores, Confusion)
     predictions.json  per test example: target, predicted class index,
                       top-1 probability                                         Predictions
+    ood.json          the temperature fitted on validation, and every out-of-scope
+                      score's threshold with the rule that chose it (lorafit.posthoc)
     summary.json      efficiency figures, best epoch, device, versions, and
                       the method's own figures (AdaLoRA's ranks)                Summary
     README.md         the model card (lorafit.modelcard)

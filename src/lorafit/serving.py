@@ -28,7 +28,7 @@ from . import batching
 from .config import ModelConfig
 from .errors import UserError
 from .evaluate import softmax
-from .inference import LoadPlan, batched_logits, check_no_pickles, load, plan_load
+from .inference import LoadPlan, batched_logits, check_no_pickles, load, plan_load, recorded_temperature
 from .models import ALIASES, build_classifier, load_tokenizer, resolve_model_path
 from .rundir import safe_name
 from .runtime import token_budget
@@ -66,6 +66,10 @@ class Limits:
 
 
 # -- what is served ---------------------------------------------------------------------------
+
+def _divided(logits: Callable[[list[str]], np.ndarray], temperature: float, texts: list[str]) -> np.ndarray:
+    return logits(texts) / temperature
+
 
 @dataclass
 class Served:
@@ -193,7 +197,10 @@ class Registry:
             classifier = load(plan, device="cpu")
             served = Served(name, plan.labels, threshold, classifier.logits, {"kind": plan.kind, "shared_base": False},
                             model=classifier.model, file_bytes=plan.file_bytes)
-        served.info.update(method=plan.cfg.method.name, base_model=(plan.base or plan.cfg.model).name)
+        temperature = recorded_temperature(plan.folder)
+        if temperature != 1.0:  # probabilities shown and thresholded are the calibrated ones (ood.json)
+            served.logits = functools.partial(_divided, served.logits, temperature)
+        served.info.update(method=plan.cfg.method.name, base_model=(plan.base or plan.cfg.model).name, temperature=temperature)
         if plan.kind == "run":  # a run folder builds on its base model (exports carry their own weights)
             served.base_path = resolve_model_path(plan.base.name)
         self.served[name] = served

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__, atomic, batching, checkpoint, data, modelcard
+from . import __version__, atomic, batching, checkpoint, data, modelcard, posthoc
 from .config import Config
 from .distributed import World
 from .errors import UserError
@@ -479,8 +479,11 @@ def _finish(job: Job, p: Progress, best_state: dict | None) -> RunResult:
     test = {"split": "test", **classification_metrics(logits, job.targets["test"], job.dataset.label_names)}
     if not job.world.is_main:
         return RunResult(run.path, test, {})
+    post = posthoc.fit(job)  # temperature and OOS thresholds, on validation
+    run.write_json("ood.json", post.record())
+    test |= posthoc.evaluate_test(job, post, logits)
     run.write_record(Eval.from_json(test))
-    run.write_record(_predictions(job, logits))
+    run.write_record(_predictions(job, logits / post.temperature))
     summary = _summary(job, p, test)
     job.sinks.finish(test, summary, p.step)
     run.write_record(summary)
@@ -491,7 +494,9 @@ def _finish(job: Job, p: Progress, best_state: dict | None) -> RunResult:
 
 
 def _predictions(job: Job, logits: np.ndarray) -> Predictions:
-    """Per-example outcomes, in test-split order: what paired tests between runs (`lorafit compare`) need."""
+    """Per-example outcomes, in test-split order: what paired tests between runs (`lorafit compare`) need.
+    `logits`: already divided by the run's temperature, so `probability` is the calibrated one; the
+    in-scope examples only (out-of-scope ones are scored in eval.json's `ood`)."""
     return Predictions(split="test", target=[int(t) for t in job.targets["test"]],
                        predicted=[int(i) for i in logits.argmax(-1)],
                        probability=[round(float(x), 6) for x in softmax(logits).max(-1)])

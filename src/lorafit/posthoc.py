@@ -1,0 +1,117 @@
+"""What is fitted after training, on the best epoch's weights, without touching test.
+
+- the temperature (calibration.fit_temperature) on the in-scope validation examples;
+- the out-of-scope scores (ood.py): the feature-space ones fitted on the training set's sentence
+  vectors; each score's threshold chosen on validation (with OOS validation examples by accuracy over
+  in-scope + OOS, else by in-scope recall `ood.target_recall`).
+
+`fit` returns a `Posthoc` (what ood.json records); `evaluate_test` applies it to the test split once,
+for eval.json's `calibration` and `ood` sections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import calibration, ood
+from .config import Config
+from .inference import predict_logits
+
+__all__ = ["Posthoc", "fit", "evaluate_test", "features_and_logits"]
+
+
+class _WithFeatures(nn.Module):
+    """The classifier's forward, returning [sentence vector, logits] side by side: (B, H + C)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: adapters stay active
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        features = self.base.features(input_ids, attention_mask)  # (B, H)
+        return torch.cat([features, self.base.classifier(self.base.dropout(features))], dim=-1)  # (B, H + C)
+
+
+def features_and_logits(model: nn.Module, token_ids: list[list[int]], pad_id: int, batch_size: int,
+                        device: torch.device, amp: torch.dtype | None, max_tokens: int | None,
+                        num_labels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled sentence vectors (N, H) and logits (N, C) in one pass."""
+    both = predict_logits(_WithFeatures(model), token_ids, pad_id, batch_size, device, amp, max_tokens)
+    if len(token_ids) == 0:
+        return np.zeros((0, 0), np.float32), np.zeros((0, num_labels), np.float32)
+    return both[:, :-num_labels], both[:, -num_labels:]
+
+
+@dataclass
+class Posthoc:
+    temperature: float
+    validation_calibration: dict
+    score: str  # the score that decides (ood.score)
+    thresholds: dict[str, dict]  # per score: {"threshold", "rule", validation figures}
+    scorers: dict[str, ood.FeatureScorer] = field(default_factory=dict)
+
+    def scores(self, kind: str, features: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        if kind in ood.FEATURE_SCORES:
+            return self.scorers[kind].score(features)
+        return ood.logit_score(kind, logits, self.temperature)
+
+    def record(self) -> dict:
+        """ood.json: the temperature, and every score's threshold with the rule that chose it."""
+        return {"temperature": self.temperature, "fitted_on": "validation",
+                "validation_calibration": {k: v for k, v in self.validation_calibration.items() if not k.startswith("reliability")},
+                "score": self.score, "threshold": self.thresholds[self.score]["threshold"],
+                "source": f"validation: {self.thresholds[self.score]['rule']}", "scores": self.thresholds}
+
+
+def _split(job, name: str, oos: bool) -> tuple[np.ndarray, np.ndarray]:
+    tokens = job.oos_tokens[name] if oos else job.tokens[name]
+    return features_and_logits(job.model, tokens, job.pad_id, job.cfg.train.eval_batch_size, job.device, job.amp,
+                               job.max_tokens, len(job.dataset.label_names))
+
+
+def fit(job) -> Posthoc:
+    """Fit the temperature and every OOS score's threshold on validation (and train, for feature scores)."""
+    cfg: Config = job.cfg
+    val_features, val_logits = _split(job, "validation", oos=False)
+    val_targets = job.targets["validation"]
+    temperature = calibration.fit_temperature(val_logits, val_targets) if cfg.ood.calibrate else 1.0
+    has_oos = bool(job.oos_tokens["validation"] or job.oos_tokens["test"])
+    kinds = list(ood.SCORES) if has_oos else [cfg.ood.score]  # with OOS data: every score, for the table
+    scorers = {}
+    if any(k in ood.FEATURE_SCORES for k in kinds):
+        train_features, _ = features_and_logits(job.model, job.tokens["train"], job.pad_id, cfg.train.eval_batch_size,
+                                                job.device, job.amp, job.max_tokens, len(job.dataset.label_names))
+        for kind in (k for k in kinds if k in ood.FEATURE_SCORES):
+            scorers[kind] = ood.fit_feature_scorer(kind, train_features, job.targets["train"],
+                                                   k=min(cfg.ood.k, len(train_features)))
+    post = Posthoc(temperature, calibration.calibration_record(val_logits, val_targets, temperature), cfg.ood.score, {}, scorers)
+    oos_features, oos_logits = _split(job, "validation", oos=True)
+    correct = val_logits.argmax(-1) == val_targets
+    for kind in kinds:
+        in_scope = post.scores(kind, val_features, val_logits)
+        outside = post.scores(kind, oos_features, oos_logits) if len(oos_logits) else None
+        post.thresholds[kind] = ood.choose_threshold(in_scope, outside, correct, cfg.ood.target_recall)
+    return post
+
+
+def evaluate_test(job, post: Posthoc, test_logits: np.ndarray) -> dict:
+    """eval.json's `calibration` (test, before/after the temperature) and, with OOS test examples, `ood`."""
+    targets = job.targets["test"]
+    result = {"calibration": calibration.calibration_record(test_logits, targets, post.temperature)}
+    if not job.oos_tokens["test"]:
+        return result
+    features, _ = _split(job, "test", oos=False)
+    oos_features, oos_logits = _split(job, "test", oos=True)
+    logits = np.concatenate([test_logits, oos_logits])
+    all_features = np.concatenate([features, oos_features])
+    is_oos = np.r_[np.zeros(len(targets), bool), np.ones(len(oos_logits), bool)]
+    full_targets = np.r_[targets, -np.ones(len(oos_logits), int)]
+    table = {kind: ood.oos_metrics(post.scores(kind, all_features, logits), is_oos, logits.argmax(-1), full_targets,
+                                   len(job.dataset.label_names), chosen["threshold"])
+             for kind, chosen in post.thresholds.items()}
+    return result | {"ood": {"score": post.score, "scores": table}}

@@ -1,0 +1,92 @@
+"""Out-of-scope data (data.oos_label, data.known_intents) and the calibration fitted after training, end to end."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import lorafit
+from lorafit.cli import main
+
+from conftest import FILLER, synthetic_frame, tiny_overrides
+
+
+def _with_oos(n: int, seed: int) -> pd.DataFrame:
+    """The synthetic intents plus 'oos' rows: filler words only, no intent keyword."""
+    rng = random.Random(seed)
+    oos = [{"text": " ".join(rng.choice(FILLER) for _ in range(rng.randint(3, 9))), "label": "oos"} for _ in range(n // 4)]
+    return pd.concat([synthetic_frame(n, seed), pd.DataFrame(oos)], ignore_index=True)
+
+
+@pytest.fixture
+def oos_data(tmp_path):
+    folder = tmp_path / "oos-data"
+    folder.mkdir()
+    _with_oos(160, 0).to_csv(folder / "train.csv", index=False)
+    _with_oos(48, 1).to_csv(folder / "test.csv", index=False)
+    return folder
+
+
+def test_oos_label_is_kept_out_of_training_and_scored(tiny_bert, oos_data, tmp_path):
+    out = tmp_path / "run"
+    result = lorafit.train(lorafit.load_config(None, tiny_overrides(tiny_bert, oos_data, **{"data.oos_label": "oos"})), out)
+    assert json.loads((out / "labels.json").read_text()) == ["food", "sport", "travel"]
+    splits = json.loads((out / "splits.json").read_text())
+    assert splits["oos"]["label"] == "oos" and splits["oos"]["examples"]["train"] == 0
+    assert splits["oos"]["examples"]["test"] == 12 and splits["oos"]["examples"]["validation"] > 0
+    ev = result.eval
+    assert ev["examples"] == 48  # in-scope test examples only in the classification figures
+    table = ev["ood"]["scores"]
+    assert set(table) == {"msp", "energy", "mahalanobis", "knn"}
+    for row in table.values():
+        assert row["oos_examples"] == 12 and row["examples"] == 60 and 0 <= row["auroc"] <= 1
+    record = json.loads((out / "ood.json").read_text())
+    assert record["source"].startswith("validation: max validation accuracy")  # OOS in validation: accuracy rule
+    assert record["threshold"] == record["scores"]["msp"]["threshold"]
+    assert record["temperature"] > 0 and "ece_after" in ev["calibration"]
+
+
+def test_predictions_and_predict_use_the_fitted_temperature(tiny_bert, oos_data, tmp_path):
+    out = tmp_path / "run"
+    lorafit.train(lorafit.load_config(None, tiny_overrides(tiny_bert, oos_data, **{"data.oos_label": "oos"})), out)
+    temperature = json.loads((out / "ood.json").read_text())["temperature"]
+    assert temperature != 1.0
+    classifier = lorafit.load(out)
+    assert classifier.temperature == temperature
+    test = pd.read_csv(oos_data / "test.csv")
+    texts = [t for t, label in zip(test["text"], test["label"]) if label != "oos"]
+    shown = [top[0][1] for top in classifier.predict(texts, top_k=1)]
+    logged = json.loads((out / "predictions.json").read_text())["probability"]
+    np.testing.assert_allclose(shown, logged, atol=1e-5)
+
+
+def test_open_intent_protocol_draws_known_classes_and_makes_the_rest_oos(tiny_bert, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    result = lorafit.train(lorafit.load_config(None, tiny_overrides(tiny_bert, tiny_data, **{"data.known_intents": 0.67})), out)
+    splits = json.loads((out / "splits.json").read_text())
+    known, unknown = splits["open_intent"]["known"], splits["open_intent"]["unknown"]
+    assert len(known) == 2 and len(unknown) == 1
+    assert json.loads((out / "labels.json").read_text()) == known
+    test = pd.read_csv(tiny_data / "test.csv")
+    assert splits["oos"]["examples"]["test"] == int((test["label"] == unknown[0]).sum())
+    assert splits["oos"]["examples"]["train"] == splits["oos"]["examples"]["validation"] == 0
+    record = json.loads((out / "ood.json").read_text())
+    assert record["source"] == "validation: 95% in-scope validation recall"  # no OOS in validation
+    assert result.eval["ood"]["scores"]["msp"]["oos_examples"] == splits["oos"]["examples"]["test"]
+
+
+@pytest.mark.parametrize("setting,message", [
+    ({"data.oos_label": "nope"}, "data.oos_label 'nope' names no label of the data"),
+    ({"data.known_intents": 0.3}, "data.known_intents=0.3 keeps 1 of 3 classes"),
+    ({"data.known_intents": 1.5}, "data.known_intents"),
+])
+def test_bad_oos_settings_fail_in_one_line_before_any_work(tiny_bert, tiny_data, tmp_path, capsys, setting, message):
+    out = tmp_path / "run"
+    assert main(["train", *tiny_overrides(tiny_bert, tiny_data, **setting), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
