@@ -61,6 +61,9 @@ def _launch(launcher: str, args: list[str], cwd: Path) -> subprocess.CompletedPr
     ("accelerate", "lora", {"train.grad_accum": 1}),
     ("torchrun", "adalora", {"method.init_rank": 6}),  # rank budget from averaged grads
     ("torchrun", "lora", {"train.max_batch_tokens": 24}),  # slices cut in pieces: one all-reduce, after the last
+    # each slice's class-weighted sum over the global step's summed class weights
+    ("torchrun", "lora", {"train.grad_accum": 2, "train.class_weights": "{food: 3.0, sport: 0.5}", "train.loss": "focal",
+                          "train.sampler": "class_balanced"}),
 ])
 def test_two_gloo_processes_match_one_process(tmp_path, launcher, method, extra):
     # No dropout anywhere, so one process and two see the same gradients up to float summation order.

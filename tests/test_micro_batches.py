@@ -77,6 +77,9 @@ def test_evaluation_logits_do_not_depend_on_the_budget(tiny_bert):
     ("lora", {"train.grad_accum": 2}),
     ("full", {"train.lr": 1e-3}),
     ("adalora", {"method.init_rank": 6}),  # its orthogonality penalty counts once per batch, not per piece
+    # a step's weighted mean: each piece's class-weighted focal sum over the step's summed class weights
+    ("lora", {"train.grad_accum": 2, "train.class_weights": "{food: 3.0, sport: 0.5}", "train.loss": "focal",
+              "train.label_smoothing": 0.1, "train.sampler": "class_balanced"}),
 ])
 def test_pieces_train_like_whole_batches(tmp_path, method, extra):
     overrides = dropout_free_overrides(tmp_path, method, **extra)

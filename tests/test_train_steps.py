@@ -22,11 +22,16 @@ from lorafit.train import resume, train
 from conftest import assert_same_training, dropout_free_overrides, tiny_overrides
 
 
-def test_grad_accum_k_equals_a_k_times_larger_batch(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [
+    {},
+    # class weights: every example of a step weighs w_y / (sum of w_y over the step), however it is cut
+    {"train.class_weights": "{food: 3.0, sport: 0.5}", "train.loss": "focal", "train.sampler": "class_balanced"},
+], ids=["plain", "weighted-focal-balanced"])
+def test_grad_accum_k_equals_a_k_times_larger_batch(tmp_path, monkeypatch, extra):
     """batch_size=B, grad_accum=2 over the very batches of a batch_size=2B run, cut unevenly (a third
     and two thirds, and a short last step) trains like batch_size=2B: every example of a step weighs
     1 / (examples in the step), however the step's batches are sized."""
-    big = dropout_free_overrides(tmp_path / "setup", "lora", **{"train.batch_size": 12, "train.max_batch_tokens": "null"})
+    big = dropout_free_overrides(tmp_path / "setup", "lora", **{"train.batch_size": 12, "train.max_batch_tokens": "null", **extra})
     reference = train(load_config(None, big), tmp_path / "big")
 
     original = batching.length_grouped_batches

@@ -1,7 +1,7 @@
 """Token ids to batches, shared by training, prediction and serving.
 
-Tokenising, the batch orders (length-grouped and shuffled for training, length-sorted for
-evaluation), the cut of a batch into pieces under a padded-token budget, and padding to tensors.
+Tokenising, the batch orders (length-grouped and shuffled for training, optionally over a
+class-balanced draw of the examples; length-sorted for evaluation), the cut of a batch into pieces under a padded-token budget, and padding to tensors.
 Pure functions of lengths and ids: no model, no device, no data files.
 """
 
@@ -15,6 +15,8 @@ import torch
 __all__ = [
     "tokenize",
     "length_grouped_batches",
+    "class_balanced_draw",
+    "class_balanced_batches",
     "sorted_batches",
     "split_by_tokens",
     "collate",
@@ -41,6 +43,25 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Rand
         batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
     rng.shuffle(batches)
     return batches
+
+
+def class_balanced_draw(labels: list[int], rng: random.Random) -> list[int]:
+    """len(labels) example indices drawn with replacement so that every class is equally likely: each
+    draw picks a class uniformly (among those with examples), then one of its examples uniformly."""
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    members = [by_class[label] for label in sorted(by_class)]
+    return [rng.choice(rng.choice(members)) for _ in labels]
+
+
+def class_balanced_batches(lengths: list[int], labels: list[int], batch_size: int, rng: random.Random,
+                           group: int = 50) -> list[list[int]]:
+    """An epoch over a class-balanced draw (`class_balanced_draw`, as many draws as examples), batched
+    like `length_grouped_batches`; an example may appear more than once, a rare one usually does."""
+    drawn = class_balanced_draw(labels, rng)
+    batches = length_grouped_batches([lengths[i] for i in drawn], batch_size, rng, group)
+    return [[drawn[j] for j in batch] for batch in batches]
 
 
 def sorted_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:

@@ -1,4 +1,5 @@
 """The typed config tree: defaults -> YAML file -> dotted overrides, validated before any work.
+(Over 400 lines: every setting and its help text live here once, next to their validators.)
 
 Every field's docstring is its help text (`lorafit config keys` prints them). The tree
 is frozen and holds plain data only, so it round-trips through YAML. Values derived from the data
@@ -118,6 +119,27 @@ class TrainConfig(_Section):
     """Clip the gradient's global norm to this; null disables clipping."""
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     """Label smoothing of the training loss (validation and test losses stay plain cross-entropy)."""
+    class_weights: Literal["none", "balanced"] | dict[str, float] = "none"
+    """Weight of each training example's loss by its class: none; balanced, n_examples / (n_classes *
+    count of the class) in the training split (sklearn's "balanced"); or a mapping {label: weight > 0},
+    labels not named weighing 1. A step's loss is the weighted mean over its examples (sum of w_y *
+    loss over the step, divided by the sum of w_y over the same step: torch's weighted cross-entropy
+    for one batch), however the step is cut into micro-batches, pieces or processes. The resolved
+    weights are recorded under `derived` in the run's config.yaml. Validation and test losses stay
+    unweighted."""
+    loss: Literal["ce", "focal"] = "ce"
+    """Training loss per example: ce, cross-entropy; focal, focal loss (Lin et al. 2017)
+    -(1 - p_t)^gamma * log p_t, p_t the model's probability of the true class, with train.class_weights
+    as its alpha. With train.label_smoothing > 0 the factor (1 - p_t)^gamma multiplies the smoothed
+    cross-entropy of the example (p_t stays the true class's probability)."""
+    focal_gamma: Annotated[float, Field(ge=0)] = 2.0
+    """Focusing parameter gamma of train.loss=focal (0 is plain cross-entropy); ignored with ce."""
+    sampler: Literal["length_grouped", "class_balanced"] = "length_grouped"
+    """How an epoch's training examples are drawn: length_grouped, each example once (shuffled, in
+    batches of similar length); class_balanced, as many draws as training examples, each of a class
+    picked uniformly and then one of its examples (with replacement), so every class is equally
+    frequent; then batched by length the same way. Both depend only on the seed and the epoch, so a
+    resume and every data-parallel process draw the same batches."""
     patience: Annotated[int, Field(gt=0)] | None = None
     """Stop after this many epochs without improvement of train.metric; null never stops early."""
     metric: Literal["accuracy", "macro_f1", "loss"] = "accuracy"
@@ -151,6 +173,32 @@ class TrainConfig(_Section):
         if value is None or value == "auto" or (type(value) is int and value > 0):
             return value
         raise ValueError("give a number of tokens above 0, auto or null")
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _class_weights(cls, value: Any) -> Any:
+        # One clear message instead of pydantic's one per member of the union. Keys become strings:
+        # YAML reads a label such as 0 or 1 as a number, and label names are strings.
+        if value in ("none", "balanced"):
+            return value
+        if not isinstance(value, dict) or not value:
+            raise ValueError("give none, balanced or a mapping {label: weight}")
+        bad = [k for k, w in value.items() if not _positive_finite(w)]
+        if bad:
+            raise ValueError(f"each weight must be a finite number above 0 (not so for {', '.join(_short_repr(str(k)) for k in bad)})")
+        names = [str(k) for k in value]
+        if len(set(names)) < len(names):
+            raise ValueError("a label is named twice")
+        return {str(k): float(w) for k, w in value.items()}
+
+
+def _positive_finite(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return 0 < float(value) < math.inf
+    except OverflowError:  # an integer past float's range
+        return False
 
 
 class OodConfig(_Section):

@@ -6,8 +6,9 @@
 The launcher starts one process per device and sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT; lorafit joins the process group (NCCL on CUDA, gloo on CPU) and trains
 with DistributedDataParallel. Every process builds the same global length-grouped batches and takes
-its own slice of each one; its loss is the *sum* over its slice times WORLD_SIZE / global batch size,
-so DDP's gradient average is exactly the gradient of the global batch's mean loss, whatever the
+its own slice of each one; its loss is the *sum* over its slice times WORLD_SIZE / global batch size
+(with train.class_weights: the class-weighted sum over the slice, times WORLD_SIZE / the global batch's
+summed weights), so DDP's gradient average is exactly the gradient of the global batch's mean loss, whatever the
 slice sizes. One optimiser step therefore sees the same gradient as a single process with the same
 batch size, up to float summation order (and dropout masks, which differ per process). Validation
 and test batches are split over the processes and their logits gathered, so every process takes the
@@ -109,24 +110,25 @@ class World:
                 dist.destroy_process_group()
 
     # -- per step ---------------------------------------------------------------------------------
-    def shard(self, batch: list[int], step_examples: int | None = None) -> tuple[list[int], float]:
+    def shard(self, batch: list[int], step_weight: float | None = None) -> tuple[list[int], float]:
         """This process's slice of a global batch and the weight of its summed loss.
 
-        The weight is WORLD_SIZE / step_examples (the examples of all the batches one optimiser step
-        accumulates; default this batch's), so after DDP's average every example of the step weighs
-        1 / step_examples. Slices are contiguous runs of the (length-grouped) batch, so they stay
-        similar in length. A process whose slice would be empty (a last batch smaller than
-        WORLD_SIZE) takes one example with weight 0: it still joins the gradient all-reduce but adds
-        nothing.
+        The weight is WORLD_SIZE / step_weight, step_weight being the total weight of the examples of
+        all the batches one optimiser step accumulates: their number (default this batch's), or with
+        class weights the sum of their w_y, which the summed loss then holds as w_y * loss per example.
+        After DDP's average every example of the step weighs 1 / step_weight (w_y / step_weight).
+        Slices are contiguous runs of the (length-grouped) batch, so they stay similar in length. A
+        process whose slice would be empty (a last batch smaller than WORLD_SIZE) takes one example
+        with weight 0: it still joins the gradient all-reduce but adds nothing.
         """
-        step_examples = step_examples or len(batch)
+        step_weight = step_weight or len(batch)
         if not self.active:
-            return batch, 1.0 / step_examples
+            return batch, 1.0 / step_weight
         bounds = np.linspace(0, len(batch), self.size + 1).round().astype(int)
         mine = batch[bounds[self.rank]:bounds[self.rank + 1]]
         if not mine:
             return batch[:1], 0.0
-        return mine, self.size / step_examples
+        return mine, self.size / step_weight
 
     def gather_objects(self, obj: object) -> list:
         """Every process's `obj`, in rank order (a one-item list for one process)."""

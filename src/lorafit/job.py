@@ -1,6 +1,6 @@
 """Everything a run is built from before its first step: the same for a new run and a resumed one.
 
-`prepare(cfg, run, recorded)` reads and tokenises the data, builds the classifier, applies the
+`prepare(cfg, run, recorded)` reads and tokenises the data, resolves the class weights, builds the classifier, applies the
 method, decides how to compute (threads, device, autocast, token budget, CPU fast paths: recorded in
 compute.json and reused on resume) and makes the optimiser and schedule; it returns a `Job`, which
 the loop in train.py runs. Also here: which parameters weight decay applies to, and the records
@@ -31,7 +31,7 @@ from .runtime import autocast_dtype, seed_everything, select_device, set_threads
 from .track import Sinks
 
 __all__ = ["Job", "prepare", "as_config", "count_parameters", "decayed_parameters", "make_optimizer", "NO_DECAY_ROLES",
-           "splits_record", "check_same_data"]
+           "splits_record", "check_same_data", "class_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ class Job:
     compute: Compute  # how this run computes (threads, token budget, kernels): compute.json, reused on --resume
     oos_tokens: dict[str, list[list[int]]]  # out-of-scope examples of validation and test (set apart from `tokens`)
     sinks: Sinks | None = None  # the experiment trackers, opened when training starts
+    class_weights: np.ndarray | None = None  # (C,) float64, train.class_weights resolved; None: every example weighs 1
 
 
 def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None) -> Job:
@@ -128,6 +129,7 @@ def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None) -> Job:
     # -- data: read, clean, split, tokenise once ----------------------------------------------
     dataset, data_cfg = data.load(cfg.data, cfg.seed)
     cfg = cfg.model_copy(update={"data": data_cfg})
+    weights = class_weights(cfg.train.class_weights, dataset.label_names, dataset.label_ids("train"))
     tokenizer = load_tokenizer(cfg.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens = {name: batching.tokenize(tokenizer, split.texts, cfg.data.max_length) for name, split in dataset.splits.items()}
@@ -166,7 +168,31 @@ def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None) -> Job:
     )
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     return Job(cfg, run, device, amp, dataset, tokens, targets, pad_id, model, method, optimizer, scheduler, schedule,
-                method.adapted, world, forward, fast, max_tokens, scaler, compute, oos_tokens)
+                method.adapted, world, forward, fast, max_tokens, scaler, compute, oos_tokens, class_weights=weights)
+
+
+def class_weights(setting: str | dict[str, float], label_names: list[str], train_ids: list[int]) -> np.ndarray | None:
+    """train.class_weights as one weight per class (C,), or None for none.
+
+    balanced: n / (n_classes * count of the class) over the training split, sklearn's "balanced" (a class
+    without training examples, which no training loss sees, keeps 1). A mapping names labels; the
+    others weigh 1, and a name the training data lacks is refused before any work.
+    """
+    if setting == "none":
+        return None
+    if setting == "balanced":
+        counts = np.bincount(np.asarray(train_ids, dtype=np.int64), minlength=len(label_names))
+        present = counts > 0
+        weights = np.ones(len(label_names))
+        weights[present] = len(train_ids) / (int(present.sum()) * counts[present])
+        return weights
+    assert isinstance(setting, dict)
+    unknown = [name for name in setting if name not in label_names]
+    if unknown:
+        shown = ", ".join(repr(name) for name in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        labels = ", ".join(label_names[:30]) + (f" and {len(label_names) - 30} more" if len(label_names) > 30 else "")
+        raise UserError(f"train.class_weights names labels the training data does not have: {shown}; its labels are: {labels}")
+    return np.array([setting.get(name, 1.0) for name in label_names], dtype=np.float64)
 
 
 def base_model_record(name: str) -> dict:

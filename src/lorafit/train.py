@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__, atomic, batching, checkpoint, data, modelcard, posthoc
-from .config import Config
+from .config import Config, TrainConfig
 from .distributed import World
 from .errors import UserError
 from .evaluate import classification_metrics, softmax
@@ -46,7 +46,7 @@ from .rundir import Eval, Predictions, RunDir, Summary, folder_bytes
 from .runtime import autocast, peak_memory_mb
 from .track import Sinks, open_sinks
 
-__all__ = ["train", "resume", "RunResult", "Interrupted", "count_parameters"]
+__all__ = ["train", "resume", "RunResult", "Interrupted", "count_parameters", "sum_training_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +105,19 @@ def train(config: Config | str | Path | dict, out: str | Path, overwrite: bool =
     # Everything that can fail on bad input has been checked: only now is the folder created.
     if job.world.is_main:
         run.create(overwrite)
-        run.write_config(job.cfg, derived=asdict(job.schedule) | {"adapted_modules": len(job.adapted)})
+        run.write_config(job.cfg, derived=_derived(job))
         run.write_json("labels.json", job.dataset.label_names)
         run.write_record(splits_record(job))
         run.write_record(job.compute)
     return _run(job, Progress())
+
+
+def _derived(job: Job) -> dict:
+    """config.yaml's `derived` section: the schedule, the adapted modules and the resolved class weights."""
+    derived = asdict(job.schedule) | {"adapted_modules": len(job.adapted)}
+    if job.class_weights is not None:
+        derived["class_weights"] = {name: float(w) for name, w in zip(job.dataset.label_names, job.class_weights)}
+    return derived
 
 
 def resume(run_dir: str | Path) -> RunResult:
@@ -214,7 +222,7 @@ class _Epoch:
     """One pass over the train batches: what its steps share besides `Progress`. Not checkpointed: a
     resumed epoch draws the same batches again and restarts its clocks."""
 
-    batches: list[list[int]]  # micro-batches of train example indices, length-grouped
+    batches: list[list[int]]  # micro-batches of train example indices, length-grouped (`_batches`)
     bar: tqdm
     started: float  # perf_counter at the epoch's start, moved back by the time it ran before a resume
     window_start: float  # perf_counter when the current logging window opened
@@ -227,7 +235,7 @@ def _epochs(job: Job, p: Progress, best_state: dict | None, signals: _Signals) -
     lengths = [len(t) for t in job.tokens["train"]]
     while p.epoch <= cfg.train.epochs and not p.stopped:
         job.model.train()
-        batches = batching.length_grouped_batches(lengths, cfg.train.batch_size, random.Random(cfg.seed * 1000 + p.epoch))
+        batches = _batches(job, p.epoch, lengths)
         if p.batch == 0:
             torch.manual_seed(cfg.seed * 1000 + p.epoch + 7919 * job.world.rank)  # dropout masks repeat per epoch
         with _progress_bar(job, p, len(batches)) as bar:  # closed however the epoch ends
@@ -236,8 +244,27 @@ def _epochs(job: Job, p: Progress, best_state: dict | None, signals: _Signals) -
                 stepped, stopping = _train_step(job, p, batches, i, lengths, signals)
                 if stepped:
                     _after_step(job, p, epoch, best_state, signals, stopping)
-        best_state = _end_epoch(job, p, best_state, signals, seconds=time.perf_counter() - epoch.started)
+        weight = _weight(job, [j for batch in batches for j in batch])  # the epoch's examples, weighted
+        best_state = _end_epoch(job, p, best_state, signals, seconds=time.perf_counter() - epoch.started, weight=weight)
     return best_state
+
+
+def _batches(job: Job, epoch: int, lengths: list[int]) -> list[list[int]]:
+    """The epoch's micro-batches (train.sampler): a function of the seed and the epoch alone, so a resumed
+    epoch and every data-parallel process draw the same ones."""
+    cfg = job.cfg
+    rng = random.Random(cfg.seed * 1000 + epoch)
+    if cfg.train.sampler == "class_balanced":
+        return batching.class_balanced_batches(lengths, job.targets["train"].tolist(), cfg.train.batch_size, rng)
+    return batching.length_grouped_batches(lengths, cfg.train.batch_size, rng)
+
+
+def _weight(job: Job, examples: list[int]) -> float:
+    """The examples' total weight in the training loss: their number, or with train.class_weights the sum
+    of their classes' weights (fsum: exact, so the same whatever the order or cut of the examples)."""
+    if job.class_weights is None:
+        return len(examples)
+    return math.fsum(job.class_weights[job.targets["train"][examples]])
 
 
 def _train_step(job: Job, p: Progress, batches: list[list[int]], i: int, lengths: list[int],
@@ -248,13 +275,14 @@ def _train_step(job: Job, p: Progress, batches: list[list[int]], i: int, lengths
     batch = batches[i]
     boundary = (i + 1) % job.cfg.train.grad_accum == 0 or i + 1 == len(batches)  # the step's last micro-batch
     mine_loss, extra = _forward_backward(job, batches, i, lengths, boundary)
-    # The global batch's mean loss; a signal caught by any process stops them all at this step.
+    # The global batch's (weighted) mean loss; a signal caught by any process stops them all at this step.
     summed, votes = job.world.sum([mine_loss, signals.vote()])
-    batch_loss = summed / len(batch)
+    batch_weight = _weight(job, batch)
+    batch_loss = summed / batch_weight
     stopping = signals.agreed(votes)
     if not math.isfinite(batch_loss) or (extra is not None and not torch.isfinite(extra)):
         _diverged(job, p, batch_loss if not math.isfinite(batch_loss) else float(extra.detach()))
-    p.epoch_loss += batch_loss * len(batch)
+    p.epoch_loss += batch_loss * batch_weight
     p.window_loss += batch_loss
     p.window_batches += 1
     p.window_examples += len(batch)
@@ -271,12 +299,14 @@ def _forward_backward(job: Job, batches: list[list[int]], i: int, lengths: list[
 
     Returns (this process's summed loss, the method's extra loss or None). An optimiser step sums the
     gradients of up to grad_accum batches (fewer at the epoch's end), each example weighted
-    1 / (examples in the step): the step's mean loss, however uneven.
+    1 / (examples in the step), or with class weights w_y / (sum of w_y over the step's examples): the
+    step's (weighted) mean loss, however uneven.
     """
     cfg, device, world = job.cfg, job.device, job.world
     first = i - i % cfg.train.grad_accum  # the step's first micro-batch
-    step_examples = sum(len(b) for b in batches[first:first + cfg.train.grad_accum])
-    mine, weight = world.shard(batches[i], step_examples)  # one process: the whole batch, 1 / step_examples
+    step_weight = _weight(job, [j for b in batches[first:first + cfg.train.grad_accum] for j in b])
+    mine, weight = world.shard(batches[i], step_weight)  # one process: the whole batch, 1 / step_weight
+    class_weights = None if job.class_weights is None else torch.as_tensor(job.class_weights, dtype=torch.float32, device=device)
     # Pieces of at most max_batch_tokens padded tokens; their gradients add up to the slice's.
     pieces = batching.split_by_tokens(mine, lengths, job.max_tokens)
     mine_loss, extra = 0.0, None
@@ -287,7 +317,7 @@ def _forward_backward(job: Job, batches: list[list[int]], i: int, lengths: list[
         with _no_sync(job.forward, not (boundary and k == len(pieces) - 1)):
             with autocast(device, job.amp):
                 logits = job.forward(input_ids.to(device), attention_mask.to(device))  # (b, C)
-                loss_sum = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing, reduction="sum")
+                loss_sum = sum_training_loss(logits.float(), y, cfg.train, class_weights)
                 loss = loss_sum * weight  # the step's mean, once summed over pieces, batches and processes
                 if k == 0 and i == first:  # a method's penalty on the weights counts once per step
                     extra = job.method.extra_loss(job.model)
@@ -295,6 +325,30 @@ def _forward_backward(job: Job, batches: list[list[int]], i: int, lengths: list[
             job.scaler.scale(loss).backward()  # fp16: scaled so small gradients do not underflow
         mine_loss += float(loss_sum.detach())
     return (mine_loss if weight else 0.0), extra  # weight 0: a stand-in example that adds nothing
+
+
+def sum_training_loss(logits: torch.Tensor, y: torch.Tensor, train: TrainConfig, class_weights: torch.Tensor | None) -> torch.Tensor:
+    """The training loss summed over a piece's examples: logits (b, C), targets y (b,).
+
+    Plain (label-smoothed) cross-entropy by default. Otherwise each example's loss is its smoothed
+    cross-entropy times the focal factor (1 - p_t)^gamma (train.loss=focal; Lin et al. 2017, eq. 5)
+    and times its class's weight (the focal loss's alpha); dividing by the summed weights of the step
+    (`_forward_backward`) makes it a weighted mean, which for one batch without smoothing is
+    F.cross_entropy(weight=class_weights). With smoothing, an example's weight multiplies its whole
+    smoothed loss (torch's weight would spread its smoothing term over the other classes' weights).
+    """
+    if class_weights is None and train.loss == "ce":  # kept as it was: the same floats as before class weights
+        return F.cross_entropy(logits, y, label_smoothing=train.label_smoothing, reduction="sum")
+    losses = F.cross_entropy(logits, y, label_smoothing=train.label_smoothing, reduction="none")  # (b,)
+    if train.loss == "focal":
+        log_p_t = F.log_softmax(logits, dim=-1).gather(1, y[:, None]).squeeze(1)  # (b,)
+        # 1 - p_t as -expm1(log p_t): exact near p_t = 1. Kept above 0: (1 - p_t)^gamma has an infinite
+        # slope at 0 when gamma < 1, which would turn a perfectly fitted example's gradient into NaN.
+        one_minus = (-torch.expm1(log_p_t)).clamp_min(torch.finfo(log_p_t.dtype).tiny)
+        losses = one_minus.pow(train.focal_gamma) * losses
+    if class_weights is not None:
+        losses = losses * class_weights[y]
+    return losses.sum()
 
 
 def _optimizer_step(job: Job, p: Progress) -> None:
@@ -342,14 +396,16 @@ def _after_step(job: Job, p: Progress, epoch: _Epoch, best_state: dict | None, s
         raise signals.interrupted(job.run, f"step {p.step} (epoch {p.epoch})")
 
 
-def _end_epoch(job: Job, p: Progress, best_state: dict | None, signals: _Signals, seconds: float) -> dict | None:
+def _end_epoch(job: Job, p: Progress, best_state: dict | None, signals: _Signals, seconds: float,
+               weight: float) -> dict | None:
     """Validation, the epoch's metrics line, the best state (its artifact saved) or early stopping, and a
-    checkpoint. Returns the best epoch's state."""
+    checkpoint. `weight`: the epoch's examples' total weight (`_weight`), which the train loss is a mean
+    over. Returns the best epoch's state."""
     cfg, run, model, method = job.cfg, job.run, job.model, job.method
     p.epoch_seconds.append(seconds)
     val = classification_metrics(_logits(job, "validation"), job.targets["validation"], job.dataset.label_names)
     record = {
-        "type": "epoch", "epoch": p.epoch, "step": p.step, "train_loss": p.epoch_loss / len(job.tokens["train"]),
+        "type": "epoch", "epoch": p.epoch, "step": p.step, "train_loss": p.epoch_loss / weight,
         "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
         "seconds": seconds, "examples_per_second": len(job.tokens["train"]) / seconds,
     }
