@@ -350,7 +350,7 @@ def test_real_uvicorn_process(runs, tmp_path):
             time.sleep(0.2)
         r = httpx.post(f"{base}/v1/predict", json={"texts": TEXTS, "adapter": "topics"}, timeout=10)
         assert r.status_code == 200
-        assert [p["label"] for p in r.json()["predictions"]] == [p[0][0] for p in lorafit.load(runs["topics"]).predict(TEXTS, 1)]
+        assert [p["label"] for p in r.json()["predictions"]] == _expected_answers(runs["topics"], TEXTS)  # the run's threshold
         r = httpx.post(f"{base}/v1/predict", content=b"{", headers={"content-type": "application/json"}, timeout=10)
         assert r.status_code == 400
         assert "lorafit_requests_total" in httpx.get(f"{base}/metrics", timeout=10).text
@@ -491,3 +491,69 @@ def test_an_unhandled_error_is_a_one_line_500_and_counted(runs):
         r = c.post("/v1/predict", json={"texts": ["pizza"]})
         assert r.status_code == 500 and r.json() == {"error": "internal error; see the server log"}
         assert 'lorafit_requests_total{route="/v1/predict",status="500"} 1.0' in c.get("/metrics").text
+
+
+def _expected_answers(run: Path, texts: list[str]) -> list[str]:
+    """What serve should answer with no --threshold: the top label, or out_of_scope under the run's own
+    threshold (ood.json, chosen on validation) on the calibrated top probability."""
+    threshold = json.loads((run / "ood.json").read_text())["threshold"]
+    return ["out_of_scope" if p[0][1] < threshold else p[0][0] for p in lorafit.load(run).predict(texts, 1)]
+
+
+def test_the_runs_validation_threshold_is_used_without_a_flag(runs):
+    record = json.loads((runs["topics"] / "ood.json").read_text())
+    app = create_app([("topics", str(runs["topics"]), None), ("flagged", str(runs["topics"]), 0.25)])
+    with TestClient(app) as c:
+        listed = {a["name"]: a for a in c.get("/v1/adapters").json()["adapters"]}
+        got = c.post("/v1/predict", json={"texts": TEXTS, "adapter": "topics"}).json()["predictions"]
+    assert listed["topics"]["threshold"] == record["threshold"] > 0
+    assert listed["topics"]["threshold_source"] == record["source"] and record["source"].startswith("validation:")
+    assert listed["flagged"]["threshold"] == 0.25 and listed["flagged"]["threshold_source"] == "flag"
+    assert listed["topics"]["temperature"] == record["temperature"]
+    assert [p["label"] for p in got] == _expected_answers(runs["topics"], TEXTS)
+
+
+CHROMIUM = __import__("shutil").which("chromium") or __import__("shutil").which("chromium-browser") \
+    or __import__("shutil").which("google-chrome")
+
+
+@pytest.mark.ci_required
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed: the page is not checked; with CI=true this fails")
+def test_the_page_shows_what_the_api_answers(runs, tmp_path):
+    """GET / in headless Chromium, with queries in the link: the rows it renders are /v1/predict's answers."""
+    import re
+    from urllib.parse import urlencode
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lorafit", "serve", f"topics={runs['topics']}", f"binary={runs['binary']}",
+         "--port", str(port), "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/v1/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None, server.stdout.read()
+            assert time.monotonic() < deadline, "server did not start in 60 s"
+            time.sleep(0.2)
+        page = httpx.get(f"{base}/", timeout=10)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        api = httpx.post(f"{base}/v1/predict", json={"texts": TEXTS, "adapter": "topics", "top_k": 3}, timeout=10).json()
+        url = f"{base}/?" + urlencode([("adapter", "topics"), *(("q", t) for t in TEXTS)])
+        dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                              "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert 'data-done="1"' in dom, dom[-2000:]
+    rows = re.findall(r'<tr data-label="([^"]*)" data-score="([^"]*)">(.*?)</tr>', dom, re.S)
+    assert [label for label, _, _ in rows] == [p["label"] for p in api["predictions"]]
+    assert [float(score) for _, score, _ in rows] == pytest.approx([p["score"] for p in api["predictions"]], abs=1e-9)
+    for (_, _, cells), p in zip(rows, api["predictions"]):  # the top intents with their scores, as the API gives them
+        assert ", ".join(f"{t['label']} ({t['score']:.4f})" for t in p["top_k"]) in cells
+    threshold = json.loads((runs["topics"] / "ood.json").read_text())["threshold"]
+    assert f"threshold {threshold:.4f}" in dom

@@ -2,6 +2,7 @@
 base model in memory, micro-batched.
 
     POST /v1/predict         {"texts": [...], "top_k": 3, "adapter": "banking"}
+    GET  /                   a page to type queries and see the top intents and the out-of-scope decision
     GET  /v1/health          liveness and what is loaded
     GET  /v1/adapters        names, label sets, thresholds
     GET  /metrics            Prometheus text: requests, latency histogram, batch sizes
@@ -41,7 +42,7 @@ from typing import Annotated, Callable
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -56,7 +57,9 @@ log = logging.getLogger(__name__)
 
 OUT_OF_SCOPE = "out_of_scope"
 API_KEY_ENV = "LORAFIT_API_KEY"
-ROUTES = ("/v1/predict", "/v1/health", "/v1/adapters", "/metrics", "/v1/admin/adapters")
+#: The page `GET /` serves: it calls /v1/adapters and /v1/predict, nothing else.
+PAGE = Path(__file__).parent / "static" / "index.html"
+ROUTES = ("/", "/v1/predict", "/v1/health", "/v1/adapters", "/metrics", "/v1/admin/adapters")
 
 
 # -- requests and their errors -----------------------------------------------------------------
@@ -307,6 +310,10 @@ class Server:
         self.metrics.latency.labels(target.name).observe(time.perf_counter() - started)
         return {"adapter": target.name, "predictions": predictions}
 
+    async def page(self):
+        """GET /: a small page (static HTML and plain JS) to type queries and see the answers."""
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
     async def health(self):
         """GET /v1/health"""
         summary = self.registry.summary
@@ -366,6 +373,7 @@ def create_app(adapters: list[tuple[str, str, float | None]], limits: Limits | N
     app.state.registry, app.state.batcher = registry, server.batcher
     app.add_middleware(BodyGuard, max_body_bytes=limits.max_body_bytes, count=server.metrics.count)
     app.add_exception_handler(RequestError, _request_error)
+    app.add_api_route("/", server.page, methods=["GET"])
     app.add_api_route("/v1/predict", server.predict, methods=["POST"])
     app.add_api_route("/v1/health", server.health, methods=["GET"])
     app.add_api_route("/v1/adapters", server.list_adapters, methods=["GET"])

@@ -30,7 +30,7 @@ from .errors import UserError
 from .evaluate import softmax
 from .inference import LoadPlan, batched_logits, check_no_pickles, load, plan_load, recorded_temperature
 from .models import ALIASES, build_classifier, load_tokenizer, resolve_model_path
-from .rundir import safe_name
+from .rundir import RunDir, safe_name
 from .runtime import token_budget
 
 __all__ = ["Limits", "Served", "SharedBase", "Registry", "Batcher", "Unavailable"]
@@ -67,8 +67,18 @@ class Limits:
 
 # -- what is served ---------------------------------------------------------------------------
 
-def _divided(logits: Callable[[list[str]], np.ndarray], temperature: float, texts: list[str]) -> np.ndarray:
-    return logits(texts) / temperature
+def _threshold(folder: Path, flag: float | None) -> tuple[float | None, str]:
+    """The out-of-scope threshold on the calibrated top probability, and where it comes from: the
+    --threshold flag, else the run's own (ood.json, chosen on validation) when its score is msp."""
+    if flag is not None:
+        return flag, "flag"
+    if not (Path(folder) / "ood.json").is_file():
+        return None, "none (the run has no ood.json)"
+    record = RunDir(folder).read_json("ood.json")
+    if record.get("score") != "msp":
+        return None, (f"none (the run decides out-of-scope by {record.get('score')}, which the server does not "
+                      "compute; pass --threshold NAME=PROBABILITY for a top-probability threshold)")
+    return float(record["threshold"]), record["source"]
 
 
 @dataclass
@@ -85,6 +95,8 @@ class Served:
     """A model of its own (not an adapter on a shared base), counted in the weights figure."""
     file_bytes: int = 0
     """Weights run from a file rather than held as tensors (an ONNX graph), counted in the weights figure."""
+    temperature: float = 1.0
+    """The run's calibration (ood.json): probabilities are softmax(logits / temperature); `logits` stays raw."""
     base_path: str | None = None
     """A run's base model, resolved (`models.resolve_model_path`): adapters added over HTTP may build on it."""
 
@@ -197,10 +209,10 @@ class Registry:
             classifier = load(plan, device="cpu")
             served = Served(name, plan.labels, threshold, classifier.logits, {"kind": plan.kind, "shared_base": False},
                             model=classifier.model, file_bytes=plan.file_bytes)
-        temperature = recorded_temperature(plan.folder)
-        if temperature != 1.0:  # probabilities shown and thresholded are the calibrated ones (ood.json)
-            served.logits = functools.partial(_divided, served.logits, temperature)
-        served.info.update(method=plan.cfg.method.name, base_model=(plan.base or plan.cfg.model).name, temperature=temperature)
+        served.temperature = recorded_temperature(plan.folder)  # probabilities shown and thresholded are calibrated
+        served.threshold, source = _threshold(plan.folder, threshold)
+        served.info.update(method=plan.cfg.method.name, base_model=(plan.base or plan.cfg.model).name, temperature=served.temperature,
+                           threshold_source=source)
         if plan.kind == "run":  # a run folder builds on its base model (exports carry their own weights)
             served.base_path = resolve_model_path(plan.base.name)
         self.served[name] = served
@@ -353,7 +365,7 @@ def _compute(batch: list[_Pending]) -> list[np.ndarray | Exception]:
         served = batch[indices[0]].served
         texts = [t for i in indices for t in batch[i].texts]
         try:
-            probs = softmax(served.logits(texts))  # (N, C)
+            probs = softmax(served.logits(texts) / served.temperature)  # (N, C), calibrated (ood.json)
         except Exception as e:
             log.exception("adapter %s failed", served.name)
             for i in indices:
