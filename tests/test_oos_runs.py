@@ -48,6 +48,12 @@ def test_oos_label_is_kept_out_of_training_and_scored(tiny_bert, oos_data, tmp_p
     assert record["source"].startswith("validation: max validation accuracy")  # OOS in validation: accuracy rule
     assert record["threshold"] == record["scores"]["msp"]["threshold"]
     assert record["temperature"] > 0 and "ece_after" in ev["calibration"]
+    # the report shows the table and the reliability diagram
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "Out-of-scope detection (test; thresholds chosen on validation)" in text
+    assert f"| mahalanobis | {100 * table['mahalanobis']['auroc']:.2f} |" in text and "msp (decides)" in text
+    assert (tmp_path / "report" / "report_files" / "reliability.png").is_file()
 
 
 def test_predictions_and_predict_use_the_fitted_temperature(tiny_bert, oos_data, tmp_path):
@@ -90,3 +96,21 @@ def test_bad_oos_settings_fail_in_one_line_before_any_work(tiny_bert, tiny_data,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+def test_predict_cli_uses_the_runs_threshold_unless_given_one(tiny_bert, oos_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    lorafit.train(lorafit.load_config(None, tiny_overrides(tiny_bert, oos_data, **{"data.oos_label": "oos"})), out)
+    capsys.readouterr()
+    threshold = json.loads((out / "ood.json").read_text())["threshold"]
+    texts = list(pd.read_csv(oos_data / "test.csv")["text"][:20])
+
+    def flags(*extra):
+        assert main(["predict", str(out), *texts, "--json", "--top-k", "1", *extra]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        return [r["out_of_scope"] for r in lines], [r["predictions"][0]["probability"] for r in lines]
+
+    default, top = flags()
+    assert default == [p < threshold for p in top] and any(default) != all(default)  # some in, some out
+    assert all(flags("--threshold", "1.0")[0]) and not any(flags("--threshold", "0")[0])
+    assert main(["predict", str(out), "x", "--threshold", "1.5"]) == 2

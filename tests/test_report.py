@@ -64,9 +64,10 @@ def _render(page_path, tmp_path) -> tuple[str, str]:
 def test_run_report(run, tmp_path, capsys):
     assert main(["report", str(run), "--out", str(tmp_path / "r")]) == 0
     assert "report written" in capsys.readouterr().out
-    page = _check_files(tmp_path / "r", {"losses", "validation", "confusion", "per_class_f1"})
+    page = _check_files(tmp_path / "r", {"losses", "validation", "confusion", "per_class_f1", "reliability"})
     ev = json.loads((run / "eval.json").read_text())
     assert f"{100 * ev['accuracy']:.2f}%" in page
+    assert f"temperature {ev['calibration']['temperature']:.3f} fitted on validation" in page
     for label in ("food", "sport", "travel"):
         assert f"<td>{label}</td>" in page
     (tmp_path / "a-file").write_text("x")
@@ -75,7 +76,7 @@ def test_run_report(run, tmp_path, capsys):
     if CHROMIUM is None:
         pytest.skip(NO_BROWSER)
     dom, log = _render(tmp_path / "r" / "report.html", tmp_path)
-    assert 'data-rendered="4/4"' in dom
+    assert 'data-rendered="5/5"' in dom
     assert "Uncaught" not in log and "Failed to load" not in log
 
 

@@ -99,17 +99,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise UserError(f"text {i} is not valid UTF-8: {text[:40]!r}; pass texts in UTF-8") from None
     if args.top_k < 1:
         raise UserError("--top-k must be at least 1")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        raise UserError(f"--threshold must be a probability in [0, 1], got {args.threshold}")
     classifier = load(args.run_dir, device=args.device)
+    threshold = classifier.threshold if args.threshold is None else args.threshold
     results = classifier.predict(texts, top_k=args.top_k)
-    if args.file or args.json:
-        for text, preds in zip(texts, results):
-            print(json.dumps({"text": text, "predictions": [{"label": l, "probability": round(p, 6)} for l, p in preds]}, ensure_ascii=False))
-    else:
-        for text, preds in zip(texts, results):
-            if len(texts) > 1:
-                print(text)
-            for label, prob in preds:
-                print(f"  {prob:7.2%}  {label}")
+    for text, preds in zip(texts, results):
+        outside = threshold is not None and preds[0][1] < threshold
+        if args.file or args.json:
+            print(json.dumps({"text": text, "out_of_scope": outside,
+                              "predictions": [{"label": l, "probability": round(p, 6)} for l, p in preds]}, ensure_ascii=False))
+            continue
+        if len(texts) > 1 or outside:
+            print(text + (f"  -> out of scope (top probability under {threshold:.4f})" if outside else ""))
+        for label, prob in preds:
+            print(f"  {prob:7.2%}  {label}")
     return 0
 
 
@@ -310,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true", help="JSON lines output")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--threshold", type=float, help="out of scope below this top probability; default: the run's own "
+                   "(ood.json, chosen on validation)")
     p.set_defaults(func=cmd_predict)
 
     p = verbs.add_parser("eval", help="re-evaluate a saved run")

@@ -29,7 +29,7 @@ from .models import ALIASES, build_classifier, load_tokenizer, looks_like_hub_id
 from .rundir import RunDir
 from .runtime import autocast, autocast_dtype, select_device, token_budget
 
-__all__ = ["Classifier", "LoadPlan", "plan_load", "load", "load_model", "recorded_temperature", "top_labels", "predict_logits", "check_no_pickles",
+__all__ = ["Classifier", "LoadPlan", "plan_load", "load", "load_model", "recorded_temperature", "recorded_threshold", "top_labels", "predict_logits", "check_no_pickles",
            "run_split", "base_model_config", "TorchBackend", "OnnxBackend"]
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,8 @@ class Classifier:
         self.kind = kind  # "run", or the export format: "merged", "adapter", "onnx"
         self.batch_size = batch_size or cfg.train.eval_batch_size
         self.temperature = 1.0  # the run's calibration (ood.json), set by `load`; probabilities use logits / T
+        self.threshold: float | None = None  # out of scope below this calibrated top probability (ood.json), set by `load`
+        self.threshold_source = "none"
 
     @property
     def model(self) -> nn.Module | None:
@@ -285,8 +287,23 @@ def recorded_temperature(folder: Path) -> float:
     return float(RunDir(folder).read_json("ood.json")["temperature"])
 
 
+def recorded_threshold(folder: Path, flag: float | None) -> tuple[float | None, str]:
+    """The out-of-scope threshold on the calibrated top probability, and where it comes from: the
+    --threshold flag, else the run's own (ood.json, chosen on validation) when its score is msp."""
+    if flag is not None:
+        return flag, "flag"
+    if not (Path(folder) / "ood.json").is_file():
+        return None, "none (the run has no ood.json)"
+    record = RunDir(folder).read_json("ood.json")
+    if record.get("score") != "msp":
+        return None, (f"none (the run decides out-of-scope by {record.get('score')}, which the server does not "
+                      "compute; pass --threshold NAME=PROBABILITY for a top-probability threshold)")
+    return float(record["threshold"]), record["source"]
+
+
 def _calibrated(plan: LoadPlan, classifier: Classifier) -> Classifier:
     classifier.temperature = recorded_temperature(plan.folder)
+    classifier.threshold, classifier.threshold_source = recorded_threshold(plan.folder, None)
     return classifier
 
 

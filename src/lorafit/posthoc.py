@@ -102,9 +102,9 @@ def fit(job) -> Posthoc:
 def evaluate_test(job, post: Posthoc, test_logits: np.ndarray) -> dict:
     """eval.json's `calibration` (test, before/after the temperature) and, with OOS test examples, `ood`."""
     targets = job.targets["test"]
-    result = {"calibration": calibration.calibration_record(test_logits, targets, post.temperature)}
+    result = {"calibration": calibration.calibration_record(test_logits, targets, post.temperature), "ood": None}
     if not job.oos_tokens["test"]:
-        return result
+        return result  # no out-of-scope test examples: nothing to score
     features, _ = _split(job, "test", oos=False)
     oos_features, oos_logits = _split(job, "test", oos=True)
     logits = np.concatenate([test_logits, oos_logits])

@@ -149,6 +149,26 @@ def plot_per_class_f1(f1: dict[str, float], title: str) -> Figure:
     return Figure("per_class_f1", title, _png(fig))
 
 
+def plot_reliability(calibration: dict, title: str) -> Figure:
+    """Reliability diagram (Guo et al. 2017, fig. 1): per confidence bin, accuracy against mean confidence,
+    before and after the temperature; the diagonal is perfect calibration."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    for key, name, colour in (("reliability_before", "before", "C3"), ("reliability_after", "after", "C0")):
+        bins = [b for b in calibration[key] if b["examples"]]
+        ece = calibration[f"ece_{name}"]
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", color=colour,
+                label=f"{name} temperature (ECE {100 * ece:.2f}%)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean top-1 confidence in bin")
+    ax.set_ylabel("accuracy in bin")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    return Figure("reliability", title, _png(fig))
+
+
 def plot_accuracy_vs_params(rows: list[dict]) -> Figure:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -212,6 +232,18 @@ def _run_section(run: RunDir) -> tuple[list[tuple[str, str]], list[Figure]]:
     confusions = [[c.true, c.predicted, c.count] for c in (ev.top_confusions or [])[:15]]
     tables = [("Summary", _table(["", ""], facts)), ("Most confused pairs (test)", _table(["true", "predicted", "count"], confusions)),
               ("Per class (test), weakest first", _table(["class", "precision", "recall", "F1", "support"], per_class))]
+    calibration, ood = ev.calibration, ev.ood
+    if calibration:
+        temperature = calibration["temperature"]
+        figures.append(plot_reliability(calibration, f"Reliability (test), temperature {temperature:.3f} fitted on validation"))
+    if ood:
+        rows = [[score + (" (decides)" if score == ood["score"] else ""), f"{100 * m['auroc']:.2f}", f"{100 * m['aupr']:.2f}",
+                 f"{100 * m['fpr_at_95_recall']:.2f}", f"{100 * m['oos_recall']:.2f}", f"{100 * m['oos_precision']:.2f}",
+                 f"{100 * m['in_scope_accuracy_thresholded']:.2f}", f"{100 * m['open_macro_f1']:.2f}"]
+                for score, m in ood["scores"].items()]
+        tables.append(("Out-of-scope detection (test; thresholds chosen on validation)",
+                       _table(["score", "AUROC %", "AUPR %", "FPR@95 %", "OOS recall %", "OOS precision %",
+                               "in-scope acc (thr) %", "open macro-F1 %"], rows)))
     return tables, figures
 
 

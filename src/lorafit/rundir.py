@@ -244,6 +244,8 @@ class Eval(Record):
     labels: list[str]
     confusion: list[list[int]]  # [true][predicted] counts
     top_confusions: list[Confusion] = _nested(Confusion, "list")
+    calibration: dict[str, Any] | None  # calibration.calibration_record on the split: ECE/NLL before and after T
+    ood: dict[str, Any] | None  # {"score": the deciding one, "scores": {score: ood.oos_metrics}}: with OOS examples only
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -28,9 +28,9 @@ from . import batching
 from .config import ModelConfig
 from .errors import UserError
 from .evaluate import softmax
-from .inference import LoadPlan, batched_logits, check_no_pickles, load, plan_load, recorded_temperature
+from .inference import LoadPlan, batched_logits, check_no_pickles, load, plan_load, recorded_temperature, recorded_threshold
 from .models import ALIASES, build_classifier, load_tokenizer, resolve_model_path
-from .rundir import RunDir, safe_name
+from .rundir import safe_name
 from .runtime import token_budget
 
 __all__ = ["Limits", "Served", "SharedBase", "Registry", "Batcher", "Unavailable"]
@@ -66,20 +66,6 @@ class Limits:
 
 
 # -- what is served ---------------------------------------------------------------------------
-
-def _threshold(folder: Path, flag: float | None) -> tuple[float | None, str]:
-    """The out-of-scope threshold on the calibrated top probability, and where it comes from: the
-    --threshold flag, else the run's own (ood.json, chosen on validation) when its score is msp."""
-    if flag is not None:
-        return flag, "flag"
-    if not (Path(folder) / "ood.json").is_file():
-        return None, "none (the run has no ood.json)"
-    record = RunDir(folder).read_json("ood.json")
-    if record.get("score") != "msp":
-        return None, (f"none (the run decides out-of-scope by {record.get('score')}, which the server does not "
-                      "compute; pass --threshold NAME=PROBABILITY for a top-probability threshold)")
-    return float(record["threshold"]), record["source"]
-
 
 @dataclass
 class Served:
@@ -210,7 +196,7 @@ class Registry:
             served = Served(name, plan.labels, threshold, classifier.logits, {"kind": plan.kind, "shared_base": False},
                             model=classifier.model, file_bytes=plan.file_bytes)
         served.temperature = recorded_temperature(plan.folder)  # probabilities shown and thresholded are calibrated
-        served.threshold, source = _threshold(plan.folder, threshold)
+        served.threshold, source = recorded_threshold(plan.folder, threshold)
         served.info.update(method=plan.cfg.method.name, base_model=(plan.base or plan.cfg.model).name, temperature=served.temperature,
                            threshold_source=source)
         if plan.kind == "run":  # a run folder builds on its base model (exports carry their own weights)
