@@ -48,6 +48,10 @@ def test_oos_label_is_kept_out_of_training_and_scored(tiny_bert, oos_data, tmp_p
     assert record["source"].startswith("validation: max validation accuracy")  # OOS in validation: accuracy rule
     assert record["threshold"] == record["scores"]["msp"]["threshold"]
     assert record["temperature"] > 0 and "ece_after" in ev["calibration"]
+    # `lorafit eval` re-scores the in-scope test examples, as training did
+    assert main(["eval", str(out), "--output", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["examples"] == 48 and again["accuracy"] == pytest.approx(ev["accuracy"])
     # the report shows the table and the reliability diagram
     assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
     text = (tmp_path / "report" / "report.md").read_text()
@@ -114,3 +118,21 @@ def test_predict_cli_uses_the_runs_threshold_unless_given_one(tiny_bert, oos_dat
     assert default == [p < threshold for p in top] and any(default) != all(default)  # some in, some out
     assert all(flags("--threshold", "1.0")[0]) and not any(flags("--threshold", "0")[0])
     assert main(["predict", str(out), "x", "--threshold", "1.5"]) == 2
+
+
+def test_exports_carry_the_calibration(tiny_bert, oos_data, tmp_path):
+    from lorafit.export import export
+
+    out = tmp_path / "run"
+    lorafit.train(lorafit.load_config(None, tiny_overrides(tiny_bert, oos_data, **{"data.oos_label": "oos"})), out)
+    record = json.loads((out / "ood.json").read_text())
+    texts = ["pizza please", "my golf trip", "the card"]
+    want = lorafit.load(out).predict(texts, top_k=2)
+    for fmt in ("merged", "adapter"):
+        folder = tmp_path / fmt
+        export(out, fmt, folder)
+        loaded = lorafit.load(folder)
+        assert loaded.temperature == record["temperature"] and loaded.threshold == record["threshold"]
+        got = loaded.predict(texts, top_k=2)
+        assert [[label for label, _ in row] for row in got] == [[label for label, _ in row] for row in want]
+        np.testing.assert_allclose([[p for _, p in row] for row in got], [[p for _, p in row] for row in want], atol=1e-5)

@@ -329,7 +329,8 @@ def _folder_tokenizer(folder: Path):
 
 
 def run_split(run: RunDir, cfg: Config, split: str) -> data.Split:
-    """A split of the run's own dataset, checked against the rows splits.json recorded at training."""
+    """A split of the run's own dataset, checked against the rows splits.json recorded at training; its
+    in-scope examples only (out-of-scope ones, data.oos_label / data.known_intents, have no class to score)."""
     dataset, _ = data.load(cfg.data, cfg.seed)
     if split not in dataset.splits:
         raise UserError(f"the dataset has no {split} split; it has {', '.join(dataset.splits)}")
@@ -338,4 +339,7 @@ def run_split(run: RunDir, cfg: Config, split: str) -> data.Split:
         recorded = run.read_json("splits.json").get(split)
         if recorded is not None and recorded != chosen.rows:
             raise UserError(f"the {split} split no longer matches splits.json: the data changed since training")
-    return chosen
+    if dataset.oos_label is None:
+        return chosen
+    keep = [i for i, label in enumerate(chosen.labels) if label != dataset.oos_label]
+    return data.Split([chosen.texts[i] for i in keep], [chosen.labels[i] for i in keep], [chosen.rows[i] for i in keep])
