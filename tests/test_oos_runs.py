@@ -93,6 +93,8 @@ def test_open_intent_protocol_draws_known_classes_and_makes_the_rest_oos(tiny_be
     ({"data.oos_label": "nope"}, "data.oos_label 'nope' names no label of the data"),
     ({"data.known_intents": 0.3}, "data.known_intents=0.3 keeps 1 of 3 classes"),
     ({"data.known_intents": 1.5}, "data.known_intents"),
+    ({"ood.score": "knn", "ood.k": 100000}, "ood.k=100000: the knn score needs at least k training examples"),
+    ({"ood.score": "cosine"}, "ood.score"),
 ])
 def test_bad_oos_settings_fail_in_one_line_before_any_work(tiny_bert, tiny_data, tmp_path, capsys, setting, message):
     out = tmp_path / "run"

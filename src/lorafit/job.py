@@ -134,6 +134,9 @@ def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None) -> Job:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens = {name: batching.tokenize(tokenizer, split.texts, cfg.data.max_length) for name, split in dataset.splits.items()}
     targets = {name: np.array(dataset.label_ids(name)) for name in dataset.splits}
+    if cfg.ood.score == "knn" and cfg.ood.k > len(targets["train"]):
+        raise UserError(f"ood.k={cfg.ood.k}: the knn score needs at least k training examples, there are "
+                        f"{len(targets['train'])}; lower ood.k")
     # Out-of-scope examples (target -1) of validation and test are set apart: the loop's metrics are
     # in-scope classification; the OOS ones are scored after training (lorafit.ood).
     oos_tokens = {}
