@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,7 +15,6 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -329,13 +330,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_real_uvicorn_process(runs, tmp_path):
+@contextlib.contextmanager
+def _live_server(runs, *extra: str, env: dict | None = None):
+    """`lorafit serve` in its own process on a free port, serving topics and binary; yields its base URL."""
     port = _free_port()
-    env = {**os.environ, "LORAFIT_API_KEY": KEY}
     server = subprocess.Popen(
         [sys.executable, "-m", "lorafit", "serve", f"topics={runs['topics']}", f"binary={runs['binary']}",
-         "--port", str(port), "--threshold", "binary=0.99", "--threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+         "--port", str(port), "--threads", "1", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env or dict(os.environ), text=True)
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -348,15 +350,20 @@ def test_real_uvicorn_process(runs, tmp_path):
             assert server.poll() is None, server.stdout.read()
             assert time.monotonic() < deadline, "server did not start in 60 s"
             time.sleep(0.2)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_real_uvicorn_process(runs, tmp_path):
+    with _live_server(runs, "--threshold", "binary=0.99", env={**os.environ, "LORAFIT_API_KEY": KEY}) as base:
         r = httpx.post(f"{base}/v1/predict", json={"texts": TEXTS, "adapter": "topics"}, timeout=10)
         assert r.status_code == 200
         assert [p["label"] for p in r.json()["predictions"]] == _expected_answers(runs["topics"], TEXTS)  # the run's threshold
         r = httpx.post(f"{base}/v1/predict", content=b"{", headers={"content-type": "application/json"}, timeout=10)
         assert r.status_code == 400
         assert "lorafit_requests_total" in httpx.get(f"{base}/metrics", timeout=10).text
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_serve_cli_refuses_bad_settings_before_loading(runs, capsys):
@@ -513,8 +520,7 @@ def test_the_runs_validation_threshold_is_used_without_a_flag(runs):
     assert [p["label"] for p in got] == _expected_answers(runs["topics"], TEXTS)
 
 
-CHROMIUM = __import__("shutil").which("chromium") or __import__("shutil").which("chromium-browser") \
-    or __import__("shutil").which("google-chrome")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
 @pytest.mark.ci_required
@@ -524,31 +530,13 @@ def test_the_page_shows_what_the_api_answers(runs, tmp_path):
     import re
     from urllib.parse import urlencode
 
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "lorafit", "serve", f"topics={runs['topics']}", f"binary={runs['binary']}",
-         "--port", str(port), "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None, server.stdout.read()
-            assert time.monotonic() < deadline, "server did not start in 60 s"
-            time.sleep(0.2)
+    with _live_server(runs) as base:
         page = httpx.get(f"{base}/", timeout=10)
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         api = httpx.post(f"{base}/v1/predict", json={"texts": TEXTS, "adapter": "topics", "top_k": 3}, timeout=10).json()
         url = f"{base}/?" + urlencode([("adapter", "topics"), *(("q", t) for t in TEXTS)])
         dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
                               "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     assert 'data-done="1"' in dom, dom[-2000:]
     rows = re.findall(r'<tr data-label="([^"]*)" data-score="([^"]*)">(.*?)</tr>', dom, re.S)
     assert [label for label, _, _ in rows] == [p["label"] for p in api["predictions"]]
