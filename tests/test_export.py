@@ -177,3 +177,16 @@ def test_export_inside_the_run_and_adapter_of_full_refused(tiny_bert, data_dir, 
     full = _train(tiny_bert, data_dir, tmp_path / "full", **{"method.name": "full"})
     assert main(["export", str(full), "--format", "adapter", "--out", str(tmp_path / "a")]) == 2
     assert "has no adapter; export --format merged or onnx" in capsys.readouterr().err
+
+
+def test_export_records_the_base_hub_id_decided_at_training(lora_run, tmp_path):
+    """export.json's base_model_hub_id is compute.json's (decided where the run trained), not worked out again."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    compute = json.loads((run / "compute.json").read_text())
+    compute["base_model"]["hub_id"] = "someorg/tiny-base"
+    (run / "compute.json").write_text(json.dumps(compute))
+    meta = export(run, "adapter", tmp_path / "adapter")
+    assert meta["base_model_hub_id"] == "someorg/tiny-base"

@@ -96,7 +96,7 @@ def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | No
             "source_run": str(run.path.resolve()),
             "method": cfg.method.name,
             "base_model": cfg.model.name,
-            "base_model_hub_id": hub_id(cfg.model.name),
+            "base_model_hub_id": _base_hub_id(run, cfg),
             "pooling": cfg.model.pooling,
             "max_length": cfg.data.max_length,
             "num_labels": len(labels),
@@ -116,6 +116,16 @@ def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | No
             raise UserError(f"the {format} export breaks parity ({_parity_line(meta['parity'])}; tolerance "
                             f"{meta['parity']['tolerance']}); nothing was written")
     return meta
+
+
+def _base_hub_id(run: RunDir, cfg) -> str:
+    """The base model's hub id as decided when the run trained (compute.json), where a relative folder
+    name meant what it said; a run of an older version falls back to working it out from the name here."""
+    if (run.path / "compute.json").is_file():
+        recorded = run.compute().base_model
+        if recorded and recorded.get("hub_id"):
+            return recorded["hub_id"]
+    return hub_id(cfg.model.name)
 
 
 def _parity(reference_logits: np.ndarray, exported: Classifier, split, split_name: str, quantize: str | None) -> dict:
