@@ -68,21 +68,25 @@ def reliability_bins(probabilities: np.ndarray, targets: np.ndarray, bins: int =
 
 def expected_calibration_error(probabilities: np.ndarray, targets: np.ndarray, bins: int = BINS) -> float:
     """ECE: sum over bins of (examples in bin / N) * |accuracy - mean confidence| (top-1)."""
-    n = len(targets)
-    return float(sum(r["examples"] / n * abs(r["accuracy"] - r["confidence"])
-                     for r in reliability_bins(probabilities, targets, bins) if r["examples"]))
+    return _ece(reliability_bins(probabilities, targets, bins))
+
+
+def _ece(rows: list[dict]) -> float:
+    n = sum(r["examples"] for r in rows)
+    return float(sum(r["examples"] / n * abs(r["accuracy"] - r["confidence"]) for r in rows if r["examples"]))
 
 
 def calibration_record(logits: np.ndarray, targets: np.ndarray, temperature: float, bins: int = BINS) -> dict:
     """ECE, NLL and reliability bins of `logits` before and after dividing by `temperature`."""
-    before, after = softmax(logits), softmax(logits / temperature)
+    before = reliability_bins(softmax(logits), targets, bins)
+    after = reliability_bins(softmax(logits / temperature), targets, bins)
     return {
         "temperature": float(temperature),
         "bins": bins,
-        "ece_before": expected_calibration_error(before, targets, bins),
-        "ece_after": expected_calibration_error(after, targets, bins),
+        "ece_before": _ece(before),
+        "ece_after": _ece(after),
         "nll_before": cross_entropy(logits, targets),
         "nll_after": cross_entropy(logits / temperature, targets),
-        "reliability_before": reliability_bins(before, targets, bins),
-        "reliability_after": reliability_bins(after, targets, bins),
+        "reliability_before": before,
+        "reliability_after": after,
     }

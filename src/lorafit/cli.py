@@ -69,7 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .inference import load
+    from .inference import check_probability, load
 
     if args.file:
         path = Path(args.file)
@@ -99,8 +99,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise UserError(f"text {i} is not valid UTF-8: {text[:40]!r}; pass texts in UTF-8") from None
     if args.top_k < 1:
         raise UserError("--top-k must be at least 1")
-    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        raise UserError(f"--threshold must be a probability in [0, 1], got {args.threshold}")
+    check_probability(args.threshold, "--threshold")
     classifier = load(args.run_dir, device=args.device)
     threshold = classifier.threshold if args.threshold is None else args.threshold
     results = classifier.predict(texts, top_k=args.top_k)

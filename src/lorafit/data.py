@@ -51,6 +51,10 @@ class Split:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def subset(self, index: list[int]) -> Split:
+        """The examples at `index`, in that order."""
+        return Split([self.texts[i] for i in index], [self.labels[i] for i in index], [self.rows[i] for i in index])
+
 
 @dataclass
 class Dataset:
@@ -321,11 +325,7 @@ def carve(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     carved_set = set(carved)
     rest = [i for i in range(len(split)) if i not in carved_set]
     carved.sort()
-    return _subset(split, rest), _subset(split, carved)
-
-
-def _subset(split: Split, index: list[int]) -> Split:
-    return Split([split.texts[i] for i in index], [split.labels[i] for i in index], [split.rows[i] for i in index])
+    return split.subset(rest), split.subset(carved)
 
 
 # -- the label space ----------------------------------------------------------------------------
@@ -390,7 +390,7 @@ def load(cfg: DataConfig, seed: int) -> tuple[Dataset, DataConfig]:
     if cfg.train_limit is not None and cfg.train_limit < len(train):
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)
-        train = _subset(train, sorted(order[: cfg.train_limit]))
+        train = train.subset(sorted(order[: cfg.train_limit]))
         provenance["train"] = f"first {cfg.train_limit} rows of a shuffle with seed {seed}"
     for name in ("test", "validation"):
         if name not in splits:
@@ -429,7 +429,7 @@ def _set_oos_apart(splits: dict[str, Split], oos_label: str) -> Split:
         labels = sorted({label for split in splits.values() for label in split.labels})
         raise UserError(f"data.oos_label {_show(oos_label)!r} names no label of the data; labels: {_show_list(labels)}")
     train = splits["train"]
-    return _subset(train, [i for i, label in enumerate(train.labels) if label != oos_label])
+    return train.subset([i for i, label in enumerate(train.labels) if label != oos_label])
 
 
 def _open_intent(splits: dict[str, Split], cfg: DataConfig, seed: int) -> dict:
@@ -447,8 +447,8 @@ def _open_intent(splits: dict[str, Split], cfg: DataConfig, seed: int) -> dict:
     oos = cfg.oos_label or OUT_OF_SCOPE
     for name in ("train", "validation"):
         split = splits[name]
-        splits[name] = _subset(split, [i for i, label in enumerate(split.labels) if label in keep or
-                                       (name == "validation" and label == cfg.oos_label)])
+        splits[name] = split.subset([i for i, label in enumerate(split.labels) if label in keep or
+                                     (name == "validation" and label == cfg.oos_label)])
     test = splits["test"]
     test.labels = [label if label in keep else oos for label in test.labels]
     return {"known_intents": cfg.known_intents, "seed": seed, "known": known, "unknown": sorted(set(classes) - keep)}

@@ -29,7 +29,7 @@ from .models import ALIASES, build_classifier, load_tokenizer, looks_like_hub_id
 from .rundir import RunDir
 from .runtime import autocast, autocast_dtype, select_device, token_budget
 
-__all__ = ["Classifier", "LoadPlan", "plan_load", "load", "load_model", "recorded_temperature", "recorded_threshold", "top_labels", "predict_logits", "check_no_pickles",
+__all__ = ["Classifier", "LoadPlan", "plan_load", "load", "load_model", "recorded_calibration", "check_probability", "top_labels", "predict_logits", "check_no_pickles",
            "run_split", "base_model_config", "TorchBackend", "OnnxBackend"]
 
 log = logging.getLogger(__name__)
@@ -280,30 +280,30 @@ def load(path: str | Path | LoadPlan, device: str = "auto", threads: int | None 
                       token_budget(plan.cfg.train.max_batch_tokens, target), plan.kind))
 
 
-def recorded_temperature(folder: Path) -> float:
-    """The temperature a run fitted on validation (its ood.json; exports carry a copy); 1.0 if none."""
+def recorded_calibration(folder: Path, flag: float | None = None) -> tuple[float, float | None, str]:
+    """What a run fitted on validation (its ood.json; exports carry a copy): (temperature, out-of-scope
+    threshold on the calibrated top probability, where the threshold comes from). `flag`, a threshold
+    the user gave, wins; the run's own is used only when its ood.score is msp, the score computed here."""
     if not (Path(folder) / "ood.json").is_file():
-        return 1.0
-    return float(RunDir(folder).read_json("ood.json")["temperature"])
-
-
-def recorded_threshold(folder: Path, flag: float | None) -> tuple[float | None, str]:
-    """The out-of-scope threshold on the calibrated top probability, and where it comes from: the
-    --threshold flag, else the run's own (ood.json, chosen on validation) when its score is msp."""
-    if flag is not None:
-        return flag, "flag"
-    if not (Path(folder) / "ood.json").is_file():
-        return None, "none (the run has no ood.json)"
+        return 1.0, flag, "flag" if flag is not None else "none (the run has no ood.json)"
     record = RunDir(folder).read_json("ood.json")
+    temperature = float(record["temperature"])
+    if flag is not None:
+        return temperature, flag, "flag"
     if record.get("score") != "msp":
-        return None, (f"none (the run decides out-of-scope by {record.get('score')}, which the server does not "
-                      "compute; pass --threshold NAME=PROBABILITY for a top-probability threshold)")
-    return float(record["threshold"]), record["source"]
+        return temperature, None, (f"none (the run decides out-of-scope by {record.get('score')}, which predict "
+                                   "and serve do not compute; pass --threshold for a top-probability threshold)")
+    return temperature, float(record["threshold"]), record["source"]
+
+
+def check_probability(value: float | None, what: str) -> None:
+    """A threshold given by the user must be a probability: one line otherwise."""
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise UserError(f"{what} must be a probability in [0, 1], got {value}")
 
 
 def _calibrated(plan: LoadPlan, classifier: Classifier) -> Classifier:
-    classifier.temperature = recorded_temperature(plan.folder)
-    classifier.threshold, classifier.threshold_source = recorded_threshold(plan.folder, None)
+    classifier.temperature, classifier.threshold, classifier.threshold_source = recorded_calibration(plan.folder)
     return classifier
 
 
@@ -341,5 +341,4 @@ def run_split(run: RunDir, cfg: Config, split: str) -> data.Split:
             raise UserError(f"the {split} split no longer matches splits.json: the data changed since training")
     if dataset.oos_label is None:
         return chosen
-    keep = [i for i, label in enumerate(chosen.labels) if label != dataset.oos_label]
-    return data.Split([chosen.texts[i] for i in keep], [chosen.labels[i] for i in keep], [chosen.rows[i] for i in keep])
+    return chosen.subset([i for i, label in enumerate(chosen.labels) if label != dataset.oos_label])

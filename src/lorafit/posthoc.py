@@ -29,7 +29,6 @@ class _WithFeatures(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model = model
         self.base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: adapters stay active
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from . import batching
 from .config import ModelConfig
 from .errors import UserError
 from .evaluate import softmax
-from .inference import LoadPlan, batched_logits, check_no_pickles, load, plan_load, recorded_temperature, recorded_threshold
+from .inference import LoadPlan, batched_logits, check_no_pickles, load, plan_load, check_probability, recorded_calibration
 from .models import ALIASES, build_classifier, load_tokenizer, resolve_model_path
 from .rundir import safe_name
 from .runtime import token_budget
@@ -182,8 +182,7 @@ class Registry:
         safe_name(name, "adapter name")
         if name in self.served:
             raise UserError(f"an adapter named {name!r} is already served")
-        if threshold is not None and not 0.0 <= threshold <= 1.0:
-            raise UserError(f"threshold for {name!r} must be a probability in [0, 1], got {threshold}")
+        check_probability(threshold, f"threshold for {name!r}")
         plan = plan_load(path)
         if plan.cfg.model.trust_pickle and not trusted:
             raise UserError(f"{plan.folder} sets model.trust_pickle; adapters added at run time may not load pickles")
@@ -195,8 +194,8 @@ class Registry:
             classifier = load(plan, device="cpu")
             served = Served(name, plan.labels, threshold, classifier.logits, {"kind": plan.kind, "shared_base": False},
                             model=classifier.model, file_bytes=plan.file_bytes)
-        served.temperature = recorded_temperature(plan.folder)  # probabilities shown and thresholded are calibrated
-        served.threshold, source = recorded_threshold(plan.folder, threshold)
+        # probabilities shown and thresholded are the calibrated ones
+        served.temperature, served.threshold, source = recorded_calibration(plan.folder, threshold)
         served.info.update(method=plan.cfg.method.name, base_model=(plan.base or plan.cfg.model).name, temperature=served.temperature,
                            threshold_source=source)
         if plan.kind == "run":  # a run folder builds on its base model (exports carry their own weights)
