@@ -61,6 +61,19 @@ class DataConfig(_Section):
     splits.json) is known; the other classes leave train and validation, their test examples become OOS."""
     known_intents_seed: Annotated[int, Field(ge=0)] | None = None
     """Seed of the known-intent draw; null: the run's seed."""
+    shots_per_class: Annotated[int, Field(ge=1)] | None = None
+    """Few-shot: train on N examples per class, drawn (stratified, seeded by data.draw_seed) from the
+    training split and recorded in splits.json; validation is then drawn the same way from the rest of
+    train (data.validation_shots per class), whatever validation file the data has. null: all of train."""
+    validation_shots: Annotated[int, Field(ge=1)] | None = None
+    """Few-shot validation examples per class, drawn from train after the training shots; null: as
+    many as data.shots_per_class (a class with fewer left gives what it has)."""
+    draw_seed: Annotated[int, Field(ge=0)] | None = None
+    """Seed of the few-shot draw, separate from the training seed so sweeps vary the draw and the
+    training seed independently; null: the run's seed."""
+    shots_per_class_min_ok: bool = False
+    """Accept classes with fewer than data.shots_per_class training examples (they give all they have);
+    by default such a class is an error naming it."""
 
 
 class ModelConfig(_Section):

@@ -31,7 +31,7 @@ from .config import DataConfig
 from .errors import UserError
 from .sources import SPLITS
 
-__all__ = ["Split", "Dataset", "load", "read_split", "read_table", "carve", "label_counts", "OUT_OF_SCOPE"]
+__all__ = ["Split", "Dataset", "load", "read_split", "read_table", "carve", "draw_shots", "label_counts", "OUT_OF_SCOPE"]
 
 #: The label out-of-scope test examples get under the open-intent protocol (data.known_intents).
 OUT_OF_SCOPE = "out_of_scope"
@@ -392,8 +392,9 @@ def load(cfg: DataConfig, seed: int) -> tuple[Dataset, DataConfig]:
         random.Random(seed).shuffle(order)
         train = train.subset(sorted(order[: cfg.train_limit]))
         provenance["train"] = f"first {cfg.train_limit} rows of a shuffle with seed {seed}"
+    few_shot = cfg.shots_per_class is not None
     for name in ("test", "validation"):
-        if name not in splits:
+        if name not in splits and not (few_shot and name == "validation"):
             carve_seed = seed + (1 if name == "test" else 0)
             train, splits[name] = carve(train, cfg.validation_fraction, carve_seed)
             provenance[name] = f"carved from train (stratified, fraction {cfg.validation_fraction}, seed {carve_seed})"
@@ -407,6 +408,9 @@ def load(cfg: DataConfig, seed: int) -> tuple[Dataset, DataConfig]:
         open_intent = _open_intent(splits, cfg, seed if cfg.known_intents_seed is None else cfg.known_intents_seed)
         oos_label = oos_label or OUT_OF_SCOPE
         train = splits["train"]
+
+    if few_shot:
+        train = _draw_shots(splits, provenance, cfg, seed if cfg.draw_seed is None else cfg.draw_seed)
 
     label_names = _label_order(train.labels)
     if len(label_names) < 2:
@@ -446,12 +450,54 @@ def _open_intent(splits: dict[str, Split], cfg: DataConfig, seed: int) -> dict:
     keep = set(known)
     oos = cfg.oos_label or OUT_OF_SCOPE
     for name in ("train", "validation"):
+        if name not in splits:  # few-shot: validation is drawn later, from what train keeps
+            continue
         split = splits[name]
         splits[name] = split.subset([i for i, label in enumerate(split.labels) if label in keep or
                                      (name == "validation" and label == cfg.oos_label)])
     test = splits["test"]
     test.labels = [label if label in keep else oos for label in test.labels]
     return {"known_intents": cfg.known_intents, "seed": seed, "known": known, "unknown": sorted(set(classes) - keep)}
+
+
+def draw_shots(labels: list[str], shots: int, validation_shots: int, seed: int) -> tuple[list[int], list[int]]:
+    """Few-shot draw: (train, validation) indices into `labels`, `shots` then up to `validation_shots`
+    per class, from one seeded shuffle of each class's members (classes in sorted order), each list in
+    source order. The same labels and seed always give the same draw, on any machine."""
+    rng = random.Random(seed)
+    by_label: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_label.setdefault(label, []).append(i)
+    train: list[int] = []
+    validation: list[int] = []
+    for label in sorted(by_label):
+        members = by_label[label]
+        rng.shuffle(members)
+        train.extend(members[:shots])
+        validation.extend(members[shots:shots + validation_shots])
+    return sorted(train), sorted(validation)
+
+
+def _draw_shots(splits: dict[str, Split], provenance: dict[str, str], cfg: DataConfig, seed: int) -> Split:
+    """data.shots_per_class: replace train and validation by a few-shot draw from train."""
+    shots = cfg.shots_per_class
+    assert shots is not None
+    validation_shots = cfg.validation_shots or shots
+    counts = label_counts(splits["train"].labels)
+    short = sorted((n, label) for label, n in counts.items() if n < shots)
+    if short and not cfg.shots_per_class_min_ok:
+        shown = ", ".join(f"{_show(label)!r} ({n})" for n, label in short[:5]) + (f" and {len(short) - 5} more" if len(short) > 5 else "")
+        raise UserError(f"data.shots_per_class={shots}: {len(short)} class(es) have fewer training examples: {shown}; "
+                        f"lower data.shots_per_class to {short[0][0]} or set data.shots_per_class_min_ok=true")
+    train_index, validation_index = draw_shots(splits["train"].labels, shots, validation_shots, seed)
+    if not validation_index:
+        raise UserError(f"data.shots_per_class={shots} uses every training example; nothing is left to draw "
+                        "validation from: lower data.shots_per_class")
+    source = splits["train"]
+    splits["train"], splits["validation"] = source.subset(train_index), source.subset(validation_index)
+    provenance["train"] = f"{shots} per class drawn from train (seed {seed})"
+    provenance["validation"] = f"{validation_shots} per class drawn from the rest of train (seed {seed})"
+    return splits["train"]
 
 
 def _expand(name: str) -> Path:
