@@ -143,13 +143,13 @@ def _group(runs: dict[int, dict], draws: list[int]) -> SimpleNamespace:
     members = []
     for d in draws:
         correct = np.frombuffer(runs[d]["correct"].encode(), dtype=np.uint8) == ord("1")
-        members.append(SimpleNamespace(seed=d, correct=correct, target=np.zeros(len(correct), dtype=np.int64)))
+        members.append(SimpleNamespace(replicate=d, correct=correct, target=np.zeros(len(correct), dtype=np.int64)))
     return SimpleNamespace(runs=members)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="folder for lorafit runs and results.jsonl")
+    parser.add_argument("--out", type=Path, help="folder for lorafit runs and results.jsonl (required)")
     parser.add_argument("--settings", nargs="+", default=SETTINGS, help="dataset:shots, e.g. banking77:10")
     parser.add_argument("--draws", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--tools", nargs="+", default=["setfit", "lorafit"], choices=["setfit", "lorafit"])
@@ -164,6 +164,8 @@ def main() -> int:
         print(json.dumps(run_setfit(dataset, shots, draw, args.setfit_iterations)))
         return 0
 
+    if args.out is None:
+        parser.error("--out is required")
     from lorafit.hardware import cpu_info
 
     settings = [(s.split(":")[0], int(s.split(":")[1])) for s in args.settings]

@@ -25,7 +25,7 @@ TRAIN_COUNTS = {"a": 300, "b": 250, "c": 200, "rare": 12}
 
 
 def fake_run(folder, seed: int, rank: int, wrong: np.ndarray, seconds: float = 10.0, validation: float | None = None,
-             metric: str = "accuracy"):
+             metric: str = "accuracy", overrides: tuple[str, ...] = ()):
     """A finished run folder whose test predictions are right except at the indices in `wrong`.
 
     `validation`: its best epoch's validation `metric` (summary.json's best_validation); by default
@@ -36,7 +36,7 @@ def fake_run(folder, seed: int, rank: int, wrong: np.ndarray, seconds: float = 1
     logits = np.full((len(TARGETS), len(LABELS)), -5.0)
     logits[np.arange(len(TARGETS)), predicted] = 5.0
     ev = {"split": "test", **classification_metrics(logits, TARGETS, LABELS)}
-    cfg = load_config(None, [f"seed={seed}", f"method.rank={rank}", f"train.threads={1 + seed % 2}", f"train.metric={metric}"])
+    cfg = load_config(None, [f"seed={seed}", f"method.rank={rank}", f"train.threads={1 + seed % 2}", f"train.metric={metric}", *overrides])
     (folder / "config.yaml").write_text(dump(cfg))
     (folder / "labels.json").write_text(json.dumps(LABELS))
     (folder / "eval.json").write_text(json.dumps(ev))
@@ -345,3 +345,21 @@ def test_compare_refuses_what_it_cannot_compare(tmp_path):
     (c / "labels.json").write_text(json.dumps(["w", "x", "y", "z"]))
     with pytest.raises(UserError, match="different label spaces"):
         compare(collect([a, c]))
+
+
+def test_few_shot_draws_are_samples_paired_across_configurations(tmp_path):
+    """data.draw_seed varies like the seed: runs of one training seed over three draws are three samples of
+    their configuration, paired with the other configuration's runs on the same draw."""
+    rng = np.random.default_rng(0)
+    folders = []
+    for rank, errors in ((4, 40), (8, 10)):
+        for draw in range(3):
+            wrong = rng.choice(len(TARGETS), errors, replace=False)
+            folders.append(fake_run(tmp_path / f"r{rank}-d{draw}", 0, rank, wrong,
+                                    overrides=("data.shots_per_class=5", f"data.draw_seed={draw}")))
+    result = compare(collect(folders))
+    assert [len(r["seeds"]) for r in result["rows"]] == [3, 3]
+    assert result["rows"][0]["seeds"] == ["0/d0", "0/d1", "0/d2"]
+    versus = next(r["versus_best"] for r in result["rows"] if r["versus_best"])
+    assert versus["seeds"] == 3  # paired over the three draws
+    assert versus["difference"] == pytest.approx(-30 / len(TARGETS))

@@ -43,7 +43,7 @@ from .rundir import Eval, RunDir, Summary, make_folder
 __all__ = ["Run", "Group", "choose_reference", "collect", "compare", "columns", "to_markdown", "write"]
 
 #: Settings that do not change what a run computes: runs differing only here are one configuration.
-_NOT_CONFIGURATION = {("seed",), ("train", "threads"), ("train", "progress"), ("train", "log_every"),
+_NOT_CONFIGURATION = {("seed",), ("data", "draw_seed"), ("train", "threads"), ("train", "progress"), ("train", "log_every"),
                       ("train", "checkpoint_every"), ("train", "keep_checkpoints")}
 BOOTSTRAP_SAMPLES = 10_000
 
@@ -59,6 +59,13 @@ class Run:
     target: np.ndarray | None = None
     correct: np.ndarray | None = None  # per test example
     label: str | None = None  # a sweep trial's swept values without the seed, e.g. "rank=16, alpha=2x"
+    draw: int | None = None  # the few-shot draw's seed (data.draw_seed, else the seed); None: not a few-shot run
+
+    @property
+    def replicate(self) -> int | str:
+        """What tells a configuration's samples apart and pairs them across configurations: the seed, or for
+        few-shot runs the seed and the draw ("0/d3"), so draws are samples too (sweeps vary them separately)."""
+        return self.seed if self.draw is None else f"{self.seed}/d{self.draw}"
 
 
 @dataclass
@@ -85,6 +92,8 @@ def _read_run(folder: Path) -> Run:
     flat = _flatten(cfg.model_dump(mode="json"))
     settings = {".".join(k): v for k, v in flat.items() if k not in _NOT_CONFIGURATION and k[0] != "track"}
     result = Run(folder, cfg.seed, settings, run.summary(), run.eval(), run.labels())
+    if cfg.data.shots_per_class is not None:
+        result.draw = cfg.seed if cfg.data.draw_seed is None else cfg.data.draw_seed
     if (folder / "predictions.json").is_file():
         p = run.predictions()
         result.target = np.asarray(p.target)
@@ -122,7 +131,7 @@ def collect(paths: list[str | Path]) -> list[Run]:
 
 def _sweep_label(trial: str) -> str:
     """'rank=16,alpha=2x,seed=0' -> 'rank=16, alpha=2x'; 'base=banking77-dora,seed=1' -> 'base=banking77-dora'."""
-    parts = [p for p in re.split(r",(?=[A-Za-z_.]+=)", trial) if not re.fullmatch(r"seed=\d+", p)]
+    parts = [p for p in re.split(r",(?=[A-Za-z_.]+=)", trial) if not re.fullmatch(r"(seed|draw_seed)=\d+", p)]
     return ", ".join(parts) or "all runs"
 
 
@@ -136,9 +145,9 @@ def _group(runs: list[Run]) -> list[Group]:
     varying = [k for k in keys if len({json.dumps(g.settings.get(k), default=str) for g in out}) > 1]
     taken: dict[str, int] = {}
     for g in out:
-        seeds = [r.seed for r in g.runs]
+        seeds = [r.replicate for r in g.runs]
         if len(seeds) != len(set(seeds)):
-            raise UserError(f"configuration {g.runs[0].path} has two runs with the same seed; compare distinct runs")
+            raise UserError(f"configuration {g.runs[0].path} has two runs with the same seed (and draw); compare distinct runs")
         shown = [k for k in varying if k in g.settings]
         name = ", ".join(f"{k.rsplit('.', 1)[-1] if _unique_leaf(k, varying) else k}={g.settings[k]}" for k in shown) or "all runs"
         taken[name] = taken.get(name, 0) + 1
@@ -199,11 +208,11 @@ def paired_tests(best: Group, other: Group, seed: int = 0) -> dict | None:
     """Bootstrap interval and p-value of accuracy(other) - accuracy(best), and McNemar's p, over shared seeds."""
     from scipy import stats
 
-    shared = sorted({r.seed for r in best.runs} & {r.seed for r in other.runs})
+    shared = sorted({r.replicate for r in best.runs} & {r.replicate for r in other.runs})
     pairs = []
     for s in shared:
-        a = next(r for r in best.runs if r.seed == s)
-        b = next(r for r in other.runs if r.seed == s)
+        a = next(r for r in best.runs if r.replicate == s)
+        b = next(r for r in other.runs if r.replicate == s)
         if a.correct is None or b.correct is None or a.target.shape != b.target.shape or not np.array_equal(a.target, b.target):
             continue
         pairs.append((a.correct, b.correct))
@@ -254,7 +263,7 @@ def compare(runs: list[Run]) -> dict:
         f1 = mean_ci([r.summary.test_macro_f1 for r in g.runs])
         s0 = g.runs[0].summary
         rows.append({
-            "configuration": g.name, "seeds": sorted(r.seed for r in g.runs), "method": g.settings.get("method.name"),
+            "configuration": g.name, "seeds": sorted(r.replicate for r in g.runs), "method": g.settings.get("method.name"),
             "runs": [str(r.path) for r in g.runs],
             "trainable_params": s0.trainable_params, "trainable_percent": s0.trainable_percent,
             "adapter_bytes": s0.adapter_bytes,

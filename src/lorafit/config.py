@@ -27,6 +27,7 @@ __all__ = [
     "TrainConfig",
     "TrackConfig",
     "OodConfig",
+    "ContrastiveConfig",
     "Schedule",
     "load_config",
     "parse_overrides",
@@ -85,6 +86,12 @@ class ModelConfig(_Section):
     all-MiniLM were trained) or the first ([CLS]) token's state."""
     head_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
     """Dropout on the sentence vector before the classification head."""
+    head_init: Literal["random", "centroids"] = "random"
+    """How the classification head starts: random (seeded), or centroids, a nearest-centroid classifier
+    over the training examples' sentence vectors (after the contrastive stage, if any): logits start as
+    model.head_init_scale times the cosine similarity to each class's mean unit vector."""
+    head_init_scale: Annotated[float, Field(gt=0)] = 10.0
+    """Logit scale of model.head_init=centroids (a cosine similarity of 1 gives this logit)."""
     trust_pickle: bool = False
     """Allow loading pickle-based weight files (.bin/.pt). Pickles can run code: only for
     checkpoints you trust."""
@@ -228,6 +235,24 @@ class OodConfig(_Section):
     are shown or thresholded."""
 
 
+class ContrastiveConfig(_Section):
+    epochs: Annotated[int, Field(ge=0)] = 0
+    """Epochs of a contrastive stage before classification (0: none). In it the method's trainable weights
+    pull sentence vectors of one class together and push other classes' apart (contrastive.loss); the
+    head does not train. train.epochs then counts the classification epochs that follow, and the
+    learning-rate schedule spans both stages. Its metrics.jsonl lines say stage: contrastive."""
+    loss: Literal["supcon", "cosine"] = "supcon"
+    """supcon: supervised contrastive loss over each batch (Khosla et al. 2020) at contrastive.temperature;
+    cosine: SetFit's loss over every pair of the batch, (cosine similarity - [same class])^2."""
+    temperature: Annotated[float, Field(gt=0)] = 0.05
+    """Temperature of the supcon loss."""
+    examples_per_class: Annotated[int, Field(ge=2)] = 4
+    """Examples of a class kept together in a contrastive batch, so every example has positives there."""
+    batch_size: Annotated[int, Field(ge=2)] | None = None
+    """Examples per contrastive batch (the whole batch is one forward pass: the loss compares every pair);
+    null: train.batch_size."""
+
+
 class TrackConfig(_Section):
     sinks: list[Literal["tensorboard", "mlflow", "wandb"]] = []
     """Experiment trackers that get every metric besides metrics.jsonl (always written)."""
@@ -253,6 +278,7 @@ class Config(_Section):
         default_factory=lambda: registry.get("lora").config_class(name="lora")
     )
     train: TrainConfig = TrainConfig()
+    contrastive: ContrastiveConfig = ContrastiveConfig()
     ood: OodConfig = OodConfig()
     track: TrackConfig = TrackConfig()
 
@@ -267,9 +293,11 @@ class Schedule:
 
 
 def resolve_schedule(cfg: Config, n_train: int) -> Schedule:
+    """Steps per (classification) epoch, and all steps of the run: the contrastive stage's, then these."""
     batches = math.ceil(n_train / cfg.train.batch_size)
     steps_per_epoch = math.ceil(batches / cfg.train.grad_accum)
-    total = steps_per_epoch * cfg.train.epochs
+    contrastive_batches = math.ceil(n_train / (cfg.contrastive.batch_size or cfg.train.batch_size))
+    total = steps_per_epoch * cfg.train.epochs + math.ceil(contrastive_batches / cfg.train.grad_accum) * cfg.contrastive.epochs
     w = cfg.train.warmup
     warmup = min(total, round(w * total) if w < 1 else int(w))
     return Schedule(steps_per_epoch, total, warmup)

@@ -120,6 +120,9 @@ def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None) -> Job:
     """Everything before the first step. `recorded`: the compute.json of the run being resumed, whose
     threads, token budget and CPU kernels are reused so the continuation computes as the start did."""
     world = World.from_env()
+    if world.size > 1 and cfg.contrastive.epochs:
+        raise UserError("contrastive.epochs: the contrastive stage runs in one process (its loss compares the pairs "
+                        "of a whole batch); train without torchrun, or set contrastive.epochs=0")
     set_threads((recorded and recorded.threads) or cfg.train.threads or world.threads())
     device = world.join(select_device(cfg.train.device))
     if not world.is_main:

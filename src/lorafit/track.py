@@ -36,6 +36,9 @@ _NAMES = {
     "epoch": {"train_loss": "epoch/train_loss", "val_loss": "val/loss", "val_accuracy": "val/accuracy",
               "val_macro_f1": "val/macro_f1", "seconds": "epoch/seconds", "examples_per_second": "epoch/examples_per_second",
               "epoch": "epoch"},
+    "contrastive_step": {"loss": "contrastive/loss", "lr": "train/lr"},
+    "contrastive_epoch": {"train_loss": "contrastive/epoch_loss", "val_centroid_accuracy": "contrastive/val_centroid_accuracy",
+                          "seconds": "epoch/seconds"},
 }
 _FINAL = ("accuracy", "macro_f1", "weighted_f1", "loss")
 #: Summary fields that go to the trackers as efficiency/<name> at the end.

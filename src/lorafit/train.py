@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__, atomic, batching, checkpoint, data, modelcard, posthoc
+from . import __version__, atomic, batching, checkpoint, contrastive, data, modelcard, posthoc
 from .config import Config, TrainConfig
 from .distributed import World
 from .errors import UserError
@@ -233,7 +233,9 @@ def _epochs(job: Job, p: Progress, best_state: dict | None, signals: _Signals) -
     cfg = job.cfg
     _log_start(job)
     lengths = [len(t) for t in job.tokens["train"]]
-    while p.epoch <= cfg.train.epochs and not p.stopped:
+    while p.epoch <= _last_epoch(cfg) and not p.stopped:
+        if p.batch == 0 and p.epoch == cfg.contrastive.epochs + 1 and cfg.model.head_init == "centroids":
+            _centroid_head(job)  # before the first classification step (a resume from here redoes it identically)
         job.model.train()
         batches = _batches(job, p.epoch, lengths)
         if p.batch == 0:
@@ -244,25 +246,45 @@ def _epochs(job: Job, p: Progress, best_state: dict | None, signals: _Signals) -
                 stepped, stopping = _train_step(job, p, batches, i, lengths, signals)
                 if stepped:
                     _after_step(job, p, epoch, best_state, signals, stopping)
+        seconds = time.perf_counter() - epoch.started
+        if _contrastive(job, p):
+            _end_contrastive_epoch(job, p, best_state, signals, seconds)
+            continue
         weight = _weight(job, [j for batch in batches for j in batch])  # the epoch's examples, weighted
-        best_state = _end_epoch(job, p, best_state, signals, seconds=time.perf_counter() - epoch.started, weight=weight)
+        best_state = _end_epoch(job, p, best_state, signals, seconds=seconds, weight=weight)
     return best_state
 
 
+def _last_epoch(cfg: Config) -> int:
+    """Epochs are numbered through both stages: contrastive.epochs contrastive ones, then train.epochs."""
+    return cfg.contrastive.epochs + cfg.train.epochs
+
+
+def _contrastive(job: Job, p: Progress) -> bool:
+    """Whether the loop is in the contrastive stage (lorafit.contrastive)."""
+    return p.epoch <= job.cfg.contrastive.epochs
+
+
 def _batches(job: Job, epoch: int, lengths: list[int]) -> list[list[int]]:
-    """The epoch's micro-batches (train.sampler): a function of the seed and the epoch alone, so a resumed
-    epoch and every data-parallel process draw the same ones."""
+    """The epoch's micro-batches (train.sampler; contrastive.examples_per_class in the contrastive stage):
+    a function of the seed and the epoch alone, so a resumed epoch and every data-parallel process draw
+    the same ones."""
     cfg = job.cfg
     rng = random.Random(cfg.seed * 1000 + epoch)
+    if epoch <= cfg.contrastive.epochs:
+        return contrastive.class_grouped_batches(lengths, job.targets["train"].tolist(),
+                                                 cfg.contrastive.batch_size or cfg.train.batch_size,
+                                                 cfg.contrastive.examples_per_class, rng)
     if cfg.train.sampler == "class_balanced":
         return batching.class_balanced_batches(lengths, job.targets["train"].tolist(), cfg.train.batch_size, rng)
     return batching.length_grouped_batches(lengths, cfg.train.batch_size, rng)
 
 
-def _weight(job: Job, examples: list[int]) -> float:
+def _weight(job: Job, examples: list[int], contrastive_stage: bool = False) -> float:
     """The examples' total weight in the training loss: their number, or with train.class_weights the sum
-    of their classes' weights (fsum: exact, so the same whatever the order or cut of the examples)."""
-    if job.class_weights is None:
+    of their classes' weights (fsum: exact, so the same whatever the order or cut of the examples). The
+    contrastive stage's loss is a plain mean over anchors."""
+    if job.class_weights is None or contrastive_stage:
         return len(examples)
     return math.fsum(job.class_weights[job.targets["train"][examples]])
 
@@ -274,10 +296,14 @@ def _train_step(job: Job, p: Progress, batches: list[list[int]], i: int, lengths
     Returns (whether the optimiser stepped, whether to stop: some process caught a signal)."""
     batch = batches[i]
     boundary = (i + 1) % job.cfg.train.grad_accum == 0 or i + 1 == len(batches)  # the step's last micro-batch
-    mine_loss, extra = _forward_backward(job, batches, i, lengths, boundary)
+    stage = _contrastive(job, p)
+    if stage:
+        mine_loss, extra = _contrastive_forward_backward(job, batches, i, lengths), None
+    else:
+        mine_loss, extra = _forward_backward(job, batches, i, lengths, boundary)
     # The global batch's (weighted) mean loss; a signal caught by any process stops them all at this step.
     summed, votes = job.world.sum([mine_loss, signals.vote()])
-    batch_weight = _weight(job, batch)
+    batch_weight = _weight(job, batch, stage)
     batch_loss = summed / batch_weight
     stopping = signals.agreed(votes)
     if not math.isfinite(batch_loss) or (extra is not None and not torch.isfinite(extra)):
@@ -325,6 +351,28 @@ def _forward_backward(job: Job, batches: list[list[int]], i: int, lengths: list[
             job.scaler.scale(loss).backward()  # fp16: scaled so small gradients do not underflow
         mine_loss += float(loss_sum.detach())
     return (mine_loss if weight else 0.0), extra  # weight 0: a stand-in example that adds nothing
+
+
+def _contrastive_forward_backward(job: Job, batches: list[list[int]], i: int, lengths: list[int]) -> float:
+    """The contrastive stage's micro-batch i: the loss compares every pair of the batch, so one backward
+    covers it all; its sentence vectors are computed in token-budget pieces of similar length (the batch
+    is length-ordered), which saves padding, not memory. The loss is summed over anchors and weighted
+    1 / (examples in the step). Returns the summed loss. One process only (job.prepare refuses a
+    contrastive stage under data parallelism)."""
+    cfg, device = job.cfg, job.device
+    first = i - i % cfg.train.grad_accum
+    step_examples = sum(len(b) for b in batches[first:first + cfg.train.grad_accum])
+    batch = batches[i]
+    pieces = batching.split_by_tokens(batch, lengths, job.max_tokens)
+    y = torch.as_tensor(job.targets["train"][[j for piece in pieces for j in piece]], device=device)  # (b,)
+    with autocast(device, job.amp):
+        features = []
+        for piece in pieces:
+            input_ids, attention_mask = batching.collate([job.tokens["train"][j] for j in piece], job.pad_id)  # (p, T)
+            features.append(job.model.features(input_ids.to(device), attention_mask.to(device)))  # (p, H)
+        loss_sum = contrastive.contrastive_loss(cfg.contrastive.loss, torch.cat(features).float(), y, cfg.contrastive.temperature)
+    job.scaler.scale(loss_sum / step_examples).backward()
+    return float(loss_sum.detach())
 
 
 def sum_training_loss(logits: torch.Tensor, y: torch.Tensor, train: TrainConfig, class_weights: torch.Tensor | None) -> torch.Tensor:
@@ -384,7 +432,8 @@ def _after_step(job: Job, p: Progress, epoch: _Epoch, best_state: dict | None, s
     window_loss = p.window_loss / max(p.window_batches, 1)
     epoch.bar.set_postfix(loss=f"{window_loss:.3f}", ex_s=f"{rate:.0f}", refresh=False)
     if p.step % cfg.train.log_every == 0:
-        _append_metrics(job, p, {"type": "step", "step": p.step, "epoch": p.epoch, "loss": window_loss,
+        kind = "contrastive_step" if _contrastive(job, p) else "step"
+        _append_metrics(job, p, {"type": kind, "step": p.step, "epoch": p.epoch, "loss": window_loss,
                                  "lr": job.optimizer.param_groups[0]["lr"], "examples_per_second": rate})
         p.window_loss, p.window_batches, p.window_examples, epoch.window_start = 0.0, 0, 0, now
     p.epoch_elapsed = now - epoch.started
@@ -434,6 +483,37 @@ def _end_epoch(job: Job, p: Progress, best_state: dict | None, signals: _Signals
     return best_state
 
 
+def _end_contrastive_epoch(job: Job, p: Progress, best_state: dict | None, signals: _Signals, seconds: float) -> None:
+    """End of a contrastive epoch: how well nearest training centroids classify validation (the head takes
+    no part), a `contrastive_epoch` metrics line, the checkpoint. No best state: the stage prepares the
+    sentence vectors; epochs are chosen among the classification ones."""
+    p.epoch_seconds.append(seconds)
+    vectors = {split: contrastive.sentence_vectors(job.model, job.tokens[split], job.pad_id, job.cfg.train.eval_batch_size,
+                                                   job.device) for split in ("train", "validation")}
+    accuracy = contrastive.nearest_centroid_accuracy(
+        vectors["train"], torch.as_tensor(job.targets["train"]), vectors["validation"],
+        torch.as_tensor(job.targets["validation"]), len(job.dataset.label_names))
+    record = {"type": "contrastive_epoch", "epoch": p.epoch, "step": p.step, "train_loss": p.epoch_loss / len(job.tokens["train"]),
+              "val_centroid_accuracy": accuracy, "seconds": seconds, "examples_per_second": len(job.tokens["train"]) / seconds}
+    _append_metrics(job, p, record)
+    log.info("contrastive epoch %d: loss %.4f, validation nearest-centroid accuracy %.4f, %.1f s",
+             p.epoch, record["train_loss"], accuracy, seconds)
+    p.epoch += 1
+    p.batch, p.epoch_loss, p.epoch_elapsed = 0, 0.0, 0.0
+    stopping = signals.agreed(job.world.sum([signals.vote()])[0])
+    if job.cfg.train.checkpoint_every:
+        _write_checkpoint(job, p, best_state)
+    if stopping:
+        raise signals.interrupted(job.run, f"contrastive epoch {p.epoch - 1}")
+
+
+def _centroid_head(job: Job) -> None:
+    """model.head_init=centroids: the head as a nearest-centroid classifier over the training examples'
+    sentence vectors as the model now computes them (lorafit.contrastive.centroid_head)."""
+    vectors = contrastive.sentence_vectors(job.model, job.tokens["train"], job.pad_id, job.cfg.train.eval_batch_size, job.device)
+    contrastive.centroid_head(job.model, vectors, torch.as_tensor(job.targets["train"]), job.cfg.model.head_init_scale)
+
+
 def _log_start(job: Job) -> None:
     """What trains on what, then the header of the per-epoch table."""
     cfg = job.cfg
@@ -450,7 +530,8 @@ def _progress_bar(job: Job, p: Progress, batches: int) -> tqdm:
     """The epoch's bar, counting optimiser steps (rank 0 only, when train.progress)."""
     cfg = job.cfg
     return tqdm(total=math.ceil(batches / cfg.train.grad_accum), initial=p.batch // cfg.train.grad_accum,
-                desc=f"epoch {p.epoch}/{cfg.train.epochs}", disable=not (cfg.train.progress and job.world.is_main),
+                desc=(f"contrastive epoch {p.epoch}/{cfg.contrastive.epochs}" if _contrastive(job, p) else
+                      f"epoch {p.epoch - cfg.contrastive.epochs}/{cfg.train.epochs}"), disable=not (cfg.train.progress and job.world.is_main),
                 leave=False, unit="step", dynamic_ncols=True)
 
 
@@ -576,7 +657,7 @@ def _summary(job: Job, p: Progress, test: dict) -> Summary:
         peak_memory_mb=peak_memory_mb(job.device),
         best_epoch=p.best_epoch,
         epochs_run=len(p.epoch_seconds),
-        stopped_early=len(p.epoch_seconds) < cfg.train.epochs,
+        stopped_early=len(p.epoch_seconds) < _last_epoch(cfg),
         best_validation={cfg.train.metric: p.best_value},
         test_accuracy=test["accuracy"],
         test_macro_f1=test["macro_f1"],
