@@ -11,6 +11,9 @@ method, optimiser, scheduler, how to compute) and hand it to `_run`, which calls
       _after_step       progress bar, a metrics line, a checkpoint every train.checkpoint_every steps
       _end_epoch        validation, best state and artifact, early stopping, the epoch's checkpoint
     _finish             the best epoch on test: eval.json, predictions.json, summary.json (`_summary`)
+With `contrastive.epochs` the first epochs are a contrastive stage (lorafit.contrastive): the same steps
+with `_contrastive_forward_backward` (a loss on sentence vectors, the head idle) and `_end_contrastive_epoch`
+(no best state); `model.head_init=centroids` sets the head before the first classification step.
 A signal (SIGINT/SIGTERM, `_Signals`) stops the loop after the current step, with a checkpoint. The loop
 never asks which method runs. Everything the loop knows lives in `Progress`, so a checkpoint (weights,
 optimiser, scheduler, RNG states and `Progress`) lets `resume` continue bit for bit.
