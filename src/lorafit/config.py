@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 from .methods import registry
 
 __all__ = [
     "Config",
+    "AugmentConfig",
     "DataConfig",
     "ModelConfig",
     "TrainConfig",
@@ -38,6 +39,52 @@ __all__ = [
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class AugmentConfig(_Section):
+    kind: Literal["none", "eda", "paraphrase"] = "none"
+    """Training-data augmentation, of the training split only (after a few-shot draw; validation and test
+    never): none; eda, Easy Data Augmentation edits (Wei & Zou 2019: WordNet synonym replacement, random
+    insertion of a synonym, random swap, random deletion; needs WordNet: apt-get install wordnet-base, or
+    python -m nltk.downloader wordnet); paraphrase, texts sampled from the sequence-to-sequence model
+    data.augment.model. New examples take their source's label; those identical to their source (or to
+    another of its augmentations) are dropped. They are cached in the lorafit cache and listed in
+    splits.json under `augmented`."""
+    n_per_example: Annotated[int, Field(ge=1, le=100)] = 1
+    """Augmented examples made from each training example (at most: identical ones are dropped)."""
+    seed: Annotated[int, Field(ge=0, lt=2**32)] | None = None
+    """Seed of the augmentation; null: the run's seed. Each example's edits depend only on it and the text."""
+    alpha_sr: Annotated[float, Field(ge=0, le=1)] = 0.1
+    """eda: synonym replacement changes max(1, alpha_sr * words) words (0 turns the operation off)."""
+    alpha_ri: Annotated[float, Field(ge=0, le=1)] = 0.1
+    """eda: random insertion adds max(1, alpha_ri * words) synonyms of the text's words (0: off)."""
+    alpha_rs: Annotated[float, Field(ge=0, le=1)] = 0.1
+    """eda: random swap exchanges max(1, alpha_rs * words) pairs of words (0: off)."""
+    p_rd: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    """eda: random deletion removes each word with this probability (0: off)."""
+    model: str | None = None
+    """paraphrase: the sequence-to-sequence model (a hub id or a local folder; e.g. a T5 or BART paraphraser)."""
+    prefix: str = ""
+    """paraphrase: text put before every input (e.g. 'paraphrase: ' for T5 paraphrasers trained with one)."""
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    """paraphrase: sampling temperature."""
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
+    """paraphrase: nucleus sampling keeps the most likely tokens up to this total probability."""
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
+    """paraphrase: most tokens of one paraphrase."""
+    batch_size: Annotated[int, Field(ge=1)] = 16
+    """paraphrase: source texts per generation batch."""
+    trust_pickle: bool = False
+    """paraphrase: allow a model folder with pickle weights only (.bin/.pt), which can run code: only
+    for checkpoints you trust."""
+
+    @model_validator(mode="after")
+    def _complete(self) -> AugmentConfig:
+        if self.kind == "paraphrase" and not self.model:
+            raise ValueError("kind=paraphrase needs data.augment.model: a hub id or local folder of a sequence-to-sequence model")
+        if self.kind == "eda" and not any((self.alpha_sr, self.alpha_ri, self.alpha_rs, self.p_rd)):
+            raise ValueError("kind=eda with alpha_sr, alpha_ri, alpha_rs and p_rd all 0 changes nothing; raise one of them")
+        return self
 
 
 class DataConfig(_Section):
@@ -75,6 +122,7 @@ class DataConfig(_Section):
     shots_per_class_min_ok: bool = False
     """Accept classes with fewer than data.shots_per_class training examples (they give all they have);
     by default such a class is an error naming it."""
+    augment: AugmentConfig = AugmentConfig()
 
 
 class ModelConfig(_Section):

@@ -69,6 +69,9 @@ class Dataset:
     oos_label: str | None = None
     #: The open-intent protocol's draw: the known classes, and the unknown ones whose test examples are OOS.
     open_intent: dict | None = None
+    #: data.augment's record (lorafit.augment): the augmented examples follow the original ones in train,
+    #: `source_rows` gives each one's source row. None: no augmentation.
+    augmentation: dict | None = None
 
     def label_ids(self, split: str) -> list[int]:
         """Class index of every example of `split`; -1 for an out-of-scope one."""
@@ -76,7 +79,7 @@ class Dataset:
         return [-1 if label == self.oos_label else index[label] for label in self.splits[split].labels]
 
     def splits_record(self) -> dict:
-        """What splits.json holds: the source rows of every split (and the OOS setting, when there is one)."""
+        """What splits.json holds: the source rows of every split (and the OOS setting and the augmentation, when there are)."""
         record = {
             "source": self.source,
             "provenance": self.provenance,
@@ -87,6 +90,10 @@ class Dataset:
             record["oos"] = {"label": self.oos_label, "examples": {n: s.labels.count(self.oos_label) for n, s in self.splits.items()}}
         if self.open_intent is not None:
             record["open_intent"] = self.open_intent
+        if self.augmentation is not None:  # train's own rows stay the source file's; the augmented ones are listed apart
+            train = self.splits["train"].rows
+            record["train"] = train[:len(train) - len(self.augmentation["source_rows"])]
+            record["augmented"] = self.augmentation
         return record
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
-from . import batching, data, hardware, kernels, methods
+from . import augment, batching, data, hardware, kernels, methods
 from .config import Config, load_config, resolve_schedule, validate
 from .distributed import World
 from .errors import UserError
@@ -131,6 +131,7 @@ def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None) -> Job:
 
     # -- data: read, clean, split, tokenise once ----------------------------------------------
     dataset, data_cfg = data.load(cfg.data, cfg.seed)
+    dataset = augment.apply(dataset, cfg.data.augment, cfg.seed, str(device), cfg.train.progress and world.is_main)  # train only
     cfg = cfg.model_copy(update={"data": data_cfg})
     weights = class_weights(cfg.train.class_weights, dataset.label_names, dataset.label_ids("train"))
     tokenizer = load_tokenizer(cfg.model)
