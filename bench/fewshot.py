@@ -71,9 +71,9 @@ def run_setfit(dataset: str, shots: int, draw: int, iterations: int) -> dict:
             "correct": "".join("1" if c else "0" for c in predicted == truth)}
 
 
-def run_lorafit(dataset: str, shots: int, draw: int, out: Path, overrides: list[str]) -> dict:
+def run_lorafit(dataset: str, shots: int, draw: int, out: Path, overrides: list[str], tool: str = "lorafit") -> dict:
     """One lorafit run (its own process), read back from the run folder."""
-    folder = out / f"{dataset}-{shots}shot" / f"lorafit-d{draw}"
+    folder = out / f"{dataset}-{shots}shot" / f"{tool.replace('[', '-').rstrip(']')}-d{draw}"
     command = [sys.executable, "-m", "lorafit", "train", str(ROOT / CONFIG), f"data.name={dataset}",
                f"data.shots_per_class={shots}", f"data.draw_seed={draw}", f"seed={draw}", *overrides,
                "--out", str(folder), "--overwrite", "--quiet"]
@@ -87,8 +87,11 @@ def run_lorafit(dataset: str, shots: int, draw: int, out: Path, overrides: list[
     run = RunDir(folder)
     test, predictions = run.eval(), run.predictions()
     correct = "".join("1" if p == t else "0" for p, t in zip(predictions.predicted, predictions.target))
-    return {"accuracy": test.accuracy, "macro_f1": test.macro_f1, "train_seconds": run.summary().train_seconds,
-            "n_train": len(run.splits().rows["train"]), "run": str(folder), "correct": correct}
+    summary = run.summary()
+    return {"accuracy": test.accuracy, "macro_f1": test.macro_f1, "train_seconds": summary.train_seconds,
+            "validation_accuracy": (summary.best_validation or {}).get("accuracy"),
+            "n_train": sum(summary.train_label_counts.values()),  # augmented examples included
+            "run": str(folder), "correct": correct}
 
 
 def _results(path: Path) -> list[dict]:
@@ -108,32 +111,48 @@ def summarise(results: list[dict], settings: list[tuple[str, int]], draws: list[
         mean, half = mean_ci([scale * v for v in values])
         return f"{mean:.{digits}f}" + (f" ± {half:.{digits}f}" if half is not None else "")
 
-    lines = ["| setting | tool | draws | test accuracy | macro-F1 | train s/run |", "|---|---|---:|---:|---:|---:|"]
+    lines = ["| setting | tool | draws | test accuracy | macro-F1 | train s/run | validation accuracy |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     tests = []
     by = {_key(r): r for r in results}
+    tools = list(dict.fromkeys(["setfit", "lorafit", *sorted(r["tool"] for r in results)]))
     for dataset, shots in settings:
         pairs = {}
-        for tool in ("setfit", "lorafit"):
+        for tool in tools:
             rows = [by[(tool, dataset, shots, d)] for d in draws if (tool, dataset, shots, d) in by]
             pairs[tool] = {r["draw"]: r for r in rows}
             if rows:
+                validation = [r["validation_accuracy"] for r in rows if r.get("validation_accuracy") is not None]
                 lines.append(f"| {dataset} {shots}-shot | {tool} | {len(rows)} | {cell([r['accuracy'] for r in rows])} | "
-                             f"{cell([r['macro_f1'] for r in rows])} | {cell([r['train_seconds'] for r in rows], 1, 0)} |")
-        common = sorted(set(pairs["setfit"]) & set(pairs["lorafit"]))
-        if len(common) >= 2:
-            from scipy import stats
-
-            # lorafit compare's paired test, draws in the place of seeds: a two-level bootstrap (draws,
-            # then test examples) of the accuracy difference, and McNemar's exact test per draw.
-            test = paired_tests(_group(pairs["setfit"], common), _group(pairs["lorafit"], common))
-            diffs = [100 * (pairs["lorafit"][d]["accuracy"] - pairs["setfit"][d]["accuracy"]) for d in common]
-            t_p = float(stats.ttest_rel([pairs["lorafit"][d]["accuracy"] for d in common],
-                                        [pairs["setfit"][d]["accuracy"] for d in common]).pvalue)
-            tests.append(f"{dataset} {shots}-shot, draws {common}: lorafit - SetFit accuracy {cell(diffs, 1)} points "
-                         f"(lorafit ahead on {sum(d > 0 for d in diffs)} of {len(diffs)}); bootstrap 95% CI "
-                         f"[{100 * test['ci_low']:+.2f}, {100 * test['ci_high']:+.2f}], p = {test['p_bootstrap']:.3g}; "
-                         f"paired t-test over draws p = {t_p:.3g}; McNemar per draw, largest p = {test['p_mcnemar']:.3g}")
+                             f"{cell([r['macro_f1'] for r in rows])} | {cell([r['train_seconds'] for r in rows], 1, 0)} | "
+                             f"{cell(validation) if validation else '-'} |")
+        for tool in tools[1:]:
+            tests.extend(_paired(pairs, "setfit", tool, dataset, shots, cell, paired_tests))
+        for tool in tools[2:]:
+            tests.extend(_paired(pairs, "lorafit", tool, dataset, shots, cell, paired_tests))
     return "\n".join(lines + [""] + tests)
+
+
+def _paired(pairs: dict, a: str, b: str, dataset: str, shots: int, cell, paired_tests) -> list[str]:
+    """b - a on the draws both ran: test accuracy (paired tests), and validation accuracy where both have it."""
+    common = sorted(set(pairs[a]) & set(pairs[b]))
+    out = []
+    if len(common) >= 2:
+        from scipy import stats
+
+        # lorafit compare's paired test, draws in the place of seeds: a two-level bootstrap (draws,
+        # then test examples) of the accuracy difference, and McNemar's exact test per draw.
+        test = paired_tests(_group(pairs[a], common), _group(pairs[b], common))
+        diffs = [100 * (pairs[b][d]["accuracy"] - pairs[a][d]["accuracy"]) for d in common]
+        t_p = float(stats.ttest_rel([pairs[b][d]["accuracy"] for d in common], [pairs[a][d]["accuracy"] for d in common]).pvalue)
+        out.append(f"{dataset} {shots}-shot, draws {common}: {b} - {a} test accuracy {cell(diffs, 1)} points "
+                   f"({b} ahead on {sum(d > 0 for d in diffs)} of {len(diffs)}); bootstrap 95% CI "
+                   f"[{100 * test['ci_low']:+.2f}, {100 * test['ci_high']:+.2f}], p = {test['p_bootstrap']:.3g}; "
+                   f"paired t-test over draws p = {t_p:.3g}; McNemar per draw, largest p = {test['p_mcnemar']:.3g}")
+        if all(pairs[t][d].get("validation_accuracy") is not None for t in (a, b) for d in common):
+            val = [100 * (pairs[b][d]["validation_accuracy"] - pairs[a][d]["validation_accuracy"]) for d in common]
+            out.append(f"  validation accuracy {b} - {a}: {cell(val, 1)} points")
+    return out
 
 
 def _group(runs: dict[int, dict], draws: list[int]) -> SimpleNamespace:
@@ -156,6 +175,7 @@ def main() -> int:
     parser.add_argument("--setfit-iterations", type=int, default=20, help="SetFit pair iterations per example (paper: 20)")
     parser.add_argument("--summary-only", action="store_true", help="print the table from results.jsonl, train nothing")
     parser.add_argument("--one", nargs=3, metavar=("DATASET", "SHOTS", "DRAW"), help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help="name of a lorafit variant (its runs are tool 'lorafit[NAME]'), set by the overrides")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every lorafit run")
     args = parser.parse_args()
 
@@ -174,7 +194,7 @@ def main() -> int:
     done = {_key(r) for r in _results(path)}
     for dataset, shots in settings if not args.summary_only else []:
         for draw in args.draws:
-            for tool in args.tools:
+            for tool in [f"lorafit[{args.variant}]" if t == "lorafit" and args.variant else t for t in args.tools]:
                 if (tool, dataset, shots, draw) in done:
                     continue
                 print(f"{tool} {dataset} {shots}-shot draw {draw} ...", file=sys.stderr, flush=True)
@@ -188,10 +208,10 @@ def main() -> int:
                         return 1
                     result = json.loads(done_run.stdout.strip().splitlines()[-1])
                 else:
-                    result = run_lorafit(dataset, shots, draw, args.out, args.overrides)
+                    result = run_lorafit(dataset, shots, draw, args.out, args.overrides, tool)
                 record = {"tool": tool, "dataset": dataset, "shots": shots, "draw": draw, **result,
                           "setfit_iterations": args.setfit_iterations if tool == "setfit" else None,
-                          "overrides": args.overrides if tool == "lorafit" else None}
+                          "overrides": args.overrides if tool.startswith("lorafit") else None}
                 with open(path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 print(f"  accuracy {100 * result['accuracy']:.2f}  macro-F1 {100 * result['macro_f1']:.2f}  "
