@@ -18,9 +18,11 @@ merged export) over the test set, with a check that the predictions are identica
 roofline fraction: useful training GFLOP/s on real (non-padding) tokens over this machine's
 measured float32 matmul peak. Next to the measured peak: the CPU model, its vector extensions and
 the theoretical peak (cores x FLOP/cycle x clock, `lorafit.hardware.theoretical_peak_gflops`, with
-its assumptions). A measured peak above the theoretical one is refused: the measurement (or the
-clock the host states) is wrong, so no roofline fraction is built on it (set LORAFIT_CPU_MAX_GHZ
-where the CPU boosts above the clock the OS states). The last line is one JSON object.
+its assumptions). The peak is measured on the threads the lorafit run trained with (its compute.json;
+`--threads`), and the theoretical peak is that many cores', not the machine's. A measured peak above
+the theoretical one is refused: the measurement (or the clock the host states) is wrong, so no
+roofline fraction is built on it (set LORAFIT_CPU_MAX_GHZ where the CPU boosts above the clock the
+OS states). The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -217,10 +219,14 @@ def main() -> int:
                           group_by_length=True))
     print("prediction throughput ...", file=sys.stderr, flush=True)
     predict = predict_comparison(out / f"lorafit-lora-s{seeds[0]}", out, predict_limit)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # The roofline compares the run's training with the matmul peak of the same threads, bounded by as
+    # many cores: with --threads 1 on 16 cores, 16 cores' peak would let a wrong measurement through.
+    from lorafit.rundir import RunDir
+
+    threads = RunDir(out / f"lorafit-lora-s{seeds[0]}").compute().threads
+    torch.set_num_threads(threads)
     info = hardware.cpu_info()
-    theoretical = hardware.theoretical_peak_gflops(info)
+    theoretical = hardware.theoretical_peak_gflops(info, threads=threads)
     peaks = matmul_peak_gflops()
     peak = max(peaks.values())
     refused = hardware.check_measured_peak(peak, theoretical)
@@ -262,7 +268,7 @@ def main() -> int:
     print(f"theoretical float32 peak ({theoretical['microarchitecture']}): {theoretical['formula']}")
     for assumption in theoretical["assumptions"]:
         print(f"  assumed: {assumption}")
-    print(f"measured float32 matmul peak: {peak:.1f} GFLOP/s (best of 10 2048-cube products: "
+    print(f"measured float32 matmul peak on {threads} thread(s): {peak:.1f} GFLOP/s (best of 10 2048-cube products: "
           + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()) + ")")
     if refused:
         print(f"REFUSED: {refused}. No roofline fraction is computed against the measured peak.")
@@ -282,7 +288,7 @@ def main() -> int:
         "achieved_gflops": round(achieved, 1), "measured_peak_gflops": round(peak, 1),
         "measured_peak_refused": refused is not None,
         "theoretical_peak_gflops": round(theoretical["gflops"], 1) if theoretical["gflops"] else None,
-        "theoretical_peak_formula": theoretical["formula"],
+        "theoretical_peak_formula": theoretical["formula"], "peak_threads": threads,
         "cpu_model": info["model"], "cpu_flags": info["flags"], "cpu_cores": info["cores"],
         "full_train_speedup_vs_grouped": (round(full[0]["train_examples_per_second"] / full[1]["train_examples_per_second"], 3)
                                           if full else None),

@@ -93,3 +93,26 @@ def test_this_machine():
     assert peak["cores"] == cpu_info()["cores"]
     assert peak["assumptions"] and isinstance(peak["assumptions"][0], str)
     assert peak["gflops"] is None or peak["gflops"] > 0
+
+
+def test_the_peak_is_for_the_threads_used_not_every_core():
+    """bench/speed.py --threads 1 on a 16-core host: its matmul runs on one core, so one core's peak bounds
+    it; checked against all 16 cores' a wrong measurement 12x too high would pass."""
+    zen4 = fake_cpu(family=25, model_id=0x11, flags=AVX512, cores=16, mhz=2596.152)
+    every_core = theoretical_peak_gflops(zen4)
+    one = theoretical_peak_gflops(zen4, threads=1)
+    assert every_core["cores"] == 16 and every_core["gflops"] == pytest.approx(16 * 32 * 2.596152)
+    assert one["cores"] == 1 and one["gflops"] == pytest.approx(32 * 2.596152)
+    assert one["formula"] == "1 core x 32 FLOP/cycle x 2.596 GHz = 83.1 GFLOP/s"
+    assert any("1 thread" in a and "16" in a for a in one["assumptions"])
+    assert theoretical_peak_gflops(zen4, threads=4)["gflops"] == pytest.approx(4 * 32 * 2.596152)
+    assert theoretical_peak_gflops(zen4, threads=64)["cores"] == 16, "threads beyond the cores add no FMA units"
+    assert theoretical_peak_gflops(zen4, threads=None) == every_core
+
+    # 150 GFLOP/s measured with one thread: possible on 16 cores, impossible on the one that ran it.
+    assert check_measured_peak(150.0, every_core) is None
+    refusal = check_measured_peak(150.0, one)
+    assert refusal is not None and "150.0 GFLOP/s" in refusal and "83.1 GFLOP/s" in refusal and "1 core x" in refusal
+    assert check_measured_peak(80.0, one) is None
+    with pytest.raises(ValueError, match="threads"):
+        theoretical_peak_gflops(zen4, threads=0)

@@ -5,7 +5,8 @@ records (summary.json's kernel decision, bench/ output) carries `cpu_info()`. Re
 /proc/cpuinfo and sysfs on Linux; elsewhere the fields Python's `platform` knows.
 
 `theoretical_peak_gflops()` bounds what a float32 measurement can show (cores x FLOP/cycle x clock),
-so a benchmark can refuse a "peak" above what the hardware does (`check_measured_peak`).
+so a benchmark can refuse a "peak" above what the hardware does (`check_measured_peak`). The cores
+are those the measurement ran on: with `threads` below the core count, the peak is that many cores'.
 """
 
 from __future__ import annotations
@@ -131,25 +132,33 @@ def _clock_ghz(info: dict) -> tuple[float | None, str]:
     return None, f"no clock known (no cpufreq, no 'cpu MHz'; set {CLOCK_OVERRIDE})"
 
 
-def theoretical_peak_gflops(info: dict | None = None) -> dict:
-    """The float32 FLOP/s a CPU's cores cannot exceed: cores x FLOP/cycle x clock, with its assumptions.
+def theoretical_peak_gflops(info: dict | None = None, threads: int | None = None) -> dict:
+    """The float32 FLOP/s the cores a measurement ran on cannot exceed: cores x FLOP/cycle x clock, with its
+    assumptions.
 
-    Returns {gflops (None when a factor is unknown), cores, flop_per_cycle, ghz, microarchitecture,
-    clock_source, formula, assumptions: [str, ...]}, every part printable next to a measured figure.
-    `info` defaults to this machine's `cpu_info()`.
+    `threads`: the threads the measurement used (torch's intra-op threads); each runs on one core at a
+    time, so the peak counts min(threads, usable cores) cores. None: every core this process may use.
+    Returns {gflops (None when a factor is unknown), cores (those counted), usable_cores, flop_per_cycle,
+    ghz, microarchitecture, clock_source, formula, assumptions: [str, ...]}, every part printable next
+    to a measured figure. `info` defaults to this machine's `cpu_info()`.
     """
     info = cpu_info() if info is None else info
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
     flop, arch, why = _flop_per_cycle(info)
     ghz, clock_source = _clock_ghz(info)
-    cores = int(info.get("cores") or 1)
-    assumptions = [why, f"clock: {clock_source}",
-                   f"{cores} cores = the logical CPUs this process may use (SMT siblings share FMA units, so with SMT on "
-                   "this overstates the peak)"]
+    usable = int(info.get("cores") or 1)
+    cores = usable if threads is None else min(threads, usable)
+    smt = "SMT siblings share FMA units, so with SMT on this overstates the peak"
+    counted = (f"{cores} cores = the logical CPUs this process may use ({smt})" if threads is None else
+               f"{cores} core{'s' if cores > 1 else ''} = the {threads} thread{'s' if threads > 1 else ''} the measurement "
+               f"used, of {usable} logical CPUs this process may use (threads beyond the cores add no FMA units; {smt})")
+    assumptions = [why, f"clock: {clock_source}", counted]
     gflops = cores * flop * ghz if flop and ghz else None
-    formula = (f"{cores} cores x {flop} FLOP/cycle x {ghz:.4g} GHz = {gflops:.1f} GFLOP/s" if gflops is not None
-               else "no theoretical peak: " + (why if flop is None else clock_source))
-    return {"gflops": gflops, "cores": cores, "flop_per_cycle": flop, "ghz": ghz, "microarchitecture": arch,
-            "clock_source": clock_source, "formula": formula, "assumptions": assumptions}
+    formula = (f"{cores} core{'s' if cores > 1 else ''} x {flop} FLOP/cycle x {ghz:.4g} GHz = {gflops:.1f} GFLOP/s"
+               if gflops is not None else "no theoretical peak: " + (why if flop is None else clock_source))
+    return {"gflops": gflops, "cores": cores, "usable_cores": usable, "flop_per_cycle": flop, "ghz": ghz,
+            "microarchitecture": arch, "clock_source": clock_source, "formula": formula, "assumptions": assumptions}
 
 
 def check_measured_peak(measured_gflops: float, theoretical: dict) -> str | None:
