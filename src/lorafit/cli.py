@@ -164,7 +164,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import describe, export
 
-    meta = export(args.run_dir, args.format, args.out, quantize=args.quantize, overwrite=args.overwrite, split=args.split)
+    meta = export(args.run_dir, args.format, args.out, quantize=args.quantize, overwrite=args.overwrite, split=args.split,
+                  min_agreement=args.min_agreement, max_accuracy_drop=args.max_accuracy_drop)
     print(describe(meta))
     print(f"written to {args.out}")
     return 0
@@ -330,10 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("export", help="merged model, adapter or ONNX (int8) from a run, with a parity check")
     p.add_argument("run_dir")
     p.add_argument("--format", required=True, choices=["merged", "adapter", "onnx"])
-    p.add_argument("--quantize", choices=["int8"], help="ONNX Runtime dynamic quantisation (with --format onnx)")
+    p.add_argument("--quantize", choices=["int8", "int8-static"],
+                   help="with --format onnx: int8, ONNX Runtime dynamic quantisation (activations scaled per batch at "
+                   "run time, so scores move a little with batch-mates); int8-static, activation scales fixed at "
+                   "export, calibrated on 256 of the run's training texts (QDQ), so a text scores the same in any batch")
     p.add_argument("--out", required=True, help="folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.add_argument("--split", default="validation", choices=["validation", "test"], help="split for the parity check")
+    p.add_argument("--min-agreement", type=float, metavar="FRACTION",
+                   help="int8 only: the least top-1 agreement with the trained model the parity check accepts "
+                   "(default 0.97); recorded in export.json as set by the user")
+    p.add_argument("--max-accuracy-drop", type=float, metavar="FRACTION",
+                   help="int8 only: the largest accuracy drop the parity check accepts, as a fraction "
+                   "(default 0.01, one point); recorded in export.json as set by the user")
     p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("card", help="(re)write the model card (README.md) of a run folder or export from its files")

@@ -30,9 +30,12 @@ from .rundir import RunDir
 from .runtime import autocast, autocast_dtype, select_device, token_budget
 
 __all__ = ["Classifier", "LoadPlan", "plan_load", "load", "load_model", "recorded_calibration", "check_probability", "top_labels", "predict_logits", "check_no_pickles",
-           "run_split", "base_model_config", "TorchBackend", "OnnxBackend"]
+           "run_split", "base_model_config", "TorchBackend", "OnnxBackend", "ONNX_BATCH_SIZE"]
 
 log = logging.getLogger(__name__)
+
+#: Rows per batch of an ONNX export, at most (`load`); a static int8 export is calibrated on batches of this size.
+ONNX_BATCH_SIZE = 64
 
 #: A padded batch -> logits (B, C) as float32.
 Backend = Callable[[torch.Tensor, torch.Tensor], np.ndarray]
@@ -262,14 +265,14 @@ def load(path: str | Path | LoadPlan, device: str = "auto", threads: int | None 
     """
     plan = path if isinstance(path, LoadPlan) else plan_load(path)
     if plan.kind == "onnx":
-        # Batches of at most 64: int8 graphs quantise activations with one scale per batch, so a
-        # text's scores shift a little with its batch-mates, least in small batches (Banking77
-        # test accuracy of the int8 model: 93.34% one text at a time, 93.44% at 64, 93.15% at 128);
-        # 64 is also faster than 128 on ONNX Runtime here.
+        # Batches of at most ONNX_BATCH_SIZE: dynamic int8 graphs quantise activations with one scale
+        # per batch, so a text's scores shift a little with its batch-mates, least in small batches
+        # (Banking77 test accuracy of the int8 model: 93.34% one text at a time, 93.44% at 64, 93.15%
+        # at 128; int8-static graphs have fixed scales); 64 is also faster than 128 on ONNX Runtime here.
         backend = OnnxBackend(plan.folder / "model.onnx", threads)
         return _calibrated(plan, Classifier(backend, _folder_tokenizer(plan.folder), plan.labels, plan.cfg,
                           token_budget(plan.cfg.train.max_batch_tokens, torch.device("cpu")),  # ONNX Runtime runs on CPU
-                          plan.kind, batch_size=min(64, plan.cfg.train.eval_batch_size)))
+                          plan.kind, batch_size=min(ONNX_BATCH_SIZE, plan.cfg.train.eval_batch_size)))
     if plan.kind == "run" and threads is not None:
         torch.set_num_threads(threads)
     model = _torch_model(plan, merge)
