@@ -2,8 +2,9 @@
 
     python bench/deploy.py runs/b77-lora
 
-Exports the run as adapter, merged, ONNX and ONNX int8 (each with its parity check), then for the
-run itself (PyTorch + adapter), the merged model, ONNX and ONNX int8 measures: test accuracy and
+Exports the run as adapter, merged, ONNX, ONNX int8 (dynamic) and ONNX int8-static (calibrated), each
+with its parity check, then for the run itself (PyTorch + adapter), the merged model and the ONNX
+exports measures: test accuracy and
 macro-F1; single-text latency (p50/p99 over `--latency-texts` test texts sent one at a time,
 tokenising included, after a warm-up); batch-of-64 throughput over the whole test set. The last
 line is one JSON object. Keep the machine otherwise idle: latencies are wall-clock.
@@ -57,17 +58,20 @@ def main() -> int:
     cfg = run.config()
     test = run_split(run, cfg, "test")
     out = Path(args.out)
-    exports = {"adapter": ("adapter", None), "merged": ("merged", None), "onnx": ("onnx", None), "onnx-int8": ("onnx", "int8")}
+    exports = {"adapter": ("adapter", None), "merged": ("merged", None), "onnx": ("onnx", None), "onnx-int8": ("onnx", "int8"),
+               "onnx-int8-static": ("onnx", "int8-static")}
     meta = {}
     for name, (fmt, quantize) in exports.items():
         print(f"exporting {name} ...", file=sys.stderr, flush=True)
         meta[name] = export(run.path, fmt, out / name, quantize=quantize, overwrite=True)
 
-    weights = {"adapter": "adapter_model.safetensors", "merged": "model.safetensors", "onnx": "model.onnx", "onnx-int8": "model.onnx"}
+    weights = {"adapter": "adapter_model.safetensors", "merged": "model.safetensors", "onnx": "model.onnx", "onnx-int8": "model.onnx",
+               "onnx-int8-static": "model.onnx"}
     sizes = {name: {"weights_bytes": (out / name / weights[name]).stat().st_size, "folder_bytes": folder_bytes(out / name)}
              for name in exports}
 
-    backends = {"run (torch + adapter)": run.path, "merged (torch)": out / "merged", "onnx": out / "onnx", "onnx-int8": out / "onnx-int8"}
+    backends = {"run (torch + adapter)": run.path, "merged (torch)": out / "merged", "onnx": out / "onnx", "onnx-int8": out / "onnx-int8",
+                "onnx-int8-static": out / "onnx-int8-static"}
     rng = np.random.default_rng(0)
     sample = [test.texts[i] for i in rng.choice(len(test.texts), size=min(args.latency_texts, len(test.texts)), replace=False)]
     rows = {}
@@ -90,12 +94,15 @@ def main() -> int:
     for name, r in rows.items():
         print(f"| {name} | {r['accuracy']:.2%} | {r['macro_f1']:.4f} | {r['latency_ms']['p50']:.2f} ms "
               f"| {r['latency_ms']['p99']:.2f} ms | {r['batch64_texts_per_s']:.0f} texts/s |")
-    int8, fp32 = rows["onnx-int8"], rows["onnx"]
+    int8, static, fp32 = rows["onnx-int8"], rows["onnx-int8-static"], rows["onnx"]
     summary = {
         "int8_p50_ms": round(int8["latency_ms"]["p50"], 3),
         "int8_p99_ms": round(int8["latency_ms"]["p99"], 3),
         "int8_batch64_texts_per_s": round(int8["batch64_texts_per_s"], 1),
         "int8_accuracy_delta_points": round(100 * (int8["accuracy"] - fp32["accuracy"]), 3),
+        "int8_static_p50_ms": round(static["latency_ms"]["p50"], 3),
+        "int8_static_batch64_texts_per_s": round(static["batch64_texts_per_s"], 1),
+        "int8_static_accuracy_delta_points": round(100 * (static["accuracy"] - fp32["accuracy"]), 3),
         "sizes_mib": {name: round(s["weights_bytes"] / 2**20, 2) for name, s in sizes.items()},
         "accuracy": {name: round(r["accuracy"], 4) for name, r in rows.items()},
     }
