@@ -274,3 +274,26 @@ def test_contrastive_run_resumes_bit_for_bit(tiny_bert, tmp_path, kill_after_ste
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "examples_per_second")} for r in rows]  # noqa: E731
     read = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert strip(read(reference)) == strip(read(out))
+
+
+def test_then_train_head_keeps_the_contrastive_stage_s_adapters(tiny_bert, tmp_path, monkeypatch):
+    """contrastive.then_train=head: after the contrastive stage only the head moves."""
+    import importlib
+
+    train_module = importlib.import_module("lorafit.train")
+    snapshots = {}
+    real = train_module._end_contrastive_epoch
+
+    def spy(job, p, *args, **kwargs):
+        real(job, p, *args, **kwargs)
+        snapshots["adapters"] = {k: v.detach().clone() for k, v in job.model.named_parameters() if "lora_" in k}
+        snapshots["model"] = job.model
+
+    monkeypatch.setattr(train_module, "_end_contrastive_epoch", spy)
+    cfg = _cfg(tmp_path, tiny_bert, **{**CONTRASTIVE, "contrastive.then_train": "head", "train.checkpoint_every": 0})
+    lorafit.train(cfg, tmp_path / "run")
+    after = {k: v for k, v in snapshots["model"].named_parameters() if "lora_" in k}
+    assert after and all(torch.equal(after[k], snapshots["adapters"][k]) for k in after)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train_loss"] for r in records if r["type"] == "epoch"]
+    assert len(losses) == 2 and losses[1] < losses[0]  # the head did train

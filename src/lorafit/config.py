@@ -296,6 +296,10 @@ class ContrastiveConfig(_Section):
     """Temperature of the supcon loss."""
     examples_per_class: Annotated[int, Field(ge=2)] = 4
     """Examples of a class kept together in a contrastive batch, so every example has positives there."""
+    then_train: Literal["all", "head"] = "all"
+    """What trains in the classification stage after a contrastive one: all, every trainable weight of the
+    method (adapters and head); head, the head alone on the contrastive stage's sentence vectors (SetFit's
+    recipe, with a linear head)."""
     batch_size: Annotated[int, Field(ge=2)] | None = None
     """Examples per contrastive batch (the whole batch is one forward pass: the loss compares every pair);
     null: train.batch_size."""

@@ -239,6 +239,8 @@ def _epochs(job: Job, p: Progress, best_state: dict | None, signals: _Signals) -
     while p.epoch <= _last_epoch(cfg) and not p.stopped:
         if p.batch == 0 and p.epoch == cfg.contrastive.epochs + 1 and cfg.model.head_init == "centroids":
             _centroid_head(job)  # before the first classification step (a resume from here redoes it identically)
+        if not _contrastive(job, p) and cfg.contrastive.epochs and cfg.contrastive.then_train == "head":
+            _train_head_only(job)  # every classification epoch: a resumed run starts with all flags on again
         job.model.train()
         batches = _batches(job, p.epoch, lengths)
         if p.batch == 0:
@@ -515,6 +517,15 @@ def _centroid_head(job: Job) -> None:
     sentence vectors as the model now computes them (lorafit.contrastive.centroid_head)."""
     vectors = contrastive.sentence_vectors(job.model, job.tokens["train"], job.pad_id, job.cfg.train.eval_batch_size, job.device)
     contrastive.centroid_head(job.model, vectors, torch.as_tensor(job.targets["train"]), job.cfg.model.head_init_scale)
+
+
+def _train_head_only(job: Job) -> None:
+    """contrastive.then_train=head: every trainable weight outside the head stops training (no gradient:
+    AdamW and clipping skip it), so the classification stage fits the head on fixed sentence vectors."""
+    head = {id(q) for q in job.model.classifier.parameters()}
+    for q in job.model.parameters():
+        if id(q) not in head:
+            q.requires_grad_(False)
 
 
 def _log_start(job: Job) -> None:
