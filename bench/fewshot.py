@@ -144,11 +144,13 @@ def _paired(pairs: dict, a: str, b: str, dataset: str, shots: int, cell, paired_
         # then test examples) of the accuracy difference, and McNemar's exact test per draw.
         test = paired_tests(_group(pairs[a], common), _group(pairs[b], common))
         diffs = [100 * (pairs[b][d]["accuracy"] - pairs[a][d]["accuracy"]) for d in common]
-        t_p = float(stats.ttest_rel([pairs[b][d]["accuracy"] for d in common], [pairs[a][d]["accuracy"] for d in common]).pvalue)
+        # A t-test over two draws (one degree of freedom) says little: shown from three draws on.
+        t_p = (f"paired t-test over draws p = {stats.ttest_rel([pairs[b][d]['accuracy'] for d in common], [pairs[a][d]['accuracy'] for d in common]).pvalue:.3g}; "
+               if len(common) >= 3 else "")
         out.append(f"{dataset} {shots}-shot, draws {common}: {b} - {a} test accuracy {cell(diffs, 1)} points "
                    f"({b} ahead on {sum(d > 0 for d in diffs)} of {len(diffs)}); bootstrap 95% CI "
                    f"[{100 * test['ci_low']:+.2f}, {100 * test['ci_high']:+.2f}], p = {test['p_bootstrap']:.3g}; "
-                   f"paired t-test over draws p = {t_p:.3g}; McNemar per draw, largest p = {test['p_mcnemar']:.3g}")
+                   f"{t_p}McNemar per draw, largest p = {test['p_mcnemar']:.3g}")
         if all(pairs[t][d].get("validation_accuracy") is not None for t in (a, b) for d in common):
             val = [100 * (pairs[b][d]["validation_accuracy"] - pairs[a][d]["validation_accuracy"]) for d in common]
             out.append(f"  validation accuracy {b} - {a}: {cell(val, 1)} points")
