@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -57,13 +58,16 @@ def run_setfit(dataset: str, shots: int, draw: int, iterations: int) -> dict:
     train, test = found.splits["train"], found.splits["test"]
     index = {name: i for i, name in enumerate(found.label_names)}
     model = SetFitModel.from_pretrained(resolve_model_path("minilm-l6"))
-    args = TrainingArguments(batch_size=16, num_epochs=1, num_iterations=iterations, body_learning_rate=2e-5,
-                             seed=draw, report_to="none", show_progress_bar=False)
-    trainer = Trainer(model=model, args=args,
-                      train_dataset=Dataset.from_dict({"text": train.texts, "label": [index[y] for y in train.labels]}))
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
+    # SetFit's Trainer writes its checkpoints to output_dir ("checkpoints" in the current folder by
+    # default): a temporary folder, so no run leaves hundreds of MB in the checkout.
+    with tempfile.TemporaryDirectory(prefix="setfit-") as scratch:
+        args = TrainingArguments(output_dir=scratch, batch_size=16, num_epochs=1, num_iterations=iterations,
+                                 body_learning_rate=2e-5, seed=draw, report_to="none", show_progress_bar=False)
+        trainer = Trainer(model=model, args=args,
+                          train_dataset=Dataset.from_dict({"text": train.texts, "label": [index[y] for y in train.labels]}))
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
     predicted = np.asarray(model.predict(test.texts, batch_size=128, as_numpy=True))
     truth = np.array([index[y] for y in test.labels])
     return {"accuracy": float(accuracy_score(truth, predicted)), "macro_f1": float(f1_score(truth, predicted, average="macro")),
