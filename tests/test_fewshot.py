@@ -3,6 +3,7 @@ and batches, the centroid-initialised head, and a contrastive run that resumes b
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import random
@@ -205,13 +206,14 @@ CONTRASTIVE = {"contrastive.epochs": 2, "contrastive.batch_size": 12, "contrasti
 def test_contrastive_stage_trains_the_encoder_not_the_head_and_records_both_stages(tiny_bert, tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, tiny_bert, **{**CONTRASTIVE, "model.head_init": "random"})
     heads = []
-    real = contrastive.sentence_vectors
+    train_module = importlib.import_module("lorafit.train")
+    real = train_module._sentence_vectors
 
-    def spy(model, *args, **kwargs):  # called at each contrastive epoch's end: the head as it stands then
-        heads.append(model.classifier.weight.detach().clone())
-        return real(model, *args, **kwargs)
+    def spy(job, split):  # called at each contrastive epoch's end: the head as it stands then
+        heads.append(job.model.classifier.weight.detach().clone())
+        return real(job, split)
 
-    monkeypatch.setattr(contrastive, "sentence_vectors", spy)
+    monkeypatch.setattr(train_module, "_sentence_vectors", spy)
     lorafit.train(cfg, tmp_path / "run")
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     kinds = [r["type"] for r in records if r["type"].endswith("epoch")]
@@ -231,15 +233,12 @@ def test_centroid_head_starts_where_nearest_centroid_classifies(tiny_bert, tmp_p
     cfg = _cfg(tmp_path, tiny_bert, **{"model.head_init": "centroids", "data.shots_per_class": 8, "train.epochs": 1,
                                        "model.head_dropout": 0.0})
     seen = {}
-    from lorafit import train as _  # noqa: F401
-    import importlib
-
     train_module = importlib.import_module("lorafit.train")
     real = train_module._centroid_head
 
     def check(job):
         real(job)
-        vectors = contrastive.sentence_vectors(job.model, job.tokens["train"], job.pad_id, 64, job.device)
+        vectors = train_module._sentence_vectors(job, "train")
         targets = torch.as_tensor(job.targets["train"])
         seen["head"] = (vectors @ job.model.classifier.weight.T.detach()).argmax(1)
         centroids = torch.stack([F.normalize(F.normalize(vectors[targets == c], dim=-1).sum(0), dim=0) for c in range(3)])
@@ -278,8 +277,6 @@ def test_contrastive_run_resumes_bit_for_bit(tiny_bert, tmp_path, kill_after_ste
 
 def test_then_train_head_keeps_the_contrastive_stage_s_adapters(tiny_bert, tmp_path, monkeypatch):
     """contrastive.then_train=head: after the contrastive stage only the head moves."""
-    import importlib
-
     train_module = importlib.import_module("lorafit.train")
     snapshots = {}
     real = train_module._end_contrastive_epoch

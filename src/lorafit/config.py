@@ -288,7 +288,8 @@ class ContrastiveConfig(_Section):
     """Epochs of a contrastive stage before classification (0: none). In it the method's trainable weights
     pull sentence vectors of one class together and push other classes' apart (contrastive.loss); the
     head does not train. train.epochs then counts the classification epochs that follow, and the
-    learning-rate schedule spans both stages. Its metrics.jsonl lines say stage: contrastive."""
+    learning-rate schedule spans both stages. Its metrics.jsonl lines are of type contrastive_step and
+    contrastive_epoch."""
     loss: Literal["supcon", "cosine"] = "supcon"
     """supcon: supervised contrastive loss over each batch (Khosla et al. 2020) at contrastive.temperature;
     cosine: SetFit's loss over every pair of the batch, (cosine similarity - [same class])^2."""

@@ -22,10 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import batching
-
-__all__ = ["supcon_loss", "cosine_pair_loss", "contrastive_loss", "class_grouped_batches", "sentence_vectors",
-           "centroid_head", "nearest_centroid_accuracy"]
+__all__ = ["supcon_loss", "cosine_pair_loss", "contrastive_loss", "class_grouped_batches", "centroid_head",
+           "nearest_centroid_accuracy"]
 
 
 def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -90,21 +88,6 @@ def class_grouped_batches(lengths: list[int], labels: list[int], batch_size: int
     return [sorted(order[k:k + batch_size], key=lambda i: lengths[i]) for k in range(0, len(order), batch_size)]
 
 
-@torch.no_grad()
-def sentence_vectors(model: nn.Module, tokens: list[list[int]], pad_id: int, batch_size: int,
-                     device: torch.device) -> torch.Tensor:
-    """Sentence vectors (N, H) as the head reads them, float32, in input order; the model in eval mode
-    (no dropout) meanwhile."""
-    was_training = model.training
-    model.eval()
-    out = torch.empty(len(tokens), model.classifier.in_features)
-    batches = batching.sorted_batches([len(t) for t in tokens], batch_size)
-    for index, input_ids, attention_mask in batching.iterate(tokens, batches, pad_id):
-        out[index] = model.features(input_ids.to(device), attention_mask.to(device)).float().cpu()
-    model.train(was_training)
-    return out
-
-
 def _centroids(vectors: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Unit mean of each class's unit vectors (C, H); a class without examples gets zeros."""
     unit = F.normalize(vectors, dim=-1)
@@ -116,7 +99,7 @@ def _centroids(vectors: torch.Tensor, labels: torch.Tensor, num_classes: int) ->
 def centroid_head(model: nn.Module, vectors: torch.Tensor, labels: torch.Tensor, scale: float) -> None:
     """Start the head as a nearest-centroid classifier: logit_c = scale * cos(x, centroid_c) for a sentence
     vector x of the training vectors' mean norm (the head reads vectors before normalisation), bias 0.
-    vectors (N, H): the training examples' sentence vectors (`sentence_vectors`), labels (N,)."""
+    vectors (N, H): the training examples' sentence vectors (`SequenceClassifier.features`), labels (N,)."""
     head = model.classifier
     centroids = _centroids(vectors, labels, head.out_features)  # (C, H)
     mean_norm = float(vectors.norm(dim=1).mean())

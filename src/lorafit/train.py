@@ -478,14 +478,20 @@ def _end_epoch(job: Job, p: Progress, best_state: dict | None, signals: _Signals
         if cfg.train.patience is not None and p.stale >= cfg.train.patience:
             log.info("early stop: validation %s did not improve for %d epochs", cfg.train.metric, p.stale)
             p.stopped = True
+    _next_epoch(job, p, best_state, signals, f"epoch {p.epoch}")
+    return best_state
+
+
+def _next_epoch(job: Job, p: Progress, best_state: dict | None, signals: _Signals, ended: str) -> None:
+    """After an epoch's validation (of either stage): move `p` to the next epoch, write its checkpoint, and
+    stop if a process was signalled meanwhile. `ended`: the epoch just ended, for the message."""
     p.epoch += 1
     p.batch, p.epoch_loss, p.epoch_elapsed = 0, 0.0, 0.0
     stopping = signals.agreed(job.world.sum([signals.vote()])[0])  # a process may have been signalled in validation
-    if cfg.train.checkpoint_every:
+    if job.cfg.train.checkpoint_every:
         _write_checkpoint(job, p, best_state)
     if stopping:
-        raise signals.interrupted(run, f"epoch {p.epoch - 1}")
-    return best_state
+        raise signals.interrupted(job.run, ended)
 
 
 def _end_contrastive_epoch(job: Job, p: Progress, best_state: dict | None, signals: _Signals, seconds: float) -> None:
@@ -493,8 +499,7 @@ def _end_contrastive_epoch(job: Job, p: Progress, best_state: dict | None, signa
     no part), a `contrastive_epoch` metrics line, the checkpoint. No best state: the stage prepares the
     sentence vectors; epochs are chosen among the classification ones."""
     p.epoch_seconds.append(seconds)
-    vectors = {split: contrastive.sentence_vectors(job.model, job.tokens[split], job.pad_id, job.cfg.train.eval_batch_size,
-                                                   job.device) for split in ("train", "validation")}
+    vectors = {split: _sentence_vectors(job, split) for split in ("train", "validation")}
     accuracy = contrastive.nearest_centroid_accuracy(
         vectors["train"], torch.as_tensor(job.targets["train"]), vectors["validation"],
         torch.as_tensor(job.targets["validation"]), len(job.dataset.label_names))
@@ -503,20 +508,22 @@ def _end_contrastive_epoch(job: Job, p: Progress, best_state: dict | None, signa
     _append_metrics(job, p, record)
     log.info("contrastive epoch %d: loss %.4f, validation nearest-centroid accuracy %.4f, %.1f s",
              p.epoch, record["train_loss"], accuracy, seconds)
-    p.epoch += 1
-    p.batch, p.epoch_loss, p.epoch_elapsed = 0, 0.0, 0.0
-    stopping = signals.agreed(job.world.sum([signals.vote()])[0])
-    if job.cfg.train.checkpoint_every:
-        _write_checkpoint(job, p, best_state)
-    if stopping:
-        raise signals.interrupted(job.run, f"contrastive epoch {p.epoch - 1}")
+    _next_epoch(job, p, best_state, signals, f"contrastive epoch {p.epoch}")
+
+
+def _sentence_vectors(job: Job, split: str) -> torch.Tensor:
+    """The pooled sentence vectors (N, H) of a split's in-scope examples, float32, as the head reads them:
+    evaluated like `_logits` (eval mode, length-sorted batches under the token budget, autocast)."""
+    vectors, _ = posthoc.features_and_logits(job.model, job.tokens[split], job.pad_id, job.cfg.train.eval_batch_size,
+                                             job.device, job.amp, job.max_tokens, len(job.dataset.label_names))
+    return torch.from_numpy(vectors)
 
 
 def _centroid_head(job: Job) -> None:
     """model.head_init=centroids: the head as a nearest-centroid classifier over the training examples'
     sentence vectors as the model now computes them (lorafit.contrastive.centroid_head)."""
-    vectors = contrastive.sentence_vectors(job.model, job.tokens["train"], job.pad_id, job.cfg.train.eval_batch_size, job.device)
-    contrastive.centroid_head(job.model, vectors, torch.as_tensor(job.targets["train"]), job.cfg.model.head_init_scale)
+    contrastive.centroid_head(job.model, _sentence_vectors(job, "train"), torch.as_tensor(job.targets["train"]),
+                              job.cfg.model.head_init_scale)
 
 
 def _train_head_only(job: Job) -> None:
