@@ -29,7 +29,7 @@ from . import atomic, eda
 from .config import AugmentConfig
 from .data import Dataset, Split
 from .errors import UserError
-from .sources import cache_dir
+from .sources import cache_dir, sha256_of
 
 __all__ = ["apply", "cache_key", "settings_of", "VERSION"]
 
@@ -216,10 +216,7 @@ def _model_identity(path: str) -> dict:
     if folder.is_dir():
         digest = hashlib.sha256()
         for file in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-            digest.update(file.name.encode("utf-8") + b"\0")
-            with open(file, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
+            digest.update(file.name.encode("utf-8") + b"\0" + sha256_of(file).encode("ascii"))
         return {"sha256": digest.hexdigest()}
     from huggingface_hub import try_to_load_from_cache
 
