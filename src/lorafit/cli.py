@@ -50,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import resume, train
 
     if args.resume:
-        if args.items or args.out:
+        if args.items or args.out or args.data:
             raise UserError("--resume takes only the run folder: its config.yaml holds the settings")
         result = resume(args.resume)
         if result.summary:
@@ -59,6 +59,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.out:
         raise UserError("--out RUN_DIR is required (or --resume RUN_DIR)")
     config, overrides = _split_config_and_overrides(args.items)
+    if args.data is not None:
+        if any(item.startswith("data.name=") for item in overrides):
+            raise UserError("--data and data.name= both name the dataset; give one")
+        overrides = [f"data.name={args.data}", *overrides]
     cfg = load_config(config, overrides)
     if args.quiet:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"progress": False})})
@@ -288,7 +292,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
     for method in registry.all_methods():
         paragraph = " ".join((sys.modules[method.__module__].__doc__ or "").strip().split("\n\n")[0].split())
-        print(f"{method.name:12} {paragraph}")
+        head = f"{method.default_head_lr:g}" if method.default_head_lr else "lr"
+        print(f"{method.name:12} lr {method.default_lr:<6g} head {head:<6} {paragraph}")
     return 0
 
 
@@ -302,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
                    help="a YAML config and/or dotted overrides (see `lorafit config keys`)")
     p.add_argument("--out", help="run folder to create")
+    p.add_argument("--data", metavar="NAME_OR_PATH", help="the dataset (data.name): a built-in name (banking77, emotion, "
+                   "snips, trec6), a CSV/JSONL/Parquet file, a folder of split files or hf:<hub id>; without a config "
+                   "file the defaults pick the rest (README: Defaults and why)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or killed run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import get_scheduler
 
 from . import augment, batching, data, hardware, kernels, methods
-from .config import Config, load_config, resolve_schedule, validate
+from .config import Config, load_config, resolve, resolve_schedule, validate
 from .distributed import World
 from .errors import UserError
 from .methods.base import Method
@@ -114,6 +114,7 @@ class Job:
     oos_tokens: dict[str, list[list[int]]]  # out-of-scope examples of validation and test (set apart from `tokens`)
     sinks: Sinks | None = None  # the experiment trackers, opened when training starts
     class_weights: np.ndarray | None = None  # (C,) float64, train.class_weights resolved; None: every example weighs 1
+    resolved: dict | None = None  # {dotted key: value} of the settings config.resolve made concrete (auto, null)
 
 
 def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None) -> Job:
@@ -133,6 +134,7 @@ def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None) -> Job:
     dataset, data_cfg = data.load(cfg.data, cfg.seed)
     dataset = augment.apply(dataset, cfg.data.augment, cfg.seed, str(device), cfg.train.progress and world.is_main)  # train only
     cfg = cfg.model_copy(update={"data": data_cfg})
+    cfg, resolved = resolve(cfg, len(dataset.splits["train"]))  # train.epochs=auto, null learning rates
     weights = class_weights(cfg.train.class_weights, dataset.label_names, dataset.label_ids("train"))
     tokenizer = load_tokenizer(cfg.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -175,7 +177,8 @@ def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None) -> Job:
     )
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     return Job(cfg, run, device, amp, dataset, tokens, targets, pad_id, model, method, optimizer, scheduler, schedule,
-                method.adapted, world, forward, fast, max_tokens, scaler, compute, oos_tokens, class_weights=weights)
+                method.adapted, world, forward, fast, max_tokens, scaler, compute, oos_tokens, class_weights=weights,
+               resolved=resolved)
 
 
 def class_weights(setting: str | dict[str, float], label_names: list[str], train_ids: list[int]) -> np.ndarray | None:

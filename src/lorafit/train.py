@@ -116,8 +116,11 @@ def train(config: Config | str | Path | dict, out: str | Path, overwrite: bool =
 
 
 def _derived(job: Job) -> dict:
-    """config.yaml's `derived` section: the schedule, the adapted modules and the resolved class weights."""
+    """config.yaml's `derived` section: the schedule, the adapted modules, the settings resolved from auto or
+    null (`resolved`) and the resolved class weights."""
     derived = asdict(job.schedule) | {"adapted_modules": len(job.adapted)}
+    if job.resolved:
+        derived["resolved"] = job.resolved
     if job.class_weights is not None:
         derived["class_weights"] = {name: float(w) for name, w in zip(job.dataset.label_names, job.class_weights)}
     return derived
@@ -127,6 +130,8 @@ def resume(run_dir: str | Path) -> RunResult:
     """Continue a run from its newest checkpoint; ends as the uninterrupted run would have."""
     run = RunDir(run_dir)
     cfg = run.config()
+    if cfg.train.head_lr is None:  # recorded by a version in which a null head_lr meant train.lr
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"head_lr": cfg.train.lr})})
     latest = checkpoint.latest(run.path)
     if latest is None:
         if (run.path / "summary.json").is_file():

@@ -40,6 +40,10 @@ class Method:
     config_class: ClassVar[type[MethodConfig]]
     #: Where `save` writes inside the run folder ("adapter" or "model").
     artifact: ClassVar[str] = "adapter"
+    #: Peak learning rates a run takes when train.lr / train.head_lr are null: the rates this method was
+    #: measured with on Banking77 (bench/methods.py, README "Defaults and why"). None: train.lr for the head.
+    default_lr: ClassVar[float] = 2e-3
+    default_head_lr: ClassVar[float | None] = 5e-3
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg

@@ -22,6 +22,8 @@ class FullConfig(MethodConfig):
 class Full(Method):
     name = "full"
     config_class = FullConfig
+    default_lr = 1e-4
+    default_head_lr = 2e-3
     artifact = "model"
 
     def inject(self, model: nn.Module, targets: list[str], total_steps: int) -> nn.Module:

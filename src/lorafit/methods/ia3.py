@@ -25,6 +25,7 @@ class IA3Config(AdapterConfig):
 class IA3(PeftMethod):
     name = "ia3"
     config_class = IA3Config
+    default_lr = 1e-2
 
     def inject(self, model: nn.Module, targets: list[str], total_steps: int) -> nn.Module:
         try:

@@ -37,9 +37,9 @@ INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "ol
 
 class LoraConfig(AdapterConfig):
     name: Literal["lora"] = "lora"
-    rank: Annotated[int, Field(gt=0)] = 8
+    rank: Annotated[int, Field(gt=0)] = 16
     """Rank r of the update B @ A."""
-    alpha: Annotated[float, Field(gt=0)] = 16.0
+    alpha: Annotated[float, Field(gt=0)] = 32.0
     """Scaling numerator: the update is multiplied by alpha / rank."""
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
     """Dropout on the adapter's input."""

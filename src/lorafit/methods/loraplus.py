@@ -25,6 +25,7 @@ class LoraPlusConfig(LoraConfig):
 class LoraPlus(Lora):
     name = "loraplus"
     config_class = LoraPlusConfig
+    default_lr = 5e-4
 
     def param_groups(self, model: nn.Module, lr: float, head_lr: float) -> list[dict[str, Any]]:
         groups: dict[str, list] = {"lora_A": [], "lora_B": [], "head": []}

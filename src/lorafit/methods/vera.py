@@ -31,6 +31,7 @@ class VeraConfig(AdapterConfig):
 class Vera(PeftMethod):
     name = "vera"
     config_class = VeraConfig
+    default_lr = 1e-2
 
     def peft_config(self, targets: list[str], total_steps: int) -> peft.PeftConfig:
         import peft

@@ -1,0 +1,153 @@
+"""What each of lorafit's defaults adds, dataset by dataset: the ablation table of the README.
+
+Starts from the first write-up's setting (configs/seeds/banking77-lora-qv.yaml: LoRA r=8, alpha 16 on
+query/value, the first token's state, one learning rate of 1e-3, no label smoothing, 5 epochs) and turns
+lorafit's defaults on one at a time, in this order, until the last row is `lorafit train --data NAME`
+with nothing else; then techniques tried on top of the defaults. Each (dataset, variant, seed) is one
+`lorafit train --data NAME <overrides>` run in OUT/<dataset>/<variant>/seed=<seed> (a re-run skips finished
+runs and resumes killed ones, as `lorafit sweep` does), and each dataset's variants go through `lorafit
+compare`: mean ± 95% CI over seeds, paired
+bootstrap and McNemar against the reference, the variant with the best mean validation accuracy (test
+never chooses anything). Prints one table per dataset and writes OUT/<dataset>/compare.md.
+
+    LORAFIT_DATA_DIR=/path/to/mirror python bench/ablations.py --out runs/ablations                  # everything
+    LORAFIT_DATA_DIR=/path/to/mirror python bench/ablations.py --out runs/ablations --datasets trec6 \\
+        --variants defaults full --seeds 0 1 2 --workers 2
+    python bench/ablations.py --out runs/ablations --summary-only     # tables from the runs there, no training
+
+Every run uses one thread per worker (`--workers 2` on two cores): two 2-thread processes side by side
+run several times slower on this 2-core machine than one thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = ["banking77", "emotion", "snips", "trec6"]
+
+#: The first write-up's setting, as overrides of lorafit's defaults (configs/seeds/banking77-lora-qv.yaml).
+PUBLISHED = {
+    "method.targets": ["query", "value"],
+    "model.pooling": "cls",
+    "train.lr": 1.0e-3, "train.head_lr": 1.0e-3,
+    "method.rank": 8, "method.alpha": 16,
+    "train.label_smoothing": 0.0,
+    "train.epochs": 5,
+}
+#: The defaults, turned on one at a time (each step drops these keys from PUBLISHED: they fall back to the defaults).
+STEPS = [
+    ("+attention+ffn", "adapters on every attention and FFN linear", ["method.targets"]),
+    ("+mean pooling", "the sentence vector is the mean of token states", ["model.pooling"]),
+    ("+method learning rates", "lr 2e-3, head 5e-3 (LoRA's own)", ["train.lr", "train.head_lr"]),
+    ("+rank 16", "rank 16, alpha 32", ["method.rank", "method.alpha"]),
+    ("+label smoothing", "label smoothing 0.1", ["train.label_smoothing"]),
+    ("defaults", "epochs=auto: 1,100 optimiser steps, 3 to 20 epochs (lorafit train --data NAME)", ["train.epochs"]),
+]
+#: Techniques on top of the defaults.
+TECHNIQUES = [
+    ("full", "full fine-tuning with its own learning rates (1e-4, head 2e-3)", {"method.name": "full"}),
+    ("steps-x2", "twice the optimiser steps: train.auto_steps=2200", {"train.auto_steps": 2200}),
+]
+
+
+def variants() -> dict[str, tuple[str, dict]]:
+    """name -> (what it is, overrides of the defaults), in table order."""
+    out = {"published": ("the first write-up's LoRA setting (configs/seeds/banking77-lora-qv.yaml)", dict(PUBLISHED))}
+    current = dict(PUBLISHED)
+    for name, what, keys in STEPS:
+        current = {k: v for k, v in current.items() if k not in keys}
+        out[name] = (what, dict(current))
+    assert current == {}, "the last step must leave the defaults"
+    out.update({name: (what, overrides) for name, what, overrides in TECHNIQUES})
+    return out
+
+
+def _command(dataset: str, overrides: dict, seed: int, folder: Path, status: str) -> list[str]:
+    """`lorafit train` of one run: `--data` and the variant's overrides of the defaults, one thread."""
+    if status == "resumable":
+        return [sys.executable, "-m", "lorafit", "train", "--resume", str(folder), "--quiet"]
+    values = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in overrides.items()]
+    return [sys.executable, "-m", "lorafit", "train", "--data", dataset, *values, f"seed={seed}", "train.threads=1",
+            "--out", str(folder), "--overwrite", "--quiet"]
+
+
+def _run(out: Path, dataset: str, name: str, overrides: dict, seeds: list[int], workers: int) -> list[str]:
+    """Every seed's run of one variant (as `lorafit sweep` does: finished runs skipped, killed ones resumed);
+    returns the runs that failed."""
+    from lorafit.sweep import execute, trial_status
+
+    folder = out / dataset / name
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for seed in seeds:
+        run = folder / f"seed={seed}"
+        status = trial_status(run)
+        if status == "finished":
+            print(f"{dataset}/{name}/seed={seed}: finished earlier, skipped", flush=True)
+            continue
+        jobs.append((run, _command(dataset, overrides, seed, run, status)))
+
+    def one(job: tuple[Path, list[str]]) -> str | None:
+        run, command = job
+        print("$", " ".join(command), flush=True)
+        code, last = execute(command, str(folder / "logs" / f"{run.name}.log"))
+        print(f"{dataset}/{name}/{run.name}: {'done' if code == 0 else f'failed ({last})'}", flush=True)
+        return None if code == 0 else str(run)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return [failed for failed in pool.map(one, jobs) if failed]
+
+
+def _table(out: Path, dataset: str, names: list[str]) -> str | None:
+    from lorafit import compare
+
+    folders = [out / dataset / name for name in names if (out / dataset / name).is_dir()]
+    runs = [r for r in compare.collect(folders)] if folders else []
+    if not runs:
+        return None
+    result = compare.compare(runs)
+    text = compare.to_markdown(result)
+    (out / dataset / "compare.md").write_text(text, encoding="utf-8")
+    return text
+
+
+def main() -> int:
+    everything = variants()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS)
+    ap.add_argument("--variants", nargs="+", default=list(everything), choices=list(everything))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--workers", type=int, default=2, help="runs at once, one thread each")
+    ap.add_argument("--summary-only", action="store_true", help="print the tables of the runs in --out; train nothing")
+    args = ap.parse_args()
+
+    from lorafit import hardware
+
+    cpu = hardware.cpu_info()
+    print(f"CPU: {cpu.get('model')} ({cpu.get('cores')} cores; flags {', '.join(cpu.get('flags', []))})")
+    failed = []
+    for dataset in args.datasets:
+        if not args.summary_only:
+            for name in args.variants:
+                failed += _run(args.out, dataset, name, everything[name][1], args.seeds, args.workers)
+        print(f"\n## {dataset}\n")
+        for name in args.variants:
+            what, overrides = everything[name]
+            shown = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "none"
+            print(f"- {name}: {what} (overrides of the defaults: {shown})")
+        print()
+        print(_table(args.out, dataset, args.variants) or "(no finished runs)")
+    if failed:
+        print(f"failed runs (see their logs): {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
