@@ -41,11 +41,11 @@ PUBLISHED = {
 }
 #: The defaults, turned on one at a time (each step drops these keys from PUBLISHED: they fall back to the defaults).
 STEPS = [
-    ("+attention+ffn", "adapters on every attention and FFN linear", ["method.targets"]),
-    ("+mean pooling", "the sentence vector is the mean of token states", ["model.pooling"]),
-    ("+method learning rates", "lr 2e-3, head 5e-3 (LoRA's own)", ["train.lr", "train.head_lr"]),
-    ("+rank 16", "rank 16, alpha 32", ["method.rank", "method.alpha"]),
-    ("+label smoothing", "label smoothing 0.1", ["train.label_smoothing"]),
+    ("+attention-ffn", "adapters on every attention and FFN linear", ["method.targets"]),
+    ("+mean-pooling", "the sentence vector is the mean of token states", ["model.pooling"]),
+    ("+method-lrs", "lr 2e-3, head 5e-3 (LoRA's own)", ["train.lr", "train.head_lr"]),
+    ("+rank16", "rank 16, alpha 32", ["method.rank", "method.alpha"]),
+    ("+label-smoothing", "label smoothing 0.1", ["train.label_smoothing"]),
     ("defaults", "epochs=auto: 1,100 optimiser steps, 3 to 20 epochs (lorafit train --data NAME)", ["train.epochs"]),
 ]
 #: Techniques on top of the defaults.

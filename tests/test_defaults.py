@@ -142,3 +142,15 @@ def test_no_choice_reads_the_test_split(tiny_bert, tmp_path):
     eval_a, eval_b = (json.loads((r / "eval.json").read_text()) for r in runs)
     assert (eval_a["examples"], eval_a["ood"]) != (eval_b["examples"], eval_b["ood"])
     assert np.isfinite(a["ood"]["temperature"])
+
+
+def test_overrides_may_follow_the_options(tmp_path, capsys):
+    """`lorafit train CONFIG --out DIR key=value`: the override after --out is read as one (argparse alone
+    rejected it as an unrecognised argument); here a bad one, so the run stops at the config check."""
+    assert main(["train", "configs/banking77-lora.yaml", "--out", str(tmp_path / "run"), "train.lr=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr" in err and "unrecognized" not in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit):
+        main(["train", "configs/banking77-lora.yaml", "--out", str(tmp_path / "run"), "not-an-override"])
+    assert "unrecognized arguments: not-an-override" in capsys.readouterr().err

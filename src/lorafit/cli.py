@@ -434,7 +434,15 @@ def _log_to_stderr() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse takes a verb's positionals in one run: `lorafit train CONFIG --out DIR key=value` would
+        # leave the overrides after --out unrecognised. Overrides are overrides wherever they stand.
+        if hasattr(args, "items") and all("=" in item and not item.startswith("-") for item in extra):
+            args.items = [*args.items, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _log_to_stderr()
     try:
         _quiet_libraries()  # imports transformers: seconds in which Ctrl-C must not print a traceback
