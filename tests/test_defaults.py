@@ -154,3 +154,11 @@ def test_overrides_may_follow_the_options(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "configs/banking77-lora.yaml", "--out", str(tmp_path / "run"), "not-an-override"])
     assert "unrecognized arguments: not-an-override" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "abc", "2.5"])
+def test_a_bad_epoch_count_is_one_clear_message(value, capsys):
+    assert main(["config", "show", f"train.epochs={value}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lorafit: error: config error: train.epochs: give a whole number of epochs above 0, or auto"), err
+    assert "literal" not in err and "constrained" not in err

@@ -242,6 +242,14 @@ class TrainConfig(_Section):
     progress: bool = True
     """Show progress bars."""
 
+    @field_validator("epochs", mode="before")
+    @classmethod
+    def _epochs(cls, value: Any) -> Any:
+        # One clear message instead of pydantic's one per member of the union.
+        if value == "auto" or (type(value) is int and value > 0):
+            return value
+        raise ValueError("give a whole number of epochs above 0, or auto")
+
     @field_validator("max_batch_tokens", mode="before")
     @classmethod
     def _token_budget(cls, value: Any) -> Any:
