@@ -199,7 +199,7 @@ def test_unknown_key_in_yaml_file(tiny_bert, tiny_data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override,words", [
-    ("train.epochs=0", ["train.epochs", "greater than 0", "got 0"]),
+    ("train.epochs=0", ["train.epochs", "above 0", "got 0"]),
     ("train.lr=-1", ["train.lr", "greater than 0"]),
     ("data.validation_fraction=1.5", ["data.validation_fraction", "less than 1"]),
     ("train.schedule=sawtooth", ["train.schedule", "linear", "cosine", "constant"]),
