@@ -118,6 +118,8 @@ def _table(out: Path, dataset: str, names: list[str]) -> str | None:
 def _compact(result: dict, names: list[str]) -> str:
     """The README's table: one row per variant in the order of `names`, with lorafit compare's figures
     (the full table, per-class figures included, is OUT/<dataset>/compare.md)."""
+    from lorafit import compare
+
     everything = variants()
     by_variant = {Path(row["runs"][0]).parent.name: row for row in result["rows"]}
     lines = ["| variant | what it changes | seeds | validation accuracy % | test accuracy % | test macro-F1 % | "
@@ -129,9 +131,8 @@ def _compact(result: dict, names: list[str]) -> str:
         v = row["versus_best"]
         versus = ("reference", "") if row["best"] else \
             (f"{100 * v['difference']:+.2f} [{100 * v['ci_low']:+.2f}, {100 * v['ci_high']:+.2f}]", f"{v['p_bootstrap']:.2g}")
-        ci = lambda m, c: f"{100 * m:.2f}" + (f" ± {100 * c:.2f}" if c is not None else "")  # noqa: E731
         lines.append(f"| {name} | {everything[name][0]} | {len(row['seeds'])} | {100 * row['validation']:.2f} | "
-                     f"{ci(row['accuracy'], row['accuracy_ci'])} | {ci(row['macro_f1'], row['macro_f1_ci'])} | {versus[0]} | "
+                     f"{compare._pct(row['accuracy'], row['accuracy_ci'])} | {compare._pct(row['macro_f1'], row['macro_f1_ci'])} | {versus[0]} | "
                      f"{versus[1]} | {row['seconds_per_epoch']:.0f} |")
     best = next(name for name, row in by_variant.items() if row["best"])
     return "\n".join(lines) + (f"\n\nReference: {best}, the variant with the best mean validation accuracy; Δ and p are "

@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder to create")
     p.add_argument("--data", metavar="NAME_OR_PATH", help="the dataset (data.name): a built-in name (banking77, emotion, "
                    "snips, trec6), a CSV/JSONL/Parquet file, a folder of split files or hf:<hub id>; without a config "
-                   "file the defaults pick the rest (README: Defaults and why)")
+                   "file the defaults pick the rest (README: One recipe for every dataset)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or killed run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

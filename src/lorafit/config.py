@@ -365,6 +365,11 @@ class Schedule:
 AUTO_EPOCHS = (3, 20)
 
 
+def _steps_per_epoch(cfg: Config, n_train: int) -> int:
+    """Optimiser steps of one classification epoch: batches of train.batch_size, train.grad_accum per step."""
+    return math.ceil(math.ceil(n_train / cfg.train.batch_size) / cfg.train.grad_accum)
+
+
 def resolve(cfg: Config, n_train: int) -> tuple[Config, dict[str, Any]]:
     """The settings left to the data or the method made concrete: train.epochs=auto from the training set's
     size, null learning rates from the method's own. Returns the config the run records and trains with,
@@ -372,10 +377,8 @@ def resolve(cfg: Config, n_train: int) -> tuple[Config, dict[str, Any]]:
     method = registry.get(cfg.method.name)
     resolved: dict[str, Any] = {}
     if cfg.train.epochs == "auto":
-        batches = math.ceil(n_train / cfg.train.batch_size)
-        steps_per_epoch = math.ceil(batches / cfg.train.grad_accum)
         low, high = AUTO_EPOCHS
-        resolved["train.epochs"] = min(high, max(low, math.ceil(cfg.train.auto_steps / steps_per_epoch)))
+        resolved["train.epochs"] = min(high, max(low, math.ceil(cfg.train.auto_steps / _steps_per_epoch(cfg, n_train))))
     if cfg.train.lr is None:
         resolved["train.lr"] = method.default_lr
     if cfg.train.head_lr is None:
@@ -388,8 +391,7 @@ def resolve_schedule(cfg: Config, n_train: int) -> Schedule:
     """Steps per (classification) epoch, and all steps of the run: the contrastive stage's, then these.
     `cfg` is resolved (`resolve`): train.epochs is a number."""
     assert isinstance(cfg.train.epochs, int), "resolve() the config first"
-    batches = math.ceil(n_train / cfg.train.batch_size)
-    steps_per_epoch = math.ceil(batches / cfg.train.grad_accum)
+    steps_per_epoch = _steps_per_epoch(cfg, n_train)
     contrastive_batches = math.ceil(n_train / (cfg.contrastive.batch_size or cfg.train.batch_size))
     total = steps_per_epoch * cfg.train.epochs + math.ceil(contrastive_batches / cfg.train.grad_accum) * cfg.contrastive.epochs
     w = cfg.train.warmup
