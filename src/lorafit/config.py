@@ -176,6 +176,10 @@ class TrainConfig(_Section):
     head_lr: Annotated[float, Field(gt=0)] | None = None
     """Peak learning rate of the new classification head; null: the method's own (5e-3 for adapters, 2e-3
     for full fine-tuning; train.lr for a method without one)."""
+    layer_lr_decay: Annotated[float, Field(gt=0, le=1)] | None = None
+    """Layer-wise learning-rate decay (Clark et al. 2020, ELECTRA): the trained weights of encoder layer i
+    (1 = lowest, L = top) learn at train.lr * decay^(L + 1 - i), the embeddings at train.lr * decay^(L + 1);
+    the head and anything above the layers keep their rate. null (or 1): every layer at train.lr."""
     warmup: Annotated[float, Field(ge=0)] = 0.1
     """Warmup: a fraction of all steps if below 1, else a number of steps."""
     schedule: Literal["linear", "cosine", "constant"] = "linear"
@@ -216,6 +220,12 @@ class TrainConfig(_Section):
     picked uniformly and then one of its examples (with replacement), so every class is equally
     frequent; then batched by length the same way. Both depend only on the seed and the epoch, so a
     resume and every data-parallel process draw the same batches."""
+    ema: Annotated[float, Field(gt=0, lt=1)] | None = None
+    """Exponential moving average of the trained weights: its decay per optimiser step (0.995 averages over
+    about the last 200 steps); null: off. Validation, the best epoch, the saved artifact and test use the
+    average, while the optimiser steps the raw weights. The decay ramps up as min(train.ema, (1 + n) /
+    (10 + n)) after n updates, from the weights at the first classification step (lorafit/averaging.py).
+    Not with AdaLoRA, whose rank budget prunes weights in place as it trains."""
     patience: Annotated[int, Field(gt=0)] | None = None
     """Stop after this many epochs without improvement of train.metric; null never stops early."""
     metric: Literal["accuracy", "macro_f1", "loss"] = "accuracy"
@@ -350,6 +360,13 @@ class Config(_Section):
     contrastive: ContrastiveConfig = ContrastiveConfig()
     ood: OodConfig = OodConfig()
     track: TrackConfig = TrackConfig()
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Config:
+        if self.train.ema is not None and self.method.name == "adalora":
+            raise ValueError("train.ema does not combine with method adalora: its rank budget zeroes singular values "
+                             "in place as it trains, which an average of the weights would undo; set train.ema=null")
+        return self
 
 
 @dataclass(frozen=True)

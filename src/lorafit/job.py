@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from torch import nn
 from transformers import get_scheduler
 
 from . import augment, batching, data, hardware, kernels, methods
+from .averaging import WeightAverage
 from .config import Config, load_config, resolve, resolve_schedule, validate
 from .distributed import World
 from .errors import UserError
@@ -31,7 +33,7 @@ from .runtime import autocast_dtype, seed_everything, select_device, set_threads
 from .track import Sinks
 
 __all__ = ["Job", "prepare", "as_config", "count_parameters", "decayed_parameters", "make_optimizer", "NO_DECAY_ROLES",
-           "splits_record", "check_same_data", "class_weights"]
+           "splits_record", "check_same_data", "class_weights", "layer_depths"]
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +67,45 @@ def decayed_parameters(model: nn.Module) -> set[int]:
 
 
 def make_optimizer(model: nn.Module, method: Method, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW with the head at train.head_lr, and weight decay on weight matrices only (see decayed_parameters)."""
+    """AdamW with the head at train.head_lr, weight decay on weight matrices only (see decayed_parameters), and
+    with train.layer_lr_decay each layer's share of a group at its own rate (`layer_depths`)."""
     head_lr = cfg.train.head_lr if cfg.train.head_lr is not None else cfg.train.lr
     decayed = decayed_parameters(model)
+    layer_decay = cfg.train.layer_lr_decay
+    depth, top = layer_depths(model) if layer_decay not in (None, 1.0) else ({}, 0)
     groups = []
     for group in method.param_groups(model, cfg.train.lr, head_lr):
-        decay = [p for p in group["params"] if id(p) in decayed]
-        no_decay = [p for p in group["params"] if id(p) not in decayed]
-        groups += [
-            {"params": decay, "lr": group["lr"], "weight_decay": cfg.train.weight_decay, "name": group["name"]},
-            {"params": no_decay, "lr": group["lr"], "weight_decay": 0.0, "name": f"{group['name']}_no_decay"},
-        ]
+        by_depth: dict[int, list] = {}
+        for p in group["params"]:
+            by_depth.setdefault(depth.get(id(p), top) if group["name"] != "head" else top, []).append(p)
+        for d, params in sorted(by_depth.items(), reverse=True):
+            name = group["name"] if d == top else f"{group['name']}_layer{d}"
+            lr = group["lr"] * layer_decay ** (top - d) if d != top else group["lr"]
+            groups += [
+                {"params": [p for p in params if id(p) in decayed], "lr": lr, "weight_decay": cfg.train.weight_decay,
+                 "name": name},
+                {"params": [p for p in params if id(p) not in decayed], "lr": lr, "weight_decay": 0.0,
+                 "name": f"{name}_no_decay"},
+            ]
     return torch.optim.AdamW([g for g in groups if g["params"]])
+
+
+_LAYER = re.compile(r"\.(?:layer|layers|h|block)\.(\d+)\.")
+
+
+def layer_depths(model: nn.Module) -> tuple[dict[int, int], int]:
+    """({id(parameter): depth}, top) for train.layer_lr_decay: the embeddings 0, encoder layer k (the k in
+    `...layer.k.`, from 0) depth k + 1, and everything else (pooler, head) the top, L + 1 for L layers."""
+    named = list(model.named_parameters())
+    indices = {name: int(m.group(1)) for name, _ in named if (m := _LAYER.search(name))}
+    top = max(indices.values(), default=-1) + 2
+    depth = {}
+    for name, p in named:
+        if name in indices:
+            depth[id(p)] = indices[name] + 1
+        elif ".embeddings." in f".{name}":
+            depth[id(p)] = 0
+    return depth, top
 
 
 def as_config(config: Config | str | Path | dict) -> Config:
@@ -115,6 +144,7 @@ class Job:
     sinks: Sinks | None = None  # the experiment trackers, opened when training starts
     class_weights: np.ndarray | None = None  # (C,) float64, train.class_weights resolved; None: every example weighs 1
     resolved: dict | None = None  # {dotted key: value} of the settings config.resolve made concrete (auto, null)
+    average: WeightAverage | None = None  # train.ema's moving average of the trainable weights; None: off
 
 
 def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None) -> Job:
@@ -178,7 +208,7 @@ def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None) -> Job:
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     return Job(cfg, run, device, amp, dataset, tokens, targets, pad_id, model, method, optimizer, scheduler, schedule,
                 method.adapted, world, forward, fast, max_tokens, scaler, compute, oos_tokens, class_weights=weights,
-               resolved=resolved)
+               resolved=resolved, average=WeightAverage(model, cfg.train.ema) if cfg.train.ema is not None else None)
 
 
 def class_weights(setting: str | dict[str, float], label_names: list[str], train_ids: list[int]) -> np.ndarray | None:

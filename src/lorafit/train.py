@@ -14,6 +14,8 @@ method, optimiser, scheduler, how to compute) and hand it to `_run`, which calls
 With `contrastive.epochs` the first epochs are a contrastive stage (lorafit.contrastive): the same steps
 with `_contrastive_forward_backward` (a loss on sentence vectors, the head idle) and `_end_contrastive_epoch`
 (no best state); `model.head_init=centroids` sets the head before the first classification step.
+With `train.ema` the optimiser steps also move a moving average of the weights (lorafit.averaging), and
+`_end_epoch` validates, keeps and saves the average instead of the raw weights.
 A signal (SIGINT/SIGTERM, `_Signals`) stops the loop after the current step, with a checkpoint. The loop
 never asks which method runs. Everything the loop knows lives in `Progress`, so a checkpoint (weights,
 optimiser, scheduler, RNG states and `Progress`) lets `resume` continue bit for bit.
@@ -150,6 +152,8 @@ def resume(run_dir: str | Path) -> RunResult:
         job.scaler.load_state_dict(meta["scaler"])
     progress = Progress(**meta["progress"])
     best = {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
+    if job.average is not None:
+        job.average.load({k[4:]: v for k, v in tensors.items() if k.startswith("ema/")}, meta.get("ema", {}))
     job.world.barrier()  # every process has read the checkpoint before rank 0 touches the folder
     if job.world.is_main:
         lines = (run.path / "metrics.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
@@ -184,6 +188,9 @@ def _write_checkpoint(job: Job, progress: Progress, best_state: dict | None) -> 
         tensors |= {f"best/{k}": v for k, v in best_state.items()}
     method_tensors, method_meta = job.method.checkpoint_state(job.model)
     tensors |= {f"method/{k}": v for k, v in method_tensors.items()}
+    if job.average is not None:
+        average_tensors, average_meta = job.average.state()
+        tensors |= {f"ema/{k}": v for k, v in average_tensors.items()}
     opt_tensors, opt_meta = checkpoint.optimizer_to_flat(job.optimizer)
     rng_tensors, rng_meta = states[0]
     for rank, (rank_tensors, _) in enumerate(states[1:], start=1):
@@ -192,6 +199,8 @@ def _write_checkpoint(job: Job, progress: Progress, best_state: dict | None) -> 
         "progress": asdict(progress), "optimizer": opt_meta, "scheduler": job.scheduler.state_dict(),
         "rng": rng_meta, "method": method_meta,
     }
+    if job.average is not None:
+        meta["ema"] = average_meta
     if len(states) > 1:
         meta["rng_ranks"] = [rank_meta for _, rank_meta in states[1:]]
     if job.scaler.is_enabled():
@@ -246,6 +255,8 @@ def _epochs(job: Job, p: Progress, best_state: dict | None, signals: _Signals) -
             _centroid_head(job)  # before the first classification step (a resume from here redoes it identically)
         if not _contrastive(job, p) and cfg.contrastive.epochs and cfg.contrastive.then_train == "head":
             _train_head_only(job)  # every classification epoch: a resumed run starts with all flags on again
+        if job.average is not None and not job.average.started and not _contrastive(job, p):
+            job.average.start()  # from the weights the classification stage starts with (head set, if centroids)
         job.model.train()
         batches = _batches(job, p.epoch, lengths)
         if p.batch == 0:
@@ -426,6 +437,8 @@ def _optimizer_step(job: Job, p: Progress) -> None:
         log.debug("step %d skipped: fp16 gradients overflowed; loss scale now %g", p.step, scaler.get_scale())
     else:
         job.method.on_step_end(job.model, p.step)
+        if job.average is not None and job.average.started:  # classification steps only
+            job.average.update()
     optimizer.zero_grad(set_to_none=True)
     if not skipped:
         job.scheduler.step()
@@ -460,13 +473,27 @@ def _end_epoch(job: Job, p: Progress, best_state: dict | None, signals: _Signals
     """Validation, the epoch's metrics line, the best state (its artifact saved) or early stopping, and a
     checkpoint. `weight`: the epoch's examples' total weight (`_weight`), which the train loss is a mean
     over. Returns the best epoch's state."""
-    cfg, run, model, method = job.cfg, job.run, job.model, job.method
     p.epoch_seconds.append(seconds)
+    with _averaged(job):  # train.ema: the epoch is judged (and its best state kept) by the averaged weights
+        best_state = _validate(job, p, best_state, weight)
+    _next_epoch(job, p, best_state, signals, f"epoch {p.epoch}")
+    return best_state
+
+
+def _averaged(job: Job) -> contextlib.AbstractContextManager:
+    """The model with train.ema's averaged weights in the block; a no-op without train.ema."""
+    return job.average.applied() if job.average is not None else contextlib.nullcontext()
+
+
+def _validate(job: Job, p: Progress, best_state: dict | None, weight: float) -> dict | None:
+    """The epoch's validation and metrics line; keeps the best state and saves its artifact, or counts towards
+    early stopping. Returns the best epoch's state."""
+    cfg, run, model, method = job.cfg, job.run, job.model, job.method
     val = classification_metrics(_logits(job, "validation"), job.targets["validation"], job.dataset.label_names)
     record = {
         "type": "epoch", "epoch": p.epoch, "step": p.step, "train_loss": p.epoch_loss / weight,
         "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
-        "seconds": seconds, "examples_per_second": len(job.tokens["train"]) / seconds,
+        "seconds": p.epoch_seconds[-1], "examples_per_second": len(job.tokens["train"]) / p.epoch_seconds[-1],
     }
     _append_metrics(job, p, record)
     value = val[cfg.train.metric]
@@ -483,7 +510,6 @@ def _end_epoch(job: Job, p: Progress, best_state: dict | None, signals: _Signals
         if cfg.train.patience is not None and p.stale >= cfg.train.patience:
             log.info("early stop: validation %s did not improve for %d epochs", cfg.train.metric, p.stale)
             p.stopped = True
-    _next_epoch(job, p, best_state, signals, f"epoch {p.epoch}")
     return best_state
 
 

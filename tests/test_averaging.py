@@ -1,0 +1,137 @@
+"""train.ema: the moving average of the trained weights (lorafit/averaging.py).
+
+The average follows its formula step by step (checked against a float64 recomputation from the
+weights after every optimiser step of a real run), validation and the saved artifact see the
+average while training continues from the raw weights, a killed run resumes bit for bit, and
+AdaLoRA is refused in one line."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from lorafit.averaging import WeightAverage
+from lorafit.cli import main
+from lorafit.config import load_config
+from lorafit.train import resume, train
+
+from conftest import tiny_overrides
+
+DECAY = 0.9
+
+
+def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().double().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_average_follows_its_formula_and_applied_restores_the_weights():
+    model = nn.Linear(3, 2)
+    model.bias.requires_grad_(False)  # frozen: not averaged
+    average = WeightAverage(model, DECAY)
+    assert average.names == ["weight"] and not average.started
+    average.start()
+    expected = model.weight.detach().double().clone()
+    for t in range(30):
+        with torch.no_grad():
+            model.weight.add_(torch.randn(2, 3))
+        average.update()
+        d = min(DECAY, (1 + t) / (10 + t))
+        expected = d * expected + (1 - d) * model.weight.detach().double()
+    own = model.weight.detach().clone()
+    with average.applied():
+        torch.testing.assert_close(model.weight.detach().double(), expected, rtol=0, atol=1e-6)
+    assert torch.equal(model.weight, own)
+    tensors, meta = average.state()
+    other = WeightAverage(model, DECAY)
+    other.load(tensors, meta)
+    assert other.updates == 30 and torch.equal(other.average[0], average.average[0])
+
+
+def test_validation_and_artifact_see_the_average_of_the_steps(tiny_bert, tiny_data, tmp_path, monkeypatch):
+    """Every epoch's validation runs on exactly the average of the weights after each optimiser step
+    (recomputed here in float64), the saved adapter holds the best epoch's average, and training goes on
+    from the raw weights (they differ from the average)."""
+    train_module = importlib.import_module("lorafit.train")
+    step, validate = train_module._optimizer_step, train_module._validate
+    after_steps: list[dict[str, torch.Tensor]] = []
+    validated: dict[int, dict[str, torch.Tensor]] = {}
+    raw: dict[int, dict[str, torch.Tensor]] = {}
+
+    def recording_step(job, p):
+        if not after_steps:
+            after_steps.append(_trainable(job.model))  # the weights the average starts from
+        step(job, p)
+        after_steps.append(_trainable(job.model))
+
+    def recording_validate(job, p, *args):
+        validated[p.step] = _trainable(job.model)
+        raw[p.step] = after_steps[-1]
+        return validate(job, p, *args)
+
+    monkeypatch.setattr(train_module, "_optimizer_step", recording_step)
+    monkeypatch.setattr(train_module, "_validate", recording_validate)
+    result = train(load_config(None, tiny_overrides(tiny_bert, tiny_data, **{"train.ema": DECAY, "train.epochs": 3})),
+                   tmp_path / "run")
+
+    average = dict(after_steps[0])
+    for t, weights in enumerate(after_steps[1:]):
+        d = min(DECAY, (1 + t) / (10 + t))
+        average = {n: d * average[n] + (1 - d) * weights[n] for n in average}
+        if t + 1 in validated:
+            for n, value in validated[t + 1].items():
+                torch.testing.assert_close(value, average[n], rtol=0, atol=1e-6, msg=f"{n} at step {t + 1}")
+            assert any(not torch.equal(validated[t + 1][n], raw[t + 1][n]) for n in average), "validation saw the raw weights"
+    assert len(validated) == 3
+
+    best_step = next(r["step"] for r in map(json.loads, (result.path / "metrics.jsonl").read_text().splitlines())
+                     if r["type"] == "epoch" and r["epoch"] == result.summary["best_epoch"])
+    saved = load_file(str(result.path / "adapter" / "adapter_model.safetensors"))
+    best = [v.float() for v in validated[best_step].values()]
+    for key, value in saved.items():
+        assert any(v.shape == value.shape and torch.equal(v, value) for v in best), f"{key} is not the best epoch's average"
+
+
+EXTRA = {"train.epochs": 3, "train.checkpoint_every": 3, "train.keep_checkpoints": 2, "method.dropout": 0.1,
+         "train.lr": 1e-2, "train.cpu_kernels": "stock", "train.ema": DECAY}
+
+
+def test_a_killed_run_with_ema_resumes_bit_for_bit(tiny_bert, tiny_data, tmp_path, monkeypatch):
+    """Killed mid-epoch 2 (after the checkpoint at step 18) and resumed: the average comes back from the
+    checkpoint, and the run ends as the uninterrupted one (same validation records, test figures, adapter)."""
+    overrides = tiny_overrides(tiny_bert, tiny_data, **EXTRA)
+    reference = train(load_config(None, overrides), tmp_path / "reference")
+    train_module = importlib.import_module("lorafit.train")
+    after_step = train_module._after_step
+
+    def crash_at_step_20(job, p, *args):
+        after_step(job, p, *args)
+        if p.step == 20:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_after_step", crash_at_step_20)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, overrides), tmp_path / "killed")
+    monkeypatch.undo()
+    assert (tmp_path / "killed" / "checkpoints" / "step-00000018").is_dir()
+    resume(tmp_path / "killed")
+    a, b = reference.path, tmp_path / "killed"
+    assert json.loads((a / "eval.json").read_text()) == json.loads((b / "eval.json").read_text())
+    wa, wb = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    strip = lambda run: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "examples_per_second")}  # noqa: E731
+                         for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert strip(a) == strip(b)
+
+
+def test_ema_with_adalora_is_one_clear_line(tiny_bert, tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    status = main(["train", *tiny_overrides(tiny_bert, tiny_data, **{"method.name": "adalora", "train.ema": 0.99}),
+                   "--out", str(out)])
+    err = capsys.readouterr().err.splitlines()
+    assert status == 2 and len(err) == 1 and "train.ema does not combine with method adalora" in err[0], err
+    assert not out.exists()
