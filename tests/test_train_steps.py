@@ -150,6 +150,40 @@ def test_weight_decay_spares_scaling_vectors_by_role(tiny_bert, method, vectors)
     assert all(decay_of[id(named[n])] == 0.0 for n in biases)
 
 
+@pytest.mark.parametrize("arch, method", [("bert", "full"), ("bert", "lora"), ("distilbert", "loraplus")])
+def test_layer_lr_decay_gives_each_layer_its_rate(tiny_models, arch, method):
+    """train.layer_lr_decay=0.5 on a 2-layer encoder: layer 1 (top) at lr * 0.5, layer 0 at lr * 0.25, the
+    embeddings at lr * 0.125; the head at its own rate; the method's own groups (LoRA+'s B
+    at lr_ratio x lr) decay the same way. Without it, every body weight at lr."""
+    lr, head_lr = 1e-3, 7e-3
+    overrides = [f"model.name={tiny_models[arch]}", f"method.name={method}", f"train.lr={lr}", f"train.head_lr={head_lr}"]
+
+    def rates(extra):
+        cfg = load_config(None, overrides + extra)
+        model = build_classifier(cfg.model, 3, 0)
+        m = registry.get(cfg.method.name)(cfg.method)
+        model = m.apply(model, total_steps=100)
+        optimizer = make_optimizer(model, m, cfg)
+        lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        return {n: lr_of[id(p)] for n, p in model.named_parameters() if p.requires_grad}
+
+    def expected(name, decay):
+        own = head_lr if "classifier" in name else lr * 16 if method == "loraplus" and ".lora_B." in name else lr
+        if ".layer.1." in name:
+            return own * decay
+        if ".layer.0." in name:
+            return own * decay**2
+        return own * decay**3 if ".embeddings." in name else own
+
+    plain, decayed = rates([]), rates(["train.layer_lr_decay=0.5"])
+    assert any(".layer.0." in n for n in decayed) and any(".layer.1." in n for n in decayed)
+    if method == "full":
+        assert any(".embeddings." in n for n in decayed)
+    for name in decayed:
+        assert decayed[name] == pytest.approx(expected(name, 0.5)), name
+        assert plain[name] == pytest.approx(expected(name, 1.0)), name
+
+
 @pytest.mark.parametrize("split, edit", [("test", "text"), ("test", "label"), ("validation", "text")])
 def test_resume_refuses_data_that_changed_in_any_split(tiny_bert, tiny_data, tmp_path, monkeypatch, split, edit):
     """Not only the train rows: an edited test or validation row (same row numbers) is refused too."""
