@@ -6,9 +6,12 @@ its own process, then reads every run's eval.json and ood.json -- nothing is com
 that lorafit did not record -- and prints, per OOS score (msp, energy, mahalanobis, knn), the mean
 +- 95% CI over seeds of in-scope accuracy, OOS AUROC, AUPR, FPR at 95% in-scope recall, OOS recall and
 precision at the threshold chosen on validation, and open-set macro-F1; plus the test ECE before and
-after the temperature. A finished run folder is reused.
+after the temperature; then each score's AUROC gain over msp, paired by seed. A finished run folder is
+reused; `--refit` fits its post-hoc stage again first (`lorafit eval RUN --refit`: scores added since it
+trained; `--ood k=1` replaces an ood.* setting), reading test once more for the new scores only.
 
     python bench/oos.py --out runs/oos-b77-75 --known 0.75 --seeds 0 1 2
+    python bench/oos.py --out runs/oos-b77-75 --refit --ood k=1
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def main() -> int:
     parser.add_argument("--known", type=float, default=0.75, help="share of known intents (data.known_intents)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--refit", action="store_true", help="fit finished runs' post-hoc stage again (new scores)")
+    parser.add_argument("--ood", action="append", default=[], metavar="KEY=VALUE", help="with --refit: an ood.* setting")
     parser.add_argument("overrides", nargs="*", help="more key=value overrides for every run")
     args = parser.parse_args()
 
@@ -55,6 +60,13 @@ def main() -> int:
             code, last = execute(command, str(run.with_suffix(".log")))
             if code != 0:
                 print(f"{run}: training failed (exit {code}): {last}", file=sys.stderr)
+                return 1
+        elif args.refit:
+            print(f"re-fitting {run} ...", file=sys.stderr, flush=True)
+            command = [sys.executable, "-m", "lorafit", "eval", str(run), "--refit", *(f"--ood={o}" for o in args.ood)]
+            code, last = execute(command, str(run.with_suffix(".refit.log")))
+            if code != 0:
+                print(f"{run}: re-fit failed (exit {code}): {last}", file=sys.stderr)
                 return 1
         runs.append(run)
 
@@ -75,6 +87,12 @@ def main() -> int:
     for score in evals[0]["ood"]["scores"]:
         cells = [_cell([e["ood"]["scores"][score][key] for e in evals]) for key, _ in COLUMNS]
         print(f"| {score} | " + " | ".join(cells) + " |")
+    print()
+    msp = [e["ood"]["scores"]["msp"]["auroc"] for e in evals]
+    for score in evals[0]["ood"]["scores"]:
+        if score != "msp":
+            gains = [e["ood"]["scores"][score]["auroc"] - m for e, m in zip(evals, msp)]
+            print(f"AUROC gain of {score} over msp, paired by seed: {_cell(gains, 1)} ({', '.join(f'{g:+.4f}' for g in gains)})")
     print()
     cal = [e["calibration"] for e in evals]
     print(f"temperature {_cell([r['temperature'] for r in records], 1)}; in-scope test ECE (15 bins) "

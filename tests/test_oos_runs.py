@@ -41,7 +41,7 @@ def test_oos_label_is_kept_out_of_training_and_scored(tiny_bert, oos_data, tmp_p
     ev = result.eval
     assert ev["examples"] == 48  # in-scope test examples only in the classification figures
     table = ev["ood"]["scores"]
-    assert set(table) == {"msp", "energy", "mahalanobis", "knn"}
+    assert set(table) == {"msp", "energy", "mahalanobis", "knn", "base_knn", "hybrid"}
     for row in table.values():
         assert row["oos_examples"] == 12 and row["examples"] == 60 and 0 <= row["auroc"] <= 1
     record = json.loads((out / "ood.json").read_text())
@@ -58,6 +58,62 @@ def test_oos_label_is_kept_out_of_training_and_scored(tiny_bert, oos_data, tmp_p
     assert "Out-of-scope detection (test; thresholds chosen on validation)" in text
     assert f"| mahalanobis | {100 * table['mahalanobis']['auroc']:.2f} |" in text and "msp (decides)" in text
     assert (tmp_path / "report" / "report_files" / "reliability.png").is_file()
+
+
+def test_base_knn_reads_the_pretrained_encoder_and_hybrid_is_standardised_on_validation(tiny_bert, oos_data, tmp_path):
+    """base_knn: the cosine similarity to the nearest training vector of the *pre-trained* encoder (recomputed
+    here with transformers: masked mean of the last hidden states), whatever the fine-tuning did; hybrid's
+    parts are standardised by their in-scope validation scores, recorded in ood.json."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    out = tmp_path / "run"
+    lorafit.train(lorafit.load_config(None, tiny_overrides(tiny_bert, oos_data, **{"data.oos_label": "oos", "train.lr": 5e-2})), out)
+    frame = pd.read_csv(oos_data / "train.csv")
+    rows = json.loads((out / "splits.json").read_text())
+    train = frame.iloc[rows["train"]]
+    validation = frame.iloc[rows["validation"]]
+    validation = validation[validation["label"] != "oos"]
+    tokenizer, encoder = AutoTokenizer.from_pretrained(str(tiny_bert)), AutoModel.from_pretrained(str(tiny_bert)).eval()
+
+    def vectors(texts):
+        batch = tokenizer(list(texts), padding=True, return_tensors="pt")
+        with torch.no_grad():
+            states = encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"][..., None].float()
+        v = (states * mask).sum(1) / mask.sum(1)
+        return torch.nn.functional.normalize(v, dim=-1).numpy().astype(np.float64)
+
+    nearest = (vectors(validation["text"]) @ vectors(train["text"]).T).max(-1)
+    hybrid = json.loads((out / "ood.json").read_text())["scores"]["hybrid"]
+    assert hybrid["standardised"]["base_knn"]["mean"] == pytest.approx(nearest.mean(), abs=1e-5)
+    assert hybrid["standardised"]["base_knn"]["sd"] == pytest.approx(nearest.std(), abs=1e-5)
+    assert set(hybrid["standardised"]) == {"energy", "base_knn"}
+
+
+def test_refit_repeats_the_post_hoc_stage_and_takes_new_ood_settings(tiny_bert, oos_data, tmp_path, capsys):
+    """`lorafit eval RUN --refit` on an untouched run gives back training's ood.json and OOS table (the weights
+    loaded from the folder are the ones trained); with --ood k=3 the knn threshold moves, config.yaml records
+    k: 3, and the classification figures stay as trained."""
+    import yaml
+
+    out = tmp_path / "run"
+    result = lorafit.train(lorafit.load_config(None, tiny_overrides(tiny_bert, oos_data, **{"data.oos_label": "oos"})), out)
+    trained_ood = json.loads((out / "ood.json").read_text())
+    assert main(["eval", str(out), "--refit"]) == 0
+    assert "hybrid" in capsys.readouterr().out
+    again = json.loads((out / "eval.json").read_text())
+    refitted = json.loads((out / "ood.json").read_text())
+    assert refitted["temperature"] == pytest.approx(trained_ood["temperature"], rel=1e-5)
+    for kind, row in result.eval["ood"]["scores"].items():
+        assert again["ood"]["scores"][kind]["auroc"] == pytest.approx(row["auroc"], abs=1e-6), kind
+        assert refitted["scores"][kind]["threshold"] == pytest.approx(trained_ood["scores"][kind]["threshold"], rel=1e-5, abs=1e-6)
+    assert main(["eval", str(out), "--refit", "--ood", "k=3"]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["ood"]["k"] == 3
+    moved = json.loads((out / "ood.json").read_text())["scores"]["knn"]["threshold"]
+    assert moved != trained_ood["scores"]["knn"]["threshold"]
+    final = json.loads((out / "eval.json").read_text())
+    assert {k: final[k] for k in ("accuracy", "confusion", "per_class")} == {k: result.eval[k] for k in ("accuracy", "confusion", "per_class")}
 
 
 def test_predictions_and_predict_use_the_fitted_temperature(tiny_bert, oos_data, tmp_path):

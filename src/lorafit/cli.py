@@ -120,12 +120,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refit(args: argparse.Namespace) -> int:
+    """eval --refit: the post-hoc stage again (lorafit.posthoc.refit), then the OOS table it wrote."""
+    import yaml
+
+    from .posthoc import refit
+
+    settings = {}
+    for item in args.ood or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--ood takes KEY=VALUE (an ood.* setting such as k=1), got {item!r}")
+        settings[key.removeprefix("ood.")] = yaml.safe_load(value)
+    evaluated = refit(args.run_dir, settings)
+    calibration = evaluated.get("calibration") or {}
+    if calibration:
+        print(f"test ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f} after the temperature")
+    table = (evaluated.get("ood") or {}).get("scores") or {}
+    for kind, row in table.items():
+        print(f"{kind:12s} AUROC {row['auroc']:.4f}  FPR@95 {row['fpr_at_95_recall']:.4f}  open macro-F1 {row['open_macro_f1']:.4f}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import data
     from .inference import load, run_split
     from . import atomic
     from .rundir import RunDir
 
+    if args.refit:
+        return _refit(args)
     run = RunDir(args.run_dir)
     cfg = run.config()
     if args.data:
@@ -334,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-column")
     p.add_argument("--output", help="also write the metrics as JSON here")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--refit", action="store_true",
+                   help="fit the temperature and out-of-scope scores of the finished run again with this version "
+                        "(rewrites ood.json and eval.json's calibration and ood sections; weights untouched)")
+    p.add_argument("--ood", action="append", metavar="KEY=VALUE", help="with --refit: an ood.* setting to use "
+                   "instead of the run's (e.g. k=1); config.yaml records it")
     p.set_defaults(func=cmd_eval)
 
     p = verbs.add_parser("export", help="merged model, adapter or ONNX (int8) from a run, with a parity check")

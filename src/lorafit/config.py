@@ -296,14 +296,18 @@ def _positive_finite(value: Any) -> bool:
 
 
 class OodConfig(_Section):
-    score: Literal["msp", "energy", "mahalanobis", "knn"] = "msp"
+    score: Literal["msp", "energy", "mahalanobis", "knn", "base_knn", "hybrid"] = "msp"
     """In-scope score that decides out-of-scope: msp (top softmax probability), energy (T * logsumexp
     of logits / T), mahalanobis (distance of the sentence vector to the class means, fitted on train),
-    knn (cosine similarity to the k-th nearest training sentence vector)."""
+    knn (cosine similarity to the k-th nearest training sentence vector), base_knn (the same on the
+    pre-trained encoder's sentence vectors), hybrid (energy + base_knn, each standardised on in-scope
+    validation). predict and serve compute msp only; the others are measured at training (eval.json)."""
     target_recall: Annotated[float, Field(gt=0, lt=1)] = 0.95
     """Without OOS examples in validation, the threshold keeps this share of in-scope validation examples."""
-    k: Annotated[int, Field(gt=0)] = 10
-    """Neighbour rank of the knn score."""
+    k: Annotated[int, Field(gt=0)] = 1
+    """Neighbour rank of the knn and base_knn scores. 1: on Banking77 at 75% known intents (3 seeds), with
+    the unknown intents' *training* queries as OOS and validation as in-scope (test untouched), k=1 gave
+    AUROC 0.898 (knn) and 0.905 (base_knn) against 0.870 and 0.861 with k=10."""
     calibrate: bool = True
     """Fit a temperature on validation after training (Guo et al. 2017) and use it wherever probabilities
     are shown or thresholded."""

@@ -145,6 +145,7 @@ class Job:
     class_weights: np.ndarray | None = None  # (C,) float64, train.class_weights resolved; None: every example weighs 1
     resolved: dict | None = None  # {dotted key: value} of the settings config.resolve made concrete (auto, null)
     average: WeightAverage | None = None  # train.ema's moving average of the trainable weights; None: off
+    pretrained: nn.Module | None = None  # the base encoder without the method, built when an OOS score reads it
 
 
 def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None) -> Job:
@@ -170,8 +171,8 @@ def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None) -> Job:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens = {name: batching.tokenize(tokenizer, split.texts, cfg.data.max_length) for name, split in dataset.splits.items()}
     targets = {name: np.array(dataset.label_ids(name)) for name in dataset.splits}
-    if cfg.ood.score == "knn" and cfg.ood.k > len(targets["train"]):
-        raise UserError(f"ood.k={cfg.ood.k}: the knn score needs at least k training examples, there are "
+    if cfg.ood.score in ("knn", "base_knn", "hybrid") and cfg.ood.k > len(targets["train"]):
+        raise UserError(f"ood.k={cfg.ood.k}: the {cfg.ood.score} score needs at least k training examples, there are "
                         f"{len(targets['train'])}; lower ood.k")
     # Out-of-scope examples (target -1) of validation and test are set apart: the loop's metrics are
     # in-scope classification; the OOS ones are scored after training (lorafit.ood).

@@ -10,6 +10,12 @@ Pure functions on arrays; no model, no files. Every score is an *in-scope* score
   (Lee et al. 2018; Podolskiy et al. 2021 showed it is strong for intent OOS detection).
 - ``knn``: cosine similarity of the L2-normalised sentence vector to its k-th nearest training vector
   (Sun et al. 2022, "Out-of-Distribution Detection with Deep Nearest Neighbors").
+- ``base_knn``: the same on the *pre-trained* encoder's sentence vectors (the base model before
+  fine-tuning). A sentence encoder such as all-MiniLM-L6-v2 was trained to place paraphrases together,
+  and fine-tuning for the known intents does not shape that space around them.
+- ``hybrid``: energy + base_knn, each standardised by the mean and standard deviation of its scores on
+  the in-scope validation examples (no OOS example needed): the classifier's confidence and the
+  distance to the nearest training query in the pre-trained space disagree on different queries.
 
 The threshold is chosen on validation, never on test (`choose_threshold`): with OOS examples in
 validation, the one that maximises accuracy over in-scope + OOS validation examples; without them,
@@ -25,11 +31,15 @@ from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from .evaluate import softmax
 
-__all__ = ["SCORES", "FEATURE_SCORES", "FeatureScorer", "fit_feature_scorer", "logit_score", "choose_threshold",
+__all__ = ["SCORES", "FEATURE_SCORES", "BASE_SCORES", "HYBRID_PARTS", "FeatureScorer", "fit_feature_scorer", "logit_score", "choose_threshold",
            "oos_metrics", "fpr_at_recall"]
 
-SCORES = ("msp", "energy", "mahalanobis", "knn")
+SCORES = ("msp", "energy", "mahalanobis", "knn", "base_knn", "hybrid")
 FEATURE_SCORES = ("mahalanobis", "knn")
+#: Scores that read the pre-trained encoder's sentence vectors (a second forward pass, through the base model).
+BASE_SCORES = ("base_knn", "hybrid")
+#: The scores `hybrid` adds up, each standardised on in-scope validation.
+HYBRID_PARTS = ("energy", "base_knn")
 
 
 def logit_score(kind: str, logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

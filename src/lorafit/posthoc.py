@@ -2,11 +2,13 @@
 
 - the temperature (calibration.fit_temperature) on the in-scope validation examples;
 - the out-of-scope scores (ood.py): the feature-space ones fitted on the training set's sentence
-  vectors; each score's threshold chosen on validation (with OOS validation examples by accuracy over
-  in-scope + OOS, else by in-scope recall `ood.target_recall`).
+  vectors (base_knn on those of the pre-trained encoder, rebuilt from model.name for the purpose);
+  hybrid's standardisation on the in-scope validation scores; each score's threshold chosen on
+  validation (with OOS validation examples by accuracy over in-scope + OOS, else by in-scope recall
+  `ood.target_recall`).
 
 `fit` returns a `Posthoc` (what ood.json records); `evaluate_test` applies it to the test split once,
-for eval.json's `calibration` and `ood` sections.
+for eval.json's `calibration` and `ood` sections. `refit` does both again on a finished run folder.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from torch import nn
 from . import calibration, ood
 from .config import Config
 from .inference import predict_logits
+from .models import build_classifier
 
-__all__ = ["Posthoc", "fit", "evaluate_test", "features_and_logits"]
+__all__ = ["Posthoc", "fit", "evaluate_test", "features_and_logits", "refit"]
 
 
 class _WithFeatures(nn.Module):
@@ -52,9 +55,18 @@ class Posthoc:
     validation_calibration: dict
     score: str  # the score that decides (ood.score)
     thresholds: dict[str, dict]  # per score: {"threshold", "rule", validation figures}
-    scorers: dict[str, ood.FeatureScorer] = field(default_factory=dict)
+    scorers: dict[str, ood.FeatureScorer] = field(default_factory=dict)  # mahalanobis, knn, base_knn
+    standardise: dict[str, tuple[float, float]] = field(default_factory=dict)  # hybrid's parts: (mean, sd) on validation
 
-    def scores(self, kind: str, features: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    def scores(self, kind: str, features: np.ndarray, logits: np.ndarray, base_features: np.ndarray | None = None) -> np.ndarray:
+        """In-scope scores (N,) of examples given their sentence vectors, logits and (for BASE_SCORES) the
+        pre-trained encoder's sentence vectors."""
+        if kind == "hybrid":
+            parts = [(self.scores(part, features, logits, base_features) - mean) / sd
+                     for part, (mean, sd) in ((p, self.standardise[p]) for p in ood.HYBRID_PARTS)]
+            return np.sum(parts, axis=0)
+        if kind == "base_knn":
+            return self.scorers[kind].score(base_features)
         if kind in ood.FEATURE_SCORES:
             return self.scorers[kind].score(features)
         return ood.logit_score(kind, logits, self.temperature)
@@ -73,6 +85,21 @@ def _split(job, name: str, oos: bool) -> tuple[np.ndarray, np.ndarray]:
                                job.max_tokens, len(job.dataset.label_names))
 
 
+def _base_vectors(job, tokens: list[list[int]]) -> np.ndarray:
+    """The pre-trained encoder's sentence vectors (N, H) of `tokens`: model.name rebuilt without the method
+    (what base_knn reads), kept on the job for the next call."""
+    if job.pretrained is None:
+        job.pretrained = build_classifier(job.cfg.model, len(job.dataset.label_names), job.cfg.seed).to(job.device).eval()
+    features, _ = features_and_logits(job.pretrained, tokens, job.pad_id, job.cfg.train.eval_batch_size, job.device,
+                                      job.amp, job.max_tokens, len(job.dataset.label_names))
+    return features
+
+
+def _needs_base(post_or_kinds) -> bool:
+    kinds = post_or_kinds.thresholds if isinstance(post_or_kinds, Posthoc) else post_or_kinds
+    return any(k in ood.BASE_SCORES for k in kinds)
+
+
 def fit(job) -> Posthoc:
     """Fit the temperature and every OOS score's threshold on validation (and train, for feature scores)."""
     cfg: Config = job.cfg
@@ -82,19 +109,30 @@ def fit(job) -> Posthoc:
     has_oos = bool(job.oos_tokens["validation"] or job.oos_tokens["test"])
     kinds = list(ood.SCORES) if has_oos else [cfg.ood.score]  # with OOS data: every score, for the table
     scorers = {}
-    if any(k in ood.FEATURE_SCORES for k in kinds):
+    k = min(cfg.ood.k, len(job.tokens["train"]))
+    if any(kind in ood.FEATURE_SCORES for kind in kinds):
         train_features, _ = features_and_logits(job.model, job.tokens["train"], job.pad_id, cfg.train.eval_batch_size,
                                                 job.device, job.amp, job.max_tokens, len(job.dataset.label_names))
-        for kind in (k for k in kinds if k in ood.FEATURE_SCORES):
-            scorers[kind] = ood.fit_feature_scorer(kind, train_features, job.targets["train"],
-                                                   k=min(cfg.ood.k, len(train_features)))
+        for kind in (kind for kind in kinds if kind in ood.FEATURE_SCORES):
+            scorers[kind] = ood.fit_feature_scorer(kind, train_features, job.targets["train"], k=k)
+    base = {}
+    if _needs_base(kinds):
+        scorers["base_knn"] = ood.fit_feature_scorer("knn", _base_vectors(job, job.tokens["train"]), job.targets["train"], k=k)
+        base = {oos: _base_vectors(job, job.oos_tokens["validation"] if oos else job.tokens["validation"])
+                for oos in (False, True)}
     post = Posthoc(temperature, calibration.calibration_record(val_logits, val_targets, temperature), cfg.ood.score, {}, scorers)
+    if "hybrid" in kinds:  # each part standardised on the in-scope validation examples
+        for part in ood.HYBRID_PARTS:
+            values = post.scores(part, val_features, val_logits, base.get(False))
+            post.standardise[part] = (float(values.mean()), float(max(values.std(), 1e-12)))
     oos_features, oos_logits = _split(job, "validation", oos=True)
     correct = val_logits.argmax(-1) == val_targets
     for kind in kinds:
-        in_scope = post.scores(kind, val_features, val_logits)
-        outside = post.scores(kind, oos_features, oos_logits) if len(oos_logits) else None
+        in_scope = post.scores(kind, val_features, val_logits, base.get(False))
+        outside = post.scores(kind, oos_features, oos_logits, base.get(True)) if len(oos_logits) else None
         post.thresholds[kind] = ood.choose_threshold(in_scope, outside, correct, cfg.ood.target_recall)
+    if "hybrid" in kinds:
+        post.thresholds["hybrid"]["standardised"] = {part: {"mean": m, "sd": sd} for part, (m, sd) in post.standardise.items()}
     return post
 
 
@@ -108,9 +146,46 @@ def evaluate_test(job, post: Posthoc, test_logits: np.ndarray) -> dict:
     oos_features, oos_logits = _split(job, "test", oos=True)
     logits = np.concatenate([test_logits, oos_logits])
     all_features = np.concatenate([features, oos_features])
+    base = _base_vectors(job, job.tokens["test"] + job.oos_tokens["test"]) if _needs_base(post) else None
     is_oos = np.r_[np.zeros(len(targets), bool), np.ones(len(oos_logits), bool)]
     full_targets = np.r_[targets, -np.ones(len(oos_logits), int)]
-    table = {kind: ood.oos_metrics(post.scores(kind, all_features, logits), is_oos, logits.argmax(-1), full_targets,
+    table = {kind: ood.oos_metrics(post.scores(kind, all_features, logits, base), is_oos, logits.argmax(-1), full_targets,
                                    len(job.dataset.label_names), chosen["threshold"])
              for kind, chosen in post.thresholds.items()}
     return result | {"ood": {"score": post.score, "scores": table}}
+
+
+def refit(run_dir, ood_settings: dict | None = None) -> dict:
+    """Fit the post-hoc stage of a finished run again with this version of lorafit (scores added since it
+    trained, say): the temperature and every OOS score on validation and train as `fit` does, then the test
+    split once for eval.json's `calibration` and `ood` sections. Rewrites ood.json and those two sections;
+    the weights, the classification figures and summary.json stay as trained. `ood_settings` ({"k": 1},
+    say) replace the run's ood.* settings, and config.yaml records them. Returns the new eval.json."""
+    import yaml
+
+    from . import atomic
+    from .config import validate
+    from .errors import UserError
+    from .inference import load_model
+    from .job import check_same_data, prepare
+    from .rundir import Eval, RunDir
+
+    run = RunDir(run_dir)
+    if not (run.path / "summary.json").is_file():
+        raise UserError(f"{run.path} has not finished training (no summary.json); nothing to re-fit")
+    cfg = run.config()
+    if ood_settings:
+        raw = yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8"))
+        raw["ood"] = {**raw.get("ood", {}), **ood_settings}
+        cfg = validate({k: v for k, v in raw.items() if k != "derived"})  # a bad setting fails before any work
+    job = prepare(cfg, run, run.compute() if (run.path / "compute.json").is_file() else None)
+    check_same_data(job, run)
+    job.model = load_model(run, cfg, job.dataset.label_names).to(job.device).eval()
+    post = fit(job)
+    _, test_logits = _split(job, "test", oos=False)
+    evaluated = run.read_json("eval.json") | evaluate_test(job, post, test_logits)
+    if ood_settings:
+        atomic.write_text(run.path / "config.yaml", yaml.safe_dump(raw, sort_keys=False))
+    run.write_json("ood.json", post.record())
+    run.write_record(Eval.from_json(evaluated))
+    return evaluated
