@@ -92,7 +92,9 @@ def main() -> int:
     for score in evals[0]["ood"]["scores"]:
         if score != "msp":
             gains = [e["ood"]["scores"][score]["auroc"] - m for e, m in zip(evals, msp)]
-            print(f"AUROC gain of {score} over msp, paired by seed: {_cell(gains, 1)} ({', '.join(f'{g:+.4f}' for g in gains)})")
+            mean, half = mean_ci(gains)
+            print(f"AUROC gain of {score} over msp, paired by seed: {mean:+.4f}" + (f" ± {half:.4f}" if half is not None else "")
+                  + f" ({', '.join(f'{g:+.4f}' for g in gains)})")
     print()
     cal = [e["calibration"] for e in evals]
     print(f"temperature {_cell([r['temperature'] for r in records], 1)}; in-scope test ECE (15 bins) "
