@@ -127,6 +127,38 @@ def assert_same_training(a: Path, b: Path, artifact: str, tolerance: float) -> N
         assert worst < tolerance, f"{file.name}: weights differ by {worst}"
 
 
+def crash_after_step(overrides: list[str], out: Path, monkeypatch, step: int) -> None:
+    """Train `overrides` into `out` in this process, dying (KeyboardInterrupt) right after optimiser step
+    `step`, as a killed run would; the run's checkpoints are what a resume starts from."""
+    import importlib
+
+    from lorafit.config import load_config
+    from lorafit.train import train
+
+    train_module = importlib.import_module("lorafit.train")
+    after_step = train_module._after_step
+
+    def crash(job, p, *args):
+        after_step(job, p, *args)
+        if p.step == step:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "_after_step", crash)
+        with pytest.raises(KeyboardInterrupt):
+            train(load_config(None, overrides), out)
+
+
+def assert_same_adapter_run(a: Path, b: Path) -> None:
+    """Two adapter runs ended identically: eval.json, the adapter's bytes, metrics.jsonl but for timings."""
+    assert json.loads((a / "eval.json").read_text()) == json.loads((b / "eval.json").read_text())
+    wa, wb = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in (a, b))
+    assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+    strip = lambda run: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "examples_per_second")}  # noqa: E731
+                         for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert strip(a) == strip(b)
+
+
 def piece_counts(cfg, world: int = 1, epoch: int = 1) -> list[list[int]]:
     """For each batch of a run's `epoch`, the forward passes each of `world` processes makes under
     cfg.train.max_batch_tokens, reproducing the training loop's split, batches and slices."""

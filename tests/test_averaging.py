@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -20,7 +19,7 @@ from lorafit.cli import main
 from lorafit.config import load_config
 from lorafit.train import resume, train
 
-from conftest import tiny_overrides
+from conftest import assert_same_adapter_run, crash_after_step, tiny_overrides
 
 DECAY = 0.9
 
@@ -105,27 +104,10 @@ def test_a_killed_run_with_ema_resumes_bit_for_bit(tiny_bert, tiny_data, tmp_pat
     checkpoint, and the run ends as the uninterrupted one (same validation records, test figures, adapter)."""
     overrides = tiny_overrides(tiny_bert, tiny_data, **EXTRA)
     reference = train(load_config(None, overrides), tmp_path / "reference")
-    train_module = importlib.import_module("lorafit.train")
-    after_step = train_module._after_step
-
-    def crash_at_step_20(job, p, *args):
-        after_step(job, p, *args)
-        if p.step == 20:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "_after_step", crash_at_step_20)
-    with pytest.raises(KeyboardInterrupt):
-        train(load_config(None, overrides), tmp_path / "killed")
-    monkeypatch.undo()
+    crash_after_step(overrides, tmp_path / "killed", monkeypatch, step=20)
     assert (tmp_path / "killed" / "checkpoints" / "step-00000018").is_dir()
     resume(tmp_path / "killed")
-    a, b = reference.path, tmp_path / "killed"
-    assert json.loads((a / "eval.json").read_text()) == json.loads((b / "eval.json").read_text())
-    wa, wb = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in (a, b))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    strip = lambda run: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "examples_per_second")}  # noqa: E731
-                         for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert strip(a) == strip(b)
+    assert_same_adapter_run(reference.path, tmp_path / "killed")
 
 
 def test_ema_with_adalora_is_one_clear_line(tiny_bert, tiny_data, tmp_path, capsys):

@@ -9,7 +9,6 @@ equivalences are (test_micro_batches.py, test_train_steps.py, test_distributed.p
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import random
 from collections import Counter
@@ -19,7 +18,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors.torch import load_file
 from sklearn.utils.class_weight import compute_class_weight
 
 from lorafit import batching
@@ -30,7 +28,7 @@ from lorafit.errors import UserError
 from lorafit.job import class_weights
 from lorafit.train import sum_training_loss, resume, train
 
-from conftest import tiny_overrides
+from conftest import assert_same_adapter_run, crash_after_step, tiny_overrides
 
 WEIGHTS = torch.tensor([0.5, 2.0, 1.0, 3.5])
 
@@ -191,15 +189,6 @@ EXTRA = {"train.epochs": 3, "train.checkpoint_every": 3, "train.keep_checkpoints
          "train.class_weights": "{food: 3.0, sport: 0.5}", "train.label_smoothing": 0.1}
 
 
-def _same_outcome(a, b) -> None:
-    assert json.loads((a / "eval.json").read_text()) == json.loads((b / "eval.json").read_text())
-    wa, wb = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in (a, b))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    strip = lambda run: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "examples_per_second")}  # noqa: E731
-                         for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert strip(a) == strip(b)
-
-
 def test_class_balanced_focal_weighted_run_resumes_bit_for_bit_and_records_its_weights(tiny_bert, tiny_data, tmp_path, monkeypatch):
     """Interrupted mid-epoch 2 (after the checkpoint at step 12, epoch 1 being 14 steps) and resumed:
     the resumed epoch draws the same class-balanced batches, and the run ends as the uninterrupted one."""
@@ -209,21 +198,10 @@ def test_class_balanced_focal_weighted_run_resumes_bit_for_bit_and_records_its_w
     assert derived["class_weights"] == {"food": 3.0, "sport": 0.5, "travel": 1.0}
     assert reference.summary["steps"] == 3 * 14
 
-    train_module = importlib.import_module("lorafit.train")
-    after_step = train_module._after_step
-
-    def crash_at_step_20(job, p, *args):
-        after_step(job, p, *args)
-        if p.step == 20:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "_after_step", crash_at_step_20)
-    with pytest.raises(KeyboardInterrupt):
-        train(load_config(None, overrides), tmp_path / "killed")
-    monkeypatch.undo()
+    crash_after_step(overrides, tmp_path / "killed", monkeypatch, step=20)
     assert (tmp_path / "killed" / "checkpoints" / "step-00000018").is_dir()
     resume(tmp_path / "killed")
-    _same_outcome(reference.path, tmp_path / "killed")
+    assert_same_adapter_run(reference.path, tmp_path / "killed")
 
 
 # -- bad inputs: one line, exit 2, nothing written ---------------------------------------------------
