@@ -36,7 +36,8 @@ def fake_run(folder, seed: int, rank: int, wrong: np.ndarray, seconds: float = 1
     logits = np.full((len(TARGETS), len(LABELS)), -5.0)
     logits[np.arange(len(TARGETS)), predicted] = 5.0
     ev = {"split": "test", **classification_metrics(logits, TARGETS, LABELS)}
-    cfg = load_config(None, [f"seed={seed}", f"method.rank={rank}", f"train.threads={1 + seed % 2}", f"train.metric={metric}", *overrides])
+    cfg = load_config(None, [f"seed={seed}", f"method.rank={rank}", f"train.threads={1 + seed % 2}", f"train.metric={metric}",
+                             f"ood.k={1 + seed}", *overrides])
     (folder / "config.yaml").write_text(dump(cfg))
     (folder / "labels.json").write_text(json.dumps(LABELS))
     (folder / "eval.json").write_text(json.dumps(ev))
@@ -73,7 +74,7 @@ def test_groups_over_seeds_and_paired_tests_match_hand_computation(tmp_path):
         only_other.append(int((g & ~b).sum()))
     result = compare(collect(runs))
     rows = {r["configuration"]: r for r in result["rows"]}
-    assert set(rows) == {"rank=8", "rank=2"}  # threads differ between seeds but are not configuration
+    assert set(rows) == {"rank=8", "rank=2"}  # threads and ood.k differ between seeds but are not configuration
     best, other = rows["rank=8"], rows["rank=2"]
     assert best["best"] and best["seeds"] == [0, 1, 2]
     accuracies = [json.loads((tmp_path / f"r2-s{s}" / "summary.json").read_text())["test_accuracy"] for s in (0, 1, 2)]

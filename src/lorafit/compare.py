@@ -90,7 +90,9 @@ def _read_run(folder: Path) -> Run:
     run = RunDir(folder)
     cfg = run.config()
     flat = _flatten(cfg.model_dump(mode="json"))
-    settings = {".".join(k): v for k, v in flat.items() if k not in _NOT_CONFIGURATION and k[0] != "track"}
+    # track.* and ood.* change neither training nor the figures compared here (ood.* only the post-hoc
+    # out-of-scope scoring in eval.json's `ood` section).
+    settings = {".".join(k): v for k, v in flat.items() if k not in _NOT_CONFIGURATION and k[0] not in ("track", "ood")}
     result = Run(folder, cfg.seed, settings, run.summary(), run.eval(), run.labels())
     if cfg.data.shots_per_class is not None:
         result.draw = cfg.seed if cfg.data.draw_seed is None else cfg.data.draw_seed
