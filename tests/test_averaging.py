@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -117,3 +118,37 @@ def test_ema_with_adalora_is_one_clear_line(tiny_bert, tiny_data, tmp_path, caps
     err = capsys.readouterr().err.splitlines()
     assert status == 2 and len(err) == 1 and "train.ema does not combine with method adalora" in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("extra", [
+    {"method.name": "full", "train.lr": 1e-3},
+    {"contrastive.epochs": 1, "model.head_init": "centroids", "train.epochs": 2},
+], ids=["full", "after-a-contrastive-stage"])
+def test_ema_averages_the_classification_steps_of_any_method(tiny_bert, tiny_data, tmp_path, monkeypatch, extra):
+    """Full fine-tuning averages every trainable weight; after a contrastive stage the average starts from the
+    weights the classification stage starts with (the centroid head set) and counts only its steps."""
+    from lorafit import averaging
+
+    seen = {"updates": 0, "starts": 0, "sizes": set()}
+    start, update = averaging.WeightAverage.start, averaging.WeightAverage.update
+
+    def counting_start(self):
+        seen["starts"] += 1
+        seen["sizes"].add(sum(p.numel() for p in self.params))
+        start(self)
+
+    def counting_update(self):
+        seen["updates"] += 1
+        update(self)
+
+    monkeypatch.setattr(averaging.WeightAverage, "start", counting_start)
+    monkeypatch.setattr(averaging.WeightAverage, "update", counting_update)
+    overrides = [o for o in tiny_overrides(tiny_bert, tiny_data, **{"train.ema": DECAY, **extra})
+                 if extra.get("method.name") != "full" or not o.startswith(("method.rank", "method.alpha"))]
+    result = train(load_config(None, overrides), tmp_path / "run")
+    records = [json.loads(line) for line in (result.path / "metrics.jsonl").read_text().splitlines()]
+    contrastive_steps = max([r["step"] for r in records if r["type"] == "contrastive_epoch"], default=0)
+    assert seen["starts"] == 1
+    assert seen["updates"] == result.summary["steps"] - contrastive_steps > 0
+    if extra.get("method.name") == "full":
+        assert seen["sizes"] == {result.summary["trainable_params"]}  # every weight of the model
