@@ -157,8 +157,7 @@ def main() -> int:
 
     from lorafit import hardware
 
-    cpu = hardware.cpu_info()
-    print(f"CPU: {cpu.get('model')} ({cpu.get('cores')} cores; flags {', '.join(cpu.get('flags', []))})")
+    print(hardware.cpu_line())
     failed = []
     for dataset in args.datasets:
         if not args.summary_only:

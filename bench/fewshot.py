@@ -192,7 +192,7 @@ def main() -> int:
 
     if args.out is None:
         parser.error("--out is required")
-    from lorafit.hardware import cpu_info
+    from lorafit.hardware import cpu_line
 
     settings = [(s.split(":")[0], int(s.split(":")[1])) for s in args.settings]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -222,8 +222,7 @@ def main() -> int:
                     f.write(json.dumps(record) + "\n")
                 print(f"  accuracy {100 * result['accuracy']:.2f}  macro-F1 {100 * result['macro_f1']:.2f}  "
                       f"{result['train_seconds']:.0f} s", file=sys.stderr, flush=True)
-    cpu = cpu_info()
-    print(f"CPU: {cpu.get('model')} ({cpu.get('cores')} cores; flags {', '.join(cpu.get('flags', []))})")
+    print(cpu_line())
     print(summarise(_results(path), settings, args.draws))
     return 0
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-__all__ = ["cpu_info", "VECTOR_FLAGS", "theoretical_peak_gflops", "check_measured_peak"]
+__all__ = ["cpu_info", "cpu_line", "VECTOR_FLAGS", "theoretical_peak_gflops", "check_measured_peak"]
 
 #: The /proc/cpuinfo flags that decide which float kernels a CPU can run.
 VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni",
@@ -74,6 +74,13 @@ def cpu_info() -> dict:
         "mhz": mhz,
         "max_mhz": _max_mhz(),
     }
+
+
+def cpu_line(info: dict | None = None) -> str:
+    """The line benchmarks print before any figure: model, family/model ids, cores and vector flags."""
+    cpu = info or cpu_info()
+    return (f"CPU: {cpu.get('model')} (family {cpu.get('family')} model {cpu.get('model_id')}; {cpu.get('cores')} cores; "
+            f"flags {', '.join(cpu.get('flags', []))})")
 
 
 #: Overrides the clock of the theoretical peak, in GHz: boost clocks can exceed what a VM reports.
