@@ -72,7 +72,7 @@ class WeightAverage:
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, JSON-able data) for a checkpoint; no tensors before `start`."""
-        tensors = {} if self.average is None else {n: a.clone() for n, a in zip(self.names, self.average)}
+        tensors = {} if self.average is None else dict(zip(self.names, self.average))  # written at once: no copy
         return tensors, {"updates": self.updates, "started": self.started}
 
     def load(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:

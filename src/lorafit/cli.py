@@ -122,16 +122,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _refit(args: argparse.Namespace) -> int:
     """eval --refit: the post-hoc stage again (lorafit.posthoc.refit), then the OOS table it wrote."""
-    import yaml
-
+    from .config import parse_overrides
     from .posthoc import refit
 
-    settings = {}
-    for item in args.ood or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--ood takes KEY=VALUE (an ood.* setting such as k=1), got {item!r}")
-        settings[key.removeprefix("ood.")] = yaml.safe_load(value)
+    settings = parse_overrides([f"ood.{item.removeprefix('ood.')}" for item in args.ood or []]).get("ood", {})
     evaluated = refit(args.run_dir, settings)
     calibration = evaluated.get("calibration") or {}
     if calibration:

@@ -95,8 +95,7 @@ def _base_vectors(job, tokens: list[list[int]]) -> np.ndarray:
     return features
 
 
-def _needs_base(post_or_kinds) -> bool:
-    kinds = post_or_kinds.thresholds if isinstance(post_or_kinds, Posthoc) else post_or_kinds
+def _needs_base(kinds) -> bool:
     return any(k in ood.BASE_SCORES for k in kinds)
 
 
@@ -146,7 +145,7 @@ def evaluate_test(job, post: Posthoc, test_logits: np.ndarray) -> dict:
     oos_features, oos_logits = _split(job, "test", oos=True)
     logits = np.concatenate([test_logits, oos_logits])
     all_features = np.concatenate([features, oos_features])
-    base = _base_vectors(job, job.tokens["test"] + job.oos_tokens["test"]) if _needs_base(post) else None
+    base = _base_vectors(job, job.tokens["test"] + job.oos_tokens["test"]) if _needs_base(post.thresholds) else None
     is_oos = np.r_[np.zeros(len(targets), bool), np.ones(len(oos_logits), bool)]
     full_targets = np.r_[targets, -np.ones(len(oos_logits), int)]
     table = {kind: ood.oos_metrics(post.scores(kind, all_features, logits, base), is_oos, logits.argmax(-1), full_targets,
@@ -163,7 +162,6 @@ def refit(run_dir, ood_settings: dict | None = None) -> dict:
     say) replace the run's ood.* settings, and config.yaml records them. Returns the new eval.json."""
     import yaml
 
-    from . import atomic
     from .config import validate
     from .errors import UserError
     from .inference import load_model
@@ -171,13 +169,12 @@ def refit(run_dir, ood_settings: dict | None = None) -> dict:
     from .rundir import Eval, RunDir
 
     run = RunDir(run_dir)
+    cfg = run.config()  # a missing folder or config.yaml says so first
     if not (run.path / "summary.json").is_file():
         raise UserError(f"{run.path} has not finished training (no summary.json); nothing to re-fit")
-    cfg = run.config()
     if ood_settings:
-        raw = yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8"))
-        raw["ood"] = {**raw.get("ood", {}), **ood_settings}
-        cfg = validate({k: v for k, v in raw.items() if k != "derived"})  # a bad setting fails before any work
+        recorded = cfg.model_dump(mode="json")
+        cfg = validate({**recorded, "ood": {**recorded["ood"], **ood_settings}})  # a bad setting fails before any work
     job = prepare(cfg, run, run.compute() if (run.path / "compute.json").is_file() else None)
     check_same_data(job, run)
     job.model = load_model(run, cfg, job.dataset.label_names).to(job.device).eval()
@@ -185,7 +182,7 @@ def refit(run_dir, ood_settings: dict | None = None) -> dict:
     _, test_logits = _split(job, "test", oos=False)
     evaluated = run.read_json("eval.json") | evaluate_test(job, post, test_logits)
     if ood_settings:
-        atomic.write_text(run.path / "config.yaml", yaml.safe_dump(raw, sort_keys=False))
+        run.write_config(cfg, derived=yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8")).get("derived"))
     run.write_json("ood.json", post.record())
     run.write_record(Eval.from_json(evaluated))
     return evaluated
