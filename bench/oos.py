@@ -3,7 +3,7 @@
 Trains the shipped config with `data.known_intents=K` (a seeded share of the classes is known; the
 others leave train and validation and their test examples are out of scope) for each seed, each run in
 its own process, then reads every run's eval.json and ood.json -- nothing is computed from test here
-that lorafit did not record -- and prints, per OOS score (msp, energy, mahalanobis, knn), the mean
+that lorafit did not record -- and prints, per OOS score (msp, energy, mahalanobis, knn, base_knn, hybrid), the mean
 +- 95% CI over seeds of in-scope accuracy, OOS AUROC, AUPR, FPR at 95% in-scope recall, OOS recall and
 precision at the threshold chosen on validation, and open-set macro-F1; plus the test ECE before and
 after the temperature; then each score's AUROC gain over msp, paired by seed. A finished run folder is
