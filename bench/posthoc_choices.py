@@ -36,7 +36,7 @@ from lorafit.hardware import cpu_line
 from lorafit.inference import load_model
 from lorafit.job import check_same_data, prepare
 from lorafit.models import build_classifier, load_tokenizer
-from lorafit.posthoc import features_and_logits
+from lorafit.inference import features_and_logits
 from lorafit.rundir import RunDir
 
 

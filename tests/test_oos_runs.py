@@ -194,3 +194,81 @@ def test_exports_carry_the_calibration(tiny_bert, oos_data, tmp_path):
         got = loaded.predict(texts, top_k=2)
         assert [[label for label, _ in row] for row in got] == [[label for label, _ in row] for row in want]
         np.testing.assert_allclose([[p for _, p in row] for row in got], [[p for _, p in row] for row in want], atol=1e-5)
+
+
+@pytest.mark.parametrize("score", ["knn", "hybrid"])
+def test_predict_serve_and_exports_decide_by_the_runs_own_score(tiny_bert, oos_data, tmp_path, capsys, score):
+    """A run whose ood.score is not msp: `lorafit.load`, `lorafit predict`, `lorafit serve` (adapter on a shared
+    base) and the merged export compute that score for new texts from the run's files (ood.json +
+    ood.safetensors) and decide by its validation threshold: the scores they give the test texts reproduce
+    eval.json's OOS row (AUROC, OOS recall) computed at training. An ONNX export computes logits only: a score
+    reading the fine-tuned sentence vectors (knn) leaves it without a threshold, saying why; hybrid (energy and
+    the pre-trained encoder's vectors) works there too."""
+    from fastapi.testclient import TestClient
+    from sklearn.metrics import roc_auc_score
+
+    from lorafit.export import export
+    from lorafit.serve import create_app
+
+    out = tmp_path / "run"
+    result = lorafit.train(lorafit.load_config(None, tiny_overrides(tiny_bert, oos_data, **{"data.oos_label": "oos", "ood.score": score})), out)
+    record, row = json.loads((out / "ood.json").read_text()), result.eval["ood"]["scores"][score]
+    assert (out / "ood.safetensors").is_file() and record["score"] == score
+    test = pd.read_csv(oos_data / "test.csv")
+    texts, is_oos = list(test["text"]), np.array(test["label"] == "oos")
+
+    classifier = lorafit.load(out)
+    assert record["threshold"] == row["threshold"]
+    assert (classifier.oos.score, classifier.threshold) == (score, record["threshold"])
+    _, scores, outside = classifier.classify(texts)
+    assert roc_auc_score(is_oos, -scores) == pytest.approx(row["auroc"], abs=1e-6)
+    assert outside[is_oos].mean() == pytest.approx(row["oos_recall"]) and list(outside) == list(scores < row["threshold"])
+    assert 0 < outside.sum() < len(texts)
+
+    assert main(["predict", str(out), *texts, "--json", "--top-k", "1"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["out_of_scope"] for r in lines] == list(outside)
+    np.testing.assert_allclose([r["in_scope_score"] for r in lines], scores, atol=1e-5)
+
+    with TestClient(create_app([("run", str(out), None)])) as client:
+        listed = client.get("/v1/adapters").json()["adapters"][0]
+        assert listed["shared_base"] and (listed["ood_score"], listed["threshold"]) == (score, record["threshold"])
+        served = client.post("/v1/predict", json={"texts": texts, "top_k": 1}).json()["predictions"]
+    assert [p["out_of_scope"] for p in served] == list(outside)
+    np.testing.assert_allclose([p["in_scope_score"] for p in served], scores, atol=1e-4)  # unmerged adapter: float rounding
+
+    export(out, "merged", tmp_path / "merged")
+    merged = lorafit.load(tmp_path / "merged")
+    assert (merged.oos.score, merged.threshold) == (score, record["threshold"])
+    np.testing.assert_allclose(merged.classify(texts)[1], scores, atol=1e-4)
+
+    export(out, "onnx", tmp_path / "onnx")
+    onnx = lorafit.load(tmp_path / "onnx")
+    if score == "knn":
+        assert onnx.threshold is None and "ONNX export gives logits only" in onnx.threshold_source
+    else:
+        assert (onnx.oos.score, onnx.threshold) == (score, record["threshold"])
+        np.testing.assert_allclose(onnx.classify(texts)[1], scores, atol=1e-3)
+
+
+def test_a_run_without_its_fitted_arrays_says_to_refit(tiny_bert, oos_data, tmp_path):
+    """A knn run whose ood.safetensors is missing (trained by a lorafit that did not save it) predicts with no
+    threshold and says what to do; `lorafit eval RUN --refit` writes the arrays and the run decides again."""
+    out = tmp_path / "run"
+    lorafit.train(lorafit.load_config(None, tiny_overrides(tiny_bert, oos_data, **{"data.oos_label": "oos", "ood.score": "knn"})), out)
+    (out / "ood.safetensors").unlink()
+    old = lorafit.load(out)
+    assert old.threshold is None and "lorafit eval RUN --refit" in old.threshold_source
+    assert not old.classify(["pizza please"])[2].any()
+    assert main(["eval", str(out), "--refit"]) == 0
+    assert lorafit.load(out).threshold == json.loads((out / "ood.json").read_text())["threshold"]
+
+
+def test_an_msp_run_saves_no_arrays_and_a_refit_to_msp_removes_stale_ones(tiny_bert, oos_data, tmp_path):
+    out = tmp_path / "run"
+    lorafit.train(lorafit.load_config(None, tiny_overrides(tiny_bert, oos_data, **{"data.oos_label": "oos"})), out)
+    assert not (out / "ood.safetensors").exists()
+    assert main(["eval", str(out), "--refit", "--ood", "score=knn"]) == 0
+    assert (out / "ood.safetensors").is_file() and lorafit.load(out).oos.score == "knn"
+    assert main(["eval", str(out), "--refit", "--ood", "score=msp"]) == 0
+    assert not (out / "ood.safetensors").exists() and lorafit.load(out).oos.score == "msp"

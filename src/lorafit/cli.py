@@ -104,17 +104,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise UserError("--top-k must be at least 1")
     check_probability(args.threshold, "--threshold")
-    classifier = load(args.run_dir, device=args.device)
-    threshold = classifier.threshold if args.threshold is None else args.threshold
-    results = classifier.predict(texts, top_k=args.top_k)
-    for text, preds in zip(texts, results):
-        outside = threshold is not None and preds[0][1] < threshold
+    classifier = load(args.run_dir, device=args.device, threshold=args.threshold)
+    oos = classifier.oos
+    results, scores, outside = classifier.classify(texts, top_k=args.top_k)
+    for text, preds, score, out in zip(texts, results, scores, outside):
         if args.file or args.json:
-            print(json.dumps({"text": text, "out_of_scope": outside,
+            print(json.dumps({"text": text, "out_of_scope": bool(out), "in_scope_score": round(float(score), 6),
                               "predictions": [{"label": l, "probability": round(p, 6)} for l, p in preds]}, ensure_ascii=False))
             continue
-        if len(texts) > 1 or outside:
-            print(text + (f"  -> out of scope (top probability under {threshold:.4f})" if outside else ""))
+        if len(texts) > 1 or out:
+            print(text + (f"  -> out of scope ({oos.score} {score:.4f} under {oos.threshold:.4f})" if out else ""))
         for label, prob in preds:
             print(f"  {prob:7.2%}  {label}")
     return 0
@@ -341,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON lines output")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--threshold", type=float, help="out of scope below this top probability; default: the run's own "
-                   "(ood.json, chosen on validation)")
+                   "score and threshold (ood.score, chosen on validation: ood.json)")
     p.set_defaults(func=cmd_predict)
 
     p = verbs.add_parser("eval", help="re-evaluate a saved run")

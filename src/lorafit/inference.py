@@ -29,7 +29,7 @@ from .models import ALIASES, build_classifier, load_tokenizer, looks_like_hub_id
 from .rundir import RunDir
 from .runtime import autocast, autocast_dtype, select_device, token_budget
 
-__all__ = ["Classifier", "LoadPlan", "plan_load", "load", "load_model", "recorded_calibration", "check_probability", "top_labels", "predict_logits", "check_no_pickles",
+__all__ = ["Classifier", "LoadPlan", "plan_load", "load", "load_model", "recorded_decision", "OutOfScope", "WithFeatures", "Vectors", "features_and_logits", "check_probability", "top_labels", "predict_logits", "check_no_pickles",
            "run_split", "base_model_config", "TorchBackend", "OnnxBackend", "ONNX_BATCH_SIZE"]
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,75 @@ def predict_logits(model: nn.Module, token_ids: list[list[int]], pad_id: int, ba
     return batched_logits(TorchBackend(model, device, amp), token_ids, pad_id, batch_size, max_tokens)
 
 
+@dataclass
+class OutOfScope:
+    """How a loaded classifier decides that a text belongs to no class: the run's deciding score
+    (ood.score) and its threshold, both chosen on validation (ood.json, ood.safetensors), or a top
+    probability threshold the user gave. A text is out of scope when its in-scope score is below `threshold`."""
+
+    score: str = "msp"
+    threshold: float | None = None
+    source: str = "none"
+    temperature: float = 1.0
+    post: object | None = None  # posthoc.Posthoc: the fitted scorers, for scores other than msp
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """The sentence vectors the score reads besides the logits: "tuned" (the fine-tuned encoder's),
+        "base" (the pre-trained encoder's)."""
+        from . import ood
+
+        return (("tuned",) if self.score in ood.FEATURE_SCORES else ()) + (("base",) if self.score in ood.BASE_SCORES else ())
+
+    def scores(self, logits: np.ndarray, vectors: Callable[[str], np.ndarray] | None = None) -> np.ndarray:
+        """In-scope scores (N,) from raw logits (N, C); `vectors(which)` gives the texts' sentence vectors
+        (N, H) for each of `reads`, called only for those."""
+        if self.score == "msp" or self.post is None:
+            return softmax(np.asarray(logits, dtype=np.float64) / self.temperature).max(-1)
+        got = {which: vectors(which) for which in self.reads}
+        return self.post.scores(self.score, got.get("tuned"), logits, got.get("base"))
+
+    def outside(self, scores: np.ndarray) -> np.ndarray:
+        """Whether each text is out of scope (N,) bool."""
+        scores = np.asarray(scores)
+        return np.zeros(len(scores), bool) if self.threshold is None else scores < self.threshold
+
+
+class Vectors(nn.Module):
+    """A classifier's pooled sentence vector only (B, H): what feature-space OOS scores read."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.base.features(input_ids, attention_mask)
+
+
+class WithFeatures(nn.Module):
+    """A classifier's forward returning [pooled sentence vector, logits] side by side: (B, H + C).
+    `model`: lorafit's SequenceClassifier, a peft model over one (its adapters stay active), or a merged
+    export's LorafitForSequenceClassification."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        features = self.base.features(input_ids, attention_mask)  # (B, H)
+        return torch.cat([features, self.base.classifier(self.base.dropout(features))], dim=-1)  # (B, H + C)
+
+
+def features_and_logits(model: nn.Module, token_ids: list[list[int]], pad_id: int, batch_size: int,
+                        device: torch.device, amp: torch.dtype | None, max_tokens: int | None,
+                        num_labels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled sentence vectors (N, H) and logits (N, C) in one pass."""
+    both = predict_logits(WithFeatures(model), token_ids, pad_id, batch_size, device, amp, max_tokens)
+    if len(token_ids) == 0:
+        return np.zeros((0, 0), np.float32), np.zeros((0, num_labels), np.float32)
+    return both[:, :-num_labels], both[:, -num_labels:]
+
+
 class Classifier:
     """A backend, its tokenizer and label space, ready to predict.
 
@@ -120,9 +189,22 @@ class Classifier:
         self.max_tokens = max_tokens  # padded tokens per forward pass; None: no budget, rows only
         self.kind = kind  # "run", or the export format: "merged", "adapter", "onnx"
         self.batch_size = batch_size or cfg.train.eval_batch_size
-        self.temperature = 1.0  # the run's calibration (ood.json), set by `load`; probabilities use logits / T
-        self.threshold: float | None = None  # out of scope below this calibrated top probability (ood.json), set by `load`
-        self.threshold_source = "none"
+        self.oos = OutOfScope()  # the run's calibration and out-of-scope decision (ood.json), set by `load`
+        self.pretrained: Backend | None = None  # the pre-trained encoder's sentence vectors, where oos reads them
+
+    @property
+    def temperature(self) -> float:
+        """The run's calibration: probabilities are softmax(logits / temperature)."""
+        return self.oos.temperature
+
+    @property
+    def threshold(self) -> float | None:
+        """Out of scope below this in-scope score (of `oos.score`); None: nothing is."""
+        return self.oos.threshold
+
+    @property
+    def threshold_source(self) -> str:
+        return self.oos.source
 
     @property
     def model(self) -> nn.Module | None:
@@ -145,6 +227,27 @@ class Classifier:
         if not texts:
             return []
         return top_labels(softmax(self.logits(texts) / self.temperature), self.labels, top_k)
+
+    def vectors(self, which: str, texts: list[str]) -> np.ndarray:
+        """Pooled sentence vectors (N, H) of the fine-tuned model ("tuned") or the pre-trained encoder ("base")."""
+        if which == "base":
+            backend = self.pretrained
+        elif self.model is not None:
+            backend = TorchBackend(Vectors(self.model), self.backend.device, self.backend.amp)
+        else:
+            backend = None
+        if backend is None:
+            raise UserError(f"out-of-scope score {self.oos.score} needs {which} sentence vectors, which a {self.kind} folder does not give")
+        return batched_logits(backend, self.tokenize(texts), self.pad_id, self.batch_size, self.max_tokens)
+
+    def classify(self, texts: list[str], top_k: int = 3) -> tuple[list[list[tuple[str, float]]], np.ndarray, np.ndarray]:
+        """For each text: its `top_k` labels with calibrated probabilities, its in-scope score (of
+        `oos.score`) and whether it is out of scope (below `threshold`)."""
+        if not texts:
+            return [], np.zeros(0), np.zeros(0, bool)
+        logits = self.logits(texts)
+        scores = self.oos.scores(logits, lambda which: self.vectors(which, texts))
+        return top_labels(softmax(logits / self.temperature), self.labels, top_k), scores, self.oos.outside(scores)
 
     def evaluate(self, texts: list[str], labels: list[str]) -> dict:
         return classification_metrics(self.logits(texts), label_indices(labels, self.labels), self.labels)
@@ -255,59 +358,74 @@ def plan_load(path: str | Path) -> LoadPlan:
     return LoadPlan(folder.path, kind, cfg, labels, weights, base, is_adapter)
 
 
-def load(path: str | Path | LoadPlan, device: str = "auto", threads: int | None = None, merge: bool = True) -> Classifier:
+def load(path: str | Path | LoadPlan, device: str = "auto", threads: int | None = None, merge: bool = True,
+         threshold: float | None = None) -> Classifier:
     """A classifier from a run folder or an export folder (or its `plan_load`), from its files alone.
 
     A run's adapter is folded into the base weights (`merge=True`): the same function, one matmul
     per layer instead of two paths, logits equal to the unmerged model's up to float rounding
     (tests/test_train_e2e.py). `merge=False` keeps the training-time modules (what export compares with).
-    `threads` sets torch's thread count for a run and ONNX Runtime's for an ONNX export.
+    `threads` sets torch's thread count for a run and ONNX Runtime's for an ONNX export. `threshold`, a
+    top-probability threshold, replaces the run's own out-of-scope decision (`recorded_decision`).
     """
     plan = path if isinstance(path, LoadPlan) else plan_load(path)
+    check_probability(threshold, "threshold")
     if plan.kind == "onnx":
         # Batches of at most ONNX_BATCH_SIZE: dynamic int8 graphs quantise activations with one scale
         # per batch, so a text's scores shift a little with its batch-mates, least in small batches
         # (Banking77 test accuracy of the int8 model: 93.34% one text at a time, 93.44% at 64, 93.15%
         # at 128; int8-static graphs have fixed scales); 64 is also faster than 128 on ONNX Runtime here.
         backend = OnnxBackend(plan.folder / "model.onnx", threads)
-        return _calibrated(plan, Classifier(backend, _folder_tokenizer(plan.folder), plan.labels, plan.cfg,
-                          token_budget(plan.cfg.train.max_batch_tokens, torch.device("cpu")),  # ONNX Runtime runs on CPU
-                          plan.kind, batch_size=min(ONNX_BATCH_SIZE, plan.cfg.train.eval_batch_size)))
-    if plan.kind == "run" and threads is not None:
-        torch.set_num_threads(threads)
-    model = _torch_model(plan, merge)
-    target = select_device(device)
-    amp = autocast_dtype(plan.cfg.train, target) if target.type == "cuda" else None
-    tokenizer = _folder_tokenizer(plan.folder) if plan.base is None else load_tokenizer(plan.base)
-    return _calibrated(plan, Classifier(TorchBackend(model, target, amp, fast=True), tokenizer, plan.labels, plan.cfg,
-                      token_budget(plan.cfg.train.max_batch_tokens, target), plan.kind))
+        classifier = Classifier(backend, _folder_tokenizer(plan.folder), plan.labels, plan.cfg,
+                                token_budget(plan.cfg.train.max_batch_tokens, torch.device("cpu")),  # ONNX Runtime runs on CPU
+                                plan.kind, batch_size=min(ONNX_BATCH_SIZE, plan.cfg.train.eval_batch_size))
+        target, amp = torch.device("cpu"), None
+    else:
+        if plan.kind == "run" and threads is not None:
+            torch.set_num_threads(threads)
+        model = _torch_model(plan, merge)
+        target = select_device(device)
+        amp = autocast_dtype(plan.cfg.train, target) if target.type == "cuda" else None
+        tokenizer = _folder_tokenizer(plan.folder) if plan.base is None else load_tokenizer(plan.base)
+        classifier = Classifier(TorchBackend(model, target, amp, fast=True), tokenizer, plan.labels, plan.cfg,
+                                token_budget(plan.cfg.train.max_batch_tokens, target), plan.kind)
+    classifier.oos = recorded_decision(plan, threshold)
+    if "base" in classifier.oos.reads:  # the pre-trained encoder, rebuilt from the run's model.name, as at training
+        pretrained = build_classifier(plan.base or base_model_config(plan.cfg.model, plan.folder), len(plan.labels), plan.cfg.seed)
+        classifier.pretrained = TorchBackend(Vectors(pretrained), target, amp, fast=True)
+    return classifier
 
 
-def recorded_calibration(folder: Path, flag: float | None = None) -> tuple[float, float | None, str]:
-    """What a run fitted on validation (its ood.json; exports carry a copy): (temperature, out-of-scope
-    threshold on the calibrated top probability, where the threshold comes from). `flag`, a threshold
-    the user gave, wins; the run's own is used only when its ood.score is msp, the score computed here."""
-    if not (Path(folder) / "ood.json").is_file():
-        return 1.0, flag, "flag" if flag is not None else "none (the run has no ood.json)"
-    record = RunDir(folder).read_json("ood.json")
-    temperature = float(record["temperature"])
+def recorded_decision(plan: LoadPlan, flag: float | None = None) -> OutOfScope:
+    """How the run `plan` names decides out of scope (its ood.json and ood.safetensors; exports carry
+    copies): its calibration and deciding score with the threshold chosen on validation. `flag`, a
+    top-probability threshold the user gave, wins. Where the folder cannot compute the run's score (an
+    ONNX export gives no sentence vectors; a run of an older lorafit saved no fitted arrays), no
+    threshold, and `source` says why and what to do."""
+    from . import posthoc
+
+    post = posthoc.load(plan.folder)
+    if post is None:
+        return OutOfScope("msp", flag, "flag" if flag is not None else "none (the run has no ood.json)")
     if flag is not None:
-        return temperature, flag, "flag"
-    if record.get("score") != "msp":
-        return temperature, None, (f"none (the run decides out-of-scope by {record.get('score')}, which predict "
-                                   "and serve do not compute; pass --threshold for a top-probability threshold)")
-    return temperature, float(record["threshold"]), record["source"]
+        return OutOfScope("msp", flag, "flag", post.temperature)
+    decision = OutOfScope(post.score, float(post.thresholds[post.score]["threshold"]),
+                          f"validation: {post.thresholds[post.score]['rule']}", post.temperature, post)
+    if not post.ready:
+        return OutOfScope("msp", None, f"none (the run decides out of scope by {post.score}, but {plan.folder} has no "
+                          f"fitted {posthoc.ARRAYS}: run `lorafit eval RUN --refit` with this lorafit, or pass "
+                          "--threshold for a top-probability threshold)", post.temperature)
+    if plan.kind == "onnx" and "tuned" in decision.reads:
+        return OutOfScope("msp", None, f"none (the run decides out of scope by {post.score}, which reads the fine-tuned "
+                          "model's sentence vectors; an ONNX export gives logits only: export merged or adapter, or "
+                          "pass --threshold for a top-probability threshold)", post.temperature)
+    return decision
 
 
 def check_probability(value: float | None, what: str) -> None:
     """A threshold given by the user must be a probability: one line otherwise."""
     if value is not None and not 0.0 <= value <= 1.0:
         raise UserError(f"{what} must be a probability in [0, 1], got {value}")
-
-
-def _calibrated(plan: LoadPlan, classifier: Classifier) -> Classifier:
-    classifier.temperature, classifier.threshold, classifier.threshold_source = recorded_calibration(plan.folder)
-    return classifier
 
 
 def _torch_model(plan: LoadPlan, merge: bool) -> nn.Module:

@@ -57,16 +57,18 @@ class LorafitForSequenceClassification(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         pass  # every weight comes from the checkpoint
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **unused) -> SequenceClassifierOutput:
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The pooled sentence vector the head reads (B, H) (what feature-space out-of-scope scores read)."""
         # token_type_ids are deliberately not passed: lorafit trained with the encoder's default (zeros).
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         if self.pooling == "mean":
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)
-        else:
-            pooled = hidden[:, 0]  # (B, H)
-        logits = self.classifier(self.dropout(pooled))  # (B, num_labels)
+            return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)
+        return hidden[:, 0]  # (B, H)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **unused) -> SequenceClassifierOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        logits = self.classifier(self.dropout(self.features(input_ids, attention_mask)))  # (B, num_labels)
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)

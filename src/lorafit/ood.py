@@ -59,6 +59,7 @@ class FeatureScorer:
 
     kind: str
     arrays: dict[str, np.ndarray]
+    """mahalanobis: means (C, D), precision (D, D), float64; knn: bank (M, D), L2-normalised rows, float32."""
     k: int = 1
 
     def score(self, features: np.ndarray) -> np.ndarray:
@@ -98,7 +99,8 @@ def fit_feature_scorer(kind: str, features: np.ndarray, labels: np.ndarray, k: i
     if kind == "knn":
         if not 1 <= k <= len(x):
             raise ValueError(f"knn needs 1 <= k <= {len(x)} training examples, got k={k}")
-        bank = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        # float32, as saved with the run (ood.safetensors): thresholds are chosen on the scores served
+        bank = (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
         return FeatureScorer(kind, {"bank": bank}, k=k)
     raise ValueError(f"{kind!r} is not a feature score; choose mahalanobis or knn")
 

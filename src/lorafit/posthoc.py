@@ -13,40 +13,24 @@ for eval.json's `calibration` and `ood` sections. `refit` does both again on a f
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 from . import calibration, ood
 from .config import Config
-from .inference import predict_logits
+from .inference import features_and_logits
 from .models import build_classifier
 
-__all__ = ["Posthoc", "fit", "evaluate_test", "features_and_logits", "refit"]
+__all__ = ["Posthoc", "fit", "evaluate_test", "save", "load", "ARRAYS", "refit"]
 
-
-class _WithFeatures(nn.Module):
-    """The classifier's forward, returning [sentence vector, logits] side by side: (B, H + C)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: adapters stay active
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        features = self.base.features(input_ids, attention_mask)  # (B, H)
-        return torch.cat([features, self.base.classifier(self.base.dropout(features))], dim=-1)  # (B, H + C)
-
-
-def features_and_logits(model: nn.Module, token_ids: list[list[int]], pad_id: int, batch_size: int,
-                        device: torch.device, amp: torch.dtype | None, max_tokens: int | None,
-                        num_labels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled sentence vectors (N, H) and logits (N, C) in one pass."""
-    both = predict_logits(_WithFeatures(model), token_ids, pad_id, batch_size, device, amp, max_tokens)
-    if len(token_ids) == 0:
-        return np.zeros((0, 0), np.float32), np.zeros((0, num_labels), np.float32)
-    return both[:, :-num_labels], both[:, -num_labels:]
+#: The fitted arrays the deciding score reads at prediction time (knn banks, Mahalanobis means and precision),
+#: next to ood.json in a run folder and in its exports.
+ARRAYS = "ood.safetensors"
+#: Per deciding score, the fitted scorers it reads (msp and energy need none).
+NEEDS = {"mahalanobis": ("mahalanobis",), "knn": ("knn",), "base_knn": ("base_knn",), "hybrid": ("base_knn",)}
 
 
 @dataclass
@@ -77,6 +61,57 @@ class Posthoc:
                 "validation_calibration": {k: v for k, v in self.validation_calibration.items() if not k.startswith("reliability")},
                 "score": self.score, "threshold": self.thresholds[self.score]["threshold"],
                 "source": f"validation: {self.thresholds[self.score]['rule']}", "scores": self.thresholds}
+
+    @property
+    def ready(self) -> bool:
+        """Whether the deciding score can be computed: every fitted scorer it reads is here."""
+        return all(name in self.scorers for name in NEEDS.get(self.score, ())) and (
+            self.score != "hybrid" or set(ood.HYBRID_PARTS) <= set(self.standardise))
+
+
+def save(run, post: Posthoc) -> None:
+    """ood.json, and before it ood.safetensors: the fitted arrays the deciding score reads when `predict`,
+    `serve` and exports score a new text (none for msp and energy; a stale file from an earlier fit is removed)."""
+    from safetensors.numpy import save_file
+
+    from . import atomic
+
+    path = run.path / ARRAYS
+    names = NEEDS.get(post.score, ())
+    if names:
+        tensors = {f"{name}.{key}": np.ascontiguousarray(array) for name in names for key, array in post.scorers[name].arrays.items()}
+        metadata = {name: json.dumps({"kind": post.scorers[name].kind, "k": post.scorers[name].k}) for name in names}
+        with atomic.file(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+    else:
+        path.unlink(missing_ok=True)
+    run.write_json("ood.json", post.record())
+
+
+def load(folder) -> Posthoc | None:
+    """What a run folder (or an export of one) recorded after training: ood.json, with the scorers of
+    ood.safetensors that its deciding score reads. None without ood.json (a run of an older lorafit); a
+    deciding score whose arrays are missing (trained before they were saved) has no scorer: `ready` is False."""
+    folder = Path(folder)
+    if not (folder / "ood.json").is_file():
+        return None
+    record = json.loads((folder / "ood.json").read_text(encoding="utf-8"))
+    thresholds = record.get("scores") or {record["score"]: {"threshold": record["threshold"], "rule": record["source"]}}
+    standardise = {part: (float(v["mean"]), float(v["sd"]))
+                   for part, v in (thresholds.get("hybrid") or {}).get("standardised", {}).items()}
+    scorers = {}
+    if NEEDS.get(record["score"]) and (folder / ARRAYS).is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(folder / ARRAYS), framework="np") as f:
+            metadata = f.metadata() or {}
+            for name in NEEDS[record["score"]]:
+                if name in metadata:
+                    info = json.loads(metadata[name])
+                    arrays = {key.split(".", 1)[1]: f.get_tensor(key) for key in f.keys() if key.startswith(f"{name}.")}
+                    scorers[name] = ood.FeatureScorer(info["kind"], arrays, k=int(info["k"]))
+    return Posthoc(float(record["temperature"]), record.get("validation_calibration") or {}, record["score"], thresholds,
+                   scorers, standardise)
 
 
 def _split(job, name: str, oos: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -183,6 +218,6 @@ def refit(run_dir, ood_settings: dict | None = None) -> dict:
     evaluated = run.read_json("eval.json") | evaluate_test(job, post, test_logits)
     if ood_settings:
         run.write_config(cfg, derived=yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8")).get("derived"))
-    run.write_json("ood.json", post.record())
+    save(run, post)
     run.write_record(Eval.from_json(evaluated))
     return evaluated

@@ -4,7 +4,7 @@ base model in memory, micro-batched.
     POST /v1/predict         {"texts": [...], "top_k": 3, "adapter": "banking"}
     GET  /                   a page to type queries and see the top intents and the out-of-scope decision
     GET  /v1/health          liveness and what is loaded
-    GET  /v1/adapters        names, label sets, thresholds
+    GET  /v1/adapters        names, label sets, out-of-scope scores and thresholds with their source
     GET  /metrics            Prometheus text: requests, latency histogram, batch sizes
     POST /v1/admin/adapters  {"name": ..., "path": ..., "threshold": ...}   (Bearer API key)
 
@@ -20,7 +20,8 @@ The request path, outside in:
     -> registry          serving.Registry: the named classifier (an adapter on a shared base, or a
                          model of its own) and its logits
     -> model             inference: tokenise, length-sorted batches under the token budget, backend
-    and back: softmax probabilities -> `inference.top_labels` -> threshold (out_of_scope) -> JSON.
+    and back: calibrated probabilities -> `inference.top_labels`; in-scope score (the run's ood.score:
+    top probability, energy, knn, ..., `inference.OutOfScope`) -> threshold (out_of_scope) -> JSON.
 
 Every request is checked against the limits before it is queued; bad input gets a 4xx with a
 one-line reason (`RequestError`), never a 5xx, and a body refused before it was read is read to its
@@ -40,6 +41,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Callable
 
+import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
@@ -258,12 +260,13 @@ def choose(registry: Registry, name: str | None) -> Served:
     return registry.served[name]
 
 
-def answer(target: Served, top: list[tuple[str, float]]) -> dict:
-    """One text's answer from its top labels: the first, or out_of_scope under the adapter's threshold."""
+def answer(target: Served, top: list[tuple[str, float]], in_scope: float) -> dict:
+    """One text's answer from its top labels and in-scope score: the first label, or out_of_scope where the
+    score (of the adapter's ood_score: the top probability unless the run chose another) is under its threshold."""
     label, score = top[0]
-    unsure = target.threshold is not None and score < target.threshold
+    unsure = bool(target.oos.outside(np.array([in_scope]))[0])
     return {"label": OUT_OF_SCOPE if unsure else label, "score": score, "out_of_scope": unsure,
-            "top_k": [{"label": name, "score": p} for name, p in top]}
+            "in_scope_score": float(in_scope), "top_k": [{"label": name, "score": p} for name, p in top]}
 
 
 def check_api_key(request: Request, api_key: str | None) -> None:
@@ -303,10 +306,10 @@ class Server:
         check_texts(req.texts, self.limits)
         target = choose(self.registry, req.adapter)
         try:
-            probs = await self.batcher.submit(target, req.texts)  # (N, C)
+            probs, in_scope = await self.batcher.submit(target, req.texts)  # (N, C), (N,)
         except Unavailable as e:
             raise RequestError(503, str(e)) from None
-        predictions = [answer(target, top) for top in top_labels(probs, target.labels, req.top_k)]
+        predictions = [answer(target, top, score) for top, score in zip(top_labels(probs, target.labels, req.top_k), in_scope)]
         self.metrics.latency.labels(target.name).observe(time.perf_counter() - started)
         return {"adapter": target.name, "predictions": predictions}
 

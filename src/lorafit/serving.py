@@ -28,7 +28,7 @@ from . import batching
 from .config import ModelConfig
 from .errors import UserError
 from .evaluate import softmax
-from .inference import LoadPlan, batched_logits, check_no_pickles, load, plan_load, check_probability, recorded_calibration
+from .inference import LoadPlan, batched_logits, check_no_pickles, load, plan_load, check_probability, recorded_decision, OutOfScope
 from .models import ALIASES, build_classifier, load_tokenizer, resolve_model_path
 from .rundir import safe_name
 from .runtime import token_budget
@@ -69,11 +69,10 @@ class Limits:
 
 @dataclass
 class Served:
-    """One named classifier: its labels, an optional confidence threshold and how to get logits."""
+    """One named classifier: its labels, how to get logits, and how it decides out of scope."""
 
     name: str
     labels: list[str]
-    threshold: float | None
     logits: Callable[[list[str]], np.ndarray]  # runs on the compute thread only
     info: dict = field(default_factory=dict)
     """What the adapters route shows of it: kind, shared_base, method, base_model."""
@@ -81,10 +80,26 @@ class Served:
     """A model of its own (not an adapter on a shared base), counted in the weights figure."""
     file_bytes: int = 0
     """Weights run from a file rather than held as tensors (an ONNX graph), counted in the weights figure."""
-    temperature: float = 1.0
-    """The run's calibration (ood.json): probabilities are softmax(logits / temperature); `logits` stays raw."""
+    oos: OutOfScope = field(default_factory=OutOfScope)
+    """The run's calibration and out-of-scope decision (ood.json), or the --threshold flag's."""
+    vectors: Callable[[str, list[str]], np.ndarray] | None = None
+    """(which, texts) -> sentence vectors (N, H), "tuned" or "base", where `oos` reads them; compute thread only."""
     base_path: str | None = None
     """A run's base model, resolved (`models.resolve_model_path`): adapters added over HTTP may build on it."""
+
+    @property
+    def threshold(self) -> float | None:
+        return self.oos.threshold
+
+    @property
+    def temperature(self) -> float:
+        """Probabilities are softmax(logits / temperature); `logits` stays raw."""
+        return self.oos.temperature
+
+    def scores(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated probabilities (N, C) and in-scope scores (N,) of `texts` (compute thread)."""
+        logits = self.logits(texts)
+        return softmax(logits / self.temperature), self.oos.scores(logits, lambda which: self.vectors(which, texts))
 
 
 @dataclass
@@ -150,12 +165,27 @@ class SharedBase:
 
     @torch.inference_mode()
     def logits(self, name: str, texts: list[str]) -> np.ndarray:
-        self.model.set_adapter(name)
+        adapter = self.adapters[name]
+        return self._run(name, texts, lambda features: adapter.head(features))  # (N, C)
+
+    @torch.inference_mode()
+    def vectors(self, name: str, which: str, texts: list[str]) -> np.ndarray:
+        """Sentence vectors (N, H) of `texts` with adapter `name` on ("tuned") or every adapter off ("base":
+        the pre-trained encoder, what base_knn reads)."""
+        if which == "tuned":
+            return self._run(name, texts, lambda features: features)
+        with self.model.disable_adapter():
+            return self._run(name, texts, lambda features: features, switch=False)
+
+    def _run(self, name: str, texts: list[str], head: Callable[[torch.Tensor], torch.Tensor], switch: bool = True) -> np.ndarray:
+        """`head` of the pooled sentence vectors of `texts`, tokenised and batched as adapter `name` was trained."""
+        if switch:
+            self.model.set_adapter(name)
         encoder = self.model.base_model.model  # lorafit's SequenceClassifier with the adapters injected
         adapter = self.adapters[name]
 
         def backend(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
-            return adapter.head(encoder.features(input_ids, attention_mask)).float().numpy()  # (B, C)
+            return head(encoder.features(input_ids, attention_mask)).float().numpy()
 
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         token_ids = batching.tokenize(self.tokenizer, texts, adapter.max_length)
@@ -188,16 +218,16 @@ class Registry:
             raise UserError(f"{plan.folder} sets model.trust_pickle; adapters added at run time may not load pickles")
         if not trusted and plan.base is not None:
             self._check_base_allowed(plan.base.name)
+        oos = recorded_decision(plan, threshold)  # probabilities shown and thresholded are the calibrated ones
         if plan.is_adapter and (plan.weights / "adapter_model.safetensors").is_file():
-            served = self._add_to_shared_base(name, plan, threshold)
+            served = self._add_to_shared_base(name, plan)
         else:
-            classifier = load(plan, device="cpu")
-            served = Served(name, plan.labels, threshold, classifier.logits, {"kind": plan.kind, "shared_base": False},
-                            model=classifier.model, file_bytes=plan.file_bytes)
-        # probabilities shown and thresholded are the calibrated ones
-        served.temperature, served.threshold, source = recorded_calibration(plan.folder, threshold)
-        served.info.update(method=plan.cfg.method.name, base_model=(plan.base or plan.cfg.model).name, temperature=served.temperature,
-                           threshold_source=source)
+            classifier = load(plan, device="cpu", threshold=threshold)
+            served = Served(name, plan.labels, classifier.logits, {"kind": plan.kind, "shared_base": False},
+                            model=classifier.model, file_bytes=plan.file_bytes, vectors=classifier.vectors)
+        served.oos = oos
+        served.info.update(method=plan.cfg.method.name, base_model=(plan.base or plan.cfg.model).name, temperature=oos.temperature,
+                           ood_score=oos.score, threshold_source=oos.source)
         if plan.kind == "run":  # a run folder builds on its base model (exports carry their own weights)
             served.base_path = resolve_model_path(plan.base.name)
         self.served[name] = served
@@ -205,7 +235,7 @@ class Registry:
         log.info("serving %s: %s (%d labels) from %s", name, served.info["kind"], len(plan.labels), plan.folder)
         return served
 
-    def _add_to_shared_base(self, name: str, plan: LoadPlan, threshold: float | None) -> Served:
+    def _add_to_shared_base(self, name: str, plan: LoadPlan) -> Served:
         check_no_pickles(plan.weights, plan.cfg.model.trust_pickle)
         from peft import PeftConfig
 
@@ -214,7 +244,8 @@ class Registry:
         base = self.bases.get(key) or SharedBase(plan.base, plan.cfg.seed, self.limits.max_batch)
         base.add(name, plan, peft_config)
         self.bases[key] = base  # only once it holds an adapter
-        return Served(name, plan.labels, threshold, functools.partial(base.logits, name), {"kind": "adapter", "shared_base": True})
+        return Served(name, plan.labels, functools.partial(base.logits, name), {"kind": "adapter", "shared_base": True},
+                      vectors=functools.partial(base.vectors, name))
 
     def _check_base_allowed(self, name: str) -> None:
         """Over HTTP, an adapter's config may not make the server read or download any model it likes:
@@ -288,8 +319,8 @@ class Batcher:
     async def run_on_compute_thread(self, fn: Callable, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def submit(self, served: Served, texts: list[str]) -> np.ndarray:
-        """Softmax probabilities (N, C) of `served` for `texts`, computed in a micro-batch."""
+    async def submit(self, served: Served, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated probabilities (N, C) and in-scope scores (N,) of `served` for `texts`, computed in a micro-batch."""
         # Bounded: while the compute thread is busy (a slow batch, an adapter being added), requests
         # beyond the limit are turned away at once instead of piling up memory and latency.
         if self.task is None or self.task.done():
@@ -350,7 +381,7 @@ def _compute(batch: list[_Pending]) -> list[np.ndarray | Exception]:
         served = batch[indices[0]].served
         texts = [t for i in indices for t in batch[i].texts]
         try:
-            probs = softmax(served.logits(texts) / served.temperature)  # (N, C), calibrated (ood.json)
+            probs, scores = served.scores(texts)  # (N, C) calibrated (ood.json), (N,) in-scope scores
         except Exception as e:
             log.exception("adapter %s failed", served.name)
             for i in indices:
@@ -358,6 +389,6 @@ def _compute(batch: list[_Pending]) -> list[np.ndarray | Exception]:
             continue
         start = 0
         for i in indices:
-            results[i] = probs[start : start + len(batch[i].texts)]
+            results[i] = (probs[start : start + len(batch[i].texts)], scores[start : start + len(batch[i].texts)])
             start += len(batch[i].texts)
     return results

@@ -45,7 +45,7 @@ from .config import Config, TrainConfig
 from .distributed import World
 from .errors import UserError
 from .evaluate import classification_metrics, softmax
-from .inference import predict_logits
+from .inference import features_and_logits, predict_logits
 from .job import Job, as_config, check_same_data, count_parameters, prepare, splits_record
 from .rundir import Eval, Predictions, RunDir, Summary, folder_bytes
 from .runtime import autocast, peak_memory_mb
@@ -545,8 +545,8 @@ def _end_contrastive_epoch(job: Job, p: Progress, best_state: dict | None, signa
 def _sentence_vectors(job: Job, split: str) -> torch.Tensor:
     """The pooled sentence vectors (N, H) of a split's in-scope examples, float32, as the head reads them:
     evaluated like `_logits` (eval mode, length-sorted batches under the token budget, autocast)."""
-    vectors, _ = posthoc.features_and_logits(job.model, job.tokens[split], job.pad_id, job.cfg.train.eval_batch_size,
-                                             job.device, job.amp, job.max_tokens, len(job.dataset.label_names))
+    vectors, _ = features_and_logits(job.model, job.tokens[split], job.pad_id, job.cfg.train.eval_batch_size,
+                                     job.device, job.amp, job.max_tokens, len(job.dataset.label_names))
     return torch.from_numpy(vectors)
 
 
@@ -669,7 +669,7 @@ def _finish(job: Job, p: Progress, best_state: dict | None) -> RunResult:
     if not job.world.is_main:
         return RunResult(run.path, test, {})
     post = posthoc.fit(job)  # temperature and OOS thresholds, on validation
-    run.write_json("ood.json", post.record())
+    posthoc.save(run, post)  # ood.json (+ ood.safetensors: what the deciding score reads at prediction)
     test |= posthoc.evaluate_test(job, post, logits)
     run.write_record(Eval.from_json(test))
     run.write_record(_predictions(job, logits / post.temperature))
