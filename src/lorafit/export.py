@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, atomic, kernels, modelcard, posthoc, quantization
+from . import __version__, atomic, fitted, kernels, modelcard, quantization
 from .errors import UserError
 from .evaluate import softmax
 from .inference import ONNX_BATCH_SIZE, Classifier, label_indices, load, run_split
@@ -102,7 +102,7 @@ def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | No
             else:
                 quantized = _write_onnx(merged, reference, tmp, quantize, run, cfg)
         # ood.json: the temperature and OOS threshold; ood.safetensors: what the deciding OOS score reads
-        for name in ("config.yaml", "labels.json", "ood.json", posthoc.ARRAYS):
+        for name in ("config.yaml", "labels.json", "ood.json", fitted.ARRAYS):
             if (run.path / name).is_file():  # (a run of an older version has no ood.json)
                 shutil.copy2(run.path / name, tmp / name)
         meta = {

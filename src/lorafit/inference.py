@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import batching, data, kernels, methods
+from . import batching, data, fitted, kernels, methods, ood
 from .config import Config, ModelConfig
 from .errors import UserError
 from .evaluate import classification_metrics, softmax
+from .fitted import Posthoc
 from .models import ALIASES, build_classifier, load_tokenizer, looks_like_hub_id
 from .rundir import RunDir
 from .runtime import autocast, autocast_dtype, select_device, token_budget
@@ -114,14 +115,12 @@ class OutOfScope:
     threshold: float | None = None
     source: str = "none"
     temperature: float = 1.0
-    post: object | None = None  # posthoc.Posthoc: the fitted scorers, for scores other than msp
+    post: Posthoc | None = None  # the fitted scorers, for scores other than msp
 
     @property
     def reads(self) -> tuple[str, ...]:
         """The sentence vectors the score reads besides the logits: "tuned" (the fine-tuned encoder's),
         "base" (the pre-trained encoder's)."""
-        from . import ood
-
         return (("tuned",) if self.score in ood.FEATURE_SCORES else ()) + (("base",) if self.score in ood.BASE_SCORES else ())
 
     def scores(self, logits: np.ndarray, vectors: Callable[[str], np.ndarray] | None = None) -> np.ndarray:
@@ -402,9 +401,7 @@ def recorded_decision(plan: LoadPlan, flag: float | None = None) -> OutOfScope:
     top-probability threshold the user gave, wins. Where the folder cannot compute the run's score (an
     ONNX export gives no sentence vectors; a run of an older lorafit saved no fitted arrays), no
     threshold, and `source` says why and what to do."""
-    from . import posthoc
-
-    post = posthoc.load(plan.folder)
+    post = fitted.load(plan.folder)
     if post is None:
         return OutOfScope("msp", flag, "flag" if flag is not None else "none (the run has no ood.json)")
     if flag is not None:
@@ -413,7 +410,7 @@ def recorded_decision(plan: LoadPlan, flag: float | None = None) -> OutOfScope:
                           f"validation: {post.thresholds[post.score]['rule']}", post.temperature, post)
     if not post.ready:
         return OutOfScope("msp", None, f"none (the run decides out of scope by {post.score}, but {plan.folder} has no "
-                          f"fitted {posthoc.ARRAYS}: run `lorafit eval RUN --refit` with this lorafit, or pass "
+                          f"fitted {fitted.ARRAYS}: run `lorafit eval RUN --refit` with this lorafit, or pass "
                           "--threshold for a top-probability threshold)", post.temperature)
     if plan.kind == "onnx" and "tuned" in decision.reads:
         return OutOfScope("msp", None, f"none (the run decides out of scope by {post.score}, which reads the fine-tuned "
