@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from .config import Config, load_config  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .inference import Classifier, load  # noqa: E402
+from .soup import soup  # noqa: E402
 from .train import RunResult, train  # noqa: E402
 
-__all__ = ["Config", "load_config", "UserError", "Classifier", "load", "train", "RunResult", "__version__"]
+__all__ = ["Config", "load_config", "UserError", "Classifier", "load", "train", "RunResult", "soup", "__version__"]

@@ -192,6 +192,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_soup(args: argparse.Namespace) -> int:
+    from .soup import soup
+
+    meta = soup(args.runs, args.out, overwrite=args.overwrite)
+    calibrated = meta["calibration"]
+    print(f"soup of {len(meta['soup']['runs'])} runs (uniform weight average), merged format, "
+          f"{meta['bytes'] / 2**20:.1f} MB, written to {args.out}")
+    if isinstance(calibrated, dict):
+        print(f"validation ({calibrated['examples']} examples, held out by every run): accuracy "
+              f"{calibrated['accuracy']:.4f}, temperature {calibrated['temperature']:.3f}")
+    else:
+        print(f"calibration {calibrated}")
+    return 0
+
+
 def cmd_card(args: argparse.Namespace) -> int:
     from .modelcard import write
 
@@ -376,6 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 0.01, one point); recorded in export.json as set by the user")
     p.set_defaults(func=cmd_export)
 
+    p = verbs.add_parser("soup", help="one model from several finished runs (seeds of a config): their merged weights "
+                         "averaged; predicts at one run's cost")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="folder to create (merged export format)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.set_defaults(func=cmd_soup)
+
     p = verbs.add_parser("card", help="(re)write the model card (README.md) of a run folder or export from its files")
     p.add_argument("folder", metavar="RUN_OR_EXPORT")
     p.set_defaults(func=cmd_card)
@@ -441,6 +463,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to sys.stderr as it is when a record comes, not as it was when the CLI started
+    (tests and host programs swap it; a closed old stream would turn every later log line into an error)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _log_to_stderr() -> None:
     """The library logs; the CLI shows lorafit's INFO lines (the epoch table) on stderr."""
     logger = logging.getLogger("lorafit")
@@ -449,7 +484,7 @@ def _log_to_stderr() -> None:
     for handler in list(logger.handlers):
         if getattr(handler, "_lorafit_cli", False):
             logger.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler._lorafit_cli = True  # type: ignore[attr-defined]
     logger.addHandler(handler)

@@ -1,0 +1,96 @@
+"""`lorafit soup`: the runs' merged weights averaged into one merged-format folder, calibrated on validation
+only where every run held out the same validation examples."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors.numpy import load_file
+
+import lorafit
+from lorafit.cli import main
+from lorafit.evaluate import softmax
+from lorafit.export import export
+
+from conftest import synthetic_frame, tiny_overrides, write_dataset
+
+
+@pytest.fixture
+def with_validation(tmp_path):
+    folder = write_dataset(tmp_path / "data-val")
+    synthetic_frame(30, 7).to_csv(folder / "validation.csv", index=False)
+    return folder
+
+
+def _runs(tiny_bert, data, tmp_path, seeds=(0, 1), **extra):
+    runs = []
+    for seed in seeds:
+        out = tmp_path / f"run-{seed}"
+        settings = {"train.lr": 2e-2, "train.epochs": 6, **extra}  # runs that learn the keywords (~75%)
+        lorafit.train(lorafit.load_config(None, tiny_overrides(tiny_bert, data, seed=seed, **settings)), out)
+        runs.append(out)
+    return runs
+
+
+def test_soup_averages_the_merged_weights_and_calibrates_on_the_shared_validation(tiny_bert, with_validation, tmp_path, capsys):
+    runs = _runs(tiny_bert, with_validation, tmp_path)
+    assert main(["soup", *map(str, runs), "--out", str(tmp_path / "soup")]) == 0
+    assert "held out by every run" in capsys.readouterr().out
+    # every tensor is the mean of the runs' merged tensors (as `lorafit export --format merged` writes them)
+    merged = []
+    for run in runs:
+        export(run, "merged", tmp_path / f"{run.name}-merged")
+        merged.append(load_file(str(tmp_path / f"{run.name}-merged" / "model.safetensors")))
+    souped = load_file(str(tmp_path / "soup" / "model.safetensors"))
+    assert souped.keys() == merged[0].keys()
+    for key in souped:
+        np.testing.assert_allclose(souped[key], (merged[0][key] + merged[1][key]) / 2, atol=1e-6, err_msg=key)
+    assert any(np.abs(merged[0][k] - merged[1][k]).max() > 1e-3 for k in souped)  # the seeds did differ
+    meta = json.loads((tmp_path / "soup" / "export.json").read_text())
+    assert meta["format"] == "merged" and meta["soup"]["seeds"] == [0, 1] and len(meta["soup"]["runs"]) == 2
+    # calibrated on the validation split both runs held out: the temperature that minimises its NLL
+    soup = lorafit.load(tmp_path / "soup")
+    record = json.loads((tmp_path / "soup" / "ood.json").read_text())
+    assert soup.temperature == record["temperature"] == meta["calibration"]["temperature"] and soup.threshold is not None
+    validation = pd.read_csv(with_validation / "validation.csv")
+    logits = soup.logits(list(validation["text"]))
+    targets = np.array([soup.labels.index(label) for label in validation["label"]])
+    nll = lambda t: -np.mean(np.log(softmax(logits / t)[np.arange(len(targets)), targets]))  # noqa: E731
+    assert nll(soup.temperature) <= min(nll(soup.temperature * 1.05), nll(soup.temperature / 1.05)) + 1e-9
+    assert main(["eval", str(tmp_path / "soup")]) == 0
+
+
+def test_a_soup_of_one_run_twice_is_that_run(tiny_bert, with_validation, tmp_path):
+    run = _runs(tiny_bert, with_validation, tmp_path, seeds=(0,))[0]
+    lorafit.soup([run, run], tmp_path / "soup")
+    texts = ["pizza please", "my golf trip", "the card", "a long trip by train to the match"]
+    np.testing.assert_allclose(lorafit.load(tmp_path / "soup").logits(texts), lorafit.load(run).logits(texts), atol=1e-5)
+
+
+def test_runs_with_different_validation_splits_give_an_uncalibrated_soup(tiny_bert, tiny_data, tmp_path):
+    runs = _runs(tiny_bert, tiny_data, tmp_path)  # validation carved from train with each run's seed
+    meta = lorafit.soup(runs, tmp_path / "soup")
+    assert meta["calibration"].startswith("none: the runs held out different validation examples")
+    assert not (tmp_path / "soup" / "ood.json").exists()
+    soup = lorafit.load(tmp_path / "soup")
+    assert soup.temperature == 1.0 and soup.threshold is None
+
+
+def test_bad_soups_fail_in_one_line_and_write_nothing(tiny_bert, with_validation, tiny_data, tmp_path, capsys):
+    a, b = _runs(tiny_bert, with_validation, tmp_path)
+    other = tmp_path / "other"
+    lorafit.train(lorafit.load_config(None, tiny_overrides(tiny_bert, tiny_data, **{"data.max_length": 16})), other)
+    capsys.readouterr()
+    cases = [([str(a)], "a soup needs at least two runs"),
+             ([str(a), str(other)], "only runs of one data.max_length average"),
+             ([str(a), str(tmp_path / "missing")], "missing"),
+             ([str(a), str(b), "--out", str(a / "inside")], "--out must be outside the runs' folders")]
+    for args, message in cases:
+        out = ["--out", str(tmp_path / "soup")] if "--out" not in args else []
+        assert main(["soup", *args, *out]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "soup").exists() and not (a / "inside").exists()
