@@ -241,6 +241,20 @@ def test_predict_serve_and_exports_decide_by_the_runs_own_score(tiny_bert, oos_d
     merged = lorafit.load(tmp_path / "merged")
     assert (merged.oos.score, merged.threshold) == (score, record["threshold"])
     np.testing.assert_allclose(merged.classify(texts)[1], scores, atol=1e-4)
+    assert merged.classify(texts[0])[2].tolist() == outside[:1].tolist()  # one text, as predict takes it
+    if score == "hybrid":  # over HTTP, an export may not make the server load a pre-trained encoder from anywhere
+        import shutil
+
+        import yaml
+
+        elsewhere = shutil.copytree(tiny_bert, tmp_path.parent / f"{tmp_path.name}-elsewhere")  # outside the adapter root
+        config = yaml.safe_load((tmp_path / "merged" / "config.yaml").read_text())
+        config["model"]["name"] = str(elsewhere)
+        (tmp_path / "merged" / "config.yaml").write_text(yaml.safe_dump(config))
+        key = "k3y"
+        with TestClient(create_app([("run", str(out), None)], api_key=key, adapter_root=tmp_path)) as client:
+            r = client.post("/v1/admin/adapters", json={"name": "m", "path": "merged"}, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 422 and f"base model {str(elsewhere)!r} is not allowed" in r.json()["error"], r.text
 
     export(out, "onnx", tmp_path / "onnx")
     onnx = lorafit.load(tmp_path / "onnx")
@@ -261,7 +275,11 @@ def test_a_run_without_its_fitted_arrays_says_to_refit(tiny_bert, oos_data, tmp_
     assert old.threshold is None and "lorafit eval RUN --refit" in old.threshold_source
     assert not old.classify(["pizza please"])[2].any()
     assert main(["eval", str(out), "--refit"]) == 0
-    assert lorafit.load(out).threshold == json.loads((out / "ood.json").read_text())["threshold"]
+    record = json.loads((out / "ood.json").read_text())
+    assert lorafit.load(out).threshold == record["threshold"]
+    # arrays that are not the ones ood.json was fitted with (a crash between the two writes) count as missing
+    (out / "ood.json").write_text(json.dumps({**record, "arrays_sha256": "0" * 64}))
+    assert lorafit.load(out).threshold is None
 
 
 def test_an_msp_run_saves_no_arrays_and_a_refit_to_msp_removes_stale_ones(tiny_bert, oos_data, tmp_path):

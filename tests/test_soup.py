@@ -94,3 +94,7 @@ def test_bad_soups_fail_in_one_line_and_write_nothing(tiny_bert, with_validation
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "soup").exists() and not (a / "inside").exists()
+    lorafit.soup([a, b], tmp_path / "soup")
+    capsys.readouterr()
+    assert main(["card", str(tmp_path / "soup")]) == 2  # no run's figures are the soup's
+    assert "is a soup of 2 runs" in capsys.readouterr().err

@@ -84,7 +84,7 @@ def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | No
     if out_path == run_path or run_path in out_path.parents or out_path in run_path.parents:
         raise UserError("--out must be outside the run folder and must not contain it")
 
-    reference = load(run.path, device="cpu", merge=False)
+    reference = load(run.path, device="cpu", merge=False, out_of_scope=False)
     parity_split = run_split(run, cfg, split)
     log.info("reference: the training-time model on %d %s examples", len(parity_split.texts), split)
     reference_logits = reference.logits(parity_split.texts)  # (N, C), before any merging
@@ -120,7 +120,7 @@ def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | No
         }
         RunDir(tmp).write_json("export.json", meta)
 
-        exported = load(tmp, device="cpu")  # from the written files alone
+        exported = load(tmp, device="cpu", out_of_scope=False)  # from the written files alone
         log.info("parity: the exported %s model on the same examples", format)
         meta["parity"] = _parity(reference_logits, exported, parity_split, split, tolerance)
         # The model card (README.md; for an adapter it replaces peft's stub), from the run's files and these figures.

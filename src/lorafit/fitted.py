@@ -6,6 +6,7 @@ exports). Arrays and files only: no model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,20 +69,33 @@ def save(run, post: Posthoc) -> None:
 
     path = run.path / ARRAYS
     names = NEEDS.get(post.score, ())
+    record = post.record()
     if names:
         tensors = {f"{name}.{key}": np.ascontiguousarray(array) for name in names for key, array in post.scorers[name].arrays.items()}
         metadata = {name: json.dumps({"kind": post.scorers[name].kind, "k": post.scorers[name].k}) for name in names}
         with atomic.file(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
+        # ood.json names the arrays it was fitted with: a crash between the two writes cannot pair a
+        # threshold with another fit's arrays unnoticed (`load`)
+        record["arrays_sha256"] = _sha256(path)
     else:
         path.unlink(missing_ok=True)
-    run.write_json("ood.json", post.record())
+    run.write_json("ood.json", record)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load(folder) -> Posthoc | None:
     """What a run folder (or an export of one) recorded after training: ood.json, with the scorers of
     ood.safetensors that its deciding score reads. None without ood.json (a run of an older lorafit); a
-    deciding score whose arrays are missing (trained before they were saved) has no scorer: `ready` is False."""
+    deciding score whose arrays are missing (trained before they were saved) or are not the ones ood.json was
+    fitted with has no scorer: `ready` is False."""
     folder = Path(folder)
     if not (folder / "ood.json").is_file():
         return None
@@ -90,7 +104,8 @@ def load(folder) -> Posthoc | None:
     standardise = {part: (float(v["mean"]), float(v["sd"]))
                    for part, v in (thresholds.get("hybrid") or {}).get("standardised", {}).items()}
     scorers = {}
-    if NEEDS.get(record["score"]) and (folder / ARRAYS).is_file():
+    arrays_match = (folder / ARRAYS).is_file() and record.get("arrays_sha256") in (None, _sha256(folder / ARRAYS))
+    if NEEDS.get(record["score"]) and arrays_match:
         from safetensors import safe_open
 
         with safe_open(str(folder / ARRAYS), framework="np") as f:

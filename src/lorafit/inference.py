@@ -30,7 +30,7 @@ from .models import ALIASES, build_classifier, load_tokenizer, looks_like_hub_id
 from .rundir import RunDir
 from .runtime import autocast, autocast_dtype, select_device, token_budget
 
-__all__ = ["Classifier", "LoadPlan", "plan_load", "load", "load_model", "recorded_decision", "OutOfScope", "WithFeatures", "Vectors", "features_and_logits", "check_probability", "top_labels", "predict_logits", "check_no_pickles",
+__all__ = ["Classifier", "LoadPlan", "plan_load", "load", "load_model", "recorded_decision", "pretrained_config", "OutOfScope", "WithFeatures", "Vectors", "features_and_logits", "check_probability", "top_labels", "predict_logits", "check_no_pickles",
            "run_split", "base_model_config", "TorchBackend", "OnnxBackend", "ONNX_BATCH_SIZE"]
 
 log = logging.getLogger(__name__)
@@ -239,13 +239,21 @@ class Classifier:
             raise UserError(f"out-of-scope score {self.oos.score} needs {which} sentence vectors, which a {self.kind} folder does not give")
         return batched_logits(backend, self.tokenize(texts), self.pad_id, self.batch_size, self.max_tokens)
 
-    def classify(self, texts: list[str], top_k: int = 3) -> tuple[list[list[tuple[str, float]]], np.ndarray, np.ndarray]:
+    def classify(self, texts: list[str] | str, top_k: int = 3) -> tuple[list[list[tuple[str, float]]], np.ndarray, np.ndarray]:
         """For each text: its `top_k` labels with calibrated probabilities, its in-scope score (of
         `oos.score`) and whether it is out of scope (below `threshold`)."""
+        if isinstance(texts, str):
+            texts = [texts]
         if not texts:
             return [], np.zeros(0), np.zeros(0, bool)
-        logits = self.logits(texts)
-        scores = self.oos.scores(logits, lambda which: self.vectors(which, texts))
+        if "tuned" in self.oos.reads and self.model is not None:  # logits and sentence vectors in one pass
+            both = batched_logits(TorchBackend(WithFeatures(self.model), self.backend.device, self.backend.amp),
+                                  self.tokenize(texts), self.pad_id, self.batch_size, self.max_tokens)
+            features, logits = both[:, :-len(self.labels)], both[:, -len(self.labels):]
+        else:
+            features, logits = None, self.logits(texts)
+        scores = self.oos.scores(logits, lambda which: features if which == "tuned" and features is not None
+                                 else self.vectors(which, texts))
         return top_labels(softmax(logits / self.temperature), self.labels, top_k), scores, self.oos.outside(scores)
 
     def evaluate(self, texts: list[str], labels: list[str]) -> dict:
@@ -358,7 +366,7 @@ def plan_load(path: str | Path) -> LoadPlan:
 
 
 def load(path: str | Path | LoadPlan, device: str = "auto", threads: int | None = None, merge: bool = True,
-         threshold: float | None = None) -> Classifier:
+         threshold: float | None = None, out_of_scope: bool = True) -> Classifier:
     """A classifier from a run folder or an export folder (or its `plan_load`), from its files alone.
 
     A run's adapter is folded into the base weights (`merge=True`): the same function, one matmul
@@ -366,6 +374,8 @@ def load(path: str | Path | LoadPlan, device: str = "auto", threads: int | None 
     (tests/test_train_e2e.py). `merge=False` keeps the training-time modules (what export compares with).
     `threads` sets torch's thread count for a run and ONNX Runtime's for an ONNX export. `threshold`, a
     top-probability threshold, replaces the run's own out-of-scope decision (`recorded_decision`).
+    `out_of_scope=False` loads for logits only (export's parity check): the calibration is read, but a
+    score's pre-trained encoder is not built and nothing is out of scope.
     """
     plan = path if isinstance(path, LoadPlan) else plan_load(path)
     check_probability(threshold, "threshold")
@@ -389,10 +399,25 @@ def load(path: str | Path | LoadPlan, device: str = "auto", threads: int | None 
         classifier = Classifier(TorchBackend(model, target, amp, fast=True), tokenizer, plan.labels, plan.cfg,
                                 token_budget(plan.cfg.train.max_batch_tokens, target), plan.kind)
     classifier.oos = recorded_decision(plan, threshold)
-    if "base" in classifier.oos.reads:  # the pre-trained encoder, rebuilt from the run's model.name, as at training
-        pretrained = build_classifier(plan.base or base_model_config(plan.cfg.model, plan.folder), len(plan.labels), plan.cfg.seed)
+    if not out_of_scope:
+        classifier.oos = OutOfScope("msp", None, "none (loaded for logits only)", classifier.oos.temperature)
+    elif "base" in classifier.oos.reads:  # the pre-trained encoder, rebuilt from the run's model.name, as at training
+        pretrained = build_classifier(pretrained_config(plan), len(plan.labels), plan.cfg.seed)
         classifier.pretrained = TorchBackend(Vectors(pretrained), target, amp, fast=True)
     return classifier
+
+
+def pretrained_config(plan: LoadPlan) -> ModelConfig:
+    """The pre-trained encoder base_knn and hybrid read: a run's (or adapter export's) base as found here;
+    for a merged or ONNX export, the run's model.name where it resolves on this machine, else the hub id
+    export.json records."""
+    if plan.base is not None:
+        return plan.base
+    model = plan.cfg.model
+    if model.name in ALIASES or Path(model.name).expanduser().exists():
+        return model
+    recorded = (RunDir(plan.folder).read_json("export.json") or {}).get("base_model_hub_id")
+    return model.model_copy(update={"name": recorded}) if isinstance(recorded, str) and looks_like_hub_id(recorded) else model
 
 
 def recorded_decision(plan: LoadPlan, flag: float | None = None) -> OutOfScope:
@@ -409,9 +434,11 @@ def recorded_decision(plan: LoadPlan, flag: float | None = None) -> OutOfScope:
     decision = OutOfScope(post.score, float(post.thresholds[post.score]["threshold"]),
                           f"validation: {post.thresholds[post.score]['rule']}", post.temperature, post)
     if not post.ready:
+        fix = "run `lorafit eval RUN --refit` with this lorafit" if plan.kind == "run" else \
+            "refit the run it came from (`lorafit eval RUN --refit`) and export it again"
         return OutOfScope("msp", None, f"none (the run decides out of scope by {post.score}, but {plan.folder} has no "
-                          f"fitted {fitted.ARRAYS}: run `lorafit eval RUN --refit` with this lorafit, or pass "
-                          "--threshold for a top-probability threshold)", post.temperature)
+                          f"matching fitted {fitted.ARRAYS}: {fix}, or pass --threshold for a top-probability "
+                          "threshold)", post.temperature)
     if plan.kind == "onnx" and "tuned" in decision.reads:
         return OutOfScope("msp", None, f"none (the run decides out of scope by {post.score}, which reads the fine-tuned "
                           "model's sentence vectors; an ONNX export gives logits only: export merged or adapter, or "

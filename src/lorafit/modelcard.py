@@ -52,6 +52,10 @@ def render(folder: str | Path, repo_id: str | None = None, export_meta: dict | N
     folder.config()  # a folder that is not there, not lorafit's, or corrupt: its one-line error
     if export_meta is None and (folder.path / "export.json").is_file():
         export_meta = folder.read_json("export.json")
+    if export_meta is not None and export_meta.get("soup"):
+        raise UserError(f"{folder.path} is a soup of {len(export_meta['soup']['runs'])} runs: its figures are not any one "
+                        "run's, and lorafit does not write a card for it yet; evaluate it with `lorafit eval` and "
+                        "write the card by hand")
     if export_meta is not None:
         source = RunDir(export_meta["source_run"])
         if not (source.path / "eval.json").is_file():
@@ -276,8 +280,9 @@ class _Facts:
         return ("## Intended use and limitations\n\n"
                 f"- Intended for sorting short texts like those of {self._dataset_link()} into its {len(self.labels)} "
                 "classes, and as a baseline to compare other runs with.\n"
-                "- It always answers one of these classes, even for a text that belongs to none: set a confidence "
-                "threshold for out-of-scope texts (`lorafit serve --threshold NAME=P`) and check it on your own data.\n"
+                "- Its top class is always one of these, even for a text that belongs to none: `lorafit predict` and "
+                "`lorafit serve` answer out of scope under the threshold fitted on validation (ood.json), or one you "
+                "set (`--threshold`); check it on your own data.\n"
                 f"- The figures above were measured on {self.eval.examples:,} test examples from the same source as the "
                 "training data; on texts of another style, domain or language expect them to drop.\n"
                 f"- Texts longer than {c['data']['max_length']} tokens are cut; the base model's language coverage and "

@@ -74,8 +74,9 @@ class FeatureScorer:
             bank = self.arrays["bank"]  # (M, D), rows L2-normalised
             q = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
             sims = []
-            for start in range(0, len(q), 1024):  # (1024, M) similarities at a time: bounded memory
-                s = q[start:start + 1024] @ bank.T
+            rows = max(1, (1 << 22) // max(len(bank), 1))  # (rows, M) float64 similarities at a time: at most 32 MB
+            for start in range(0, len(q), rows):
+                s = q[start:start + rows] @ bank.T
                 sims.append(-np.partition(-s, self.k - 1, axis=-1)[:, self.k - 1])
             return np.concatenate(sims) if sims else np.zeros(0)
         raise ValueError(f"{self.kind!r} is not a feature score; choose mahalanobis or knn")

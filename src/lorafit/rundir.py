@@ -16,6 +16,8 @@ record here that its writer builds (`RunDir.write_record`) and its readers get b
                       top-1 probability                                         Predictions
     ood.json          the temperature fitted on validation, and every out-of-scope
                       score's threshold with the rule that chose it (lorafit.posthoc)
+    ood.safetensors   the fitted arrays the deciding out-of-scope score reads
+                      (knn: training sentence vectors), when it reads any       lorafit.fitted
     summary.json      efficiency figures, best epoch, device, versions, and
                       the method's own figures (AdaLoRA's ranks)                Summary
     README.md         the model card (lorafit.modelcard)

@@ -28,7 +28,7 @@ from . import batching
 from .config import ModelConfig
 from .errors import UserError
 from .evaluate import softmax
-from .inference import LoadPlan, batched_logits, check_no_pickles, load, plan_load, check_probability, recorded_decision, OutOfScope
+from .inference import LoadPlan, batched_logits, check_no_pickles, load, plan_load, check_probability, recorded_decision, OutOfScope, pretrained_config
 from .models import ALIASES, build_classifier, load_tokenizer, resolve_model_path
 from .rundir import safe_name
 from .runtime import token_budget
@@ -82,6 +82,8 @@ class Served:
     """Weights run from a file rather than held as tensors (an ONNX graph), counted in the weights figure."""
     oos: OutOfScope = field(default_factory=OutOfScope)
     """The run's calibration and out-of-scope decision (ood.json), or the --threshold flag's."""
+    pretrained: nn.Module | None = None
+    """The pre-trained encoder a model of its own reads for base_knn / hybrid, counted in the weights figure."""
     vectors: Callable[[str, list[str]], np.ndarray] | None = None
     """(which, texts) -> sentence vectors (N, H), "tuned" or "base", where `oos` reads them; compute thread only."""
     base_path: str | None = None
@@ -219,13 +221,16 @@ class Registry:
         if not trusted and plan.base is not None:
             self._check_base_allowed(plan.base.name)
         oos = recorded_decision(plan, threshold)  # probabilities shown and thresholded are the calibrated ones
+        if not trusted and plan.base is None and "base" in oos.reads:  # an export whose score reads the pre-trained encoder
+            self._check_base_allowed(pretrained_config(plan).name)
         if plan.is_adapter and (plan.weights / "adapter_model.safetensors").is_file():
             served = self._add_to_shared_base(name, plan)
+            served.oos = oos
         else:
             classifier = load(plan, device="cpu", threshold=threshold)
             served = Served(name, plan.labels, classifier.logits, {"kind": plan.kind, "shared_base": False},
-                            model=classifier.model, file_bytes=plan.file_bytes, vectors=classifier.vectors)
-        served.oos = oos
+                            model=classifier.model, file_bytes=plan.file_bytes, vectors=classifier.vectors,
+                            oos=classifier.oos, pretrained=getattr(classifier.pretrained, "model", None))
         served.info.update(method=plan.cfg.method.name, base_model=(plan.base or plan.cfg.model).name, temperature=oos.temperature,
                            ood_score=oos.score, threshold_source=oos.source)
         if plan.kind == "run":  # a run folder builds on its base model (exports carry their own weights)
@@ -263,7 +268,7 @@ class Registry:
         seen, total = set(), 0
         modules = [b.model for b in self.bases.values() if b.model is not None]
         modules += [h for b in self.bases.values() for h in b.heads.values()]
-        modules += [s.model for s in self.served.values() if s.model is not None]
+        modules += [m for s in self.served.values() for m in (s.model, s.pretrained) if m is not None]
         for module in modules:
             for tensor in [*module.parameters(), *module.buffers()]:
                 key = tensor.untyped_storage().data_ptr()

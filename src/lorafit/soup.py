@@ -12,7 +12,9 @@ The result is a folder in the `merged` export format (export.json records the ru
 threshold) is fitted on validation when every run held out the same validation examples (a dataset
 with its own validation split, or runs of one seed); runs whose validation splits differ (carved from
 train with different seeds: one run's validation is another's training data) give a soup without a
-temperature or threshold, and the log and export.json say why.
+temperature or threshold, and the log and export.json say why. A soup decides out of scope by the top
+probability (msp), with the threshold that keeps ood.target_recall of the in-scope validation examples,
+whatever score its runs decided by (their fitted arrays belong to their own weights).
 """
 
 from __future__ import annotations
@@ -116,9 +118,13 @@ def _mean_model(runs: list[RunDir], configs: list) -> SequenceClassifier:
 
 def _shared_validation(runs: list[RunDir], configs: list):
     """The validation split every run held out (splits.json rows equal), or None."""
-    recorded = [run.read_json("splits.json").get("validation") if (run.path / "splits.json").is_file() else None
-                for run in runs]
-    if recorded[0] is None or any(rows != recorded[0] for rows in recorded[1:]):
+    def held_out(run: RunDir):  # the validation rows and a hash of their texts and labels
+        splits = run.read_json("splits.json") if (run.path / "splits.json").is_file() else {}
+        return splits.get("validation"), (splits.get("content_sha256") or {}).get("validation")
+
+    recorded = [held_out(run) for run in runs]
+    if recorded[0][0] is None or any(r != recorded[0] for r in recorded[1:]) or \
+            any(cfg.data.name != configs[0].data.name for cfg in configs[1:]):
         return None
     return run_split(runs[0], configs[0], "validation")
 
@@ -138,5 +144,6 @@ def _calibrate(model: SequenceClassifier, folder: RunDir, cfg, validation, label
     post = fitted.Posthoc(temperature, calibration.calibration_record(logits, targets, temperature), "msp", {"msp": chosen})
     fitted.save(folder, post)
     accuracy = float((logits.argmax(-1) == targets).mean())
-    log.info("soup: validation accuracy %.4f, temperature %.3f", accuracy, temperature)
-    return {"split": "validation", "examples": len(targets), "accuracy": accuracy, "temperature": temperature}
+    log.info("soup: validation accuracy %.4f, temperature %.3f; out of scope by msp (%s)", accuracy, temperature, chosen["rule"])
+    return {"split": "validation", "examples": len(targets), "accuracy": accuracy, "temperature": temperature,
+            "ood_score": "msp", "threshold_rule": chosen["rule"]}
