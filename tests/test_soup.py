@@ -98,3 +98,22 @@ def test_bad_soups_fail_in_one_line_and_write_nothing(tiny_bert, with_validation
     capsys.readouterr()
     assert main(["card", str(tmp_path / "soup")]) == 2  # no run's figures are the soup's
     assert "is a soup of 2 runs" in capsys.readouterr().err
+
+
+def test_a_soup_exports_to_onnx_with_its_calibration(tiny_bert, with_validation, tmp_path, capsys):
+    """A soup has no run folder to export from: `lorafit export SOUP --format onnx` traces its merged weights,
+    passes the float parity check against it, and carries its temperature and threshold; other formats are
+    refused in one line."""
+    runs = _runs(tiny_bert, with_validation, tmp_path)
+    lorafit.soup(runs, tmp_path / "soup")
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "soup"), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 0
+    meta = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    assert meta["parity"]["passed"] and meta["soup"]["seeds"] == [0, 1] and meta["method"] == "soup"
+    soup, onnx = lorafit.load(tmp_path / "soup"), lorafit.load(tmp_path / "onnx")
+    texts = ["pizza please", "my golf trip", "the card", "a long trip by train to the match"]
+    np.testing.assert_allclose(onnx.logits(texts), soup.logits(texts), atol=1e-4)
+    assert (onnx.temperature, onnx.threshold) == (soup.temperature, soup.threshold) and soup.threshold is not None
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "soup"), "--format", "merged", "--out", str(tmp_path / "m")]) == 2
+    assert "is a soup (merged weights): it exports to --format onnx only" in capsys.readouterr().err

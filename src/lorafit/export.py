@@ -73,7 +73,13 @@ def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | No
     tolerance = _tolerance(quantize, {"min_top1_agreement": min_agreement, "max_accuracy_drop": max_accuracy_drop})
     run = RunDir(run_dir)
     if (run.path / "export.json").is_file():
-        raise UserError(f"{run.path} is already an export; export from the run folder it came from")
+        soup = run.read_json("export.json").get("soup")
+        if not soup:
+            raise UserError(f"{run.path} is already an export; export from the run folder it came from")
+        if format != "onnx":  # a soup has no run folder to export from; it is merged weights already
+            raise UserError(f"{run.path} is a soup (merged weights): it exports to --format onnx only")
+    else:
+        soup = None
     cfg, labels = run.config(), run.labels()
     method = methods.build(cfg.method)
     if format == "adapter" and method.artifact != "adapter":
@@ -94,7 +100,7 @@ def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | No
         if format == "adapter":
             shutil.copytree(run.artifact(method.artifact), tmp, dirs_exist_ok=True)
         else:
-            merged = method.merge(reference.model)
+            merged = _plain(reference.model, labels) if soup else method.merge(reference.model)
             if not isinstance(merged, SequenceClassifier):
                 raise UserError(f"merging {cfg.method.name} did not give a plain model ({type(merged).__name__})")
             if format == "merged":
@@ -112,19 +118,23 @@ def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | No
             "source_run": str(run.path.resolve()),
             "method": cfg.method.name,
             "base_model": cfg.model.name,
-            "base_model_hub_id": _base_hub_id(run, cfg),
+            "base_model_hub_id": base_hub_id(run, cfg),
             "pooling": cfg.model.pooling,
             "max_length": cfg.data.max_length,
             "num_labels": len(labels),
             "lorafit_version": __version__,
         }
+        if soup:  # what the model is: the soup's runs, not the folder it was exported from
+            meta |= {"soup": soup, "method": "soup", "base_model_hub_id": run.read_json("export.json").get("base_model_hub_id")}
         RunDir(tmp).write_json("export.json", meta)
 
         exported = load(tmp, device="cpu", out_of_scope=False)  # from the written files alone
         log.info("parity: the exported %s model on the same examples", format)
         meta["parity"] = _parity(reference_logits, exported, parity_split, split, tolerance)
-        # The model card (README.md; for an adapter it replaces peft's stub), from the run's files and these figures.
-        atomic.write_text(tmp / modelcard.CARD, modelcard.render(tmp, export_meta=meta, name=target.path.name))
+        # The model card (README.md; for an adapter it replaces peft's stub), from the run's files and these
+        # figures; a soup's figures are no one run's, so it has none (modelcard.render says so).
+        if not soup:
+            atomic.write_text(tmp / modelcard.CARD, modelcard.render(tmp, export_meta=meta, name=target.path.name))
         meta["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         meta["bytes"] = folder_bytes(tmp)
         RunDir(tmp).write_json("export.json", meta)
@@ -153,7 +163,7 @@ def _tolerance(quantize: str | None, given: dict[str, float | None]) -> dict:
             "source": {key: "user" if key in user else "default" for key in default}}
 
 
-def _base_hub_id(run: RunDir, cfg) -> str:
+def base_hub_id(run: RunDir, cfg) -> str:
     """The base model's hub id as decided when the run trained (compute.json), where a relative folder
     name meant what it said; a run of an older version falls back to working it out from the name here."""
     if (run.path / "compute.json").is_file():
@@ -190,6 +200,14 @@ def _parity_line(p: dict) -> str:
     return (f"{p['examples']} {p['split']} examples, max |logit diff| {p['max_abs_logit_diff']:.2e}, "
             f"top-1 agreement {p['top1_agreement']:.2%}, accuracy {p['export_accuracy']:.2%} "
             f"(training-time model {p['reference_accuracy']:.2%})")
+
+
+def _plain(model, labels: list[str]) -> SequenceClassifier:
+    """A merged-format model (LorafitForSequenceClassification, what a soup folder loads as) as lorafit's
+    SequenceClassifier, the module the ONNX exporter traces: its own encoder, pooling and head weights."""
+    plain = SequenceClassifier(model.encoder, len(labels), model.pooling, head_dropout=0.0)
+    plain.classifier.load_state_dict(model.classifier.state_dict())
+    return plain.eval()
 
 
 def _write_merged(model: SequenceClassifier, reference: Classifier, folder: Path) -> None:

@@ -28,6 +28,7 @@ import torch
 from . import __version__, atomic, calibration, fitted, methods, ood
 from .batching import tokenize
 from .errors import UserError
+from .export import base_hub_id
 from .inference import load_model, predict_logits, run_split, label_indices
 from .models import SequenceClassifier, load_tokenizer, save_transformers_folder
 from .rundir import RunDir, folder_bytes
@@ -72,7 +73,8 @@ def soup(run_dirs: list[str | Path], out: str | Path, overwrite: bool = False) -
             "source_run": str(runs[0].path.resolve()),
             "soup": {"runs": [str(run.path.resolve()) for run in runs], "weights": "uniform",
                      "methods": [cfg.method.name for cfg in configs], "seeds": [cfg.seed for cfg in configs]},
-            "method": "soup", "base_model": first.model.name, "pooling": first.model.pooling,
+            "method": "soup", "base_model": first.model.name, "base_model_hub_id": base_hub_id(runs[0], first),
+            "pooling": first.model.pooling,
             "max_length": first.data.max_length, "num_labels": len(labels), "lorafit_version": __version__,
         }
         if validation is None:
