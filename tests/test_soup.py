@@ -117,3 +117,33 @@ def test_a_soup_exports_to_onnx_with_its_calibration(tiny_bert, with_validation,
     capsys.readouterr()
     assert main(["export", str(tmp_path / "soup"), "--format", "merged", "--out", str(tmp_path / "m")]) == 2
     assert "is a soup (merged weights): it exports to --format onnx only" in capsys.readouterr().err
+
+
+def test_an_adapter_soup_of_lora_runs_computes_the_merged_soup(tiny_bert, with_validation, tmp_path, capsys):
+    """`--adapter`: plain LoRA runs (here of different ranks and scales) as one LoRA adapter of rank r_a + r_b
+    giving the merged soup's logits; it serves on a shared base and exports merged and ONNX. A DoRA run is
+    refused in one line."""
+    from fastapi.testclient import TestClient
+
+    from lorafit.serve import create_app
+
+    a = _runs(tiny_bert, with_validation, tmp_path / "a", seeds=(0,))[0]
+    b = _runs(tiny_bert, with_validation, tmp_path / "b", seeds=(1,), **{"method.rank": 2, "method.alpha": 8})[0]
+    lorafit.soup([a, b], tmp_path / "merged-soup")
+    assert main(["soup", str(a), str(b), "--adapter", "--out", str(tmp_path / "adapter-soup")]) == 0
+    config = json.loads((tmp_path / "adapter-soup" / "adapter_config.json").read_text())
+    assert config["r"] == 4 + 2 and config["lora_alpha"] == 6
+    texts = ["pizza please", "my golf trip", "the card", "a long trip by train to the match"]
+    merged, adapter = lorafit.load(tmp_path / "merged-soup"), lorafit.load(tmp_path / "adapter-soup")
+    np.testing.assert_allclose(adapter.logits(texts), merged.logits(texts), atol=1e-5)
+    assert adapter.temperature == pytest.approx(merged.temperature, rel=1e-3)
+    with TestClient(create_app([("soup", str(tmp_path / "adapter-soup"), None)])) as client:
+        assert client.get("/v1/adapters").json()["adapters"][0]["shared_base"]
+        served = client.post("/v1/predict", json={"texts": texts, "top_k": 1}).json()["predictions"]
+    assert [p["label"] for p in served] == [merged.labels[i] for i in merged.logits(texts).argmax(-1)]
+    assert main(["export", str(tmp_path / "adapter-soup"), "--format", "merged", "--out", str(tmp_path / "m")]) == 0
+    np.testing.assert_allclose(lorafit.load(tmp_path / "m").logits(texts), merged.logits(texts), atol=1e-5)
+    dora = _runs(tiny_bert, with_validation, tmp_path / "d", seeds=(2,), **{"method.name": "dora"})[0]
+    capsys.readouterr()
+    assert main(["soup", str(a), str(dora), "--adapter", "--out", str(tmp_path / "x")]) == 2
+    assert "is not a plain LoRA adapter" in capsys.readouterr().err and not (tmp_path / "x").exists()

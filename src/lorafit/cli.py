@@ -195,9 +195,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_soup(args: argparse.Namespace) -> int:
     from .soup import soup
 
-    meta = soup(args.runs, args.out, overwrite=args.overwrite)
+    meta = soup(args.runs, args.out, overwrite=args.overwrite, adapter=args.adapter)
     calibrated = meta["calibration"]
-    print(f"soup of {len(meta['soup']['runs'])} runs (uniform weight average), merged format, "
+    print(f"soup of {len(meta['soup']['runs'])} runs ({meta['soup']['form']}), {meta['format']} format, "
           f"{meta['bytes'] / 2**20:.1f} MB, written to {args.out}")
     if isinstance(calibrated, dict):
         print(f"validation ({calibrated['examples']} examples, held out by every run): accuracy "
@@ -395,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "averaged; predicts at one run's cost")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, help="folder to create (merged export format)")
+    p.add_argument("--adapter", action="store_true", help="plain LoRA runs: write the same average as one LoRA adapter "
+                   "(rank: the runs' ranks summed) instead of merged weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.set_defaults(func=cmd_soup)
 

@@ -73,11 +73,14 @@ def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | No
     tolerance = _tolerance(quantize, {"min_top1_agreement": min_agreement, "max_accuracy_drop": max_accuracy_drop})
     run = RunDir(run_dir)
     if (run.path / "export.json").is_file():
-        soup = run.read_json("export.json").get("soup")
+        source = run.read_json("export.json")
+        soup = source.get("soup")
         if not soup:
             raise UserError(f"{run.path} is already an export; export from the run folder it came from")
-        if format != "onnx":  # a soup has no run folder to export from; it is merged weights already
-            raise UserError(f"{run.path} is a soup (merged weights): it exports to --format onnx only")
+        allowed = ["onnx"] + (["merged"] if source.get("format") == "adapter" else [])
+        if format not in allowed:  # a soup has no run folder to export from; it is one of these forms already
+            raise UserError(f"{run.path} is a soup ({source.get('format')} weights): it exports to "
+                            f"{' or '.join(f'--format {f}' for f in allowed)} only")
     else:
         soup = None
     cfg, labels = run.config(), run.labels()
@@ -100,7 +103,7 @@ def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | No
         if format == "adapter":
             shutil.copytree(run.artifact(method.artifact), tmp, dirs_exist_ok=True)
         else:
-            merged = _plain(reference.model, labels) if soup else method.merge(reference.model)
+            merged = _plain(reference.model, labels) if reference.kind == "merged" else method.merge(reference.model)
             if not isinstance(merged, SequenceClassifier):
                 raise UserError(f"merging {cfg.method.name} did not give a plain model ({type(merged).__name__})")
             if format == "merged":

@@ -8,7 +8,9 @@ Banking77 with the shipped LoRA config, seeds 0-2 (bench/soup.py): the runs alon
 93.15% on test, their soup 93.80%, the logit ensemble 93.86%.
 
 The result is a folder in the `merged` export format (export.json records the runs): `lorafit.load`,
-`predict`, `eval` and `serve` take it. Its calibration (ood.json: temperature and top-probability
+`predict`, `eval`, `serve` and `export --format onnx` take it. Plain LoRA runs can instead be written as
+one LoRA adapter of rank sum(r_i) computing exactly the same average (`adapter=True`, `--adapter`: a few
+MB, served on a shared base beside other adapters). Its calibration (ood.json: temperature and top-probability
 threshold) is fitted on validation when every run held out the same validation examples (a dataset
 with its own validation split, or runs of one seed); runs whose validation splits differ (carved from
 train with different seeds: one run's validation is another's training data) give a soup without a
@@ -19,28 +21,32 @@ whatever score its runs decided by (their fitted arrays belong to their own weig
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from pathlib import Path
 
-import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from . import __version__, atomic, calibration, fitted, methods, ood
-from .batching import tokenize
 from .errors import UserError
 from .export import base_hub_id
-from .inference import load_model, predict_logits, run_split, label_indices
+from .inference import label_indices, load, load_model, run_split
 from .models import SequenceClassifier, load_tokenizer, save_transformers_folder
 from .rundir import RunDir, folder_bytes
-from .runtime import token_budget
 
 __all__ = ["soup"]
 
 log = logging.getLogger(__name__)
 
 
-def soup(run_dirs: list[str | Path], out: str | Path, overwrite: bool = False) -> dict:
-    """Average the merged weights of `run_dirs` into a merged-format folder at `out`; returns its export.json."""
+def soup(run_dirs: list[str | Path], out: str | Path, overwrite: bool = False, adapter: bool = False) -> dict:
+    """Average `run_dirs` into one model at `out`; returns its export.json.
+
+    By default their merged weights are averaged into a merged-format folder (any method). `adapter=True`
+    (plain LoRA runs only) writes the same function as one LoRA adapter instead (`_lora_concat`): small, and
+    servable on a shared base beside other adapters."""
     if len(run_dirs) < 2:
         raise UserError("a soup needs at least two runs")
     runs = [RunDir(r) for r in run_dirs]
@@ -61,31 +67,78 @@ def soup(run_dirs: list[str | Path], out: str | Path, overwrite: bool = False) -
     if any(out_path == r or r in out_path.parents or out_path in r.parents for r in (run.path.resolve() for run in runs)):
         raise UserError("--out must be outside the runs' folders and must not contain them")
 
-    model = _mean_model(runs, configs)
+    factors = _lora_concat(runs, configs) if adapter else None  # refuses what it cannot average before any work
     validation = _shared_validation(runs, configs)
     with atomic.folder(target.path) as tmp:
-        save_transformers_folder(model, tmp, labels)
-        load_tokenizer(first.model).save_pretrained(str(tmp))
+        if factors is not None:
+            tensors, peft_config = factors
+            (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2), encoding="utf-8")
+            save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        else:
+            save_transformers_folder(_mean_model(runs, configs), tmp, labels)
+            load_tokenizer(first.model).save_pretrained(str(tmp))
         RunDir(tmp).write_config(first)  # the first run's settings: max_length, batch sizes, token budget
         RunDir(tmp).write_json("labels.json", labels)
         meta = {
-            "format": "merged", "quantize": None, "quantization": None,
+            "format": "adapter" if adapter else "merged", "quantize": None, "quantization": None,
             "source_run": str(runs[0].path.resolve()),
             "soup": {"runs": [str(run.path.resolve()) for run in runs], "weights": "uniform",
+                     "form": "LoRA factors concatenated, one adapter" if adapter else "merged weights averaged",
                      "methods": [cfg.method.name for cfg in configs], "seeds": [cfg.seed for cfg in configs]},
             "method": "soup", "base_model": first.model.name, "base_model_hub_id": base_hub_id(runs[0], first),
             "pooling": first.model.pooling,
             "max_length": first.data.max_length, "num_labels": len(labels), "lorafit_version": __version__,
         }
+        RunDir(tmp).write_json("export.json", meta)  # what `load` reads to know the folder's format
         if validation is None:
             meta["calibration"] = ("none: the runs held out different validation examples, so no split is unseen by "
                                    "all of them; probabilities are uncalibrated and there is no out-of-scope threshold")
             log.warning("soup: %s", meta["calibration"])
         else:
-            meta["calibration"] = _calibrate(model, RunDir(tmp), first, validation, labels)
+            meta["calibration"] = _calibrate(load(tmp, device="cpu", out_of_scope=False), RunDir(tmp), first, validation)
         meta["bytes"] = folder_bytes(tmp)
         RunDir(tmp).write_json("export.json", meta)
     return meta
+
+
+def _lora_concat(runs: list[RunDir], configs: list) -> tuple[dict[str, torch.Tensor], dict]:
+    """The runs' LoRA adapters as one adapter computing their average: for every adapted module, A' stacks
+    the runs' A (r_i x in) and B' the runs' B (out x r_i), each B scaled by its run's s_i / N (s_i its
+    lora_alpha / r, or / sqrt(r) with rsLoRA), so that B'A' = (1/N) sum_i s_i B_i A_i with scaling 1
+    (lora_alpha' = r' = sum r_i); the heads are averaged. Exactly the merged soup's function, at rank sum r_i."""
+    from safetensors.torch import load_file
+
+    settings, states = [], []
+    for run, cfg in zip(runs, configs):
+        folder = run.artifact(methods.build(cfg.method).artifact)
+        config_file = folder / "adapter_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        if (config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("rank_pattern")
+                or config.get("alpha_pattern") or not (folder / "adapter_model.safetensors").is_file()):
+            raise UserError(f"{run.path} ({cfg.method.name}) is not a plain LoRA adapter (DoRA, AdaLoRA, other methods "
+                            "and per-module ranks do not concatenate): leave out --adapter for a merged soup")
+        settings.append(config)
+        states.append(load_file(str(folder / "adapter_model.safetensors")))
+    keys = set(states[0])
+    for run, config, state in zip(runs[1:], settings[1:], states[1:]):
+        if set(state) != keys or config.get("modules_to_save") != settings[0].get("modules_to_save"):
+            raise UserError(f"{run.path} adapts other modules than {runs[0].path}: their adapters do not concatenate")
+    n = len(runs)
+    scale = [c["lora_alpha"] / (math.sqrt(c["r"]) if c.get("use_rslora") else c["r"]) for c in settings]
+    tensors = {}
+    for key in sorted(keys):
+        if key.endswith(".lora_A.weight"):
+            tensors[key] = torch.cat([state[key].float() for state in states], dim=0)  # (sum r_i, in)
+        elif key.endswith(".lora_B.weight"):
+            tensors[key] = torch.cat([state[key].float() * s / n for state, s in zip(states, scale)], dim=1)  # (out, sum r_i)
+        elif ".lora_" not in key:  # the head (modules_to_save), averaged
+            tensors[key] = torch.stack([state[key].float() for state in states]).mean(0)
+        else:
+            raise UserError(f"{runs[0].path}'s adapter holds {key}, which a concatenated LoRA adapter cannot")
+    rank = sum(c["r"] for c in settings)
+    config = {**settings[0], "r": rank, "lora_alpha": float(rank), "use_rslora": False, "inference_mode": True,
+              "rank_pattern": {}, "alpha_pattern": {}}
+    return {k: v.contiguous() for k, v in tensors.items()}, config
 
 
 def _check_finished(run: RunDir):
@@ -131,15 +184,11 @@ def _shared_validation(runs: list[RunDir], configs: list):
     return run_split(runs[0], configs[0], "validation")
 
 
-def _calibrate(model: SequenceClassifier, folder: RunDir, cfg, validation, labels: list[str]) -> dict:
-    """ood.json for the soup: temperature and top-probability threshold fitted on the shared validation split,
-    as training fits a run's (posthoc.fit with ood.score msp)."""
-    tokenizer = load_tokenizer(cfg.model)
-    tokens = tokenize(tokenizer, validation.texts, cfg.data.max_length)
-    device = torch.device("cpu")
-    logits = predict_logits(model, tokens, tokenizer.pad_token_id or 0, cfg.train.eval_batch_size, device, None,
-                            token_budget(cfg.train.max_batch_tokens, device))
-    targets = label_indices(validation.labels, labels)
+def _calibrate(classifier, folder: RunDir, cfg, validation) -> dict:
+    """ood.json for the soup (`classifier`, loaded from its folder): temperature and top-probability threshold
+    fitted on the shared validation split, as training fits a run's (posthoc.fit with ood.score msp)."""
+    logits = classifier.logits(validation.texts)
+    targets = label_indices(validation.labels, classifier.labels)
     temperature = calibration.fit_temperature(logits, targets) if cfg.ood.calibrate else 1.0
     scores = ood.logit_score("msp", logits, temperature)
     chosen = ood.choose_threshold(scores, None, logits.argmax(-1) == targets, cfg.ood.target_recall)
