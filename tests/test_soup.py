@@ -127,12 +127,14 @@ def test_an_adapter_soup_of_lora_runs_computes_the_merged_soup(tiny_bert, with_v
 
     from lorafit.serve import create_app
 
-    a = _runs(tiny_bert, with_validation, tmp_path / "a", seeds=(0,))[0]
+    a = _runs(tiny_bert, with_validation, tmp_path / "a", seeds=(0,), **{"method.name": "rslora"})[0]
     b = _runs(tiny_bert, with_validation, tmp_path / "b", seeds=(1,), **{"method.rank": 2, "method.alpha": 8})[0]
     lorafit.soup([a, b], tmp_path / "merged-soup")
     assert main(["soup", str(a), str(b), "--adapter", "--out", str(tmp_path / "adapter-soup")]) == 0
     config = json.loads((tmp_path / "adapter-soup" / "adapter_config.json").read_text())
     assert config["r"] == 4 + 2 and config["lora_alpha"] == 6
+    recorded = lorafit.load_config(tmp_path / "adapter-soup" / "config.yaml").method  # what every reader builds
+    assert (recorded.name, recorded.rank, recorded.alpha) == ("lora", 6, 6.0)
     texts = ["pizza please", "my golf trip", "the card", "a long trip by train to the match"]
     merged, adapter = lorafit.load(tmp_path / "merged-soup"), lorafit.load(tmp_path / "adapter-soup")
     np.testing.assert_allclose(adapter.logits(texts), merged.logits(texts), atol=1e-5)
@@ -143,7 +145,12 @@ def test_an_adapter_soup_of_lora_runs_computes_the_merged_soup(tiny_bert, with_v
     assert [p["label"] for p in served] == [merged.labels[i] for i in merged.logits(texts).argmax(-1)]
     assert main(["export", str(tmp_path / "adapter-soup"), "--format", "merged", "--out", str(tmp_path / "m")]) == 0
     np.testing.assert_allclose(lorafit.load(tmp_path / "m").logits(texts), merged.logits(texts), atol=1e-5)
-    dora = _runs(tiny_bert, with_validation, tmp_path / "d", seeds=(2,), **{"method.name": "dora"})[0]
+    assert main(["export", str(tmp_path / "adapter-soup"), "--format", "onnx", "--out", str(tmp_path / "o")]) == 0
     capsys.readouterr()
-    assert main(["soup", str(a), str(dora), "--adapter", "--out", str(tmp_path / "x")]) == 2
-    assert "is not a plain LoRA adapter" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["export", str(tmp_path / "o"), "--format", "onnx", "--out", str(tmp_path / "o2")]) == 2
+    assert "is an export (onnx) of a soup; export the soup folder itself" in capsys.readouterr().err
+    for method in ("dora", "native-lora"):
+        other = _runs(tiny_bert, with_validation, tmp_path / method, seeds=(2,), **{"method.name": method})[0]
+        capsys.readouterr()
+        assert main(["soup", str(a), str(other), "--adapter", "--out", str(tmp_path / "x")]) == 2
+        assert "is not a plain LoRA adapter" in capsys.readouterr().err and not (tmp_path / "x").exists()

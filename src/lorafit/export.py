@@ -77,6 +77,8 @@ def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | No
         soup = source.get("soup")
         if not soup:
             raise UserError(f"{run.path} is already an export; export from the run folder it came from")
+        if source.get("format") not in ("merged", "adapter"):
+            raise UserError(f"{run.path} is an export ({source.get('format')}) of a soup; export the soup folder itself")
         allowed = ["onnx"] + (["merged"] if source.get("format") == "adapter" else [])
         if format not in allowed:  # a soup has no run folder to export from; it is one of these forms already
             raise UserError(f"{run.path} is a soup ({source.get('format')} weights): it exports to "

@@ -36,7 +36,10 @@ from .inference import label_indices, load, load_model, run_split
 from .models import SequenceClassifier, load_tokenizer, save_transformers_folder
 from .rundir import RunDir, folder_bytes
 
-__all__ = ["soup"]
+__all__ = ["soup", "PLAIN_LORA"]
+
+#: The methods whose adapters `soup(adapter=True)` concatenates: peft LoRA without DoRA or per-module ranks.
+PLAIN_LORA = ("lora", "rslora", "loraplus")
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,8 @@ def soup(run_dirs: list[str | Path], out: str | Path, overwrite: bool = False, a
         else:
             save_transformers_folder(_mean_model(runs, configs), tmp, labels)
             load_tokenizer(first.model).save_pretrained(str(tmp))
-        RunDir(tmp).write_config(first)  # the first run's settings: max_length, batch sizes, token budget
+        # the first run's settings (max_length, batch sizes, token budget); an adapter soup's method is its own
+        RunDir(tmp).write_config(_adapter_config(first, factors[1]["r"]) if factors is not None else first)
         RunDir(tmp).write_json("labels.json", labels)
         meta = {
             "format": "adapter" if adapter else "merged", "quantize": None, "quantization": None,
@@ -113,10 +117,12 @@ def _lora_concat(runs: list[RunDir], configs: list) -> tuple[dict[str, torch.Ten
         folder = run.artifact(methods.build(cfg.method).artifact)
         config_file = folder / "adapter_config.json"
         config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-        if (config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("rank_pattern")
-                or config.get("alpha_pattern") or not (folder / "adapter_model.safetensors").is_file()):
-            raise UserError(f"{run.path} ({cfg.method.name}) is not a plain LoRA adapter (DoRA, AdaLoRA, other methods "
-                            "and per-module ranks do not concatenate): leave out --adapter for a merged soup")
+        if (cfg.method.name not in PLAIN_LORA or config.get("peft_type") != "LORA" or config.get("use_dora")
+                or config.get("rank_pattern") or config.get("alpha_pattern") or config.get("lora_bias")
+                or not {"r", "lora_alpha"} <= set(config) or not (folder / "adapter_model.safetensors").is_file()):
+            raise UserError(f"{run.path} ({cfg.method.name}) is not a plain LoRA adapter ({', '.join(PLAIN_LORA)} without "
+                            "per-module ranks; DoRA, AdaLoRA and the rest do not concatenate): leave out --adapter for "
+                            "a merged soup")
         settings.append(config)
         states.append(load_file(str(folder / "adapter_model.safetensors")))
     keys = set(states[0])
@@ -137,8 +143,19 @@ def _lora_concat(runs: list[RunDir], configs: list) -> tuple[dict[str, torch.Ten
             raise UserError(f"{runs[0].path}'s adapter holds {key}, which a concatenated LoRA adapter cannot")
     rank = sum(c["r"] for c in settings)
     config = {**settings[0], "r": rank, "lora_alpha": float(rank), "use_rslora": False, "inference_mode": True,
-              "rank_pattern": {}, "alpha_pattern": {}}
+              "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True}  # the factors are given: no init runs
     return {k: v.contiguous() for k, v in tensors.items()}, config
+
+
+def _adapter_config(first, rank: int):
+    """The soup adapter's config.yaml: the first run's settings with its method as plain LoRA of the summed
+    rank and scaling 1 (what adapter_config.json says), so every reader builds the adapter it holds."""
+    from .config import validate
+
+    recorded = first.model_dump(mode="json")
+    method = {"name": "lora", "targets": recorded["method"]["targets"], "layers": recorded["method"]["layers"],
+              "rank": rank, "alpha": float(rank), "dropout": recorded["method"]["dropout"]}
+    return validate({**recorded, "method": method})
 
 
 def _check_finished(run: RunDir):
