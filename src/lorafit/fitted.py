@@ -6,7 +6,6 @@ exports). Arrays and files only: no model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import ood
+from .sources import sha256_of
 
 __all__ = ["Posthoc", "save", "load", "ARRAYS", "NEEDS"]
 
@@ -77,18 +77,10 @@ def save(run, post: Posthoc) -> None:
             save_file(tensors, str(tmp), metadata=metadata)
         # ood.json names the arrays it was fitted with: a crash between the two writes cannot pair a
         # threshold with another fit's arrays unnoticed (`load`)
-        record["arrays_sha256"] = _sha256(path)
+        record["arrays_sha256"] = sha256_of(path)
     else:
         path.unlink(missing_ok=True)
     run.write_json("ood.json", record)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load(folder) -> Posthoc | None:
@@ -104,7 +96,7 @@ def load(folder) -> Posthoc | None:
     standardise = {part: (float(v["mean"]), float(v["sd"]))
                    for part, v in (thresholds.get("hybrid") or {}).get("standardised", {}).items()}
     scorers = {}
-    arrays_match = (folder / ARRAYS).is_file() and record.get("arrays_sha256") in (None, _sha256(folder / ARRAYS))
+    arrays_match = (folder / ARRAYS).is_file() and record.get("arrays_sha256") in (None, sha256_of(folder / ARRAYS))
     if NEEDS.get(record["score"]) and arrays_match:
         from safetensors import safe_open
 
