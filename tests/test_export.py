@@ -125,6 +125,29 @@ def test_merged_export_of_each_method(tiny_bert, data_dir, tmp_path, method):
     assert np.abs(lorafit.load(tmp_path / "merged").logits(texts) - lorafit.load(run).logits(texts)).max() <= 1e-4
 
 
+def test_loading_a_merged_export_warns_of_nothing(lora_run, tmp_path):
+    """The tokenizer of a merged folder loads without transformers reading config.json (whose model type,
+    lorafit-classifier, it would warn is not the one it instantiates)."""
+    import logging
+
+    import transformers
+
+    export(lora_run, "merged", tmp_path / "merged")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    library = logging.getLogger("transformers")
+    level = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_warning()  # as a Python user has it (the CLI quietens it)
+    library.addHandler(handler)
+    try:
+        lorafit.load(tmp_path / "merged").logits(["a text"])
+    finally:
+        library.removeHandler(handler)
+        transformers.utils.logging.set_verbosity(level)
+    assert not [m for m in seen if "You are using a model of type" in m], seen
+
+
 def test_broken_parity_fails_and_leaves_nothing(lora_run, tmp_path, monkeypatch):
     monkeypatch.setitem(export_module.TOLERANCES, "float32", {"max_abs_logit_diff": -1.0})
     out = tmp_path / "merged"

@@ -466,11 +466,12 @@ def _torch_model(plan: LoadPlan, merge: bool) -> nn.Module:
 
 
 def _folder_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
 
     # The folder's config.json declares lorafit's own model type with remote code; the tokenizer
-    # files name their class, so nothing from the folder needs to run.
-    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    # files name their class, so nothing from the folder needs to run. A blank config keeps transformers
+    # from reading config.json for the tokenizer (it warned that lorafit-classifier is not its model type).
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, config=PretrainedConfig())
 
 
 def run_split(run: RunDir, cfg: Config, split: str) -> data.Split:
