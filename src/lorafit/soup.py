@@ -184,7 +184,7 @@ def _mean_model(runs: list[RunDir], configs: list) -> SequenceClassifier:
         else:
             for k in total:
                 total[k] += state[k].detach().float()
-    model.load_state_dict({k: (v / len(runs)).to(model.state_dict()[k].dtype) for k, v in total.items()})
+    model.load_state_dict({k: (v / len(runs)).to(state[k].dtype) for k, v in total.items()})
     return model.eval()
 
 
