@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from conftest import assert_same_training, dropout_free_overrides, kill_at_checkpoint, piece_counts, tiny_overrides
@@ -49,10 +52,28 @@ LAUNCHERS = {
 }
 
 
-def _launch(launcher: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _launch(launcher: str, args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the launcher; one that has not ended after `timeout` s fails the test with every process's
+    Python stack (faulthandler, on a SIGABRT sent to the launcher and its workers), not a bare timeout."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONFAULTHANDLER"] = "1"
     command = [*LAUNCHERS[launcher], "-m", "lorafit", "train", *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            tree = [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]
+            for each in tree:  # workers first: each Python process prints its threads' stacks, then dies
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    each.send_signal(signal.SIGABRT)
+            psutil.wait_procs(tree, timeout=20)
+            for each in tree:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    each.kill()
+            stdout, stderr = process.communicate()
+            pytest.fail(f"{launcher} did not end within {timeout:g} s; stdout: {stdout[-2000:]}\nstacks:\n{stderr[-12000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 @pytest.mark.parametrize("launcher,method,extra", [

@@ -102,12 +102,19 @@ class World:
 
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def leave(self) -> None:
-        if self.active:
-            import torch.distributed as dist
+    def leave(self, finished: bool) -> None:
+        """Leave the process group at the end of a run. A finished run waits for every process first
+        (rank 0 still writes the run's files after the others are done) so all of them destroy the
+        group together, as torch.distributed's shutdown notes ask; a failed one does not wait for
+        processes that may never come, nor destroy a group whose collectives may be in flight: it
+        exits, and the launcher stops the rest."""
+        if not self.active:
+            return
+        import torch.distributed as dist
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if finished and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
     # -- per step ---------------------------------------------------------------------------------
     def shard(self, batch: list[int], step_weight: float | None = None) -> tuple[list[int], float]:

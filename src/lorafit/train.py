@@ -217,7 +217,7 @@ def _run(job: Job, p: Progress, best_state: dict | None = None) -> RunResult:
         return result
     finally:
         job.sinks.close(finished)
-        job.world.leave()
+        job.world.leave(finished)
 
 
 def _train_and_finish(job: Job, p: Progress, best_state: dict | None) -> RunResult:
