@@ -14,7 +14,10 @@ next to it. Full fine-tuning is compared against the length-grouped stock recipe
 Printed: training examples/s and the ratios, peak memory (RSS on CPU, CUDA max allocated on GPU)
 and the ratios, test accuracy and macro-F1 of all three; prediction throughput of `lorafit.load(run)
 .predict` against transformers `pipeline("text-classification")` on the same trained model (its
-merged export) over the test set, with a check that the predictions are identical; and the
+merged export) over the test set, with a check that the predictions are identical, and against ONNX
+Runtime on the run's fp32 ONNX export, four ways (plain session; ORT's transformer optimizer; each fed
+input-order batches of 64 or length-sorted ones), the fastest of which is the baseline a deploying user
+would pick (`predict_speedup_vs_onnxruntime`; every tool on the run's training threads); and the
 roofline fraction: useful training GFLOP/s on real (non-padding) tokens over this machine's
 measured float32 matmul peak. Next to the measured peak: the CPU model, its vector extensions and
 the theoretical peak (cores x FLOP/cycle x clock, `lorafit.hardware.theoretical_peak_gflops`, with
@@ -41,6 +44,12 @@ import torch
 from lorafit import hardware
 
 ROOT = Path(__file__).resolve().parents[1]
+START = time.perf_counter()
+
+
+def step(message: str) -> None:
+    """Progress on stderr, with the minutes since the benchmark started."""
+    print(f"[{(time.perf_counter() - START) / 60:5.1f} min] {message}", file=sys.stderr, flush=True)
 CONFIGS = {"lora": "configs/banking77-lora.yaml", "full": "configs/banking77-full.yaml"}
 
 
@@ -143,8 +152,98 @@ def training_gflop(run: Path) -> float:
     return flops / 1e9
 
 
-def predict_comparison(run: Path, out: Path, limit: int | None) -> dict:
-    """lorafit predict vs transformers pipeline on the same trained model, over the test set."""
+def _timed(predict, texts: list[str], repeats: int = 2) -> tuple[float, list]:
+    """Texts per second of `predict(texts)` (best of `repeats` passes after a warm-up) and its output."""
+    predict(texts[:64])
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = predict(texts)
+        best = min(best, time.perf_counter() - start)
+    return len(texts) / best, result
+
+
+def onnxruntime_paths(run: Path, out: Path, texts: list[str], threads: int) -> dict:
+    """ONNX Runtime's CPU paths on lorafit's fp32 ONNX export of `run` (the model a deploying user runs).
+
+    Four ways, the fastest taken as the baseline: (1) a plain InferenceSession (ORT_ENABLE_ALL, `threads`
+    intra-op threads) fed by the export's tokenizer in batches of 64 in input order, padded to each
+    batch's longest text, as ORT's docs and the usual serving code do; (2) the same session over ORT's
+    transformer optimizer (`onnxruntime.transformers.optimizer`, model_type bert: fused attention,
+    layer norm, GELU); (3) `lorafit.load(export)`: the plain session fed length-sorted batches (how
+    lorafit serves an ONNX export: at most 64 rows and the run's token budget per batch); (4) the optimized graph fed those batches. Top-1 labels
+    are returned so the caller can check they match PyTorch's.
+    """
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    import lorafit
+    from lorafit.export import export
+    from lorafit.inference import OnnxBackend, batched_logits
+    from lorafit.rundir import RunDir
+
+    folder = out / "onnx"
+    if not (folder / "export.json").is_file():
+        export(run, "onnx", folder, overwrite=True)
+    fused = out / "onnx-ort-optimized.onnx"
+    if not fused.is_file():
+        from onnxruntime.transformers import optimizer
+
+        optimized = optimizer.optimize_model(str(folder / "model.onnx"), model_type="bert", num_heads=0, hidden_size=0,
+                                             opt_level=1)  # 0 = read heads and width from the graph
+        optimized.save_model_to_file(str(fused))
+        fusions = optimized.get_fused_operator_statistics()
+    else:
+        fusions = None
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    max_length = RunDir(run).config().data.max_length
+    labels = json.loads((folder / "labels.json").read_text())
+
+    def session(path: Path):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def plain(sess):
+        def predict(batch_texts: list[str]) -> list[str]:
+            top = []
+            for i in range(0, len(batch_texts), 64):
+                enc = tokenizer(batch_texts[i:i + 64], padding=True, truncation=True, max_length=max_length, return_tensors="np")
+                feeds = {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+                top += [labels[j] for j in sess.run(["logits"], feeds)[0].argmax(-1)]
+            return top
+        return predict
+
+    rows = {}
+    step("prediction: ONNX Runtime ...")
+    rows["ort_plain"] = _timed(plain(session(folder / "model.onnx")), texts)
+    rows["ort_transformer_optimizer"] = _timed(plain(session(fused)), texts)
+    exported = lorafit.load(folder, device="cpu", threads=threads)
+    rows["ort_length_sorted"] = _timed(lambda t: [p[0][0] for p in exported.predict(t, top_k=1)], texts)
+    fused_backend = OnnxBackend(fused, threads)
+
+    def fused_sorted(batch_texts: list[str]) -> list[str]:
+        logits = batched_logits(fused_backend, exported.tokenize(batch_texts), exported.pad_id, exported.batch_size,
+                                exported.max_tokens)
+        return [labels[j] for j in logits.argmax(-1)]
+
+    rows["ort_transformer_optimizer_length_sorted"] = _timed(fused_sorted, texts)
+    best = max(rows, key=lambda k: rows[k][0])
+    # ORT's reduced-precision path, the fair match for lorafit in bf16: dynamic int8, length-sorted batches.
+    # Exported whatever its agreement (a --quick model is barely trained); the agreement is printed.
+    int8 = out / "onnx-int8"
+    if not (int8 / "export.json").is_file():
+        export(run, "onnx", int8, quantize="int8", overwrite=True, min_agreement=0.0, max_accuracy_drop=1.0)
+    quantized = lorafit.load(int8, device="cpu", threads=threads)
+    int8_row = _timed(lambda t: [p[0][0] for p in quantized.predict(t, top_k=1)], texts)
+    return {"per_s": {k: v[0] for k, v in rows.items()}, "top1": {k: v[1] for k, v in rows.items()}, "best": best,
+            "fusions": fusions, "int8_per_s": int8_row[0], "int8_top1": int8_row[1]}
+
+
+def predict_comparison(run: Path, out: Path, limit: int | None, threads: int) -> dict:
+    """lorafit predict vs transformers pipeline and ONNX Runtime on the same trained model, over the test set."""
     import lorafit
     from transformers import pipeline
 
@@ -152,12 +251,14 @@ def predict_comparison(run: Path, out: Path, limit: int | None) -> dict:
     from lorafit.inference import run_split
     from lorafit.rundir import RunDir
 
+    torch.set_num_threads(threads)
     rundir = RunDir(run)
     test = run_split(rundir, rundir.config(), "test")
     texts = test.texts[:limit] if limit else test.texts
     merged = out / "merged"
     if not (merged / "export.json").is_file():
         export(run, "merged", merged, overwrite=True)
+    step("prediction: transformers pipeline ...")
     classify = pipeline("text-classification", model=str(merged), trust_remote_code=True, device="cpu")
     classify(texts[:8])
     start = time.perf_counter()
@@ -166,16 +267,24 @@ def predict_comparison(run: Path, out: Path, limit: int | None) -> dict:
     start = time.perf_counter()
     stock_batched = classify(texts, batch_size=64)
     stock_batched_seconds = time.perf_counter() - start
-    clf = lorafit.load(run, device="cpu")
-    clf.predict(texts[:8])
-    start = time.perf_counter()
-    ours = clf.predict(texts, top_k=1)
-    ours_seconds = time.perf_counter() - start
-    same = sum(s["label"] == o[0][0] for s, o in zip(stock, ours))
-    same_batched = sum(s["label"] == o[0][0] for s, o in zip(stock_batched, ours))
-    return {"texts": len(texts), "pipeline_per_s": len(texts) / stock_seconds,
-            "pipeline_batch64_per_s": len(texts) / stock_batched_seconds, "lorafit_per_s": len(texts) / ours_seconds,
-            "identical": same, "identical_batched": same_batched}
+    clf = lorafit.load(run, device="cpu", threads=threads)
+    ours_per_s, ours = _timed(lambda t: [p[0][0] for p in clf.predict(t, top_k=1)], texts)
+    same = sum(s["label"] == o for s, o in zip(stock, ours))
+    same_batched = sum(s["label"] == o for s, o in zip(stock_batched, ours))
+    bf16 = {}
+    if hardware.native_bf16():  # emulated bf16 is slower than float32: not measured there
+        step("prediction: lorafit in bf16 ...")
+        half = lorafit.load(run, device="cpu", threads=threads, precision="bf16")
+        bf16_per_s, bf16_top = _timed(lambda t: [p[0][0] for p in half.predict(t, top_k=1)], texts)
+        bf16 = {"per_s": bf16_per_s, "identical": sum(a == b for a, b in zip(bf16_top, ours))}
+    ort = onnxruntime_paths(run, out, texts, threads)
+    same_ort = {k: sum(a == b for a, b in zip(top, ours)) for k, top in ort["top1"].items()}
+    return {"texts": len(texts), "threads": threads, "pipeline_per_s": len(texts) / stock_seconds,
+            "pipeline_batch64_per_s": len(texts) / stock_batched_seconds, "lorafit_per_s": ours_per_s,
+            "identical": same, "identical_batched": same_batched,
+            "onnxruntime_per_s": ort["per_s"], "onnxruntime_best": ort["best"], "identical_onnxruntime": same_ort,
+            "onnxruntime_fusions": ort["fusions"], "lorafit_bf16": bf16, "onnxruntime_int8_per_s": ort["int8_per_s"],
+            "identical_onnxruntime_int8": sum(a == b for a, b in zip(ort["int8_top1"], ours))}
 
 
 def main() -> int:
@@ -203,27 +312,28 @@ def main() -> int:
     triples = []  # (lorafit, stock as written, stock with length grouping) per seed
     for seed in seeds:
         run = out / f"lorafit-lora-s{seed}"
-        print(f"seed {seed}: lorafit LoRA ...", file=sys.stderr, flush=True)
+        step(f"seed {seed}: lorafit LoRA ...")
         ours = run_lorafit("lora", run, epochs, seed, limit, args.threads, dataset)
-        print(f"seed {seed}: stock LoRA ...", file=sys.stderr, flush=True)
+        step(f"seed {seed}: stock LoRA ...")
         stock = run_stock("lora", run, out / f"stock-lora-s{seed}.json", epochs, seed, args.threads)
-        print(f"seed {seed}: stock LoRA, group_by_length ...", file=sys.stderr, flush=True)
+        step(f"seed {seed}: stock LoRA, group_by_length ...")
         grouped = run_stock("lora", run, out / f"stock-grouped-lora-s{seed}.json", epochs, seed, args.threads, group_by_length=True)
         triples.append((ours, stock, grouped))
     full = None
     if not args.skip_full:
         run = out / f"lorafit-full-s{seeds[0]}"
-        print("full fine-tuning: lorafit, then stock with group_by_length ...", file=sys.stderr, flush=True)
+        step("full fine-tuning: lorafit, then stock with group_by_length ...")
         full = (run_lorafit("full", run, epochs, seeds[0], limit, args.threads, dataset),
                 run_stock("full", run, out / f"stock-grouped-full-s{seeds[0]}.json", epochs, seeds[0], args.threads,
                           group_by_length=True))
-    print("prediction throughput ...", file=sys.stderr, flush=True)
-    predict = predict_comparison(out / f"lorafit-lora-s{seeds[0]}", out, predict_limit)
     # The roofline compares the run's training with the matmul peak of the same threads, bounded by as
     # many cores: with --threads 1 on 16 cores, 16 cores' peak would let a wrong measurement through.
+    # Prediction runs on those threads too, for every tool.
     from lorafit.rundir import RunDir
 
     threads = RunDir(out / f"lorafit-lora-s{seeds[0]}").compute().threads
+    step("prediction throughput ...")
+    predict = predict_comparison(out / f"lorafit-lora-s{seeds[0]}", out, predict_limit, threads)
     torch.set_num_threads(threads)
     info = hardware.cpu_info()
     theoretical = hardware.theoretical_peak_gflops(info, threads=threads)
@@ -263,6 +373,24 @@ def main() -> int:
           f"({predict['lorafit_per_s'] / predict['pipeline_per_s']:.2f}x), pipeline batch_size=64 {predict['pipeline_batch64_per_s']:.0f}/s "
           f"({predict['lorafit_per_s'] / predict['pipeline_batch64_per_s']:.2f}x); identical top-1: {predict['identical']}/{predict['texts']} "
           f"(batched {predict['identical_batched']}/{predict['texts']})")
+    ort_best = predict["onnxruntime_per_s"][predict["onnxruntime_best"]]
+    print(f"ONNX Runtime on lorafit's fp32 ONNX export, {predict['threads']} intra-op thread(s): "
+          + ", ".join(f"{k} {v:.0f}/s (identical top-1 {predict['identical_onnxruntime'][k]}/{predict['texts']})"
+                      for k, v in predict["onnxruntime_per_s"].items())
+          + f"; best {predict['onnxruntime_best']}: lorafit (PyTorch) {predict['lorafit_per_s']:.0f}/s is "
+          f"{predict['lorafit_per_s'] / ort_best:.2f}x it")
+    n = predict["texts"]
+    if predict["lorafit_bf16"]:
+        half = predict["lorafit_bf16"]
+        print(f"reduced precision: lorafit bf16 {half['per_s']:.0f}/s (top-1 as float32 on {half['identical']}/{n}) vs ONNX "
+              f"Runtime dynamic int8, length-sorted {predict['onnxruntime_int8_per_s']:.0f}/s (top-1 as float32 on "
+              f"{predict['identical_onnxruntime_int8']}/{n}): {half['per_s'] / predict['onnxruntime_int8_per_s']:.2f}x; "
+              f"lorafit bf16 vs ORT's best float32 path {half['per_s'] / ort_best:.2f}x")
+    else:
+        print(f"reduced precision: no native bf16 on this CPU, lorafit bf16 not measured; ONNX Runtime dynamic int8 "
+              f"{predict['onnxruntime_int8_per_s']:.0f}/s (top-1 as float32 on {predict['identical_onnxruntime_int8']}/{n})")
+    if predict["onnxruntime_fusions"]:
+        print(f"  ORT transformer optimizer fusions: {predict['onnxruntime_fusions']}")
     print(f"CPU: {info['model']} ({info['vendor']} family {info['family']} model {info['model_id']}), "
           f"{info['cores']} usable cores, torch threads {torch.get_num_threads()}; vector extensions: {' '.join(info['flags'])}")
     print(f"theoretical float32 peak ({theoretical['microarchitecture']}): {theoretical['formula']}")
@@ -282,6 +410,13 @@ def main() -> int:
         "stock_grouped_sampler": triples[0][2].get("sampler"),
         "predict_speedup": round(predict["lorafit_per_s"] / predict["pipeline_per_s"], 3),
         "predict_speedup_vs_batched_pipeline": round(predict["lorafit_per_s"] / predict["pipeline_batch64_per_s"], 3),
+        "predict_speedup_vs_onnxruntime": round(predict["lorafit_per_s"] / ort_best, 3),
+        "onnxruntime_best_path": predict["onnxruntime_best"],
+        "predict_bf16_speedup_vs_onnxruntime_int8": (round(predict["lorafit_bf16"]["per_s"] / predict["onnxruntime_int8_per_s"], 3)
+                                                     if predict["lorafit_bf16"] else None),
+        "predict_bf16_top1_agreement": (round(predict["lorafit_bf16"]["identical"] / predict["texts"], 4)
+                                        if predict["lorafit_bf16"] else None),
+        "predict_threads": predict["threads"],
         "predictions_identical": predict["identical"] == predict["texts"],
         "roofline_fraction": round(fraction, 3) if fraction is not None else None,
         "roofline_fraction_of_theoretical": round(of_theoretical, 3) if of_theoretical is not None else None,

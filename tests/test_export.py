@@ -346,3 +346,35 @@ def test_static_calibration_sample_is_seeded_training_texts(light_run, tmp_path,
     assert meta["quantization"]["calibration"] == {"split": "train", "texts": 256, "of": 449, "method": "MinMax", "seed": 0}
     expected = lorafit.load(light_run).tokenize(quantization.calibration_sample(train.texts, seed=0))
     assert seen == [(expected, 64)]  # padded per batch of at most 64, as lorafit.load batches an ONNX export
+
+
+def test_bf16_prediction_runs_the_stock_layers_under_bf16_autocast(lora_run, data_dir, monkeypatch):
+    """`precision=bf16` on CPU: the products run in bf16 (so the logits move a little from float32's),
+    through PyTorch's layers (oneDNN's float32 linear would keep them in float32), and stay close."""
+    from lorafit import kernels
+
+    monkeypatch.setattr(kernels, "decide", lambda threads: {"onednn_linear": True})  # a host where oneDNN wins in fp32
+    texts = _test_texts(data_dir)
+    exact = lorafit.load(lora_run, device="cpu")
+    assert exact.backend.amp is None and exact.backend.fast_paths.counts.get("onednn_linear")
+    fast = lorafit.load(lora_run, device="cpu", precision="bf16")
+    assert fast.backend.amp == torch.bfloat16 and not fast.backend.fast_paths.counts
+    a, b = exact.logits(texts), fast.logits(texts)
+    assert b.dtype == np.float32 and not np.array_equal(a, b)  # bf16 arithmetic did run
+    assert np.abs(a - b).max() < 0.05 * max(1.0, np.abs(a).max())
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
+
+
+def test_precision_requests_that_cannot_hold(lora_run, tmp_path, capsys):
+    onnx = tmp_path / "onnx"
+    export(lora_run, "onnx", onnx)
+    with pytest.raises(UserError, match="ONNX Runtime runs the graph in its own precision"):
+        lorafit.load(onnx, precision="bf16")
+    with pytest.raises(UserError, match="fp16 runs on CUDA only"):
+        lorafit.load(lora_run, device="cpu", precision="fp16")
+    with pytest.raises(UserError, match="unknown precision 'int4'"):
+        lorafit.load(lora_run, device="cpu", precision="int4")
+    assert main(["predict", str(lora_run), "pizza please", "--json", "--device", "cpu", "--precision", "bf16"]) == 0
+    assert json.loads(capsys.readouterr().out.strip())["predictions"][0]["label"] in {"food", "sport", "travel"}
+    assert main(["eval", str(lora_run), "--refit", "--precision", "bf16"]) == 2
+    assert "--refit fits in the run's own precision" in capsys.readouterr().err

@@ -76,6 +76,13 @@ def cpu_info() -> dict:
     }
 
 
+def native_bf16(info: dict | None = None) -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX), so bf16 inference runs faster
+    than float32 instead of being emulated (slower)."""
+    flags = (info or cpu_info())["flags"]
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def cpu_line(info: dict | None = None) -> str:
     """The line benchmarks print before any figure: model, family/model ids, cores and vector flags."""
     cpu = info or cpu_info()
