@@ -234,6 +234,12 @@ def test_predict_serve_and_exports_decide_by_the_runs_own_score(tiny_bert, oos_d
         listed = client.get("/v1/adapters").json()["adapters"][0]
         assert listed["shared_base"] and (listed["ood_score"], listed["threshold"]) == (score, record["threshold"])
         served = client.post("/v1/predict", json={"texts": texts, "top_k": 1}).json()["predictions"]
+        # knn's fine-tuned vectors come from the logits' own pass; hybrid's pre-trained ones take a second
+        encoder = next(iter(client.app.state.registry.bases.values())).model.base_model.model
+        calls, features = [], encoder.features
+        encoder.features = lambda *args: calls.append(1) or features(*args)
+        client.post("/v1/predict", json={"texts": texts[:4], "top_k": 1})
+        assert len(calls) == (2 if score == "hybrid" else 1)
     assert [p["out_of_scope"] for p in served] == list(outside)
     np.testing.assert_allclose([p["in_scope_score"] for p in served], scores, atol=1e-4)  # unmerged adapter: float rounding
 

@@ -160,14 +160,14 @@ def test_a_busy_server_turns_requests_away_and_keeps_answering_health(runs):
     (nothing piles up), health and the adapter list still answer, and the held requests complete."""
     app = create_app([("topics", str(runs["topics"]), None)], Limits(max_wait_ms=0, max_texts=3, max_queued=6))
     served, batcher = app.state.registry.served["topics"], app.state.batcher
-    entered, gate, real = threading.Event(), threading.Event(), served.logits
+    entered, gate, real = threading.Event(), threading.Event(), served.outputs
 
-    def held(texts):
+    def held(texts, tuned):
         entered.set()
         assert gate.wait(30)
-        return real(texts)
+        return real(texts, tuned)
 
-    served.logits = held
+    served.outputs = held
     predict = lambda c, texts: c.post("/v1/predict", json={"texts": texts, "top_k": 1})  # noqa: E731
 
     async def until(condition):
@@ -490,10 +490,10 @@ def test_refused_bodies_always_get_their_answer_under_load(runs):
 def test_an_unhandled_error_is_a_one_line_500_and_counted(runs):
     app = create_app([("topics", str(runs["topics"]), None)])
 
-    def broken(texts):
+    def broken(texts, tuned):
         raise RuntimeError("a bug")
 
-    app.state.registry.served["topics"].logits = broken
+    app.state.registry.served["topics"].outputs = broken
     with TestClient(app) as c:
         r = c.post("/v1/predict", json={"texts": ["pizza"]})
         assert r.status_code == 500 and r.json() == {"error": "internal error; see the server log"}

@@ -131,6 +131,10 @@ class OutOfScope:
         got = {which: vectors(which) for which in self.reads}
         return self.post.scores(self.score, got.get("tuned"), logits, got.get("base"))
 
+    def scores_with(self, logits: np.ndarray, tuned: np.ndarray | None, vectors: Callable[[str], np.ndarray]) -> np.ndarray:
+        """`scores`, with the fine-tuned vectors already in hand where the logits' own pass gave them (`tuned`)."""
+        return self.scores(logits, lambda which: tuned if which == "tuned" and tuned is not None else vectors(which))
+
     def outside(self, scores: np.ndarray) -> np.ndarray:
         """Whether each text is out of scope (N,) bool."""
         scores = np.asarray(scores)
@@ -246,15 +250,23 @@ class Classifier:
             texts = [texts]
         if not texts:
             return [], np.zeros(0), np.zeros(0, bool)
-        if "tuned" in self.oos.reads and self.model is not None:  # logits and sentence vectors in one pass
-            both = batched_logits(TorchBackend(WithFeatures(self.model), self.backend.device, self.backend.amp),
-                                  self.tokenize(texts), self.pad_id, self.batch_size, self.max_tokens)
-            features, logits = both[:, :-len(self.labels)], both[:, -len(self.labels):]
-        else:
-            features, logits = None, self.logits(texts)
-        scores = self.oos.scores(logits, lambda which: features if which == "tuned" and features is not None
-                                 else self.vectors(which, texts))
+        logits, scores = self.scored(texts)
         return top_labels(softmax(logits / self.temperature), self.labels, top_k), scores, self.oos.outside(scores)
+
+    def outputs(self, texts: list[str], tuned: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw logits (N, C) and, when `tuned` and the model is PyTorch, the fine-tuned sentence vectors
+        (N, H) from the same pass; else None."""
+        if not (tuned and self.model is not None):
+            return self.logits(texts), None
+        features, logits = features_and_logits(self.model, self.tokenize(texts), self.pad_id, self.batch_size,
+                                               self.backend.device, self.backend.amp, self.max_tokens, len(self.labels))
+        return logits, features
+
+    def scored(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Raw logits (N, C) and in-scope scores (N,) of `oos.score`: one forward pass gives both where the
+        score reads the fine-tuned vectors; the pre-trained encoder's (base_knn, hybrid) take their own."""
+        logits, tuned = self.outputs(texts, "tuned" in self.oos.reads)
+        return logits, self.oos.scores_with(logits, tuned, lambda which: self.vectors(which, texts))
 
     def evaluate(self, texts: list[str], labels: list[str]) -> dict:
         return classification_metrics(self.logits(texts), label_indices(labels, self.labels), self.labels)

@@ -73,7 +73,9 @@ class Served:
 
     name: str
     labels: list[str]
-    logits: Callable[[list[str]], np.ndarray]  # runs on the compute thread only
+    outputs: Callable[[list[str], bool], tuple[np.ndarray, np.ndarray | None]]
+    """(texts, tuned) -> raw logits (N, C) and, if `tuned` and the model can, the fine-tuned sentence vectors
+    (N, H) of the same pass, else None (`Classifier.outputs`); compute thread only."""
     info: dict = field(default_factory=dict)
     """What the adapters route shows of it: kind, shared_base, method, base_model."""
     model: nn.Module | None = None
@@ -98,10 +100,15 @@ class Served:
         """Probabilities are softmax(logits / temperature); `logits` stays raw."""
         return self.oos.temperature
 
+    def logits(self, texts: list[str]) -> np.ndarray:
+        """Raw logits (N, C) of `texts` (compute thread)."""
+        return self.outputs(texts, False)[0]
+
     def scores(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Calibrated probabilities (N, C) and in-scope scores (N,) of `texts` (compute thread)."""
-        logits = self.logits(texts)
-        return softmax(logits / self.temperature), self.oos.scores(logits, lambda which: self.vectors(which, texts))
+        """Calibrated probabilities (N, C) and in-scope scores (N,) of `texts` (compute thread); a score that
+        reads the fine-tuned vectors takes them from the logits' own pass."""
+        logits, tuned = self.outputs(texts, "tuned" in self.oos.reads)
+        return softmax(logits / self.temperature), self.oos.scores_with(logits, tuned, lambda which: self.vectors(which, texts))
 
 
 @dataclass
@@ -166,9 +173,14 @@ class SharedBase:
         self.model.eval()  # peft creates a new adapter's dropout modules in training mode
 
     @torch.inference_mode()
-    def logits(self, name: str, texts: list[str]) -> np.ndarray:
-        adapter = self.adapters[name]
-        return self._run(name, texts, lambda features: adapter.head(features))  # (N, C)
+    def outputs(self, name: str, texts: list[str], tuned: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Adapter `name`'s logits (N, C) and, if `tuned`, its sentence vectors (N, H) from the same pass."""
+        head = self.adapters[name].head
+        if not tuned:
+            return self._run(name, texts, head), None
+        both = self._run(name, texts, lambda features: torch.cat([features, head(features)], dim=-1))  # (N, H + C)
+        classes = head.out_features
+        return both[:, -classes:], both[:, :-classes]
 
     @torch.inference_mode()
     def vectors(self, name: str, which: str, texts: list[str]) -> np.ndarray:
@@ -228,7 +240,7 @@ class Registry:
             served.oos = oos
         else:
             classifier = load(plan, device="cpu", threshold=threshold)
-            served = Served(name, plan.labels, classifier.logits, {"kind": plan.kind, "shared_base": False},
+            served = Served(name, plan.labels, classifier.outputs, {"kind": plan.kind, "shared_base": False},
                             model=classifier.model, file_bytes=plan.file_bytes, vectors=classifier.vectors,
                             oos=classifier.oos, pretrained=getattr(classifier.pretrained, "model", None))
         served.info.update(method=plan.cfg.method.name, base_model=(plan.base or plan.cfg.model).name, temperature=oos.temperature,
@@ -249,7 +261,7 @@ class Registry:
         base = self.bases.get(key) or SharedBase(plan.base, plan.cfg.seed, self.limits.max_batch)
         base.add(name, plan, peft_config)
         self.bases[key] = base  # only once it holds an adapter
-        return Served(name, plan.labels, functools.partial(base.logits, name), {"kind": "adapter", "shared_base": True},
+        return Served(name, plan.labels, functools.partial(base.outputs, name), {"kind": "adapter", "shared_base": True},
                       vectors=functools.partial(base.vectors, name))
 
     def _check_base_allowed(self, name: str) -> None:
