@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -545,3 +546,22 @@ def test_the_page_shows_what_the_api_answers(runs, tmp_path):
         assert ", ".join(f"{t['label']} ({t['score']:.4f})" for t in p["top_k"]) in cells
     threshold = json.loads((runs["topics"] / "ood.json").read_text())["threshold"]
     assert f"threshold {threshold:.4f}" in dom
+
+
+def test_serving_in_bf16_runs_every_pytorch_model_under_bf16(runs):
+    """--precision bf16: the shared base (adapters) and a model of its own (full fine-tuning) compute in bf16,
+    so probabilities move a little from float32's and stay close; the adapters route says so."""
+    names = [("topics", str(runs["topics"]), None), ("full", str(runs["full"]), None)]
+    answers = {}
+    for precision in ("auto", "bf16"):
+        with TestClient(create_app(names, precision=precision)) as c:
+            listed = {a["name"]: a["precision"] for a in c.get("/v1/adapters").json()["adapters"]}
+            assert listed == {"topics": precision, "full": precision}
+            answers[precision] = {name: [[p["score"] for p in row["top_k"]] for row in
+                                         c.post("/v1/predict", json={"texts": TEXTS, "adapter": name, "top_k": 2}).json()["predictions"]]
+                                  for name, _, _ in names}
+    for name, _, _ in names:
+        exact, half = np.array(answers["auto"][name]), np.array(answers["bf16"][name])
+        assert not np.array_equal(exact, half) and np.abs(exact - half).max() < 0.02, name
+    with pytest.raises(UserError, match="fp16 runs on CUDA only"):
+        create_app(names, precision="fp16")

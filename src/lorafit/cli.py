@@ -257,7 +257,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars, max_body_bytes=args.max_body_bytes,
                     max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queued=args.max_queued)
     app = create_app([(name, path, thresholds.get(name)) for name, path in adapters], limits,
-                     api_key=args.api_key, adapter_root=args.adapter_root, threads=args.threads)
+                     api_key=args.api_key, adapter_root=args.adapter_root, threads=args.threads, precision=args.precision)
     print(f"serving {', '.join(name for name, _ in adapters)} on http://{args.host}:{args.port}", flush=True)
     run(app, args.host, args.port)
     return 0
@@ -439,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queued", type=int, default=4096,
                    help="texts that may wait for the model; a request over it gets 503 with Retry-After")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    _add_precision(p)
     p.set_defaults(func=cmd_serve)
 
     p = verbs.add_parser("sweep", help="a grid / random search of runs from a sweep file")

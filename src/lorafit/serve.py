@@ -358,14 +358,16 @@ async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
 
 
 def create_app(adapters: list[tuple[str, str, float | None]], limits: Limits | None = None,
-               api_key: str | None = None, adapter_root: str | Path | None = None, threads: int | None = None) -> FastAPI:
-    """The FastAPI app. `adapters`: (name, path, threshold); loaded before the app is returned."""
+               api_key: str | None = None, adapter_root: str | Path | None = None, threads: int | None = None,
+               precision: str = "auto") -> FastAPI:
+    """The FastAPI app. `adapters`: (name, path, threshold); loaded before the app is returned. `precision`:
+    of every PyTorch model served (`lorafit.load`'s; ONNX exports run in their own)."""
     limits = limits or Limits()
     api_key = api_key or os.environ.get(API_KEY_ENV) or None  # an empty key is no key: admin stays off
     root = Path(adapter_root or os.getcwd()).resolve()
     if threads:
         torch.set_num_threads(threads)
-    registry = Registry(limits, root)
+    registry = Registry(limits, root, precision)
     for name, path, threshold in adapters:
         registry.add(name, path, threshold)
     if not registry.served:

@@ -28,10 +28,11 @@ from . import batching
 from .config import ModelConfig
 from .errors import UserError
 from .evaluate import softmax
-from .inference import LoadPlan, batched_logits, check_no_pickles, load, plan_load, check_probability, recorded_decision, OutOfScope, pretrained_config
+from .inference import (PRECISIONS, LoadPlan, OutOfScope, batched_logits, check_no_pickles, check_probability, inference_autocast, load,
+                        plan_load, pretrained_config, recorded_decision)
 from .models import ALIASES, build_classifier, load_tokenizer, resolve_model_path
 from .rundir import safe_name
-from .runtime import token_budget
+from .runtime import autocast, token_budget
 
 __all__ = ["Limits", "Served", "SharedBase", "Registry", "Batcher", "Unavailable"]
 
@@ -123,8 +124,9 @@ class SharedBase:
 
     device = torch.device("cpu")  # the server computes on CPU: the base is built there and stays
 
-    def __init__(self, base: ModelConfig, seed: int, batch_size: int):
+    def __init__(self, base: ModelConfig, seed: int, batch_size: int, amp: torch.dtype | None = None):
         self.model = None  # peft.PeftModel over lorafit's SequenceClassifier, built with the first adapter
+        self.amp = amp  # autocast dtype of every forward pass (the server's --precision); None: float32
         self.base = base
         self.seed = seed
         self.batch_size = batch_size
@@ -199,7 +201,8 @@ class SharedBase:
         adapter = self.adapters[name]
 
         def backend(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
-            return head(encoder.features(input_ids, attention_mask)).float().numpy()
+            with autocast(self.device, self.amp):
+                return head(encoder.features(input_ids, attention_mask)).float().numpy()
 
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         token_ids = batching.tokenize(self.tokenizer, texts, adapter.max_length)
@@ -214,7 +217,10 @@ class Registry:
     added is changing.
     """
 
-    def __init__(self, limits: Limits, root: Path | None = None):
+    def __init__(self, limits: Limits, root: Path | None = None, precision: str = "auto"):
+        if precision not in PRECISIONS:
+            raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        self.precision = precision  # of PyTorch models (`inference.inference_autocast`); ONNX graphs keep their own
         self.limits = limits
         self.root = root  # adapters added over HTTP live here, and may bring their base model only from here
         self.served: dict[str, Served] = {}
@@ -239,12 +245,12 @@ class Registry:
             served = self._add_to_shared_base(name, plan)
             served.oos = oos
         else:
-            classifier = load(plan, device="cpu", threshold=threshold)
+            classifier = load(plan, device="cpu", threshold=threshold, precision=self._precision(plan))
             served = Served(name, plan.labels, classifier.outputs, {"kind": plan.kind, "shared_base": False},
                             model=classifier.model, file_bytes=plan.file_bytes, vectors=classifier.vectors,
                             oos=classifier.oos, pretrained=getattr(classifier.pretrained, "model", None))
         served.info.update(method=plan.cfg.method.name, base_model=(plan.base or plan.cfg.model).name, temperature=oos.temperature,
-                           ood_score=oos.score, threshold_source=oos.source)
+                           ood_score=oos.score, threshold_source=oos.source, precision=self._precision(plan))
         if plan.kind == "run":  # a run folder builds on its base model (exports carry their own weights)
             served.base_path = resolve_model_path(plan.base.name)
         self.served[name] = served
@@ -258,11 +264,16 @@ class Registry:
 
         peft_config = PeftConfig.from_pretrained(str(plan.weights))
         key = (resolve_model_path(plan.base.name), plan.base.pooling, str(peft_config.peft_type))
-        base = self.bases.get(key) or SharedBase(plan.base, plan.cfg.seed, self.limits.max_batch)
+        base = self.bases.get(key) or SharedBase(plan.base, plan.cfg.seed, self.limits.max_batch,
+                                                 inference_autocast(plan, SharedBase.device, self.precision))
         base.add(name, plan, peft_config)
         self.bases[key] = base  # only once it holds an adapter
         return Served(name, plan.labels, functools.partial(base.outputs, name), {"kind": "adapter", "shared_base": True},
                       vectors=functools.partial(base.vectors, name))
+
+    def _precision(self, plan: LoadPlan) -> str:
+        """The precision `plan` runs in here: the server's, but an ONNX graph's own."""
+        return "auto" if plan.kind == "onnx" else self.precision
 
     def _check_base_allowed(self, name: str) -> None:
         """Over HTTP, an adapter's config may not make the server read or download any model it likes:
