@@ -152,7 +152,7 @@ def training_gflop(run: Path) -> float:
     return flops / 1e9
 
 
-def _timed(predict, texts: list[str], repeats: int = 2) -> tuple[float, list]:
+def _timed(predict, texts: list[str], repeats: int) -> tuple[float, list]:
     """Texts per second of `predict(texts)` (best of `repeats` passes after a warm-up) and its output."""
     predict(texts[:64])
     best, result = float("inf"), None
@@ -163,16 +163,18 @@ def _timed(predict, texts: list[str], repeats: int = 2) -> tuple[float, list]:
     return len(texts) / best, result
 
 
-def onnxruntime_paths(run: Path, out: Path, texts: list[str], threads: int) -> dict:
+def onnxruntime_paths(run: Path, out: Path, texts: list[str], threads: int, reference: list[str], repeats: int) -> dict:
     """ONNX Runtime's CPU paths on lorafit's fp32 ONNX export of `run` (the model a deploying user runs).
 
     Four ways, the fastest taken as the baseline: (1) a plain InferenceSession (ORT_ENABLE_ALL, `threads`
     intra-op threads) fed by the export's tokenizer in batches of 64 in input order, padded to each
     batch's longest text, as ORT's docs and the usual serving code do; (2) the same session over ORT's
     transformer optimizer (`onnxruntime.transformers.optimizer`, model_type bert: fused attention,
-    layer norm, GELU); (3) `lorafit.load(export)`: the plain session fed length-sorted batches (how
-    lorafit serves an ONNX export: at most 64 rows and the run's token budget per batch); (4) the optimized graph fed those batches. Top-1 labels
-    are returned so the caller can check they match PyTorch's.
+    layer norm, GELU; redone every time, so it follows the export); (3) `lorafit.load(export)`: the plain session fed length-sorted batches (how
+    lorafit serves an ONNX export: at most 64 rows and the run's token budget per batch); (4) the optimized graph fed those batches. The baseline
+    is the fastest of those whose top-1 labels agree with `reference` (lorafit's float32 ones) on at least
+    99.5% of the texts: a fast path that computed something else would not be a baseline. Also ORT's
+    reduced-precision path: lorafit's dynamic int8 ONNX export (ORT's quantize_dynamic) fed length-sorted batches.
     """
     import onnxruntime as ort
     from transformers import AutoTokenizer
@@ -186,15 +188,12 @@ def onnxruntime_paths(run: Path, out: Path, texts: list[str], threads: int) -> d
     if not (folder / "export.json").is_file():
         export(run, "onnx", folder, overwrite=True)
     fused = out / "onnx-ort-optimized.onnx"
-    if not fused.is_file():
-        from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers import optimizer
 
-        optimized = optimizer.optimize_model(str(folder / "model.onnx"), model_type="bert", num_heads=0, hidden_size=0,
-                                             opt_level=1)  # 0 = read heads and width from the graph
-        optimized.save_model_to_file(str(fused))
-        fusions = optimized.get_fused_operator_statistics()
-    else:
-        fusions = None
+    optimized = optimizer.optimize_model(str(folder / "model.onnx"), model_type="bert", num_heads=0, hidden_size=0,
+                                         opt_level=1)  # 0 = read heads and width from the graph
+    optimized.save_model_to_file(str(fused))
+    fusions = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
     tokenizer = AutoTokenizer.from_pretrained(folder)
     max_length = RunDir(run).config().data.max_length
     labels = json.loads((folder / "labels.json").read_text())
@@ -218,10 +217,10 @@ def onnxruntime_paths(run: Path, out: Path, texts: list[str], threads: int) -> d
 
     rows = {}
     step("prediction: ONNX Runtime ...")
-    rows["ort_plain"] = _timed(plain(session(folder / "model.onnx")), texts)
-    rows["ort_transformer_optimizer"] = _timed(plain(session(fused)), texts)
+    rows["ort_plain"] = _timed(plain(session(folder / "model.onnx")), texts, repeats)
+    rows["ort_transformer_optimizer"] = _timed(plain(session(fused)), texts, repeats)
     exported = lorafit.load(folder, device="cpu", threads=threads)
-    rows["ort_length_sorted"] = _timed(lambda t: [p[0][0] for p in exported.predict(t, top_k=1)], texts)
+    rows["ort_length_sorted"] = _timed(lambda t: [p[0][0] for p in exported.predict(t, top_k=1)], texts, repeats)
     fused_backend = OnnxBackend(fused, threads)
 
     def fused_sorted(batch_texts: list[str]) -> list[str]:
@@ -229,21 +228,24 @@ def onnxruntime_paths(run: Path, out: Path, texts: list[str], threads: int) -> d
                                 exported.max_tokens)
         return [labels[j] for j in logits.argmax(-1)]
 
-    rows["ort_transformer_optimizer_length_sorted"] = _timed(fused_sorted, texts)
-    best = max(rows, key=lambda k: rows[k][0])
+    rows["ort_transformer_optimizer_length_sorted"] = _timed(fused_sorted, texts, repeats)
+    agree = {k: sum(a == b for a, b in zip(v[1], reference)) for k, v in rows.items()}
+    faithful = [k for k in rows if agree[k] >= 0.995 * len(texts)] or list(rows)
+    best = max(faithful, key=lambda k: rows[k][0])
     # ORT's reduced-precision path, the fair match for lorafit in bf16: dynamic int8, length-sorted batches.
     # Exported whatever its agreement (a --quick model is barely trained); the agreement is printed.
     int8 = out / "onnx-int8"
     if not (int8 / "export.json").is_file():
         export(run, "onnx", int8, quantize="int8", overwrite=True, min_agreement=0.0, max_accuracy_drop=1.0)
     quantized = lorafit.load(int8, device="cpu", threads=threads)
-    int8_row = _timed(lambda t: [p[0][0] for p in quantized.predict(t, top_k=1)], texts)
-    return {"per_s": {k: v[0] for k, v in rows.items()}, "top1": {k: v[1] for k, v in rows.items()}, "best": best,
-            "fusions": fusions, "int8_per_s": int8_row[0], "int8_top1": int8_row[1]}
+    int8_row = _timed(lambda t: [p[0][0] for p in quantized.predict(t, top_k=1)], texts, repeats)
+    return {"per_s": {k: v[0] for k, v in rows.items()}, "identical": agree, "best": best, "fusions": fusions,
+            "int8_per_s": int8_row[0], "int8_identical": sum(a == b for a, b in zip(int8_row[1], reference))}
 
 
-def predict_comparison(run: Path, out: Path, limit: int | None, threads: int) -> dict:
-    """lorafit predict vs transformers pipeline and ONNX Runtime on the same trained model, over the test set."""
+def predict_comparison(run: Path, out: Path, limit: int | None, threads: int, repeats: int) -> dict:
+    """lorafit predict vs transformers pipeline and ONNX Runtime on the same trained model, over the test set;
+    every tool warmed up on 64 texts, then timed as the best of `repeats` passes."""
     import lorafit
     from transformers import pipeline
 
@@ -260,31 +262,26 @@ def predict_comparison(run: Path, out: Path, limit: int | None, threads: int) ->
         export(run, "merged", merged, overwrite=True)
     step("prediction: transformers pipeline ...")
     classify = pipeline("text-classification", model=str(merged), trust_remote_code=True, device="cpu")
-    classify(texts[:8])
-    start = time.perf_counter()
-    stock = classify(texts)  # the pipeline's default: one text at a time
-    stock_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    stock_batched = classify(texts, batch_size=64)
-    stock_batched_seconds = time.perf_counter() - start
+    stock_per_s, stock = _timed(lambda t: [r["label"] for r in classify(t)], texts, repeats)  # default: one text at a time
+    stock_batched_per_s, stock_batched = _timed(lambda t: [r["label"] for r in classify(t, batch_size=64)], texts, repeats)
+    step("prediction: lorafit ...")
     clf = lorafit.load(run, device="cpu", threads=threads)
-    ours_per_s, ours = _timed(lambda t: [p[0][0] for p in clf.predict(t, top_k=1)], texts)
-    same = sum(s["label"] == o for s, o in zip(stock, ours))
-    same_batched = sum(s["label"] == o for s, o in zip(stock_batched, ours))
+    ours_per_s, ours = _timed(lambda t: [p[0][0] for p in clf.predict(t, top_k=1)], texts, repeats)
+    same = sum(s == o for s, o in zip(stock, ours))
+    same_batched = sum(s == o for s, o in zip(stock_batched, ours))
     bf16 = {}
     if hardware.native_bf16():  # emulated bf16 is slower than float32: not measured there
         step("prediction: lorafit in bf16 ...")
         half = lorafit.load(run, device="cpu", threads=threads, precision="bf16")
-        bf16_per_s, bf16_top = _timed(lambda t: [p[0][0] for p in half.predict(t, top_k=1)], texts)
+        bf16_per_s, bf16_top = _timed(lambda t: [p[0][0] for p in half.predict(t, top_k=1)], texts, repeats)
         bf16 = {"per_s": bf16_per_s, "identical": sum(a == b for a, b in zip(bf16_top, ours))}
-    ort = onnxruntime_paths(run, out, texts, threads)
-    same_ort = {k: sum(a == b for a, b in zip(top, ours)) for k, top in ort["top1"].items()}
-    return {"texts": len(texts), "threads": threads, "pipeline_per_s": len(texts) / stock_seconds,
-            "pipeline_batch64_per_s": len(texts) / stock_batched_seconds, "lorafit_per_s": ours_per_s,
+    ort = onnxruntime_paths(run, out, texts, threads, ours, repeats)
+    return {"texts": len(texts), "threads": threads, "repeats": repeats, "pipeline_per_s": stock_per_s,
+            "pipeline_batch64_per_s": stock_batched_per_s, "lorafit_per_s": ours_per_s,
             "identical": same, "identical_batched": same_batched,
-            "onnxruntime_per_s": ort["per_s"], "onnxruntime_best": ort["best"], "identical_onnxruntime": same_ort,
+            "onnxruntime_per_s": ort["per_s"], "onnxruntime_best": ort["best"], "identical_onnxruntime": ort["identical"],
             "onnxruntime_fusions": ort["fusions"], "lorafit_bf16": bf16, "onnxruntime_int8_per_s": ort["int8_per_s"],
-            "identical_onnxruntime_int8": sum(a == b for a, b in zip(ort["int8_top1"], ours))}
+            "identical_onnxruntime_int8": ort["int8_identical"]}
 
 
 def main() -> int:
@@ -333,7 +330,7 @@ def main() -> int:
 
     threads = RunDir(out / f"lorafit-lora-s{seeds[0]}").compute().threads
     step("prediction throughput ...")
-    predict = predict_comparison(out / f"lorafit-lora-s{seeds[0]}", out, predict_limit, threads)
+    predict = predict_comparison(out / f"lorafit-lora-s{seeds[0]}", out, predict_limit, threads, 2 if mode == "full" else 1)
     torch.set_num_threads(threads)
     info = hardware.cpu_info()
     theoretical = hardware.theoretical_peak_gflops(info, threads=threads)
@@ -377,7 +374,7 @@ def main() -> int:
     print(f"ONNX Runtime on lorafit's fp32 ONNX export, {predict['threads']} intra-op thread(s): "
           + ", ".join(f"{k} {v:.0f}/s (identical top-1 {predict['identical_onnxruntime'][k]}/{predict['texts']})"
                       for k, v in predict["onnxruntime_per_s"].items())
-          + f"; best {predict['onnxruntime_best']}: lorafit (PyTorch) {predict['lorafit_per_s']:.0f}/s is "
+          + f"; best (of those agreeing with lorafit on >= 99.5% of top-1) {predict['onnxruntime_best']}: lorafit (PyTorch) {predict['lorafit_per_s']:.0f}/s is "
           f"{predict['lorafit_per_s'] / ort_best:.2f}x it")
     n = predict["texts"]
     if predict["lorafit_bf16"]:

@@ -556,7 +556,8 @@ def test_serving_in_bf16_runs_every_pytorch_model_under_bf16(runs):
     for precision in ("auto", "bf16"):
         with TestClient(create_app(names, precision=precision)) as c:
             listed = {a["name"]: a["precision"] for a in c.get("/v1/adapters").json()["adapters"]}
-            assert listed == {"topics": precision, "full": precision}
+            shown = {"auto": "fp32", "bf16": "bf16"}[precision]
+            assert listed == {"topics": shown, "full": shown}
             answers[precision] = {name: [[p["score"] for p in row["top_k"]] for row in
                                          c.post("/v1/predict", json={"texts": TEXTS, "adapter": name, "top_k": 2}).json()["predictions"]]
                                   for name, _, _ in names}

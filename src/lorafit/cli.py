@@ -43,11 +43,12 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _add_precision(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="arithmetic of a PyTorch model: auto = float32 on CPU, the run's train.precision on CUDA; "
-                        "bf16 is faster on CPUs with native bf16 (AVX-512 BF16, AMX), with scores a little off "
-                        "float32's; fp16 on CUDA only")
+def _add_precision(p: argparse.ArgumentParser, cuda: bool = True) -> None:
+    """--precision; `cuda=False` for the server, which computes on CPU."""
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", *(["fp16"] if cuda else [])],
+                   help="arithmetic of a PyTorch model: auto = float32 on CPU" + (", the run's train.precision on CUDA" if cuda else "")
+                        + "; bf16 is faster on CPUs with native bf16 (AVX-512 BF16, AMX), with scores a little off float32's"
+                        + ("; fp16 on CUDA only" if cuda else ""))
 
 
 # -- verbs --------------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         split = run_split(run, cfg, args.split)
         source = f"{cfg.data.name} ({args.split})"
     classifier = load(args.run_dir, device=args.device, precision=args.precision)
-    result = {"split": args.split, "data": source, "precision": args.precision,
+    result = {"split": args.split, "data": source, "precision": classifier.precision,
               **classifier.evaluate(split.texts, split.labels)}
     print(f"{source}: accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  "
           f"weighted-F1 {result['weighted_f1']:.4f}  loss {result['loss']:.4f}  ({result['examples']} examples)")
@@ -439,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queued", type=int, default=4096,
                    help="texts that may wait for the model; a request over it gets 503 with Retry-After")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-    _add_precision(p)
+    _add_precision(p, cuda=False)
     p.set_defaults(func=cmd_serve)
 
     p = verbs.add_parser("sweep", help="a grid / random search of runs from a sweep file")

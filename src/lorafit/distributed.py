@@ -102,17 +102,18 @@ class World:
 
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def leave(self, finished: bool) -> None:
-        """Leave the process group at the end of a run. A finished run waits for every process first
-        (rank 0 still writes the run's files after the others are done) so all of them destroy the
-        group together, as torch.distributed's shutdown notes ask; a failed one does not wait for
-        processes that may never come, nor destroy a group whose collectives may be in flight: it
-        exits, and the launcher stops the rest."""
+    def leave(self, together: bool) -> None:
+        """Leave the process group (again: nothing). `together`: every process is here, past its last
+        collective (a finished run, right after the test logits are gathered; a stop all of them agreed
+        on), so they meet at a barrier and destroy the group at once, as torch.distributed's shutdown
+        notes ask. Otherwise (an error in one process) nobody waits for processes that may never come,
+        nor destroys a group whose collectives may be in flight: the process exits, and the launcher
+        stops the rest."""
         if not self.active:
             return
         import torch.distributed as dist
 
-        if finished and dist.is_initialized():
+        if together and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
 

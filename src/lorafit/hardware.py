@@ -18,11 +18,11 @@ from pathlib import Path
 
 from .errors import UserError
 
-__all__ = ["cpu_info", "cpu_line", "VECTOR_FLAGS", "theoretical_peak_gflops", "check_measured_peak"]
+__all__ = ["cpu_info", "cpu_line", "VECTOR_FLAGS", "native_bf16", "theoretical_peak_gflops", "check_measured_peak"]
 
 #: The /proc/cpuinfo flags that decide which float kernels a CPU can run.
 VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni",
-                "avx512_fp16", "amx_bf16", "amx_tile", "asimd", "sve")
+                "avx512_fp16", "amx_bf16", "amx_tile", "asimd", "sve", "bf16")
 
 
 def _cpuinfo_fields() -> dict[str, str]:
@@ -77,10 +77,11 @@ def cpu_info() -> dict:
 
 
 def native_bf16(info: dict | None = None) -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX), so bf16 inference runs faster
-    than float32 instead of being emulated (slower)."""
+    """Whether this CPU multiplies bf16 natively (x86 AVX-512 BF16 or AMX; Arm's BF16 extension, `bf16` in
+    /proc/cpuinfo's Features), so bf16 inference runs faster than float32 instead of being emulated (slower).
+    Without /proc/cpuinfo (macOS) nothing is known: False."""
     flags = (info or cpu_info())["flags"]
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
 
 
 def cpu_line(info: dict | None = None) -> str:

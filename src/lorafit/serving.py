@@ -29,7 +29,7 @@ from .config import ModelConfig
 from .errors import UserError
 from .evaluate import softmax
 from .inference import (PRECISIONS, LoadPlan, OutOfScope, batched_logits, check_no_pickles, check_probability, inference_autocast, load,
-                        plan_load, pretrained_config, recorded_decision)
+                        plan_load, precision_name, pretrained_config, recorded_decision)
 from .models import ALIASES, build_classifier, load_tokenizer, resolve_model_path
 from .rundir import safe_name
 from .runtime import autocast, token_budget
@@ -246,11 +246,12 @@ class Registry:
             served.oos = oos
         else:
             classifier = load(plan, device="cpu", threshold=threshold, precision=self._precision(plan))
-            served = Served(name, plan.labels, classifier.outputs, {"kind": plan.kind, "shared_base": False},
+            served = Served(name, plan.labels, classifier.outputs, {"kind": plan.kind, "shared_base": False,
+                                                                     "precision": classifier.precision},
                             model=classifier.model, file_bytes=plan.file_bytes, vectors=classifier.vectors,
                             oos=classifier.oos, pretrained=getattr(classifier.pretrained, "model", None))
         served.info.update(method=plan.cfg.method.name, base_model=(plan.base or plan.cfg.model).name, temperature=oos.temperature,
-                           ood_score=oos.score, threshold_source=oos.source, precision=self._precision(plan))
+                           ood_score=oos.score, threshold_source=oos.source)
         if plan.kind == "run":  # a run folder builds on its base model (exports carry their own weights)
             served.base_path = resolve_model_path(plan.base.name)
         self.served[name] = served
@@ -268,7 +269,8 @@ class Registry:
                                                  inference_autocast(plan, SharedBase.device, self.precision))
         base.add(name, plan, peft_config)
         self.bases[key] = base  # only once it holds an adapter
-        return Served(name, plan.labels, functools.partial(base.outputs, name), {"kind": "adapter", "shared_base": True},
+        return Served(name, plan.labels, functools.partial(base.outputs, name),
+                      {"kind": "adapter", "shared_base": True, "precision": precision_name(base.amp)},
                       vectors=functools.partial(base.vectors, name))
 
     def _precision(self, plan: LoadPlan) -> str:

@@ -210,14 +210,17 @@ def _write_checkpoint(job: Job, progress: Progress, best_state: dict | None) -> 
 
 def _run(job: Job, p: Progress, best_state: dict | None = None) -> RunResult:
     job.sinks = open_sinks(job.cfg, job.run.path, resume_step=p.step or None) if job.world.is_main else Sinks([], {})
-    finished = False
+    finished = together = False
     try:
         result = _train_and_finish(job, p, best_state)
         finished = True
         return result
+    except Interrupted:
+        together = True  # a stop every process agreed on (signals.agreed): all of them come here, after the checkpoint
+        raise
     finally:
         job.sinks.close(finished)
-        job.world.leave(finished)
+        job.world.leave(finished or together)
 
 
 def _train_and_finish(job: Job, p: Progress, best_state: dict | None) -> RunResult:
@@ -665,6 +668,7 @@ def _finish(job: Job, p: Progress, best_state: dict | None) -> RunResult:
     assert best_state is not None
     job.method.load_state_dict(job.model, best_state)
     logits = _logits(job, "test")  # (N, C)
+    job.world.leave(True)  # the last collective: rank 0 writes the rest alone, nobody waits on it
     test = {"split": "test", **classification_metrics(logits, job.targets["test"], job.dataset.label_names)}
     if not job.world.is_main:
         return RunResult(run.path, test, {})
