@@ -27,6 +27,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from _trials import train_or_resume
+
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ["banking77", "emotion", "snips", "trec6"]
 
@@ -72,40 +74,19 @@ def variants() -> dict[str, tuple[str, dict]]:
     return out
 
 
-def _command(dataset: str, overrides: dict, seed: int, folder: Path, status: str) -> list[str]:
-    """`lorafit train` of one run: `--data` and the variant's overrides of the defaults, one thread."""
-    if status == "resumable":
-        return [sys.executable, "-m", "lorafit", "train", "--resume", str(folder), "--quiet"]
-    values = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in overrides.items()]
-    return [sys.executable, "-m", "lorafit", "train", "--data", dataset, *values, f"seed={seed}", "train.threads=1",
-            "--out", str(folder), "--overwrite", "--quiet"]
-
-
 def _run(out: Path, dataset: str, name: str, overrides: dict, seeds: list[int], workers: int) -> list[str]:
-    """Every seed's run of one variant (as `lorafit sweep` does: finished runs skipped, killed ones resumed);
-    returns the runs that failed."""
-    from lorafit.sweep import execute, trial_status
-
+    """Every seed's run of one variant: `lorafit train --data DATASET <overrides of the defaults>`, one thread
+    (finished runs skipped, killed ones resumed: `_trials.train_or_resume`); returns the runs that failed."""
     folder = out / dataset / name
-    (folder / "logs").mkdir(parents=True, exist_ok=True)
-    jobs = []
-    for seed in seeds:
-        run = folder / f"seed={seed}"
-        status = trial_status(run)
-        if status == "finished":
-            print(f"{dataset}/{name}/seed={seed}: finished earlier, skipped", flush=True)
-            continue
-        jobs.append((run, _command(dataset, overrides, seed, run, status)))
+    values = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in overrides.items()]
 
-    def one(job: tuple[Path, list[str]]) -> str | None:
-        run, command = job
-        print("$", " ".join(command), flush=True)
-        code, last = execute(command, str(folder / "logs" / f"{run.name}.log"))
-        print(f"{dataset}/{name}/{run.name}: {'done' if code == 0 else f'failed ({last})'}", flush=True)
-        return None if code == 0 else str(run)
+    def one(seed: int) -> str | None:
+        run = folder / f"seed={seed}"
+        return train_or_resume(run, ["--data", dataset, *values, f"seed={seed}", "train.threads=1"],
+                               folder / "logs" / f"{run.name}.log", f"{dataset}/{name}/{run.name}")
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return [failed for failed in pool.map(one, jobs) if failed]
+        return [failed for failed in pool.map(one, seeds) if failed]
 
 
 def _table(out: Path, dataset: str, names: list[str]) -> str | None:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _trials import train_or_resume
+
 CONFIG = "configs/emotion-lora.yaml"
 OPTIONS = {
     "none": [],
@@ -33,22 +35,9 @@ RARE = ("surprise", "love")
 
 
 def _run(out: Path, option: str, seed: int) -> str | None:
-    from lorafit.sweep import execute, trial_status
-
     run = out / option / f"seed={seed}"
-    status = trial_status(run)
-    if status == "finished":
-        return None
-    if status == "resumable":
-        command = [sys.executable, "-m", "lorafit", "train", "--resume", str(run), "--quiet"]
-    else:
-        command = [sys.executable, "-m", "lorafit", "train", CONFIG, *OPTIONS[option], f"seed={seed}", "train.threads=1",
-                   "--out", str(run), "--quiet", "--overwrite"]
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    print("$", " ".join(command), flush=True)
-    code, last = execute(command, str(out / "logs" / f"{option}-seed={seed}.log"))
-    print(f"{option}/seed={seed}: {'done' if code == 0 else f'failed ({last})'}", flush=True)
-    return None if code == 0 else str(run)
+    return train_or_resume(run, [CONFIG, *OPTIONS[option], f"seed={seed}", "train.threads=1"],
+                           out / "logs" / f"{option}-seed={seed}.log", f"{option}/seed={seed}")
 
 
 def _figures(run: Path) -> dict:
