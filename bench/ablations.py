@@ -27,7 +27,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _trials import train_or_resume
+from _trials import train_or_resume  # bench/ is on sys.path: run as python bench/<script>.py
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ["banking77", "emotion", "snips", "trec6"]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _trials import train_or_resume
+from _trials import train_or_resume  # bench/ is on sys.path: run as python bench/<script>.py
 
 CONFIG = "configs/emotion-lora.yaml"
 OPTIONS = {
