@@ -44,13 +44,13 @@ import torch
 from lorafit import hardware
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"lora": "configs/banking77-lora.yaml", "full": "configs/banking77-full.yaml"}
 START = time.perf_counter()
 
 
 def step(message: str) -> None:
     """Progress on stderr, with the minutes since the benchmark started."""
     print(f"[{(time.perf_counter() - START) / 60:5.1f} min] {message}", file=sys.stderr, flush=True)
-CONFIGS = {"lora": "configs/banking77-lora.yaml", "full": "configs/banking77-full.yaml"}
 
 
 def run_lorafit(method: str, out: Path, epochs: float, seed: int, limit: int | None, threads: int | None,
@@ -176,7 +176,6 @@ def onnxruntime_paths(run: Path, out: Path, texts: list[str], threads: int, refe
     99.5% of the texts: a fast path that computed something else would not be a baseline. Also ORT's
     reduced-precision path: lorafit's dynamic int8 ONNX export (ORT's quantize_dynamic) fed length-sorted batches.
     """
-    import onnxruntime as ort
     from transformers import AutoTokenizer
 
     import lorafit
@@ -198,30 +197,24 @@ def onnxruntime_paths(run: Path, out: Path, texts: list[str], threads: int, refe
     max_length = RunDir(run).config().data.max_length
     labels = json.loads((folder / "labels.json").read_text())
 
-    def session(path: Path):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    # lorafit's ONNX Runtime session (OnnxBackend): ORT_ENABLE_ALL, `threads` intra-op threads, CPU provider
+    plain_backend, fused_backend = OnnxBackend(folder / "model.onnx", threads), OnnxBackend(fused, threads)
 
-    def plain(sess):
+    def input_order(backend):
         def predict(batch_texts: list[str]) -> list[str]:
             top = []
             for i in range(0, len(batch_texts), 64):
-                enc = tokenizer(batch_texts[i:i + 64], padding=True, truncation=True, max_length=max_length, return_tensors="np")
-                feeds = {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
-                top += [labels[j] for j in sess.run(["logits"], feeds)[0].argmax(-1)]
+                enc = tokenizer(batch_texts[i:i + 64], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+                top += [labels[j] for j in backend(enc["input_ids"], enc["attention_mask"]).argmax(-1)]
             return top
         return predict
 
     rows = {}
     step("prediction: ONNX Runtime ...")
-    rows["ort_plain"] = _timed(plain(session(folder / "model.onnx")), texts, repeats)
-    rows["ort_transformer_optimizer"] = _timed(plain(session(fused)), texts, repeats)
+    rows["ort_plain"] = _timed(input_order(plain_backend), texts, repeats)
+    rows["ort_transformer_optimizer"] = _timed(input_order(fused_backend), texts, repeats)
     exported = lorafit.load(folder, device="cpu", threads=threads)
     rows["ort_length_sorted"] = _timed(lambda t: [p[0][0] for p in exported.predict(t, top_k=1)], texts, repeats)
-    fused_backend = OnnxBackend(fused, threads)
 
     def fused_sorted(batch_texts: list[str]) -> list[str]:
         logits = batched_logits(fused_backend, exported.tokenize(batch_texts), exported.pad_id, exported.batch_size,

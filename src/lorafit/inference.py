@@ -388,13 +388,17 @@ def plan_load(path: str | Path) -> LoadPlan:
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+
+
 def inference_autocast(plan: LoadPlan, target: torch.device, precision: str) -> torch.dtype | None:
     """The autocast dtype a loaded PyTorch model runs under: `auto` is float32 on CPU (the numbers the
     run's thresholds were chosen on) and the run's train.precision on CUDA; `bf16` also on CPU, where it
     pays on CPUs with native bf16 (AVX-512 BF16, AMX, Arm BF16: 1.87x the float32 texts/s on a Zen 4 core,
     top-1 agreeing on 99.84% of Banking77 test texts; README, Precision at prediction); `fp16` on CUDA only."""
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    check_precision(precision)
     if precision == "auto":
         return autocast_dtype(plan.cfg.train, target) if target.type == "cuda" else None
     if precision == "fp32":
@@ -404,7 +408,7 @@ def inference_autocast(plan: LoadPlan, target: torch.device, precision: str) -> 
             raise UserError(f"precision fp16 runs on CUDA only, not {target.type}; on CPU use bf16 or fp32")
         return torch.float16
     if target.type == "cpu" and not hardware.native_bf16():
-        log.warning("this CPU has no native bf16 (AVX-512 BF16 or AMX): bf16 is emulated here and slower than fp32")
+        log.warning("this CPU has no native bf16 (AVX-512 BF16, AMX or Arm BF16): bf16 is emulated here and slower than fp32")
     return torch.bfloat16
 
 

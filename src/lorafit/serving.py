@@ -28,7 +28,7 @@ from . import batching
 from .config import ModelConfig
 from .errors import UserError
 from .evaluate import softmax
-from .inference import (PRECISIONS, LoadPlan, OutOfScope, batched_logits, check_no_pickles, check_probability, inference_autocast, load,
+from .inference import (LoadPlan, OutOfScope, batched_logits, check_no_pickles, check_precision, check_probability, inference_autocast, load,
                         plan_load, precision_name, pretrained_config, recorded_decision)
 from .models import ALIASES, build_classifier, load_tokenizer, resolve_model_path
 from .rundir import safe_name
@@ -218,8 +218,7 @@ class Registry:
     """
 
     def __init__(self, limits: Limits, root: Path | None = None, precision: str = "auto"):
-        if precision not in PRECISIONS:
-            raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        check_precision(precision)  # here too: a server of ONNX exports only never asks inference_autocast
         self.precision = precision  # of PyTorch models (`inference.inference_autocast`); ONNX graphs keep their own
         self.limits = limits
         self.root = root  # adapters added over HTTP live here, and may bring their base model only from here
