@@ -59,6 +59,8 @@ TECHNIQUES = [
      {"method.name": "full", "train.layer_lr_decay": 0.9}),
     ("centroid-head", "the head starts as a nearest-centroid classifier of the training sentence vectors",
      {"model.head_init": "centroids"}),
+    ("rdrop", "R-Drop, alpha 1: two dropout passes per example, their symmetric KL in the loss (train.rdrop=1.0)",
+     {"train.rdrop": 1.0}),
 ]
 
 

@@ -226,6 +226,15 @@ class TrainConfig(_Section):
     average, while the optimiser steps the raw weights. The decay ramps up as min(train.ema, (1 + n) /
     (10 + n)) after n updates, from the weights at the first classification step (lorafit/averaging.py).
     Not with AdaLoRA, whose rank budget prunes weights in place as it trains."""
+    rdrop: Annotated[float, Field(gt=0)] | None = None
+    """R-Drop (Liang et al. 2021): each training example runs through the model twice with independent
+    dropout (one forward pass over the batch stacked on itself), and its loss is half the paper's,
+    (loss_1 + loss_2) / 2 + rdrop / 4 * (KL(p_1 || p_2) + KL(p_2 || p_1)), loss_k the example's usual
+    training loss (label smoothing, focal factor) in pass k, so train.rdrop is the paper's alpha while
+    the learning rate keeps its meaning; a class weight multiplies the whole. A forward pass then holds
+    half of train.max_batch_tokens' examples. About twice the training compute per step; the
+    contrastive stage and evaluation are unchanged. null: off. With no dropout anywhere it changes
+    nothing (the two passes agree)."""
     patience: Annotated[int, Field(gt=0)] | None = None
     """Stop after this many epochs without improvement of train.metric; null never stops early."""
     metric: Literal["accuracy", "macro_f1", "loss"] = "accuracy"

@@ -357,17 +357,25 @@ def _forward_backward(job: Job, batches: list[list[int]], i: int, lengths: list[
     step_weight = _weight(job, [j for b in batches[first:first + cfg.train.grad_accum] for j in b])
     mine, weight = world.shard(batches[i], step_weight)  # one process: the whole batch, 1 / step_weight
     class_weights = None if job.class_weights is None else torch.as_tensor(job.class_weights, dtype=torch.float32, device=device)
-    # Pieces of at most max_batch_tokens padded tokens; their gradients add up to the slice's.
-    pieces = batching.split_by_tokens(mine, lengths, job.max_tokens)
+    # Pieces of at most max_batch_tokens padded tokens (R-Drop stacks a piece on itself: half as many
+    # examples); their gradients add up to the slice's.
+    rdrop = cfg.train.rdrop
+    budget = job.max_tokens if rdrop is None or job.max_tokens is None else max(1, job.max_tokens // 2)
+    pieces = batching.split_by_tokens(mine, lengths, budget)
     mine_loss, extra = 0.0, None
     for k, piece in enumerate(pieces):
         input_ids, attention_mask = batching.collate([job.tokens["train"][j] for j in piece], job.pad_id)  # (b, T)
+        if rdrop is not None:  # both passes in one forward: (2b, T), each row with its own dropout masks
+            input_ids, attention_mask = input_ids.repeat(2, 1), attention_mask.repeat(2, 1)
         y = torch.as_tensor(job.targets["train"][piece], device=device)  # (b,)
         # DDP all-reduces on the step's last backward only (no_sync must cover forward and backward).
         with _no_sync(job.forward, not (boundary and k == len(pieces) - 1)):
             with autocast(device, job.amp):
-                logits = job.forward(input_ids.to(device), attention_mask.to(device))  # (b, C)
-                loss_sum = sum_training_loss(logits.float(), y, cfg.train, class_weights)
+                logits = job.forward(input_ids.to(device), attention_mask.to(device)).float()  # (b, C); R-Drop (2b, C)
+                if rdrop is None:
+                    loss_sum = sum_training_loss(logits, y, cfg.train, class_weights)
+                else:
+                    loss_sum = sum_rdrop_loss(logits[:len(piece)], logits[len(piece):], y, cfg.train, class_weights)
                 loss = loss_sum * weight  # the step's mean, once summed over pieces, batches and processes
                 if k == 0 and i == first:  # a method's penalty on the weights counts once per step
                     extra = job.method.extra_loss(job.model)
@@ -411,6 +419,30 @@ def sum_training_loss(logits: torch.Tensor, y: torch.Tensor, train: TrainConfig,
     """
     if class_weights is None and train.loss == "ce":  # kept as it was: the same floats as before class weights
         return F.cross_entropy(logits, y, label_smoothing=train.label_smoothing, reduction="sum")
+    losses = _example_losses(logits, y, train)
+    if class_weights is not None:
+        losses = losses * class_weights[y]
+    return losses.sum()
+
+
+def sum_rdrop_loss(first: torch.Tensor, second: torch.Tensor, y: torch.Tensor, train: TrainConfig,
+                   class_weights: torch.Tensor | None) -> torch.Tensor:
+    """train.rdrop's loss summed over a piece's examples, from the logits of its two passes (b, C) each:
+    per example (loss_1 + loss_2) / 2 + alpha / 4 * (KL(p_1 || p_2) + KL(p_2 || p_1)), loss_k its
+    training loss in pass k (as in sum_training_loss, before its class weight), alpha = train.rdrop --
+    Liang et al. 2021's loss (their eq. 3) halved -- times its class's weight."""
+    log_p1, log_p2 = F.log_softmax(first, dim=-1), F.log_softmax(second, dim=-1)  # (b, C)
+    # KL(p1 || p2) + KL(p2 || p1) = sum_c (p1 - p2)(log p1 - log p2), per example
+    symmetric_kl = ((log_p1.exp() - log_p2.exp()) * (log_p1 - log_p2)).sum(-1)  # (b,)
+    losses = (_example_losses(first, y, train) + _example_losses(second, y, train)) / 2 + train.rdrop / 4 * symmetric_kl
+    if class_weights is not None:
+        losses = losses * class_weights[y]
+    return losses.sum()
+
+
+def _example_losses(logits: torch.Tensor, y: torch.Tensor, train: TrainConfig) -> torch.Tensor:
+    """Each example's training loss before its class weight (b,): smoothed cross-entropy, times the
+    focal factor with train.loss=focal."""
     losses = F.cross_entropy(logits, y, label_smoothing=train.label_smoothing, reduction="none")  # (b,)
     if train.loss == "focal":
         log_p_t = F.log_softmax(logits, dim=-1).gather(1, y[:, None]).squeeze(1)  # (b,)
@@ -418,9 +450,7 @@ def sum_training_loss(logits: torch.Tensor, y: torch.Tensor, train: TrainConfig,
         # slope at 0 when gamma < 1, which would turn a perfectly fitted example's gradient into NaN.
         one_minus = (-torch.expm1(log_p_t)).clamp_min(torch.finfo(log_p_t.dtype).tiny)
         losses = one_minus.pow(train.focal_gamma) * losses
-    if class_weights is not None:
-        losses = losses * class_weights[y]
-    return losses.sum()
+    return losses
 
 
 def _optimizer_step(job: Job, p: Progress) -> None:
