@@ -61,6 +61,8 @@ TECHNIQUES = [
      {"model.head_init": "centroids"}),
     ("rdrop", "R-Drop, alpha 1: two dropout passes per example, their symmetric KL in the loss (train.rdrop=1.0)",
      {"train.rdrop": 1.0}),
+    ("distill-full", "distilled from the full fine-tuning run of the same seed (same validation rows; distill.alpha 0.5, "
+     "temperature 2)", {"distill.teacher": "{variants}/full/seed={seed}"}),
 ]
 
 
@@ -84,7 +86,9 @@ def _run(out: Path, dataset: str, name: str, overrides: dict, seeds: list[int], 
 
     def one(seed: int) -> str | None:
         run = folder / f"seed={seed}"
-        return train_or_resume(run, ["--data", dataset, *values, f"seed={seed}", "train.threads=1"],
+        # {variants}, {seed}: another variant's run of this seed (a teacher), which must have run first
+        mine = [v.replace("{variants}", str(out / dataset)).replace("{seed}", str(seed)) for v in values]
+        return train_or_resume(run, ["--data", dataset, *mine, f"seed={seed}", "train.threads=1"],
                                folder / "logs" / f"{run.name}.log", f"{dataset}/{name}/{run.name}")
 
     with ThreadPoolExecutor(max_workers=workers) as pool:

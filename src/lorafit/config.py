@@ -29,6 +29,7 @@ __all__ = [
     "TrackConfig",
     "OodConfig",
     "ContrastiveConfig",
+    "DistillConfig",
     "Schedule",
     "load_config",
     "parse_overrides",
@@ -345,6 +346,22 @@ class ContrastiveConfig(_Section):
     null: train.batch_size."""
 
 
+class DistillConfig(_Section):
+    teacher: str | None = None
+    """Knowledge distillation (Hinton et al. 2015): a finished lorafit run folder, or an export of one (merged,
+    adapter, ONNX), whose predictions the student learns from besides the labels -- typically a fully
+    fine-tuned or larger model taught to a LoRA adapter. Its logits on every training text are computed once
+    before the first step and kept in the run folder (teacher_logits.safetensors), so a resume needs neither
+    the teacher nor its time again. Same label names as this data, in any order; a teacher that trained on
+    this run's validation rows is refused (lorafit/distill.py). null: off."""
+    alpha: Annotated[float, Field(ge=0, le=1)] = 0.5
+    """Weight of the teacher: each example's loss is (1 - alpha) * its training loss (label smoothing, focal
+    factor) + alpha * T^2 * KL(softmax(teacher logits / T) || softmax(student logits / T)), times its class
+    weight; R-Drop applies it to both passes."""
+    temperature: Annotated[float, Field(gt=0)] = 2.0
+    """T above: softens both distributions so the teacher's ranking of the wrong classes carries over."""
+
+
 class TrackConfig(_Section):
     sinks: list[Literal["tensorboard", "mlflow", "wandb"]] = []
     """Experiment trackers that get every metric besides metrics.jsonl (always written)."""
@@ -371,6 +388,7 @@ class Config(_Section):
     )
     train: TrainConfig = TrainConfig()
     contrastive: ContrastiveConfig = ContrastiveConfig()
+    distill: DistillConfig = DistillConfig()
     ood: OodConfig = OodConfig()
     track: TrackConfig = TrackConfig()
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
-from . import augment, batching, data, hardware, kernels, methods
+from . import augment, batching, data, distill, hardware, kernels, methods
 from .averaging import WeightAverage
 from .config import Config, load_config, resolve, resolve_schedule, validate
 from .distributed import World
@@ -146,6 +146,7 @@ class Job:
     resolved: dict | None = None  # {dotted key: value} of the settings config.resolve made concrete (auto, null)
     average: WeightAverage | None = None  # train.ema's moving average of the trainable weights; None: off
     pretrained: nn.Module | None = None  # the base encoder without the method, built when an OOS score reads it
+    teacher: torch.Tensor | None = None  # (N_train, C) float32 distill.teacher's logits on the training texts; None: off
 
 
 def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None) -> Job:
@@ -183,6 +184,9 @@ def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None) -> Job:
         tokens[name] = [t for t, o in zip(tokens[name], oos) if not o]
         targets[name] = targets[name][~oos]
 
+    # The teacher runs before the seed is set: building it draws no random numbers the run would see.
+    teacher = distill.teacher_logits(cfg.distill, dataset, run, recorded is not None, world, device)
+
     # -- model and method ---------------------------------------------------------------------
     seed_everything(cfg.seed)
     model = build_classifier(cfg.model, len(dataset.label_names), cfg.seed)
@@ -209,7 +213,8 @@ def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None) -> Job:
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     return Job(cfg, run, device, amp, dataset, tokens, targets, pad_id, model, method, optimizer, scheduler, schedule,
                 method.adapted, world, forward, fast, max_tokens, scaler, compute, oos_tokens, class_weights=weights,
-               resolved=resolved, average=WeightAverage(model, cfg.train.ema) if cfg.train.ema is not None else None)
+               resolved=resolved, average=WeightAverage(model, cfg.train.ema) if cfg.train.ema is not None else None,
+               teacher=None if teacher is None else torch.from_numpy(teacher).to(device))
 
 
 def class_weights(setting: str | dict[str, float], label_names: list[str], train_ids: list[int]) -> np.ndarray | None:

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__, atomic, batching, checkpoint, contrastive, data, modelcard, posthoc
-from .config import Config, TrainConfig
+from . import __version__, atomic, batching, checkpoint, contrastive, data, distill, modelcard, posthoc
+from .config import Config, DistillConfig, TrainConfig
 from .distributed import World
 from .errors import UserError
 from .evaluate import classification_metrics, softmax
@@ -114,6 +114,8 @@ def train(config: Config | str | Path | dict, out: str | Path, overwrite: bool =
         run.write_json("labels.json", job.dataset.label_names)
         run.write_record(splits_record(job))
         run.write_record(job.compute)
+        if job.teacher is not None:
+            distill.save(run, job.teacher.cpu().numpy())
     return _run(job, Progress())
 
 
@@ -125,6 +127,8 @@ def _derived(job: Job) -> dict:
         derived["resolved"] = job.resolved
     if job.class_weights is not None:
         derived["class_weights"] = {name: float(w) for name, w in zip(job.dataset.label_names, job.class_weights)}
+    if job.teacher is not None:
+        derived["distill"] = distill.record(job.cfg.distill, job.teacher.cpu().numpy())
     return derived
 
 
@@ -368,14 +372,16 @@ def _forward_backward(job: Job, batches: list[list[int]], i: int, lengths: list[
         if rdrop is not None:  # both passes in one forward: (2b, T), each row with its own dropout masks
             input_ids, attention_mask = input_ids.repeat(2, 1), attention_mask.repeat(2, 1)
         y = torch.as_tensor(job.targets["train"][piece], device=device)  # (b,)
+        teacher = None if job.teacher is None else job.teacher[torch.as_tensor(piece, device=device)]  # (b, C)
         # DDP all-reduces on the step's last backward only (no_sync must cover forward and backward).
         with _no_sync(job.forward, not (boundary and k == len(pieces) - 1)):
             with autocast(device, job.amp):
                 logits = job.forward(input_ids.to(device), attention_mask.to(device)).float()  # (b, C); R-Drop (2b, C)
                 if rdrop is None:
-                    loss_sum = sum_training_loss(logits, y, cfg.train, class_weights)
+                    loss_sum = sum_training_loss(logits, y, cfg.train, class_weights, teacher, cfg.distill)
                 else:
-                    loss_sum = sum_rdrop_loss(logits[:len(piece)], logits[len(piece):], y, cfg.train, class_weights)
+                    loss_sum = sum_rdrop_loss(logits[:len(piece)], logits[len(piece):], y, cfg.train, class_weights,
+                                              teacher, cfg.distill)
                 loss = loss_sum * weight  # the step's mean, once summed over pieces, batches and processes
                 if k == 0 and i == first:  # a method's penalty on the weights counts once per step
                     extra = job.method.extra_loss(job.model)
@@ -407,7 +413,8 @@ def _contrastive_forward_backward(job: Job, batches: list[list[int]], i: int, le
     return float(loss_sum.detach())
 
 
-def sum_training_loss(logits: torch.Tensor, y: torch.Tensor, train: TrainConfig, class_weights: torch.Tensor | None) -> torch.Tensor:
+def sum_training_loss(logits: torch.Tensor, y: torch.Tensor, train: TrainConfig, class_weights: torch.Tensor | None,
+                      teacher: torch.Tensor | None = None, distill_cfg: DistillConfig | None = None) -> torch.Tensor:
     """The training loss summed over a piece's examples: logits (b, C), targets y (b,).
 
     Plain (label-smoothed) cross-entropy by default. Otherwise each example's loss is its smoothed
@@ -416,17 +423,19 @@ def sum_training_loss(logits: torch.Tensor, y: torch.Tensor, train: TrainConfig,
     (`_forward_backward`) makes it a weighted mean, which for one batch without smoothing is
     F.cross_entropy(weight=class_weights). With smoothing, an example's weight multiplies its whole
     smoothed loss (torch's weight would spread its smoothing term over the other classes' weights).
+    With a teacher's logits (b, C), distillation mixes its term in (`_example_losses`).
     """
-    if class_weights is None and train.loss == "ce":  # kept as it was: the same floats as before class weights
+    if class_weights is None and train.loss == "ce" and teacher is None:  # kept as it was: the same floats as before class weights
         return F.cross_entropy(logits, y, label_smoothing=train.label_smoothing, reduction="sum")
-    losses = _example_losses(logits, y, train)
+    losses = _example_losses(logits, y, train, teacher, distill_cfg)
     if class_weights is not None:
         losses = losses * class_weights[y]
     return losses.sum()
 
 
 def sum_rdrop_loss(first: torch.Tensor, second: torch.Tensor, y: torch.Tensor, train: TrainConfig,
-                   class_weights: torch.Tensor | None) -> torch.Tensor:
+                   class_weights: torch.Tensor | None, teacher: torch.Tensor | None = None,
+                   distill_cfg: DistillConfig | None = None) -> torch.Tensor:
     """train.rdrop's loss summed over a piece's examples, from the logits of its two passes (b, C) each:
     per example (loss_1 + loss_2) / 2 + alpha / 4 * (KL(p_1 || p_2) + KL(p_2 || p_1)), loss_k its
     training loss in pass k (as in sum_training_loss, before its class weight), alpha = train.rdrop --
@@ -434,15 +443,18 @@ def sum_rdrop_loss(first: torch.Tensor, second: torch.Tensor, y: torch.Tensor, t
     log_p1, log_p2 = F.log_softmax(first, dim=-1), F.log_softmax(second, dim=-1)  # (b, C)
     # KL(p1 || p2) + KL(p2 || p1) = sum_c (p1 - p2)(log p1 - log p2), per example
     symmetric_kl = ((log_p1.exp() - log_p2.exp()) * (log_p1 - log_p2)).sum(-1)  # (b,)
-    losses = (_example_losses(first, y, train) + _example_losses(second, y, train)) / 2 + train.rdrop / 4 * symmetric_kl
+    passes = _example_losses(first, y, train, teacher, distill_cfg) + _example_losses(second, y, train, teacher, distill_cfg)
+    losses = passes / 2 + train.rdrop / 4 * symmetric_kl
     if class_weights is not None:
         losses = losses * class_weights[y]
     return losses.sum()
 
 
-def _example_losses(logits: torch.Tensor, y: torch.Tensor, train: TrainConfig) -> torch.Tensor:
+def _example_losses(logits: torch.Tensor, y: torch.Tensor, train: TrainConfig, teacher: torch.Tensor | None = None,
+                    distill_cfg: DistillConfig | None = None) -> torch.Tensor:
     """Each example's training loss before its class weight (b,): smoothed cross-entropy, times the
-    focal factor with train.loss=focal."""
+    focal factor with train.loss=focal; with a teacher's logits (b, C), (1 - alpha) times that plus alpha
+    times the distillation term (lorafit.distill.distillation_losses)."""
     losses = F.cross_entropy(logits, y, label_smoothing=train.label_smoothing, reduction="none")  # (b,)
     if train.loss == "focal":
         log_p_t = F.log_softmax(logits, dim=-1).gather(1, y[:, None]).squeeze(1)  # (b,)
@@ -450,6 +462,9 @@ def _example_losses(logits: torch.Tensor, y: torch.Tensor, train: TrainConfig) -
         # slope at 0 when gamma < 1, which would turn a perfectly fitted example's gradient into NaN.
         one_minus = (-torch.expm1(log_p_t)).clamp_min(torch.finfo(log_p_t.dtype).tiny)
         losses = one_minus.pow(train.focal_gamma) * losses
+    if teacher is not None:
+        alpha = distill_cfg.alpha
+        losses = (1 - alpha) * losses + alpha * distill.distillation_losses(logits, teacher, distill_cfg.temperature)
     return losses
 
 

@@ -1,0 +1,160 @@
+"""Knowledge distillation (distill.teacher): the loss against Hinton et al.'s formula, the teacher's logits
+the run keeps (its own predictions on the training texts, in the run's label order), the loop's gradient,
+a resume that needs no teacher, and the teachers refused before any work."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.numpy import load_file
+
+import lorafit
+from lorafit import batching, data
+from lorafit.cli import main
+from lorafit.config import DistillConfig, TrainConfig, load_config
+from lorafit.distill import TEACHER_FILE, distillation_losses
+from lorafit.train import resume, sum_training_loss, train
+
+from conftest import assert_same_adapter_run, crash_after_step, tiny_overrides
+
+WEIGHTS = torch.tensor([0.5, 2.0, 1.0, 3.5])
+
+
+def _logits(n: int = 19, classes: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, classes, generator=g) * 2, torch.randn(n, classes, generator=g) * 3,
+            torch.randint(0, classes, (n,), generator=g))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_distillation_term_is_t_squared_kl_of_softened_distributions(temperature):
+    student, teacher, _ = _logits()
+    got = distillation_losses(student, teacher, temperature)
+    expected = temperature ** 2 * F.kl_div(F.log_softmax(student.double() / temperature, -1),
+                                           F.log_softmax(teacher.double() / temperature, -1),
+                                           log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-7)
+    assert distillation_losses(teacher, teacher, temperature).abs().max() < 1e-6  # a student equal to its teacher: 0
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("loss,weights", [("ce", None), ("focal", WEIGHTS)])
+def test_loss_mixes_labels_and_teacher_by_alpha(alpha, loss, weights):
+    """Per example w_y * [(1 - alpha) * training loss + alpha * T^2 KL]: alpha 0 is the plain loss."""
+    student, teacher, y = _logits()
+    train_cfg, cfg = TrainConfig(loss=loss, label_smoothing=0.1), DistillConfig(teacher="t", alpha=alpha, temperature=3.0)
+    got = sum_training_loss(student, y, train_cfg, weights, teacher, cfg)
+    plain = torch.stack([sum_training_loss(student[i:i + 1], y[i:i + 1], train_cfg, None) for i in range(len(y))]).double()
+    w = torch.ones(len(y), dtype=torch.float64) if weights is None else weights.double()[y]
+    expected = (w * ((1 - alpha) * plain + alpha * distillation_losses(student, teacher, 3.0).double())).sum()
+    assert float(got) == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.fixture
+def teacher(tiny_models, tiny_data, tmp_path):
+    """A RoBERTa LoRA run on the student's data and seed: distillation crosses architectures and tokenizers."""
+    out = tmp_path / "teacher"
+    train(load_config(None, tiny_overrides(tiny_models["roberta"], tiny_data, **{"train.epochs": 3})), out)
+    return out
+
+
+def _student(tiny_bert, tiny_data, teacher, **extra):
+    return tiny_overrides(tiny_bert, tiny_data, **{"distill.teacher": str(teacher), "distill.alpha": 0.7,
+                                                    "distill.temperature": 2.0, **extra})
+
+
+def test_run_keeps_the_teachers_predictions_on_its_training_texts(tiny_bert, tiny_data, teacher, tmp_path):
+    cfg = load_config(None, _student(tiny_bert, tiny_data, teacher))
+    run = train(cfg, tmp_path / "student").path
+    kept = load_file(str(run / TEACHER_FILE))["logits"]
+    dataset, _ = data.load(cfg.data, cfg.seed)
+    texts = dataset.splits["train"].texts
+    model = lorafit.load(teacher, out_of_scope=False)
+    order = [model.labels.index(name) for name in json.loads((run / "labels.json").read_text())]
+    np.testing.assert_allclose(kept, model.logits(texts)[:, order], atol=1e-5)
+    assert kept.shape == (len(texts), 3) and kept.std() > 0.01  # a trained teacher's logits, not zeros
+    derived = yaml.safe_load((run / "config.yaml").read_text())["derived"]["distill"]
+    assert derived["teacher"] == str(teacher.resolve()) and len(derived["logits_sha256"]) == 64
+
+
+def test_a_step_learns_from_the_teachers_logits(tiny_bert, tiny_data, teacher, tmp_path):
+    """train._forward_backward leaves the gradient of the mixed loss over the batch, with the logits the
+    job holds for exactly these examples (replayed from the same random state)."""
+    from lorafit.job import prepare
+    from lorafit.rundir import RunDir
+
+    train_module = importlib.import_module("lorafit.train")
+    job = prepare(load_config(None, _student(tiny_bert, tiny_data, teacher, **{"train.max_batch_tokens": "null"})),
+                  RunDir(tmp_path / "run"))
+    job.model.train()
+    lengths = [len(t) for t in job.tokens["train"]]
+    batch = [5, 17, 2, 40, 33, 8, 61]
+    torch.manual_seed(7)
+    loss, _ = train_module._forward_backward(job, [batch], 0, lengths, boundary=True)
+    got = {name: p.grad.clone() for name, p in job.model.named_parameters() if p.grad is not None}
+
+    job.model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    input_ids, attention_mask = batching.collate([job.tokens["train"][j] for j in batch], job.pad_id)
+    logits = job.forward(input_ids, attention_mask).float()
+    y = torch.as_tensor(job.targets["train"][batch])
+    teacher_logits = job.teacher[batch]
+    assert float(teacher_logits.std()) > 0.01
+    ce = F.cross_entropy(logits, y, reduction="none")
+    expected = (0.3 * ce + 0.7 * distillation_losses(logits, teacher_logits, 2.0)).sum()
+    (expected / len(batch)).backward()
+    assert loss == pytest.approx(float(expected.detach()), rel=1e-5)
+    for name, p in job.model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_resume_needs_no_teacher_and_ends_bit_for_bit(tiny_bert, tiny_data, teacher, tmp_path, monkeypatch):
+    overrides = _student(tiny_bert, tiny_data, teacher, **{"method.dropout": 0.1, "train.checkpoint_every": 6})
+    reference = train(load_config(None, overrides), tmp_path / "reference")
+    crash_after_step(overrides, tmp_path / "killed", monkeypatch, step=reference.summary["steps"] - 3)
+    shutil.rmtree(teacher)  # the saved logits are all a resume reads
+    resume(tmp_path / "killed")
+    assert_same_adapter_run(reference.path, tmp_path / "killed")
+
+
+# -- teachers refused: one line, exit 2, nothing written -------------------------------------------
+
+def _fails_cleanly(capsys, out, items: list[str]) -> str:
+    capsys.readouterr()
+    status = main(["train", *items, "--out", str(out)])
+    captured = capsys.readouterr()
+    assert status == 2 and captured.out == "" and "Traceback" not in captured.err
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lorafit: error: "), captured.err
+    assert not out.exists(), f"run folder {out} was created"
+    return lines[0]
+
+
+def test_a_teacher_that_trained_on_this_runs_validation_is_refused(tiny_bert, tiny_data, tmp_path, capsys):
+    """Validation is carved from train by the seed: a teacher of another seed trained on some of it."""
+    teacher = train(load_config(None, tiny_overrides(tiny_bert, tiny_data, **{"train.epochs": 1, "seed": 1})),
+                    tmp_path / "teacher-seed1").path
+    line = _fails_cleanly(capsys, tmp_path / "student", _student(tiny_bert, tiny_data, teacher))
+    assert f"distill.teacher {teacher} trained on " in line and " of this run's 12 validation examples (its seed 1" in line, line
+
+
+def test_a_teacher_with_other_labels_or_no_folder_is_refused(tiny_bert, tiny_data, tmp_path, capsys):
+    other = tmp_path / "other-data"
+    other.mkdir()
+    for split in ("train", "test"):
+        frame = __import__("pandas").read_csv(tiny_data / f"{split}.csv")
+        frame["label"] = frame["label"].replace({"sport": "football"})
+        frame.to_csv(other / f"{split}.csv", index=False)
+    teacher = train(load_config(None, tiny_overrides(tiny_bert, other, **{"train.epochs": 1})), tmp_path / "teacher").path
+    line = _fails_cleanly(capsys, tmp_path / "student", _student(tiny_bert, tiny_data, teacher))
+    assert line.endswith(f"distill.teacher {teacher}: its labels are not this data's: it lacks 'sport' and has 'football' too"), line
+    line = _fails_cleanly(capsys, tmp_path / "student", _student(tiny_bert, tiny_data, tmp_path / "nowhere"))
+    assert "nowhere" in line, line
