@@ -85,10 +85,15 @@ def _launch(launcher: str, args: list[str], cwd: Path, timeout: float = 300) -> 
     # each slice's class-weighted sum over the global step's summed class weights
     ("torchrun", "lora", {"train.grad_accum": 2, "train.class_weights": "{food: 3.0, sport: 0.5}", "train.loss": "focal",
                           "train.sampler": "class_balanced"}),
+    # rank 0 runs the teacher and shares its logits; each slice learns from its own examples' logits
+    ("torchrun", "lora", {"distill.teacher": "TEACHER", "distill.alpha": 0.8}),
 ])
 def test_two_gloo_processes_match_one_process(tmp_path, launcher, method, extra):
     # No dropout anywhere, so one process and two see the same gradients up to float summation order.
     overrides = dropout_free_overrides(tmp_path, method, **{"train.threads": 1, **extra})
+    if "distill.teacher" in extra:  # the teacher: a run on the same data and seed, trained first
+        train(load_config(None, [o for o in overrides if not o.startswith("distill.")]), tmp_path / "teacher")
+        overrides = [o.replace("TEACHER", str(tmp_path / "teacher")) for o in overrides]
 
     one = load_config(None, overrides)
     if "train.max_batch_tokens" in extra:  # some batch must split differently on the two processes
