@@ -4,6 +4,7 @@ a resume that needs no teacher, and the teachers refused before any work."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import shutil
@@ -13,13 +14,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 import lorafit
 from lorafit import batching, data
 from lorafit.cli import main
 from lorafit.config import DistillConfig, TrainConfig, load_config
 from lorafit.distill import TEACHER_FILE, distillation_losses
+from lorafit.errors import UserError
+from lorafit.posthoc import refit
+from lorafit.push import files_to_push
 from lorafit.train import resume, sum_training_loss, train
 
 from conftest import assert_same_adapter_run, crash_after_step, tiny_overrides
@@ -82,6 +86,7 @@ def test_run_keeps_the_teachers_predictions_on_its_training_texts(tiny_bert, tin
     assert kept.shape == (len(texts), 3) and kept.std() > 0.01  # a trained teacher's logits, not zeros
     derived = yaml.safe_load((run / "config.yaml").read_text())["derived"]["distill"]
     assert derived["teacher"] == str(teacher.resolve()) and len(derived["logits_sha256"]) == 64
+    assert "| regularisation | distilled from `teacher` (alpha 0.7, temperature 2.0) |" in (run / "README.md").read_text()
 
 
 def test_a_step_learns_from_the_teachers_logits(tiny_bert, tiny_data, teacher, tmp_path):
@@ -121,8 +126,65 @@ def test_resume_needs_no_teacher_and_ends_bit_for_bit(tiny_bert, tiny_data, teac
     reference = train(load_config(None, overrides), tmp_path / "reference")
     crash_after_step(overrides, tmp_path / "killed", monkeypatch, step=reference.summary["steps"] - 3)
     shutil.rmtree(teacher)  # the saved logits are all a resume reads
+    saved = tmp_path / "killed" / TEACHER_FILE
+    original = saved.read_bytes()
+    edited = load_file(str(saved))
+    edited["logits"][3, 1] += 1.0
+    save_file(edited, str(saved))
+    with pytest.raises(UserError, match=r"teacher_logits.safetensors is not the file this run saved"):
+        resume(tmp_path / "killed")
+    saved.write_bytes(original)
     resume(tmp_path / "killed")
     assert_same_adapter_run(reference.path, tmp_path / "killed")
+    # what nothing trains from needs no teacher: a post-hoc refit, a push (which leaves the teacher's logits out)
+    saved.unlink()
+    refit(tmp_path / "killed")
+    assert TEACHER_FILE not in files_to_push(reference.path) and "config.yaml" in files_to_push(reference.path)
+
+
+def test_teacher_columns_follow_this_runs_label_order(tiny_bert, tiny_data, teacher, tmp_path, monkeypatch):
+    """A teacher whose label order differs (another data file's order): its logits' columns are put in this
+    run's order by name. The teacher's load is stubbed to return known logits under reversed labels."""
+    from lorafit import distill, inference
+    from lorafit.distributed import World
+    from lorafit.rundir import RunDir
+
+    cfg = load_config(None, _student(tiny_bert, tiny_data, teacher))
+    dataset, _ = data.load(cfg.data, cfg.seed)
+    names = dataset.label_names
+    n = len(dataset.splits["train"])
+    known = np.arange(n * 3, dtype=np.float32).reshape(n, 3)  # column j: the teacher's label names[::-1][j]
+
+    class Stub:
+        labels = names[::-1]
+
+        def logits(self, texts):
+            assert texts == dataset.splits["train"].texts
+            return known
+
+    real_plan = inference.plan_load
+    monkeypatch.setattr(inference, "plan_load", lambda path: dataclasses.replace(real_plan(path), labels=names[::-1]))
+    monkeypatch.setattr(inference, "load", lambda plan, **kw: Stub())
+    got = distill.teacher_logits(cfg.distill, dataset, RunDir(tmp_path / "x"), "compute", World(), torch.device("cpu"))
+    np.testing.assert_array_equal(got, known[:, ::-1])
+
+
+def test_students_of_per_seed_teachers_compare_as_one_configuration(tiny_bert, tiny_data, tmp_path):
+    """Each seed's student learns from its own seed's teacher (paths differ by seed=N): lorafit compare
+    reads the teacher as its configuration, so the students form one group of two seeds."""
+    from lorafit import compare
+
+    students = []
+    for seed in (0, 1):
+        teacher = tmp_path / "teacher" / f"seed={seed}"
+        train(load_config(None, tiny_overrides(tiny_bert, tiny_data, **{"train.epochs": 1, "seed": seed})), teacher)
+        students.append(train(load_config(None, _student(tiny_bert, tiny_data, teacher, **{"train.epochs": 1, "seed": seed})),
+                              tmp_path / "student" / f"seed={seed}").path)
+    plain = train(load_config(None, tiny_overrides(tiny_bert, tiny_data, **{"train.epochs": 1})), tmp_path / "plain").path
+    result = compare.compare(compare.collect([*students, plain]))
+    rows = {len(row["seeds"]): row for row in result["rows"]}
+    assert sorted(rows) == [1, 2]
+    assert sorted(rows[2]["runs"]) == sorted(str(s) for s in students)
 
 
 # -- teachers refused: one line, exit 2, nothing written -------------------------------------------
@@ -146,6 +208,13 @@ def test_a_teacher_that_trained_on_this_runs_validation_is_refused(tiny_bert, ti
     assert f"distill.teacher {teacher} trained on " in line and " of this run's 12 validation examples (its seed 1" in line, line
 
 
+def test_a_full_data_teacher_is_refused_for_a_few_shot_run(tiny_bert, tiny_data, tmp_path, capsys):
+    """A few-shot run's validation is drawn from the rest of train, which a full-data teacher trained on."""
+    teacher = train(load_config(None, tiny_overrides(tiny_bert, tiny_data, **{"train.epochs": 1})), tmp_path / "teacher").path
+    line = _fails_cleanly(capsys, tmp_path / "student", _student(tiny_bert, tiny_data, teacher, **{"data.shots_per_class": 4}))
+    assert f"distill.teacher {teacher} trained on " in line and " validation examples" in line, line
+
+
 def test_a_teacher_with_other_labels_or_no_folder_is_refused(tiny_bert, tiny_data, tmp_path, capsys):
     other = tmp_path / "other-data"
     other.mkdir()
@@ -155,6 +224,6 @@ def test_a_teacher_with_other_labels_or_no_folder_is_refused(tiny_bert, tiny_dat
         frame.to_csv(other / f"{split}.csv", index=False)
     teacher = train(load_config(None, tiny_overrides(tiny_bert, other, **{"train.epochs": 1})), tmp_path / "teacher").path
     line = _fails_cleanly(capsys, tmp_path / "student", _student(tiny_bert, tiny_data, teacher))
-    assert line.endswith(f"distill.teacher {teacher}: its labels are not this data's: it lacks 'sport' and has 'football' too"), line
+    assert f"distill.teacher {teacher}: its labels are not this data's: it lacks 'sport' and has 'football' too; give a " in line, line
     line = _fails_cleanly(capsys, tmp_path / "student", _student(tiny_bert, tiny_data, tmp_path / "nowhere"))
-    assert "nowhere" in line, line
+    assert line.startswith("lorafit: error: distill.teacher: ") and "nowhere" in line, line

@@ -45,6 +45,22 @@ def test_rdrop_loss_is_liang_et_al_halved(alpha, loss, smoothing, weights):
     assert float(got) > float((w * (per_pass[0] + per_pass[1]) / 2).sum()) + 1e-3  # the KL term is there
 
 
+def test_rdrop_distils_both_passes():
+    """With a teacher each pass's loss is the distillation mix (`sum_training_loss` with the teacher)."""
+    from lorafit.config import DistillConfig
+
+    first, second, y = _pair()
+    teacher = torch.randn(first.shape, generator=torch.Generator().manual_seed(5)) * 3
+    cfg, distill = TrainConfig(rdrop=2.0, label_smoothing=0.1), DistillConfig(teacher="t", alpha=0.6, temperature=2.0)
+    got = sum_rdrop_loss(first, second, y, cfg, WEIGHTS, teacher, distill)
+    without_kl = sum_rdrop_loss(first, second, y, TrainConfig(rdrop=1e-30, label_smoothing=0.1), WEIGHTS, teacher, distill)
+    halves = (sum_training_loss(first, y, cfg, WEIGHTS, teacher, distill) + sum_training_loss(second, y, cfg, WEIGHTS, teacher, distill)) / 2
+    assert float(without_kl) == pytest.approx(float(halves), rel=1e-5)
+    kl_only = got - without_kl
+    assert float(kl_only) == pytest.approx(float(sum_rdrop_loss(first, second, y, cfg, WEIGHTS) - sum_rdrop_loss(
+        first, second, y, TrainConfig(rdrop=1e-30, label_smoothing=0.1), WEIGHTS)), rel=1e-4)
+
+
 def test_two_identical_passes_give_the_plain_loss_and_gradient():
     first, _, y = _pair()
     cfg = TrainConfig(rdrop=1.0, label_smoothing=0.1)
@@ -117,6 +133,7 @@ def test_without_dropout_rdrop_trains_like_plain_cross_entropy(tmp_path):
     train(load_config(None, overrides), tmp_path / "plain")
     train(load_config(None, [*overrides, "train.rdrop=1.0"]), tmp_path / "rdrop")
     assert_same_training(tmp_path / "plain", tmp_path / "rdrop", "adapter", tolerance=1e-5)
+    assert "| regularisation | R-Drop alpha 1.0 |" in (tmp_path / "rdrop" / "README.md").read_text()
 
 
 def test_rdrop_run_resumes_bit_for_bit(tiny_bert, tiny_data, tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ most confused label pairs, and per-class misclassification proportions across co
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from .errors import UserError
 from .rundir import Eval, RunDir, Summary, make_folder
@@ -93,6 +95,8 @@ def _read_run(folder: Path) -> Run:
     # track.* and ood.* change neither training nor the figures compared here (ood.* only the post-hoc
     # out-of-scope scoring in eval.json's `ood` section).
     settings = {".".join(k): v for k, v in flat.items() if k not in _NOT_CONFIGURATION and k[0] not in ("track", "ood")}
+    if settings.get("distill.teacher") is not None:
+        settings["distill.teacher"] = _teacher_setting(folder, settings["distill.teacher"])
     result = Run(folder, cfg.seed, settings, run.summary(), run.eval(), run.labels())
     if cfg.data.shots_per_class is not None:
         result.draw = cfg.seed if cfg.data.draw_seed is None else cfg.data.draw_seed
@@ -101,6 +105,20 @@ def _read_run(folder: Path) -> Run:
         result.target = np.asarray(p.target)
         result.correct = np.asarray(p.predicted) == result.target
     return result
+
+
+def _teacher_setting(folder: Path, given: str) -> str:
+    """distill.teacher as a setting: the teacher's own configuration without its seed, so that students of
+    one recipe, each distilled from its own seed's teacher, are one configuration. The teacher folder is
+    the one config.yaml's derived.distill resolved at training time; gone, its path with any seed=N as seed=*."""
+    derived = (yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}).get("derived") or {}
+    teacher = Path((derived.get("distill") or {}).get("teacher") or given)
+    if not (teacher / "config.yaml").is_file():
+        return re.sub(r"seed=\d+", "seed=*", given)
+    flat = _flatten(RunDir(teacher).config().model_dump(mode="json"))
+    settings = {".".join(k): v for k, v in flat.items() if k not in _NOT_CONFIGURATION and k[0] not in ("track", "ood")}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"a {settings['method.name']} run ({digest})"
 
 
 def collect(paths: list[str | Path]) -> list[Run]:

@@ -7,21 +7,24 @@ in the run folder (TEACHER_FILE) and read back by a resume, which needs neither 
 its time again. The loss (lorafit.train._example_losses) is, per example,
 (1 - alpha) * its training loss + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)).
 
-A teacher must not have trained on this run's validation examples (they would reach the student through
-the teacher's knowledge and flatter its validation, which picks the best epoch): where the teacher's
-run folder says which rows it trained on and this run carves validation from the same training file, an
-overlap is refused. Test is never trained on by a lorafit run.
+A teacher must not have trained on this run's validation or test examples (they would reach the student
+through the teacher's knowledge and flatter the figures that pick the best epoch or report the run):
+where the teacher's run folder (for an export, the run it came from) says which rows it trained on and
+this run carves validation or test from the same training file (a seed's carve-out, a few-shot draw), an
+overlap is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from safetensors.numpy import load_file, save_file
 
 from . import atomic
@@ -39,42 +42,59 @@ log = logging.getLogger("lorafit")
 TEACHER_FILE = "teacher_logits.safetensors"
 
 
-def teacher_logits(cfg: DistillConfig, dataset: Dataset, run: RunDir, resuming: bool, world: World,
+def teacher_logits(cfg: DistillConfig, dataset: Dataset, run: RunDir, mode: str, world: World,
                    device: torch.device) -> np.ndarray | None:
     """The teacher's logits (N, C) on `dataset`'s training texts, columns in dataset.label_names' order;
-    None without distill.teacher. A resumed run reads the ones its start saved. Every process gets rank
-    0's numbers."""
-    if cfg.teacher is None:
+    None without distill.teacher or with mode "skip" (a finished run's post-hoc refit trains nothing).
+    mode "compute" runs the teacher (a new run; every process gets rank 0's numbers), "load" reads the
+    ones the run's start saved (a resume)."""
+    if cfg.teacher is None or mode == "skip":
         return None
-    n, classes = len(dataset.splits["train"]), len(dataset.label_names)
-    if resuming:
-        path = run.path / TEACHER_FILE
-        if not path.is_file():
-            raise UserError(f"{run.path} has no {TEACHER_FILE}: the teacher's logits this run trained on are gone; "
-                            "start the run again")
-        logits = load_file(str(path))["logits"]
-        if logits.shape != (n, classes):
-            raise UserError(f"{path} holds logits of shape {logits.shape}, not ({n}, {classes}): it belongs to other data")
-        return logits
+    if mode == "load":
+        return _saved(run, len(dataset.splits["train"]), len(dataset.label_names))
     from .inference import load, plan_load  # inference imports the training-side modules
 
-    plan = plan_load(cfg.teacher)
+    try:
+        plan = plan_load(cfg.teacher)
+    except UserError as e:
+        raise UserError(f"distill.teacher: {e}") from None
     missing, extra = sorted(set(dataset.label_names) - set(plan.labels)), sorted(set(plan.labels) - set(dataset.label_names))
     if missing or extra:
         parts = ([f"lacks {_names(missing)}"] if missing else []) + ([f"has {_names(extra)} too"] if extra else [])
-        raise UserError(f"distill.teacher {plan.folder}: its labels are not this data's: it {' and '.join(parts)}")
+        raise UserError(f"distill.teacher {plan.folder}: its labels are not this data's: it {' and '.join(parts)}; "
+                        "give a teacher trained on this data (the same data.known_intents, data.oos_label)")
     _check_no_leak(plan.folder, dataset)
-    texts = dataset.splits["train"].texts
     logits = None
     if world.is_main:
         start = time.perf_counter()
-        log.info("distillation: the teacher %s (%s) reads the %s training texts", plan.folder, plan.kind, f"{n:,}")
+        log.info("distillation: the teacher %s (%s) reads the %s training texts", plan.folder, plan.kind,
+                 f"{len(dataset.splits['train']):,}")
         teacher = load(plan, device=str(device), out_of_scope=False)
         order = [teacher.labels.index(name) for name in dataset.label_names]
-        logits = np.ascontiguousarray(teacher.logits(texts)[:, order], dtype=np.float32)  # (N, C)
+        logits = np.ascontiguousarray(teacher.logits(dataset.splits["train"].texts)[:, order], dtype=np.float32)  # (N, C)
         del teacher
+        if device.type == "cuda":  # the run's peak memory is its training's, not the teacher's
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
         log.info("distillation: teacher logits in %.0f s", time.perf_counter() - start)
     return world.gather_objects(logits)[0]
+
+
+def _saved(run: RunDir, n: int, classes: int) -> np.ndarray:
+    """The logits a run's start saved, checked against the fingerprint its config.yaml recorded."""
+    path = run.path / TEACHER_FILE
+    if not path.is_file():
+        raise UserError(f"{run.path} has no {TEACHER_FILE}: the teacher's logits this run trained on are gone, so it "
+                        "cannot be resumed exactly; start the run again")
+    logits = load_file(str(path))["logits"]
+    recorded = (yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8")) or {}).get("derived", {}).get("distill", {})
+    if recorded.get("logits_sha256") != _sha256(logits):
+        raise UserError(f"{path} is not the file this run saved (its fingerprint in config.yaml differs); the run folder "
+                        "was edited: restore the file or start the run again")
+    if logits.shape != (n, classes):
+        raise UserError(f"the data changed since {run.path} started ({logits.shape[0]} training examples then, {n} now); "
+                        "cannot resume it exactly: restore the data or start a new run")
+    return logits
 
 
 def _names(labels: list[str]) -> str:
@@ -82,25 +102,35 @@ def _names(labels: list[str]) -> str:
 
 
 def _check_no_leak(teacher: Path, dataset: Dataset) -> None:
-    """Refuse a teacher trained on this run's validation rows (validation carved from the training file
-    both read); a teacher whose rows cannot be known (an export) is taken on trust, with a warning."""
-    path = teacher / "splits.json"
-    if not path.is_file():
+    """Refuse a teacher that trained on rows of the training file this run holds out (validation or test
+    carved from it: by the seed, or a few-shot draw). An export is checked through the run it came from
+    (export.json's source_run); a teacher whose rows cannot be known is taken on trust, with a warning."""
+    source = teacher
+    if (teacher / "export.json").is_file() and not (teacher / "splits.json").is_file():
+        source = Path(json.loads((teacher / "export.json").read_text(encoding="utf-8")).get("source_run") or teacher)
+    if not (source / "splits.json").is_file():
         log.warning("distill.teacher %s does not record the rows it trained on: make sure it never saw this run's "
                     "validation or test examples", teacher)
         return
-    theirs = RunDir(teacher).splits().to_json()
+    theirs = RunDir(source).splits().to_json()
     mine = dataset.splits_record()
     if theirs.get("source") != mine["source"]:
         log.warning("distill.teacher %s trained on %s, this run on %s: lorafit cannot check that it never saw this "
                     "run's validation or test examples", teacher, theirs.get("source"), mine["source"])
         return
-    carved = str(mine["provenance"].get("validation", "")).startswith("carved from train")
-    overlap = set(theirs.get("train", [])) & set(mine["validation"]) if carved else set()
-    if overlap:
-        raise UserError(f"distill.teacher {teacher} trained on {len(overlap)} of this run's {len(mine['validation'])} "
-                        f"validation examples (its seed {theirs.get('seed')} carved another validation split): train "
-                        "the teacher with this run's seed, or give data with a fixed validation split")
+    trained = set(theirs.get("train", []))  # rows of the training file (augmented rows are not listed)
+    for split in ("validation", "test"):
+        if mine["provenance"].get(split, "file") == "file":  # its own file: its rows are not training-file rows
+            continue
+        overlap = trained & set(mine[split])
+        if overlap:
+            raise UserError(f"distill.teacher {teacher} trained on {len(overlap)} of this run's {len(mine[split])} {split} "
+                            f"examples (its seed {theirs.get('seed')} held out other rows): train the teacher with this run's "
+                            "seed (and few-shot draw), or give data with fixed validation and test files")
+
+
+def _sha256(logits: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(logits).tobytes()).hexdigest()
 
 
 def save(run: RunDir, logits: np.ndarray) -> None:
@@ -110,8 +140,7 @@ def save(run: RunDir, logits: np.ndarray) -> None:
 
 def record(cfg: DistillConfig, logits: np.ndarray) -> dict:
     """config.yaml's derived.distill: which teacher, and a fingerprint of the logits the student learns from."""
-    return {"teacher": str(Path(cfg.teacher).resolve()), "file": TEACHER_FILE,
-            "logits_sha256": hashlib.sha256(np.ascontiguousarray(logits).tobytes()).hexdigest()}
+    return {"teacher": str(Path(cfg.teacher).resolve()), "file": TEACHER_FILE, "logits_sha256": _sha256(logits)}
 
 
 def distillation_losses(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -149,9 +149,11 @@ class Job:
     teacher: torch.Tensor | None = None  # (N_train, C) float32 distill.teacher's logits on the training texts; None: off
 
 
-def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None) -> Job:
+def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None, teacher: str = "compute") -> Job:
     """Everything before the first step. `recorded`: the compute.json of the run being resumed, whose
-    threads, token budget and CPU kernels are reused so the continuation computes as the start did."""
+    threads, token budget and CPU kernels are reused so the continuation computes as the start did.
+    `teacher` (distill.teacher's logits, `distill.teacher_logits`): "compute" for a new run, "load" the
+    saved ones for a resume, "skip" where nothing trains."""
     world = World.from_env()
     if world.size > 1 and cfg.contrastive.epochs:
         raise UserError("contrastive.epochs: the contrastive stage runs in one process (its loss compares the pairs "
@@ -185,7 +187,7 @@ def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None) -> Job:
         targets[name] = targets[name][~oos]
 
     # The teacher runs before the seed is set: building it draws no random numbers the run would see.
-    teacher = distill.teacher_logits(cfg.distill, dataset, run, recorded is not None, world, device)
+    teacher_logits = distill.teacher_logits(cfg.distill, dataset, run, teacher, world, device)
 
     # -- model and method ---------------------------------------------------------------------
     seed_everything(cfg.seed)
@@ -214,7 +216,7 @@ def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None) -> Job:
     return Job(cfg, run, device, amp, dataset, tokens, targets, pad_id, model, method, optimizer, scheduler, schedule,
                 method.adapted, world, forward, fast, max_tokens, scaler, compute, oos_tokens, class_weights=weights,
                resolved=resolved, average=WeightAverage(model, cfg.train.ema) if cfg.train.ema is not None else None,
-               teacher=None if teacher is None else torch.from_numpy(teacher).to(device))
+               teacher=None if teacher_logits is None else torch.from_numpy(teacher_logits).to(device))
 
 
 def class_weights(setting: str | dict[str, float], label_names: list[str], train_ids: list[int]) -> np.ndarray | None:

@@ -187,6 +187,12 @@ class _Facts:
                               + f", {t['schedule']} schedule, warmup {t['warmup']}, weight decay {t['weight_decay']}, "
                               f"label smoothing {t['label_smoothing']}, gradient clipping {t['max_grad_norm']}"),
                 ("seed", str(c["seed"]))]
+        extras = [f"R-Drop alpha {t['rdrop']}"] if t.get("rdrop") else []
+        d = c.get("distill") or {}
+        if d.get("teacher"):
+            extras.append(f"distilled from `{Path(d['teacher']).name}` (alpha {d['alpha']}, temperature {d['temperature']})")
+        if extras:
+            rows.insert(-1, ("regularisation", "; ".join(extras)))
         return ("## Training\n\n| setting | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
                 + "\n<details><summary>The full resolved configuration (config.yaml)</summary>\n\n"
                 + f"```yaml\n{self.config_text.rstrip()}\n```\n\n</details>")

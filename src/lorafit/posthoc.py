@@ -120,7 +120,7 @@ def refit(run_dir, ood_settings: dict | None = None) -> dict:
     if ood_settings:
         recorded = cfg.model_dump(mode="json")
         cfg = validate({**recorded, "ood": {**recorded["ood"], **ood_settings}})  # a bad setting fails before any work
-    job = prepare(cfg, run, run.compute() if (run.path / "compute.json").is_file() else None)
+    job = prepare(cfg, run, run.compute() if (run.path / "compute.json").is_file() else None, teacher="skip")
     check_same_data(job, run)
     job.model = load_model(run, cfg, job.dataset.label_names).to(job.device).eval()
     post = fit(job)

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 #: Folders of a run that are not part of the model.
 SKIPPED = ("checkpoints",)
+#: Run files not pushed: the teacher's logits on the training texts are the teacher's knowledge, not this model.
+SKIPPED_FILES = ("teacher_logits.safetensors",)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
@@ -58,7 +60,7 @@ def files_to_push(folder: Path) -> list[str]:
         for name in sorted(filenames):
             path = here / name
             relative = path.relative_to(folder).as_posix()
-            if name.startswith("."):
+            if name.startswith(".") or (here == folder and name in SKIPPED_FILES):
                 continue
             if path.is_symlink():
                 _check_inside(path, root, folder)

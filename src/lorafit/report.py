@@ -217,7 +217,10 @@ def _table(header: list[str], rows: list[list[str]]) -> tuple[str, str]:
 def _run_section(run: RunDir) -> tuple[list[tuple[str, str]], list[Figure]]:
     cfg, summary, ev = run.config(), run.summary(), run.eval()
     labels = run.labels()
-    smoothing = f" (with label smoothing {cfg.train.label_smoothing:g})" if cfg.train.label_smoothing else ""
+    terms = [f"label smoothing {cfg.train.label_smoothing:g}"] if cfg.train.label_smoothing else []
+    terms += [f"R-Drop's KL term (alpha {cfg.train.rdrop:g})"] if cfg.train.rdrop else []
+    terms += [f"the teacher's term (distillation, alpha {cfg.distill.alpha:g})"] if cfg.distill.teacher else []
+    smoothing = f" (with {', '.join(terms)})" if terms else ""
     figures = [plot_losses({run.path.name: run.metrics()}, smoothing), plot_validation({"": [run.metrics()]}),
                plot_confusion(np.array(ev.confusion), labels, f"Test confusion matrix (row-normalised), {len(labels)} classes"),
                plot_per_class_f1({label: scores.f1 for label, scores in ev.per_class.items()}, "Test F1 per class")]

@@ -18,6 +18,7 @@ record here that its writer builds (`RunDir.write_record`) and its readers get b
                       score's threshold with the rule that chose it (lorafit.posthoc)
     ood.safetensors   the fitted arrays the deciding out-of-scope score reads
                       (knn: training sentence vectors), when it reads any       lorafit.fitted
+    teacher_logits.safetensors  distill.teacher's logits on the training texts, read by a resume   lorafit.distill
     summary.json      efficiency figures, best epoch, device, versions, and
                       the method's own figures (AdaLoRA's ranks)                Summary
     README.md         the model card (lorafit.modelcard)
