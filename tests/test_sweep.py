@@ -44,6 +44,17 @@ def test_plan_expands_the_grid_and_alpha_multiples(tmp_path, tiny_bert, tiny_dat
     assert "train.lr=0.01" in trials[0].overrides(spec)
 
 
+def test_seed_in_a_value_is_each_trials_seed(tmp_path, tiny_bert, tiny_data):
+    """A teacher per seed (distill.teacher: .../seed={seed}); without a swept seed, the base config's."""
+    path = _sweep_file(tmp_path, tiny_bert, tiny_data, {"seed": [0, 3]}, overrides={"distill.teacher": "teachers/seed={seed}"})
+    spec, base = read_spec(path)
+    assert [[o for o in t.overrides(spec) if o.startswith("distill.")] for t in plan(spec, base)] == [
+        ["distill.teacher=teachers/seed=0"], ["distill.teacher=teachers/seed=3"]]
+    path = _sweep_file(tmp_path, tiny_bert, tiny_data, {"method.rank": [2]}, overrides={"distill.teacher": "t/seed={seed}"})
+    spec, base = read_spec(path)
+    assert "distill.teacher=t/seed=0" in plan(spec, base)[0].overrides(spec)
+
+
 def test_base_as_a_grid_key_gives_each_trial_its_config(tmp_path, tiny_bert, tiny_data):
     _sweep_file(tmp_path, tiny_bert, tiny_data, {"seed": [0]})  # writes base.yaml
     full = tmp_path / "full.yaml"

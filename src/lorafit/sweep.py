@@ -10,7 +10,8 @@ A sweep file:
       seed: 0
       space: {train.lr: {loguniform: [1.0e-4, 3.0e-3]}, method.dropout: {choice: [0.0, 0.1]}}
 
-`method.alpha: 2x` means twice the trial's rank. `base` may itself be a grid key, to compare
+`method.alpha: 2x` means twice the trial's rank; `{seed}` in a text value is the trial's seed (each seed's
+student distilled from its own seed's teacher: `distill.teacher: runs/full/seed={seed}`). `base` may itself be a grid key, to compare
 methods whose settings differ as wholes (each trial then starts from its own config file):
 
     overrides: {train.epochs: 4}
@@ -81,7 +82,12 @@ class Trial:
     base: Path | None = None  # the config file this trial starts from
 
     def overrides(self, spec: SweepSpec) -> list[str]:
+        """The trial's settings as overrides; `{seed}` in a text value becomes the trial's seed (a teacher per
+        seed: `distill.teacher: runs/full/seed={seed}`)."""
         merged = {**spec.overrides, **{k: v for k, v in self.values.items() if k != "base"}}
+        if any(isinstance(v, str) and "{seed}" in v for v in merged.values()):
+            seed = merged["seed"] if "seed" in merged else load_config(self.base, []).seed
+            merged = {k: v.replace("{seed}", str(seed)) if isinstance(v, str) else v for k, v in merged.items()}
         return [f"{key}={_yaml_value(value)}" for key, value in merged.items()]
 
 
