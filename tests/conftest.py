@@ -188,6 +188,21 @@ def dropout_free_overrides(folder: Path, method: str, **extra) -> list[str]:
     return overrides
 
 
+def train_fails_cleanly(capsys, out: Path, items: list[str]) -> str:
+    """`lorafit train ITEMS --out OUT` refused bad input as lorafit should: exit 2, one error line on stderr,
+    nothing on stdout, no traceback, no run folder. Returns the line."""
+    from lorafit.cli import main
+
+    capsys.readouterr()
+    status = main(["train", *items, "--out", str(out)])
+    captured = capsys.readouterr()
+    assert status == 2 and captured.out == "" and "Traceback" not in captured.err
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lorafit: error: "), captured.err
+    assert not out.exists(), f"run folder {out} was created"
+    return lines[0]
+
+
 def kill_at_checkpoint(proc, out: Path, step: int, timeout: float = 300, tree: bool = False) -> None:
     """SIGKILL the training process `proc` once `out` holds a checkpoint at `step` or later.
 

@@ -18,7 +18,6 @@ from safetensors.numpy import load_file, save_file
 
 import lorafit
 from lorafit import batching, data
-from lorafit.cli import main
 from lorafit.config import DistillConfig, TrainConfig, load_config
 from lorafit.distill import TEACHER_FILE, distillation_losses
 from lorafit.errors import UserError
@@ -26,7 +25,7 @@ from lorafit.posthoc import refit
 from lorafit.push import files_to_push
 from lorafit.train import resume, sum_training_loss, train
 
-from conftest import assert_same_adapter_run, crash_after_step, tiny_overrides
+from conftest import assert_same_adapter_run, crash_after_step, tiny_overrides, train_fails_cleanly
 
 WEIGHTS = torch.tensor([0.5, 2.0, 1.0, 3.5])
 
@@ -189,29 +188,18 @@ def test_students_of_per_seed_teachers_compare_as_one_configuration(tiny_bert, t
 
 # -- teachers refused: one line, exit 2, nothing written -------------------------------------------
 
-def _fails_cleanly(capsys, out, items: list[str]) -> str:
-    capsys.readouterr()
-    status = main(["train", *items, "--out", str(out)])
-    captured = capsys.readouterr()
-    assert status == 2 and captured.out == "" and "Traceback" not in captured.err
-    lines = captured.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("lorafit: error: "), captured.err
-    assert not out.exists(), f"run folder {out} was created"
-    return lines[0]
-
-
 def test_a_teacher_that_trained_on_this_runs_validation_is_refused(tiny_bert, tiny_data, tmp_path, capsys):
     """Validation is carved from train by the seed: a teacher of another seed trained on some of it."""
     teacher = train(load_config(None, tiny_overrides(tiny_bert, tiny_data, **{"train.epochs": 1, "seed": 1})),
                     tmp_path / "teacher-seed1").path
-    line = _fails_cleanly(capsys, tmp_path / "student", _student(tiny_bert, tiny_data, teacher))
+    line = train_fails_cleanly(capsys, tmp_path / "student", _student(tiny_bert, tiny_data, teacher))
     assert f"distill.teacher {teacher} trained on " in line and " of this run's 12 validation examples (its seed 1" in line, line
 
 
 def test_a_full_data_teacher_is_refused_for_a_few_shot_run(tiny_bert, tiny_data, tmp_path, capsys):
     """A few-shot run's validation is drawn from the rest of train, which a full-data teacher trained on."""
     teacher = train(load_config(None, tiny_overrides(tiny_bert, tiny_data, **{"train.epochs": 1})), tmp_path / "teacher").path
-    line = _fails_cleanly(capsys, tmp_path / "student", _student(tiny_bert, tiny_data, teacher, **{"data.shots_per_class": 4}))
+    line = train_fails_cleanly(capsys, tmp_path / "student", _student(tiny_bert, tiny_data, teacher, **{"data.shots_per_class": 4}))
     assert f"distill.teacher {teacher} trained on " in line and " validation examples" in line, line
 
 
@@ -223,7 +211,7 @@ def test_a_teacher_with_other_labels_or_no_folder_is_refused(tiny_bert, tiny_dat
         frame["label"] = frame["label"].replace({"sport": "football"})
         frame.to_csv(other / f"{split}.csv", index=False)
     teacher = train(load_config(None, tiny_overrides(tiny_bert, other, **{"train.epochs": 1})), tmp_path / "teacher").path
-    line = _fails_cleanly(capsys, tmp_path / "student", _student(tiny_bert, tiny_data, teacher))
+    line = train_fails_cleanly(capsys, tmp_path / "student", _student(tiny_bert, tiny_data, teacher))
     assert f"distill.teacher {teacher}: its labels are not this data's: it lacks 'sport' and has 'football' too; give a " in line, line
-    line = _fails_cleanly(capsys, tmp_path / "student", _student(tiny_bert, tiny_data, tmp_path / "nowhere"))
+    line = train_fails_cleanly(capsys, tmp_path / "student", _student(tiny_bert, tiny_data, tmp_path / "nowhere"))
     assert line.startswith("lorafit: error: distill.teacher: ") and "nowhere" in line, line

@@ -21,14 +21,13 @@ import yaml
 from sklearn.utils.class_weight import compute_class_weight
 
 from lorafit import batching
-from lorafit.cli import main
 from lorafit.config import TrainConfig, load_config
 from lorafit.distributed import World
 from lorafit.errors import UserError
 from lorafit.job import class_weights
 from lorafit.train import sum_training_loss, resume, train
 
-from conftest import assert_same_adapter_run, crash_after_step, tiny_overrides
+from conftest import assert_same_adapter_run, crash_after_step, tiny_overrides, train_fails_cleanly
 
 WEIGHTS = torch.tensor([0.5, 2.0, 1.0, 3.5])
 
@@ -206,17 +205,6 @@ def test_class_balanced_focal_weighted_run_resumes_bit_for_bit_and_records_its_w
 
 # -- bad inputs: one line, exit 2, nothing written ---------------------------------------------------
 
-def _fails_cleanly(capsys, out, items: list[str]) -> str:
-    capsys.readouterr()
-    status = main(["train", *items, "--out", str(out)])
-    captured = capsys.readouterr()
-    assert status == 2 and captured.out == "" and "Traceback" not in captured.err
-    lines = captured.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("lorafit: error: "), captured.err
-    assert not out.exists(), f"run folder {out} was created"
-    return lines[0]
-
-
 @pytest.mark.parametrize("key, value, message", [
     ("train.class_weights", "{food: 2, pizza: 3}",
      "train.class_weights names labels the training data does not have: 'pizza'; its labels are: food, sport, travel"),
@@ -229,5 +217,5 @@ def _fails_cleanly(capsys, out, items: list[str]) -> str:
     ("train.sampler", "oversample", "train.sampler: Input should be 'length_grouped' or 'class_balanced' (got 'oversample')"),
 ])
 def test_bad_rare_class_settings_fail_before_any_work(tiny_bert, tiny_data, tmp_path, capsys, key, value, message):
-    line = _fails_cleanly(capsys, tmp_path / "run", tiny_overrides(tiny_bert, tiny_data, **{"train.epochs": 1, key: value}))
+    line = train_fails_cleanly(capsys, tmp_path / "run", tiny_overrides(tiny_bert, tiny_data, **{"train.epochs": 1, key: value}))
     assert message in line, line
