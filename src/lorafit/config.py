@@ -353,7 +353,7 @@ class DistillConfig(_Section):
     fine-tuned or larger model taught to a LoRA adapter. Its logits on every training text are computed once
     before the first step and kept in the run folder (teacher_logits.safetensors), so a resume needs neither
     the teacher nor its time again. Same label names as this data, in any order; a teacher that trained on
-    this run's validation rows is refused (lorafit/distill.py). null: off."""
+    this run's validation or test rows is refused (lorafit/distill.py). null: off."""
     alpha: Annotated[float, Field(ge=0, le=1)] = 0.5
     """Weight of the teacher: each example's loss is (1 - alpha) * its training loss (label smoothing, focal
     factor) + alpha * T^2 * KL(softmax(teacher logits / T) || softmax(student logits / T)), times its class
