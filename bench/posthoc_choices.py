@@ -148,7 +148,7 @@ def calibration_table(runs: list[Path]) -> None:
     for path in runs:
         run = RunDir(path)
         cfg = run.config()
-        job = prepare(cfg, run, run.compute())
+        job = prepare(cfg, run, run.compute(), teacher="skip")
         check_same_data(job, run)
         model = load_model(run, cfg, job.dataset.label_names).to(job.device).eval()
         logits = {split: features_and_logits(model, job.tokens[split], job.pad_id, 128, job.device, None, job.max_tokens,

@@ -85,7 +85,7 @@ def test_run_keeps_the_teachers_predictions_on_its_training_texts(tiny_bert, tin
     assert kept.shape == (len(texts), 3) and kept.std() > 0.01  # a trained teacher's logits, not zeros
     derived = yaml.safe_load((run / "config.yaml").read_text())["derived"]["distill"]
     assert derived["teacher"] == str(teacher.resolve()) and len(derived["logits_sha256"]) == 64
-    assert "| regularisation | distilled from `teacher` (alpha 0.7, temperature 2.0) |" in (run / "README.md").read_text()
+    assert f"| regularisation | distilled from `{teacher}` (alpha 0.7, temperature 2.0) |" in (run / "README.md").read_text()
 
 
 def test_a_step_learns_from_the_teachers_logits(tiny_bert, tiny_data, teacher, tmp_path):
@@ -190,7 +190,18 @@ def test_a_teacher_that_trained_on_this_runs_validation_is_refused(tiny_bert, ti
     teacher = train(load_config(None, tiny_overrides(tiny_bert, tiny_data, **{"train.epochs": 1, "seed": 1})),
                     tmp_path / "teacher-seed1").path
     line = train_fails_cleanly(capsys, tmp_path / "student", _student(tiny_bert, tiny_data, teacher))
-    assert f"distill.teacher {teacher} trained on " in line and " of this run's 12 validation examples (its seed 1" in line, line
+    assert f"distill.teacher {teacher} trained on " in line and " of this run's 12 validation examples (it was trained with another seed" in line, line
+
+
+def test_a_soup_teacher_is_checked_through_every_run_in_it(tiny_bert, tiny_data, tmp_path, capsys):
+    """A soup of seeds 0 and 1 teaching a seed-0 student: seed 1's run trained on seed 0's validation rows."""
+    from lorafit.soup import soup
+
+    runs = [train(load_config(None, tiny_overrides(tiny_bert, tiny_data, **{"train.epochs": 1, "seed": seed})),
+                  tmp_path / f"seed={seed}").path for seed in (0, 1)]
+    soup(runs, tmp_path / "soup")
+    line = train_fails_cleanly(capsys, tmp_path / "student", _student(tiny_bert, tiny_data, tmp_path / "soup"))
+    assert f"distill.teacher {tmp_path / 'soup'} trained on " in line and " validation examples" in line, line
 
 
 def test_a_full_data_teacher_is_refused_for_a_few_shot_run(tiny_bert, tiny_data, tmp_path, capsys):

@@ -50,9 +50,10 @@ def test_seed_in_a_value_is_each_trials_seed(tmp_path, tiny_bert, tiny_data):
     spec, base = read_spec(path)
     assert [[o for o in t.overrides(spec) if o.startswith("distill.")] for t in plan(spec, base)] == [
         ["distill.teacher=teachers/seed=0"], ["distill.teacher=teachers/seed=3"]]
-    path = _sweep_file(tmp_path, tiny_bert, tiny_data, {"method.rank": [2]}, overrides={"distill.teacher": "t/seed={seed}"})
+    path = _sweep_file(tmp_path, tiny_bert, tiny_data, {"method.rank": [2]}, overrides={"distill": {"teacher": "t/seed={seed}"}})
+    (tmp_path / "base.yaml").write_text((tmp_path / "base.yaml").read_text() + "seed: 5\n")
     spec, base = read_spec(path)
-    assert "distill.teacher=t/seed=0" in plan(spec, base)[0].overrides(spec)
+    assert "distill={teacher: t/seed=5}" in plan(spec, base)[0].overrides(spec)
 
 
 def test_base_as_a_grid_key_gives_each_trial_its_config(tmp_path, tiny_bert, tiny_data):

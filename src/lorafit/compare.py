@@ -113,10 +113,14 @@ def _teacher_setting(folder: Path, given: str) -> str:
     the one config.yaml's derived.distill resolved at training time; gone, its path with any seed=N as seed=*."""
     derived = (yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}).get("derived") or {}
     teacher = Path((derived.get("distill") or {}).get("teacher") or given)
-    if not (teacher / "config.yaml").is_file():
+    try:
+        flat = _flatten(RunDir(teacher).config().model_dump(mode="json"))
+    except UserError:  # gone, moved or unreadable: the path stands for it
         return re.sub(r"seed=\d+", "seed=*", given)
-    flat = _flatten(RunDir(teacher).config().model_dump(mode="json"))
     settings = {".".join(k): v for k, v in flat.items() if k not in _NOT_CONFIGURATION and k[0] not in ("track", "ood")}
+    if (teacher / "export.json").is_file():  # an export or soup carries its first run's config: what it is counts too
+        meta = json.loads((teacher / "export.json").read_text(encoding="utf-8"))
+        settings["export"] = [meta.get("format"), meta.get("quantize"), len((meta.get("soup") or {}).get("runs") or [])]
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"a {settings['method.name']} run ({digest})"
 

@@ -48,6 +48,8 @@ def teacher_logits(cfg: DistillConfig, dataset: Dataset, run: RunDir, mode: str,
     None without distill.teacher or with mode "skip" (a finished run's post-hoc refit trains nothing).
     mode "compute" runs the teacher (a new run; every process gets rank 0's numbers), "load" reads the
     ones the run's start saved (a resume)."""
+    if mode not in ("compute", "load", "skip"):
+        raise ValueError(f"teacher mode {mode!r}: compute, load or skip")
     if cfg.teacher is None or mode == "skip":
         return None
     if mode == "load":
@@ -86,7 +88,10 @@ def _saved(run: RunDir, n: int, classes: int) -> np.ndarray:
     if not path.is_file():
         raise UserError(f"{run.path} has no {TEACHER_FILE}: the teacher's logits this run trained on are gone, so it "
                         "cannot be resumed exactly; start the run again")
-    logits = load_file(str(path))["logits"]
+    try:
+        logits = load_file(str(path))["logits"]
+    except Exception as e:  # a truncated or foreign file: safetensors' own errors, or no "logits" tensor
+        raise UserError(f"{path} is unreadable ({type(e).__name__}); restore it or start the run again") from None
     recorded = (yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8")) or {}).get("derived", {}).get("distill", {})
     if recorded.get("logits_sha256") != _sha256(logits):
         raise UserError(f"{path} is not the file this run saved (its fingerprint in config.yaml differs); the run folder "
@@ -105,28 +110,31 @@ def _check_no_leak(teacher: Path, dataset: Dataset) -> None:
     """Refuse a teacher that trained on rows of the training file this run holds out (validation or test
     carved from it: by the seed, or a few-shot draw). An export is checked through the run it came from
     (export.json's source_run); a teacher whose rows cannot be known is taken on trust, with a warning."""
-    source = teacher
+    sources = [teacher]
     if (teacher / "export.json").is_file() and not (teacher / "splits.json").is_file():
-        source = Path(json.loads((teacher / "export.json").read_text(encoding="utf-8")).get("source_run") or teacher)
-    if not (source / "splits.json").is_file():
-        log.warning("distill.teacher %s does not record the rows it trained on: make sure it never saw this run's "
-                    "validation or test examples", teacher)
-        return
-    theirs = RunDir(source).splits().to_json()
+        meta = json.loads((teacher / "export.json").read_text(encoding="utf-8"))
+        sources = [Path(r) for r in (meta.get("soup") or {}).get("runs") or [meta.get("source_run") or teacher]]  # a soup: every run
     mine = dataset.splits_record()
-    if theirs.get("source") != mine["source"]:
-        log.warning("distill.teacher %s trained on %s, this run on %s: lorafit cannot check that it never saw this "
-                    "run's validation or test examples", teacher, theirs.get("source"), mine["source"])
-        return
-    trained = set(theirs.get("train", []))  # rows of the training file (augmented rows are not listed)
+    trained: set[int] = set()  # rows of the training file any of them trained on (augmented rows are not listed)
+    for source in sources:
+        if not (source / "splits.json").is_file():
+            log.warning("distill.teacher %s: %s does not record the rows it trained on: make sure it never saw this "
+                        "run's validation or test examples", teacher, source)
+            continue
+        theirs = RunDir(source).splits().to_json()
+        if theirs.get("source") != mine["source"]:
+            log.warning("distill.teacher %s: %s trained on %s, this run on %s: lorafit cannot check that it never saw "
+                        "this run's validation or test examples", teacher, source, theirs.get("source"), mine["source"])
+            continue
+        trained |= set(theirs.get("train", []))
     for split in ("validation", "test"):
         if mine["provenance"].get(split, "file") == "file":  # its own file: its rows are not training-file rows
             continue
         overlap = trained & set(mine[split])
         if overlap:
             raise UserError(f"distill.teacher {teacher} trained on {len(overlap)} of this run's {len(mine[split])} {split} "
-                            f"examples (its seed {theirs.get('seed')} held out other rows): train the teacher with this run's "
-                            "seed (and few-shot draw), or give data with fixed validation and test files")
+                            "examples (it was trained with another seed or draw, which held out other rows): train the "
+                            "teacher with this run's seed (and few-shot draw), or give data with fixed validation and test files")
 
 
 def _sha256(logits: np.ndarray) -> str:

@@ -190,7 +190,7 @@ class _Facts:
         extras = [f"R-Drop alpha {t['rdrop']}"] if t.get("rdrop") else []
         d = c.get("distill") or {}
         if d.get("teacher"):
-            extras.append(f"distilled from `{Path(d['teacher']).name}` (alpha {d['alpha']}, temperature {d['temperature']})")
+            extras.append(f"distilled from `{d['teacher']}` (alpha {d['alpha']}, temperature {d['temperature']})")
         if extras:
             rows.insert(-1, ("regularisation", "; ".join(extras)))
         return ("## Training\n\n| setting | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)

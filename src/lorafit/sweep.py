@@ -85,10 +85,21 @@ class Trial:
         """The trial's settings as overrides; `{seed}` in a text value becomes the trial's seed (a teacher per
         seed: `distill.teacher: runs/full/seed={seed}`)."""
         merged = {**spec.overrides, **{k: v for k, v in self.values.items() if k != "base"}}
-        if any(isinstance(v, str) and "{seed}" in v for v in merged.values()):
+        if "{seed}" in json.dumps(merged, default=str):
             seed = merged["seed"] if "seed" in merged else load_config(self.base, []).seed
-            merged = {k: v.replace("{seed}", str(seed)) if isinstance(v, str) else v for k, v in merged.items()}
+            merged = _with_seed(merged, seed)
         return [f"{key}={_yaml_value(value)}" for key, value in merged.items()]
+
+
+def _with_seed(value: Any, seed: int) -> Any:
+    """`value` with "{seed}" replaced in every text inside it (mappings and lists included)."""
+    if isinstance(value, str):
+        return value.replace("{seed}", str(seed))
+    if isinstance(value, dict):
+        return {k: _with_seed(v, seed) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_with_seed(v, seed) for v in value]
+    return value
 
 
 def _yaml_value(value: Any) -> str:
