@@ -10,6 +10,7 @@ validation only: two runs that differ only in their test file must make the same
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -162,3 +163,21 @@ def test_a_bad_epoch_count_is_one_clear_message(value, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("lorafit: error: config error: train.epochs: give a whole number of epochs above 0, or auto"), err
     assert "literal" not in err and "constrained" not in err
+
+
+SHIPPED = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if "sweeps" not in p.parts], ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(str(path), [])
+    assert cfg.data.name and cfg.model.name
+
+
+def test_the_emotion_few_shot_config_is_the_measured_recipe():
+    """configs/emotion-8shot.yaml is exactly what bench/fewshot.py's contrastive20 variants trained: the
+    Banking77 few-shot recipe with emotion's draw and a 20-epoch contrastive stage (README figures)."""
+    configs = Path(__file__).parents[1] / "configs"
+    measured = load_config(str(configs / "banking77-10shot.yaml"), ["data.name=emotion", "data.shots_per_class=8",
+                                                             "contrastive.epochs=20", "contrastive.batch_size=48", "train.epochs=10"])
+    assert load_config(str(configs / "emotion-8shot.yaml"), []) == measured
