@@ -126,3 +126,17 @@ def test_a_run_file_that_is_not_an_object_is_one_clear_error(run, tmp_path):
     (broken / "summary.json").write_text("[1, 2]\n")
     with pytest.raises(UserError, match="summary.json is corrupt: it holds a list"):
         RunDir(broken).summary()
+
+
+def test_the_derived_section_is_read_as_training_wrote_it_and_a_broken_one_is_one_clear_error(run, tmp_path):
+    derived = RunDir(run).derived()
+    assert derived["total_steps"] == derived["steps_per_epoch"] * RunDir(run).config().train.epochs
+    assert derived["adapted_modules"] > 0
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    text = (broken / "config.yaml").read_text()
+    (broken / "config.yaml").write_text(text[:text.index("derived:")] + "derived: [1, 2]\n")
+    with pytest.raises(UserError, match="its derived section is not a mapping"):
+        RunDir(broken).derived()
+    (broken / "config.yaml").write_text(text[:text.index("derived:")])  # an older run that recorded none
+    assert RunDir(broken).derived() == {}

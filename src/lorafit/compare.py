@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from .errors import UserError
 from .rundir import Eval, RunDir, Summary, make_folder
@@ -88,15 +87,20 @@ def _flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
     return out
 
 
+def _settings(cfg) -> dict[str, Any]:
+    """A run's configuration as dotted settings, less what does not make it another configuration: the
+    seed and output settings (_NOT_CONFIGURATION), track.* and ood.* (which change neither training nor the
+    figures compared here; ood.* only the post-hoc out-of-scope scoring in eval.json's `ood` section)."""
+    flat = _flatten(cfg.model_dump(mode="json"))
+    return {".".join(k): v for k, v in flat.items() if k not in _NOT_CONFIGURATION and k[0] not in ("track", "ood")}
+
+
 def _read_run(folder: Path) -> Run:
     run = RunDir(folder)
     cfg = run.config()
-    flat = _flatten(cfg.model_dump(mode="json"))
-    # track.* and ood.* change neither training nor the figures compared here (ood.* only the post-hoc
-    # out-of-scope scoring in eval.json's `ood` section).
-    settings = {".".join(k): v for k, v in flat.items() if k not in _NOT_CONFIGURATION and k[0] not in ("track", "ood")}
+    settings = _settings(cfg)
     if settings.get("distill.teacher") is not None:
-        settings["distill.teacher"] = _teacher_setting(folder, settings["distill.teacher"])
+        settings["distill.teacher"] = _teacher_setting(run, settings["distill.teacher"])
     result = Run(folder, cfg.seed, settings, run.summary(), run.eval(), run.labels())
     if cfg.data.shots_per_class is not None:
         result.draw = cfg.seed if cfg.data.draw_seed is None else cfg.data.draw_seed
@@ -107,17 +111,15 @@ def _read_run(folder: Path) -> Run:
     return result
 
 
-def _teacher_setting(folder: Path, given: str) -> str:
+def _teacher_setting(run: RunDir, given: str) -> str:
     """distill.teacher as a setting: the teacher's own configuration without its seed, so that students of
     one recipe, each distilled from its own seed's teacher, are one configuration. The teacher folder is
     the one config.yaml's derived.distill resolved at training time; gone, its path with any seed=N as seed=*."""
-    derived = (yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}).get("derived") or {}
-    teacher = Path((derived.get("distill") or {}).get("teacher") or given)
+    teacher = Path((run.derived().get("distill") or {}).get("teacher") or given)
     try:
-        flat = _flatten(RunDir(teacher).config().model_dump(mode="json"))
+        settings = _settings(RunDir(teacher).config())
     except UserError:  # gone, moved or unreadable: the path stands for it
         return re.sub(r"seed=\d+", "seed=*", given)
-    settings = {".".join(k): v for k, v in flat.items() if k not in _NOT_CONFIGURATION and k[0] not in ("track", "ood")}
     if (teacher / "export.json").is_file():  # an export or soup carries its first run's config: what it is counts too
         meta = json.loads((teacher / "export.json").read_text(encoding="utf-8"))
         settings["export"] = [meta.get("format"), meta.get("quantize"), len((meta.get("soup") or {}).get("runs") or [])]

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from safetensors.numpy import load_file, save_file
 
 from . import atomic
@@ -92,7 +91,7 @@ def _saved(run: RunDir, n: int, classes: int) -> np.ndarray:
         logits = load_file(str(path))["logits"]
     except Exception as e:  # a truncated or foreign file: safetensors' own errors, or no "logits" tensor
         raise UserError(f"{path} is unreadable ({type(e).__name__}); restore it or start the run again") from None
-    recorded = (yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8")) or {}).get("derived", {}).get("distill", {})
+    recorded = run.derived().get("distill") or {}
     if recorded.get("logits_sha256") != _sha256(logits):
         raise UserError(f"{path} is not the file this run saved (its fingerprint in config.yaml differs); the run folder "
                         "was edited: restore the file or start the run again")

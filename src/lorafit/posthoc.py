@@ -105,8 +105,6 @@ def refit(run_dir, ood_settings: dict | None = None) -> dict:
     split once for eval.json's `calibration` and `ood` sections. Rewrites ood.json and those two sections;
     the weights, the classification figures and summary.json stay as trained. `ood_settings` ({"k": 1},
     say) replace the run's ood.* settings, and config.yaml records them. Returns the new eval.json."""
-    import yaml
-
     from .config import validate
     from .errors import UserError
     from .inference import load_model
@@ -127,7 +125,7 @@ def refit(run_dir, ood_settings: dict | None = None) -> dict:
     _, test_logits = _split(job, "test", oos=False)
     evaluated = run.read_json("eval.json") | evaluate_test(job, post, test_logits)
     if ood_settings:
-        run.write_config(cfg, derived=yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8")).get("derived"))
+        run.write_config(cfg, derived=run.derived())
     save(run, post)
     run.write_record(Eval.from_json(evaluated))
     return evaluated

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from . import modelcard
+from .distill import TEACHER_FILE
 from .errors import UserError
 from .rundir import RunDir
 
@@ -32,7 +33,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 #: Folders of a run that are not part of the model.
 SKIPPED = ("checkpoints",)
 #: Run files not pushed: the teacher's logits on the training texts are the teacher's knowledge, not this model.
-SKIPPED_FILES = ("teacher_logits.safetensors",)
+SKIPPED_FILES = (TEACHER_FILE,)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 

@@ -377,7 +377,7 @@ class RunDir:
             text += yaml.safe_dump({"derived": derived}, sort_keys=False)
         atomic.write_text(self.path / "config.yaml", text)
 
-    def config(self) -> Config:
+    def _raw_config(self) -> dict:
         path = self.path / "config.yaml"
         if not self.path.is_dir():
             raise UserError(f"run folder not found: {self.path}")
@@ -389,8 +389,20 @@ class RunDir:
             raise UserError(f"{path} is corrupt ({' '.join(str(e).split())[:200]}); the run folder was edited") from None
         if not isinstance(raw, dict):
             raise UserError(f"{path} is corrupt: it holds a {type(raw).__name__}, not a config mapping")
+        return raw
+
+    def config(self) -> Config:
+        raw = self._raw_config()
         raw.pop("derived", None)
         return validate(raw)
+
+    def derived(self) -> dict:
+        """config.yaml's `derived` section: what training worked out from the config (the schedule, the
+        teacher's fingerprint, ...); empty for a run that recorded none."""
+        derived = self._raw_config().get("derived") or {}
+        if not isinstance(derived, dict):
+            raise UserError(f"{self.path / 'config.yaml'} is corrupt: its derived section is not a mapping")
+        return derived
 
     def labels(self) -> list[str]:
         return self.read_json("labels.json")

@@ -109,26 +109,27 @@ def train(config: Config | str | Path | dict, out: str | Path, overwrite: bool =
     job.world.barrier()  # every process has checked the folder before rank 0 creates it
     # Everything that can fail on bad input has been checked: only now is the folder created.
     if job.world.is_main:
+        teacher = job.teacher.cpu().numpy() if job.teacher is not None else None
         run.create(overwrite)
-        run.write_config(job.cfg, derived=_derived(job))
+        run.write_config(job.cfg, derived=_derived(job, teacher))
         run.write_json("labels.json", job.dataset.label_names)
         run.write_record(splits_record(job))
         run.write_record(job.compute)
-        if job.teacher is not None:
-            distill.save(run, job.teacher.cpu().numpy())
+        if teacher is not None:
+            distill.save(run, teacher)
     return _run(job, Progress())
 
 
-def _derived(job: Job) -> dict:
+def _derived(job: Job, teacher: np.ndarray | None) -> dict:
     """config.yaml's `derived` section: the schedule, the adapted modules, the settings resolved from auto or
-    null (`resolved`) and the resolved class weights."""
+    null (`resolved`), the resolved class weights and, when distilling, the teacher's logits' fingerprint."""
     derived = asdict(job.schedule) | {"adapted_modules": len(job.adapted)}
     if job.resolved:
         derived["resolved"] = job.resolved
     if job.class_weights is not None:
         derived["class_weights"] = {name: float(w) for name, w in zip(job.dataset.label_names, job.class_weights)}
-    if job.teacher is not None:
-        derived["distill"] = distill.record(job.cfg.distill, job.teacher.cpu().numpy())
+    if teacher is not None:
+        derived["distill"] = distill.record(job.cfg.distill, teacher)
     return derived
 
 
