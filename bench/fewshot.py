@@ -5,16 +5,20 @@ own `data.shots_per_class` / `data.draw_seed` (`lorafit.data.load`), so both too
 texts. SetFit is trained as its paper and docs recommend (the `setfit` package, same all-MiniLM-L6-v2
 backbone, contrastive body training on pairs: batch 16, 20 pair iterations per example, one epoch, body
 learning rate 2e-5, then its logistic-regression head); it uses no validation data. lorafit trains the
-shipped few-shot config (configs/banking77-10shot.yaml) with the same draw; its validation examples
-(drawn from the rest of train) are used only for what the config says (here: nothing that changes the
-trained weights -- the last epoch is kept -- and the temperature). Both are scored once on the full
-test set. Each run is its own process; finished runs (a JSON line in the results file) are reused.
+shipped few-shot config of the dataset (configs/banking77-10shot.yaml; configs/emotion-8shot.yaml for
+emotion, whose contrastive stage the README explains) with the same draw; its validation examples (drawn
+from the rest of train) are used only for what the config says (here: nothing that changes the trained
+weights -- the last epoch is kept -- and the temperature). Both are scored once on the full test set.
+Each run is its own process; finished runs (a JSON line in the results file) are reused, so an
+interrupted bench goes on where it stopped, in this session or a later one (--results names a file
+kept with the project: bench/results/fewshot.jsonl holds every run the README quotes).
 
 Prints, per setting, mean +- 95% CI over draws of test accuracy and macro-F1 and training seconds per
 run for each tool, and a paired test over draws (t-test and exact sign-flip permutation, lorafit.compare).
 
     python bench/fewshot.py --out runs/fewshot                      # the acceptance settings
     python bench/fewshot.py --out runs/fewshot --settings banking77:10 --draws 0 1
+    python bench/fewshot.py --out runs/fewshot --results bench/results/fewshot.jsonl --summary-only
 """
 
 from __future__ import annotations
@@ -31,8 +35,13 @@ from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ["banking77:10", "banking77:5", "emotion:8"]
-#: One few-shot recipe for every dataset (its data.name and shots are set per run).
-CONFIG = "configs/banking77-10shot.yaml"
+#: The shipped few-shot recipe per dataset (its data.name and shots are set per run); a dataset without
+#: its own takes Banking77's.
+CONFIGS = {"banking77": "configs/banking77-10shot.yaml", "emotion": "configs/emotion-8shot.yaml"}
+
+
+def config_for(dataset: str) -> str:
+    return CONFIGS.get(dataset, CONFIGS["banking77"])
 
 
 def _draw(dataset: str, shots: int, draw: int):
@@ -78,7 +87,7 @@ def run_setfit(dataset: str, shots: int, draw: int, iterations: int) -> dict:
 def run_lorafit(dataset: str, shots: int, draw: int, out: Path, overrides: list[str], tool: str = "lorafit") -> dict:
     """One lorafit run (its own process), read back from the run folder."""
     folder = out / f"{dataset}-{shots}shot" / f"{tool.replace('[', '-').rstrip(']')}-d{draw}"
-    command = [sys.executable, "-m", "lorafit", "train", str(ROOT / CONFIG), f"data.name={dataset}",
+    command = [sys.executable, "-m", "lorafit", "train", str(ROOT / config_for(dataset)), f"data.name={dataset}",
                f"data.shots_per_class={shots}", f"data.draw_seed={draw}", f"seed={draw}", *overrides,
                "--out", str(folder), "--overwrite", "--quiet"]
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +183,8 @@ def _group(runs: dict[int, dict], draws: list[int]) -> SimpleNamespace:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, help="folder for lorafit runs and results.jsonl (required)")
+    parser.add_argument("--out", type=Path, help="folder for lorafit runs (required)")
+    parser.add_argument("--results", type=Path, help="the JSON-lines file of finished runs (default: OUT/results.jsonl)")
     parser.add_argument("--settings", nargs="+", default=SETTINGS, help="dataset:shots, e.g. banking77:10")
     parser.add_argument("--draws", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--tools", nargs="+", default=["setfit", "lorafit"], choices=["setfit", "lorafit"])
@@ -196,7 +206,7 @@ def main() -> int:
 
     settings = [(s.split(":")[0], int(s.split(":")[1])) for s in args.settings]
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "results.jsonl"
+    path = args.results or args.out / "results.jsonl"
     done = {_key(r) for r in _results(path)}
     for dataset, shots in settings if not args.summary_only else []:
         for draw in args.draws:
@@ -217,7 +227,9 @@ def main() -> int:
                     result = run_lorafit(dataset, shots, draw, args.out, args.overrides, tool)
                 record = {"tool": tool, "dataset": dataset, "shots": shots, "draw": draw, **result,
                           "setfit_iterations": args.setfit_iterations if tool == "setfit" else None,
-                          "overrides": args.overrides if tool.startswith("lorafit") else None}
+                          "overrides": args.overrides if tool.startswith("lorafit") else None,
+                          "config": config_for(dataset) if tool.startswith("lorafit") else None,
+                          "cpu": cpu_line(), "threads": os.environ.get("OMP_NUM_THREADS")}
                 with open(path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 print(f"  accuracy {100 * result['accuracy']:.2f}  macro-F1 {100 * result['macro_f1']:.2f}  "
