@@ -14,6 +14,7 @@ from peft import PeftModel
 import lorafit
 from lorafit import evaluate
 from lorafit.cli import main
+from lorafit.errors import UserError
 from lorafit.models import build_classifier
 from lorafit.rundir import RunDir
 
@@ -227,3 +228,29 @@ def test_early_stopping_evaluates_the_best_epoch_not_the_last(tiny_bert, tiny_da
     read = lambda run: json.loads((run / "eval.json").read_text())  # noqa: E731
     assert read(tmp_path / "stopped") == read(tmp_path / "one")
     assert read(tmp_path / "last") != read(tmp_path / "one")  # epoch 3 differs: testing it would be caught
+
+
+def test_keep_last_tests_the_final_epoch_even_when_validation_peaked_earlier(tiny_bert, tiny_data, tmp_path, monkeypatch):
+    """train.keep=last: validation peaks at epoch 1, but the run keeps, saves and tests epoch 3's weights --
+    the same as a plain 3-epoch run whose validation happens to rise every epoch; with train.keep=best
+    (the default) the same scripted validation tests epoch 1's, which differ."""
+    settings = {"train.schedule": "constant", "train.warmup": 0, "train.lr": 5e-3, "train.epochs": 3}
+    _scripted_validation(monkeypatch, [0.9, 0.5, 0.4])
+    kept = lorafit.train(lorafit.load_config(None, tiny_overrides(tiny_bert, tiny_data, **settings, **{"train.keep": "last"})),
+                         tmp_path / "last")
+    assert kept.summary["best_epoch"] == 3 and kept.summary["best_validation"] == {"accuracy": 0.4}
+    _scripted_validation(monkeypatch, [0.1, 0.2, 0.3])
+    rising = lorafit.train(lorafit.load_config(None, tiny_overrides(tiny_bert, tiny_data, **settings)), tmp_path / "rising")
+    _scripted_validation(monkeypatch, [0.9, 0.5, 0.4])
+    best = lorafit.train(lorafit.load_config(None, tiny_overrides(tiny_bert, tiny_data, **settings)), tmp_path / "best")
+    assert best.summary["best_epoch"] == 1
+    read = lambda run: json.loads((run / "eval.json").read_text())  # noqa: E731
+    assert read(tmp_path / "last") == read(tmp_path / "rising")
+    assert read(tmp_path / "best") != read(tmp_path / "last")
+    assert (RunDir(tmp_path / "last").path / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (RunDir(tmp_path / "rising").path / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_keep_last_with_patience_is_one_config_error():
+    with pytest.raises(UserError, match="train.patience stops on validation"):
+        lorafit.load_config(None, ["train.keep=last", "train.patience=2"])

@@ -240,6 +240,11 @@ class TrainConfig(_Section):
     """Stop after this many epochs without improvement of train.metric; null never stops early."""
     metric: Literal["accuracy", "macro_f1", "loss"] = "accuracy"
     """Validation metric that picks the best epoch and drives early stopping."""
+    keep: Literal["best", "last"] = "best"
+    """Which epoch's weights the run keeps (the saved adapter, test, exports): `best`, the epoch with the
+    best train.metric on validation; `last`, the final epoch, so validation chooses nothing about the
+    weights (it still sets the temperature and thresholds, and is reported each epoch): for a comparison
+    in which the validation labels must not pick the model, as against a tool that uses none."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """auto picks cuda, then mps, then cpu."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -394,6 +399,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> Config:
+        if self.train.keep == "last" and self.train.patience is not None:
+            raise ValueError("train.patience stops on validation, which train.keep=last keeps out of choosing the "
+                             "weights; set train.patience=null or train.keep=best")
         if self.train.ema is not None and self.method.name == "adalora":
             raise ValueError("train.ema does not combine with method adalora: its rank budget zeroes singular values "
                              "in place as it trains, which an average of the weights would undo; set train.ema=null")

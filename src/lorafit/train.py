@@ -546,7 +546,8 @@ def _validate(job: Job, p: Progress, best_state: dict | None, weight: float) -> 
     }
     _append_metrics(job, p, record)
     value = val[cfg.train.metric]
-    improved = _better(cfg.train.metric, value, p.best_value)
+    # train.keep=last: each epoch replaces the one before, so the run ends with the final epoch's weights.
+    improved = cfg.train.keep == "last" or _better(cfg.train.metric, value, p.best_value)
     log.info("%s", _table_row(record, improved))
     if improved:
         p.best_value, p.best_epoch, p.stale = value, p.epoch, 0
