@@ -6,15 +6,19 @@ texts. SetFit is trained as its paper and docs recommend (the `setfit` package, 
 backbone, contrastive body training on pairs: batch 16, 20 pair iterations per example, one epoch, body
 learning rate 2e-5, then its logistic-regression head); it uses no validation data. lorafit trains the
 shipped few-shot config of the dataset (configs/banking77-10shot.yaml; configs/emotion-8shot.yaml for
-emotion, whose contrastive stage the README explains) with the same draw; its validation examples (drawn
-from the rest of train) are used only for what the config says (here: nothing that changes the trained
-weights -- the last epoch is kept -- and the temperature). Both are scored once on the full test set.
-Each run is its own process; finished runs (a JSON line in the results file) are reused, so an
+emotion, whose contrastive stage the README explains) with the same draw. Its validation examples (N per
+class, drawn from the rest of train) choose the best epoch and set the temperature, so lorafit's model
+has seen 2N labelled examples per class to SetFit's N; the variant `--variant last train.keep=last` keeps
+the final epoch instead, so validation chooses nothing about its weights (the temperature does not move
+the top class): that row compares the two on the same N labels. Both are scored once on the full test
+set. Each run is its own process; finished runs (a JSON line in the results file) are reused, so an
 interrupted bench goes on where it stopped, in this session or a later one (--results names a file
-kept with the project: bench/results/fewshot.jsonl holds every run the README quotes).
+kept with the project: bench/results/fewshot.jsonl holds the runs the README quotes). A lorafit row
+trained from another config than the dataset's shipped one today is stale: ignored, and trained again.
 
 Prints, per setting, mean +- 95% CI over draws of test accuracy and macro-F1 and training seconds per
-run for each tool, and a paired test over draws (t-test and exact sign-flip permutation, lorafit.compare).
+run for each tool, and paired tests over the draws both tools ran (lorafit.compare's two-level bootstrap
+over draws and test examples, McNemar's exact test per draw, and from three draws a paired t-test).
 
     python bench/fewshot.py --out runs/fewshot                      # the acceptance settings
     python bench/fewshot.py --out runs/fewshot --settings banking77:10 --draws 0 1
@@ -108,9 +112,12 @@ def run_lorafit(dataset: str, shots: int, draw: int, out: Path, overrides: list[
 
 
 def _results(path: Path) -> list[dict]:
+    """The finished runs of the results file, less lorafit rows trained from another config than their
+    dataset's shipped one today (stale: the recipe changed since)."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["tool"] == "setfit" or r.get("config") == config_for(r["dataset"])]
 
 
 def _key(r: dict) -> tuple:
@@ -192,7 +199,8 @@ def main() -> int:
     parser.add_argument("--summary-only", action="store_true", help="print the table from results.jsonl, train nothing")
     parser.add_argument("--one", nargs=3, metavar=("DATASET", "SHOTS", "DRAW"), help=argparse.SUPPRESS)
     parser.add_argument("--variant", help="name of a lorafit variant (its runs are tool 'lorafit[NAME]'), set by the overrides")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides for every lorafit run")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for every lorafit run (not SetFit's: its "
+                        "draw is the plain data.shots_per_class/draw_seed one)")
     args = parser.parse_args()
 
     if args.one:  # a SetFit run in a fresh process: its JSON on the last line
