@@ -96,6 +96,17 @@ def test_too_many_shots_is_one_clear_error(tiny_bert, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_shots_that_use_every_training_example_leave_no_validation_and_are_one_clear_error(tiny_bert, tmp_path, capsys):
+    folder = write_dataset(tmp_path / "data", n_train=30, n_test=9)  # 10 per class: 10 shots leave none to validate on
+    out = tmp_path / "run"
+    status = main(["train", *tiny_overrides(tiny_bert, folder, **{"data.shots_per_class": 10}), "--out", str(out)])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and not captured.out
+    assert "data.shots_per_class=10 uses every training example" in err[0] and "lower data.shots_per_class" in err[0]
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("value", [0, -1, "x"])
 def test_shots_below_one_is_a_config_error(tiny_bert, tmp_path, capsys, value):
     out = tmp_path / "run"
