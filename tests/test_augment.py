@@ -315,6 +315,18 @@ def test_a_changed_model_folder_is_augmented_anew(tiny_seq2seq, cache, tmp_path)
         first.augmentation["cache_key"]
 
 
+def test_paraphrases_made_on_another_kind_of_device_are_not_read_from_the_cache(tiny_seq2seq, cache, tmp_path):
+    """CPU and CUDA sample other random numbers, so a cache entry made on one is not the other's output; the
+    identity (known without loading the local model) tells them apart, cuda:1 and cuda alike."""
+    cfg = paraphrase(tiny_seq2seq)
+    identities = {device: augment._Paraphraser(cfg, device).identity for device in ("cpu", "cuda", "cuda:1")}
+    assert identities["cuda"] == identities["cuda:1"] != identities["cpu"]
+    assert identities["cpu"]["sha256"] == identities["cuda"]["sha256"]
+    texts = ["a b c"]
+    assert augment.cache_key("paraphrase", augment.settings_of(cfg), 0, identities["cpu"], texts) != \
+        augment.cache_key("paraphrase", augment.settings_of(cfg), 0, identities["cuda"], texts)
+
+
 # -- bad input: one line, exit 2, nothing written -----------------------------------------------
 
 def fails_cleanly(capsys, out: Path, cache: Path, *items: str) -> str:

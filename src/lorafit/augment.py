@@ -137,17 +137,19 @@ class _Eda:
 
 class _Paraphraser:
     """A seq2seq model's sampled paraphrases. Its identity is known before it loads (a local folder's
-    file digest, or the hub revision in the local hub cache), so a cached run needs no model load."""
+    file digest, or the hub revision in the local hub cache), so a cached run needs no model load. The
+    identity holds the kind of device too: CPU and CUDA draw other random numbers, so other paraphrases."""
 
     def __init__(self, cfg: AugmentConfig, device: str):
         assert cfg.model is not None
         self.cfg, self.device = cfg, device
         self.path = _model_path(cfg.model)
-        self.identity = _model_identity(self.path)  # its name is one of the settings
+        identity = _model_identity(self.path)  # its name is one of the settings
         self.loaded = None
-        if not self.identity:  # a hub model not downloaded yet: load it now, so the key holds its revision
+        if not identity:  # a hub model not downloaded yet: load it now, so the key holds its revision
             self.loaded = self._load()
-            self.identity = _model_identity(self.path)
+            identity = _model_identity(self.path)
+        self.identity = {**identity, "device": str(device).split(":")[0]}  # cuda:1 and cuda draw alike
 
     def _load(self):
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
