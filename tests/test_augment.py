@@ -371,6 +371,15 @@ def test_an_unloadable_paraphrase_model(tiny_bert, tiny_data, cache, tmp_path, c
     assert message in line
 
 
+def test_a_bad_base_model_fails_before_any_augmentation(tiny_bert, tiny_data, tiny_seq2seq, cache, tmp_path, capsys):
+    """A paraphrase model can take minutes over the training texts: a model.name that cannot be loaded is
+    found first (one line, no run folder, nothing cached)."""
+    overrides = tiny_overrides(tiny_bert, tiny_data, **{"data.augment.kind": "paraphrase", "data.augment.model": str(tiny_seq2seq),
+                                                         "model.name": str(tmp_path / "no-such-encoder")})
+    line = fails_cleanly(capsys, tmp_path / "run", cache, *overrides)
+    assert "no-such-encoder" in line
+
+
 def test_paraphrase_without_a_model_is_a_config_error(tiny_bert, tiny_data, cache, tmp_path, capsys):
     overrides = tiny_overrides(tiny_bert, tiny_data, **{"data.augment.kind": "paraphrase"})
     line = fails_cleanly(capsys, tmp_path / "run", cache, *overrides)

@@ -166,11 +166,11 @@ def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None, teacher: 
 
     # -- data: read, clean, split, tokenise once ----------------------------------------------
     dataset, data_cfg = data.load(cfg.data, cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)  # a bad model.name fails before minutes of augmentation
     dataset = augment.apply(dataset, cfg.data.augment, cfg.seed, str(device), cfg.train.progress and world.is_main)  # train only
     cfg = cfg.model_copy(update={"data": data_cfg})
     cfg, resolved = resolve(cfg, len(dataset.splits["train"]))  # train.epochs=auto, null learning rates
     weights = class_weights(cfg.train.class_weights, dataset.label_names, dataset.label_ids("train"))
-    tokenizer = load_tokenizer(cfg.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens = {name: batching.tokenize(tokenizer, split.texts, cfg.data.max_length) for name, split in dataset.splits.items()}
     targets = {name: np.array(dataset.label_ids(name)) for name in dataset.splits}
