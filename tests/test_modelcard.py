@@ -72,6 +72,23 @@ def test_card_body_holds_config_splits_weak_spots_efficiency_use_and_loading(run
     assert "lorafit.load(folder)" in text and "PeftModel.from_pretrained(base" in text
 
 
+def test_the_card_says_which_epoch_was_kept_and_how(run, tmp_path):
+    import shutil
+
+    summary = json.loads((run / "summary.json").read_text())
+    text = render(run)
+    assert f"best epoch {summary['best_epoch']} (by validation accuracy)" in text
+    assert "The model of the best epoch (chosen on validation)" in text and "Best validation: accuracy" in text
+    last = tmp_path / "last"
+    shutil.copytree(run, last)
+    config = (last / "config.yaml").read_text()
+    (last / "config.yaml").write_text(config.replace("  keep: best\n", "  keep: last\n"))
+    text = render(last)
+    assert f"kept the last, epoch {summary['best_epoch']} (train.keep=last)" in text and "by validation" not in text
+    assert "The model of the last epoch (train.keep=last: validation chose nothing)" in text
+    assert "Validation of the last epoch: accuracy" in text and "Best validation" not in text
+
+
 def test_card_loading_snippets_run(run):
     """The card's Python blocks load this very folder (with `folder` pointed at it)."""
     blocks = re.findall(r"```python\n(.*?)```", (run / "README.md").read_text(), re.S)

@@ -180,8 +180,9 @@ class _Facts:
         rows = [("method", f"`{c['method']['name']}` " + ", ".join(f"{k}={_short(v)}" for k, v in method.items())),
                 ("base model", f"`{self.base}`, {c['model']['pooling']} pooling, head dropout {c['model']['head_dropout']}"),
                 ("epochs", f"{t['epochs'] if s.epochs_run is None else s.epochs_run} run of {t['epochs']}, "
-                           f"best epoch {s.best_epoch} (by validation {t['metric']}), "
-                           f"{'?' if s.steps is None else s.steps} optimiser steps"),
+                           + (f"kept the last, epoch {s.best_epoch} (train.keep=last), " if t.get("keep") == "last"
+                              else f"best epoch {s.best_epoch} (by validation {t['metric']}), ")
+                           + f"{'?' if s.steps is None else s.steps} optimiser steps"),
                 ("batch", f"{t['batch_size']} (gradient accumulation {t['grad_accum']}), texts cut at {c['data']['max_length']} tokens"),
                 ("optimiser", f"AdamW, lr {t['lr']}" + (f", head lr {t['head_lr']}" if t.get("head_lr") else "")
                               + f", {t['schedule']} schedule, warmup {t['warmup']}, weight decay {t['weight_decay']}, "
@@ -227,10 +228,13 @@ class _Facts:
         best = self.summary.best_validation or {}
         rows = [f"| {e.split} | {e.examples:,} | {_pct(e.accuracy)} | {_pct(e.macro_f1)} | "
                 f"{_pct(e.weighted_f1)} | {e.loss:.4f} |"]
-        text = ("## Results\n\nThe model of the best epoch (chosen on validation), evaluated once on test.\n\n"
+        last = self.config["train"].get("keep") == "last"
+        kept = "the last epoch (train.keep=last: validation chose nothing)" if last else "the best epoch (chosen on validation)"
+        text = (f"## Results\n\nThe model of {kept}, evaluated once on test.\n\n"
                 "| split | examples | accuracy | macro F1 | weighted F1 | loss |\n|---|---|---|---|---|---|\n" + "\n".join(rows))
         if best:
-            text += "\n\nBest validation: " + ", ".join(f"{k} {_pct(v)}" for k, v in best.items()) + "."
+            text += ("\n\nValidation of the last epoch: " if last else "\n\nBest validation: ") + \
+                ", ".join(f"{k} {_pct(v)}" for k, v in best.items()) + "."
         if self.export:
             p = self.export["parity"]
             text += (f"\n\nThis {self.kind} export against the training-time model on {p['examples']} {p['split']} examples: "
