@@ -105,6 +105,11 @@ class _Facts:
         return hub_id(str(self.config["model"]["name"]))
 
     @property
+    def keeps_last(self) -> bool:
+        """train.keep=last: the final epoch was kept, validation chose nothing."""
+        return self.config["train"].get("keep") == "last"
+
+    @property
     def base_on_hub(self) -> bool:
         """Whether the base is a hub id: as decided at training time (compute.json), where the name was
         resolved; a folder name tested here would depend on where the card is rendered."""
@@ -180,7 +185,7 @@ class _Facts:
         rows = [("method", f"`{c['method']['name']}` " + ", ".join(f"{k}={_short(v)}" for k, v in method.items())),
                 ("base model", f"`{self.base}`, {c['model']['pooling']} pooling, head dropout {c['model']['head_dropout']}"),
                 ("epochs", f"{t['epochs'] if s.epochs_run is None else s.epochs_run} run of {t['epochs']}, "
-                           + (f"kept the last, epoch {s.best_epoch} (train.keep=last), " if t.get("keep") == "last"
+                           + (f"kept the last, epoch {s.best_epoch} (train.keep=last), " if self.keeps_last
                               else f"best epoch {s.best_epoch} (by validation {t['metric']}), ")
                            + f"{'?' if s.steps is None else s.steps} optimiser steps"),
                 ("batch", f"{t['batch_size']} (gradient accumulation {t['grad_accum']}), texts cut at {c['data']['max_length']} tokens"),
@@ -228,7 +233,7 @@ class _Facts:
         best = self.summary.best_validation or {}
         rows = [f"| {e.split} | {e.examples:,} | {_pct(e.accuracy)} | {_pct(e.macro_f1)} | "
                 f"{_pct(e.weighted_f1)} | {e.loss:.4f} |"]
-        last = self.config["train"].get("keep") == "last"
+        last = self.keeps_last
         kept = "the last epoch (train.keep=last: validation chose nothing)" if last else "the best epoch (chosen on validation)"
         text = (f"## Results\n\nThe model of {kept}, evaluated once on test.\n\n"
                 "| split | examples | accuracy | macro F1 | weighted F1 | loss |\n|---|---|---|---|---|---|\n" + "\n".join(rows))
