@@ -6,7 +6,8 @@
 - mlflow: a run in `track.mlflow_uri` (default `$MLFLOW_TRACKING_URI`, else a file store `./mlruns`),
   experiment `track.project`; params are the flattened config.
 - wandb: offline by default (run files under `RUN_DIR/wandb/`, `wandb sync` uploads them later);
-  `track.wandb_mode: online` needs a login.
+  `track.wandb_mode: online` needs a login. wandb's own service process closes a run's files just after
+  the run ends: they are complete once the Python process exits or `wandb.teardown()` returns.
 
 Each sink logs the hyperparameters (the whole config, method settings included), every step and
 epoch record, and at the end the test metrics and efficiency figures. A resumed run continues the
