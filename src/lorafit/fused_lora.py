@@ -1,0 +1,128 @@
+"""A CPU fast path for peft's LoRA linear: the whole adapted layer as one autograd node.
+
+peft computes an adapted linear as
+
+    y = base(x) + lora_B(lora_A(dropout(x))) * scaling
+
+eight autograd nodes, and three passes over the (tokens x out) output besides the GEMMs: lora_B's
+product is written, scaled, then added to the base output into a fourth tensor; backward scales the
+upstream gradient once more. `FusedLoraLinear` (a subclass of peft's `lora.Linear`, so the same
+parameters, state_dict keys and saved adapters) computes the same function as
+
+    h = dropout(x) A^T                     (tokens x r)
+    y = x W^T + b;  y += scaling * h B^T   (one in-place addmm: the scale and the add inside the GEMM)
+
+and its backward by hand:
+
+    dh = scaling * dy B     dB = scaling * dy^T h     dA = dh^T dropout(x)
+    dx = dy W + keep * (dh A) / (1 - p)
+
+It saves what peft's nodes save (the dropped-out input, h and the mask) and allocates no (tokens x
+out) temporary. Dropout draws its mask exactly as `kernels.FastDropout` does, from the same random
+stream in the same order, so a run's random draws do not change with the switch; results equal
+peft's path up to float summation order (tests/test_fused_lora.py: outputs and gradients within
+1e-5). Everything the fused path does not cover runs peft's own forward: several active adapters,
+variants (DoRA), LoRA biases, a trainable base layer, merged or disabled adapters, peft's stock
+`nn.Dropout` (its Bernoulli stream differs), non-float32 or non-CPU tensors, autocast, tracing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from torch import nn
+
+from .kernels import FastDropout, OneDnnLinear, _mm, dropout_mask
+
+__all__ = ["FusedLoraLinear"]
+
+
+def _matmul(onednn: bool, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a (M, K) @ b (N, K)^T + bias, through oneDNN when the layer's base runs there."""
+    return _mm(a, b, bias) if onednn else F.linear(a, b, bias)
+
+
+def _dropout(x: torch.Tensor, keep: torch.Tensor | None, keep_scale: float) -> torch.Tensor:
+    """x times the `keep` mask and the kept elements' scale: kernels.fast_dropout's arithmetic."""
+    return x if keep is None else (x * keep).mul_(keep_scale)
+
+
+class _FusedLoraFunction(torch.autograd.Function):
+    """y = x W^T + b + scaling * (dropout(x) A^T) B^T for 2-D x (M, in); W and b frozen."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, keep, keep_scale: float, onednn: bool):
+        dropped = _dropout(x, keep, keep_scale)
+        h = _matmul(onednn, dropped, lora_a)  # (M, r)
+        y = _matmul(onednn, x, weight, bias)  # (M, out)
+        y.addmm_(h, lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(dropped, h, weight, lora_a, lora_b, keep)
+        ctx.scaling, ctx.keep_scale, ctx.onednn = scaling, keep_scale, onednn
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        dropped, h, weight, lora_a, lora_b, keep = ctx.saved_tensors
+        onednn = ctx.onednn
+        grad_h = _matmul(onednn, grad, lora_b.t()).mul_(ctx.scaling)  # (M, r)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _matmul(onednn, grad, weight.t())  # (M, in)
+            through_adapter = _matmul(onednn, grad_h, lora_a.t())  # (M, in)
+            if keep is None:
+                grad_x.add_(through_adapter)
+            else:
+                grad_x.add_(through_adapter.mul_(keep), alpha=ctx.keep_scale)
+        if ctx.needs_input_grad[3]:
+            grad_a = _matmul(onednn, grad_h.t(), dropped.t())  # (r, in)
+        if ctx.needs_input_grad[4]:
+            grad_b = _matmul(onednn, grad.t(), h.t()).mul_(ctx.scaling)  # (out, r)
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None
+
+
+class FusedLoraLinear(PeftLoraLinear):
+    """peft's `lora.Linear`, with plain single-adapter LoRA on float32 CPU tensors run as one fused
+    autograd node (module doc); peft's own forward for everything else."""
+
+    def _fusable(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+        """The one active plain LoRA adapter the fused path can compute, or None."""
+        if (args or kwargs or self.disable_adapters or self.merged or x.device.type != "cpu"
+                or x.dtype != torch.float32 or x.dim() < 2 or x.numel() == 0
+                or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
+            return None
+        active = [name for name in self.active_adapters if name in self.lora_A]
+        if len(active) != 1 or active[0] in self.lora_variant:
+            return None
+        name = active[0]
+        base, lora_a, lora_b = self.base_layer, self.lora_A[name], self.lora_B[name]
+        if type(base) not in (nn.Linear, OneDnnLinear) or lora_a.bias is not None or lora_b.bias is not None:
+            return None
+        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return None
+        if any(p.dtype != torch.float32 for p in (base.weight, lora_a.weight, lora_b.weight)):
+            return None
+        dropout = self.lora_dropout[name]
+        if dropout.training and type(dropout) not in (nn.Identity, FastDropout):
+            return None
+        return name
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self._fusable(x, args, kwargs)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        base, lora_a, lora_b = self.base_layer, self.lora_A[name], self.lora_B[name]
+        dropout, scaling = self.lora_dropout[name], float(self.scaling[name])
+        x2 = x.reshape(-1, base.in_features)
+        keep, keep_scale = None, 1.0
+        if isinstance(dropout, FastDropout) and dropout.training and dropout.p > 0:
+            keep, keep_scale = dropout_mask(x2, dropout.p)
+        onednn = type(base) is OneDnnLinear
+        if torch.is_grad_enabled() and (x.requires_grad or lora_a.weight.requires_grad or lora_b.weight.requires_grad):
+            y = _FusedLoraFunction.apply(x2, base.weight, base.bias, lora_a.weight, lora_b.weight, scaling, keep,
+                                         keep_scale, onednn)
+        else:
+            dropped = _dropout(x2, keep, keep_scale)
+            y = _matmul(onednn, x2, base.weight, base.bias)
+            y.addmm_(_matmul(onednn, dropped, lora_a.weight), lora_b.weight.t(), alpha=scaling)
+        return y.reshape(*x.shape[:-1], base.out_features)

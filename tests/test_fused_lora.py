@@ -1,0 +1,165 @@
+"""The fused LoRA linear (lorafit/fused_lora.py): peft's numbers, peft's random draws, peft's fallbacks."""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+from lorafit import kernels
+from lorafit.fused_lora import FusedLoraLinear
+
+pytestmark = pytest.mark.skipif(not kernels.onednn_available(), reason="this PyTorch build has no oneDNN")
+
+
+class Block(nn.Module):
+    """Two layers named like BERT's, the second fed the first's output (so dx of the first is used)."""
+
+    def __init__(self, width: int = 24, inner: int = 40):
+        super().__init__()
+        self.query = nn.Linear(width, inner)
+        self.value = nn.Linear(inner, width, bias=False)
+
+    def forward(self, x):
+        return self.value(torch.tanh(self.query(x)))
+
+
+def _peft_block(seed: int = 0, dropout: float = 0.1, **lora) -> nn.Module:
+    """A LoRA-adapted `Block` with non-zero B (peft starts B at zero, which would hide dB A and dh)."""
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(r=4, lora_alpha=12, lora_dropout=dropout, target_modules=["query", "value"], **lora)
+    model = peft.get_peft_model(Block(), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    return model
+
+
+def _fast(model: nn.Module, onednn: bool, fused: bool) -> kernels.FastPaths:
+    return kernels.use_fast_paths(model, torch.device("cpu"), onednn=onednn, lora=fused)
+
+
+def _forward_backward(model: nn.Module, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+    """(y, dx, d every trainable parameter, the next number of the random stream)."""
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    y = model(x)
+    g = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(y, [x, *params], g, allow_unused=True)  # merged adapters take no gradient
+    grads = [torch.zeros(1) if d is None else d for d in grads]
+    return (y.detach(), *grads, torch.randint(0, 2**30, (1,)).float())
+
+
+def _close(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], tol: float = 1e-5) -> None:
+    assert len(a) == len(b)
+    for i, (u, v) in enumerate(zip(a, b, strict=True)):
+        scale = v.abs().max().clamp_min(1e-30)
+        assert float((u - v).abs().max() / scale) <= tol, f"output {i} differs by {float((u - v).abs().max()):.2e}"
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(7, 24), (3, 5, 24)])
+def test_fused_matches_peft_in_outputs_gradients_and_random_draws(onednn, training, shape):
+    stock = _peft_block()
+    fused = copy.deepcopy(stock)
+    _fast(stock, onednn, fused=False)
+    switched = _fast(fused, onednn, fused=True)
+    assert switched.counts["fused_lora"] == 2
+    assert all(type(m) is FusedLoraLinear for m in fused.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
+    stock.train(training), fused.train(training)
+    x = torch.randn(shape)
+    expected, got = _forward_backward(stock, x, seed=3), _forward_backward(fused, x, seed=3)
+    _close(got, expected)
+    # The same dropout masks: a third seed's outputs differ from seed 3's when dropout is on, and match across paths.
+    if training:
+        other = _forward_backward(stock, x, seed=4)
+        assert not torch.allclose(other[0], expected[0])
+        _close(_forward_backward(fused, x, seed=4), other)
+
+
+def test_without_dropout_and_without_input_gradient():
+    stock = _peft_block(dropout=0.0)
+    fused = copy.deepcopy(stock)
+    _fast(stock, True, fused=False), _fast(fused, True, fused=True)
+    x = torch.randn(6, 24)  # no gradient wanted for x: only A and B's
+    g = torch.randn(6, 24)
+    out = []
+    for model in (stock, fused):
+        y = model(x)
+        out.append((y.detach(), *torch.autograd.grad(y, [p for p in model.parameters() if p.requires_grad], g)))
+    _close(out[1], out[0])
+    with torch.no_grad():
+        _close((fused(x),), (stock(x),))
+
+
+@pytest.mark.parametrize("case", ["dora", "nn_dropout", "merged", "two_adapters", "disabled", "bf16_autocast",
+                                  "trainable_base"])
+def test_what_the_fused_path_does_not_cover_runs_peft_exactly(case):
+    stock = _peft_block(use_dora=(case == "dora"))
+    fused = copy.deepcopy(stock)
+    dropout = case != "nn_dropout"  # without the fast dropout, peft's nn.Dropout (a Bernoulli stream) stays
+    kernels.use_fast_paths(stock, torch.device("cpu"), onednn=False, dropout=dropout, lora=False)
+    kernels.use_fast_paths(fused, torch.device("cpu"), onednn=False, dropout=dropout, lora=True)
+    x = torch.randn(5, 24)
+    for model in (stock, fused):
+        if case == "merged":
+            model.merge_adapter()
+        elif case == "two_adapters":
+            torch.manual_seed(5)  # the second adapter's A starts alike in both models
+            model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["query", "value"]))
+            model.base_model.set_adapter(["default", "second"])
+        elif case == "disabled":
+            model.base_model.disable_adapter_layers()
+        elif case == "trainable_base":
+            for layer in (model.base_model.model.query, model.base_model.model.value):
+                layer.base_layer.weight.requires_grad_(True)
+    calls = []
+    original = FusedLoraLinear._fusable
+
+    def spy(self, *args):
+        calls.append(original(self, *args))
+        return calls[-1]
+
+    FusedLoraLinear._fusable = spy
+    try:
+        if case == "bf16_autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                expected, got = _forward_backward(stock, x, 1), _forward_backward(fused, x, 1)
+        else:
+            expected, got = _forward_backward(stock, x, 1), _forward_backward(fused, x, 1)
+    finally:
+        FusedLoraLinear._fusable = original
+    assert calls and all(c is None for c in calls), "the fused path ran where it should have left it to peft"
+    for u, v in zip(got, expected, strict=True):
+        assert torch.equal(u, v)
+
+
+def test_undo_gives_peft_its_class_back_and_saved_adapters_are_unchanged(tmp_path):
+    model = _peft_block()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with _fast(model, True, fused=True):
+        assert sum(type(m) is FusedLoraLinear for m in model.modules()) == 2
+        assert model.state_dict().keys() == before.keys()
+        model.save_pretrained(str(tmp_path / "adapter"))
+    assert not any(type(m) is FusedLoraLinear for m in model.modules())
+    loaded = peft.PeftModel.from_pretrained(Block(), str(tmp_path / "adapter"))
+    for name, value in peft.get_peft_model_state_dict(model).items():
+        assert torch.equal(peft.get_peft_model_state_dict(loaded)[name], value)
+
+
+def test_dropout_that_drops_everything_leaves_the_base_layer():
+    stock = _peft_block(dropout=0.5)
+    fused = copy.deepcopy(stock)
+    for model in (stock, fused):
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 1.0
+    _fast(stock, True, fused=False), _fast(fused, True, fused=True)
+    x = torch.randn(4, 24)
+    _close(_forward_backward(fused, x, 0), _forward_backward(stock, x, 0))
