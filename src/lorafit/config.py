@@ -253,10 +253,11 @@ class TrainConfig(_Section):
     """CPU threads for torch; null leaves torch's default (one per core)."""
     cpu_kernels: Literal["auto", "stock", "onednn"] = "auto"
     """On CPU, auto runs linear layers through oneDNN where a timing on this host finds it faster
-    than PyTorch's default, and draws dropout masks with half the random bits: equal results up to
-    float rounding, dropout from the same distribution (lorafit/kernels.py). The choice is recorded
-    in compute.json and reused by --resume. onednn forces oneDNN's linear (and the fast dropout);
-    stock keeps PyTorch's own layers."""
+    than PyTorch's default, draws dropout masks with half the random bits, and runs each peft LoRA
+    linear as one fused autograd node: equal results up to float rounding, dropout from the same
+    distribution (lorafit/kernels.py, lorafit/fused_lora.py). The choice is recorded in compute.json
+    and reused by --resume. onednn forces oneDNN's linear (and the other two); stock keeps PyTorch's
+    and peft's own layers."""
     checkpoint_every: Annotated[int, Field(ge=0)] = 200
     """Write a resumable checkpoint every N optimiser steps (and at every epoch end); 0 turns
     checkpoints off. Checkpoints are removed when the run finishes."""
