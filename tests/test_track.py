@@ -66,7 +66,7 @@ def test_mlflow_run_holds_params_and_metrics(tiny_bert, tiny_data, tmp_path):
 
 
 def test_wandb_offline_writes_run_files(tiny_bert, tiny_data, tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     from wandb.proto import wandb_internal_pb2
 
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -75,8 +75,6 @@ def test_wandb_offline_writes_run_files(tiny_bert, tiny_data, tmp_path, monkeypa
     # wandb-core writes the transaction log in its own process and closes it after run.finish() returns
     # (finish only informs the service): seen here as a 7-byte file (the header) read a moment too early.
     # Tearing the service down waits for it to close every run's file.
-    import wandb
-
     wandb.teardown()
     (folder,) = (out / "wandb").glob("offline-run-*")
     (records_file,) = folder.glob("run-*.wandb")  # offline, everything is in the run's record file
