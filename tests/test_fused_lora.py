@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import types
 
 import peft
 import pytest
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from lorafit import kernels
-from lorafit.fused_lora import FusedLoraLinear
+from lorafit.fused_lora import FusedLoraLinear, use_fused_lora
 
 pytestmark = pytest.mark.skipif(not kernels.onednn_available(), reason="this PyTorch build has no oneDNN")
 
@@ -39,8 +40,10 @@ def _peft_block(seed: int = 0, dropout: float = 0.1, **lora) -> nn.Module:
     return model
 
 
-def _fast(model: nn.Module, onednn: bool, fused: bool) -> kernels.FastPaths:
-    return kernels.use_fast_paths(model, torch.device("cpu"), onednn=onednn, lora=fused)
+def _fast(model: nn.Module, onednn: bool, fused: bool, dropout: bool = True) -> kernels.FastPaths:
+    """The training-time switch (job.cpu_kernels): the CPU fast paths, then the fused LoRA linears when `fused`."""
+    fast = kernels.use_fast_paths(model, torch.device("cpu"), onednn=onednn, dropout=dropout)
+    return use_fused_lora(model, fast) if fused else fast
 
 
 def _forward_backward(model: nn.Module, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
@@ -104,8 +107,8 @@ def test_what_the_fused_path_does_not_cover_runs_peft_exactly(case):
     stock = _peft_block(use_dora=(case == "dora"))
     fused = copy.deepcopy(stock)
     dropout = case != "nn_dropout"  # without the fast dropout, peft's nn.Dropout (a Bernoulli stream) stays
-    kernels.use_fast_paths(stock, torch.device("cpu"), onednn=False, dropout=dropout, lora=False)
-    kernels.use_fast_paths(fused, torch.device("cpu"), onednn=False, dropout=dropout, lora=True)
+    _fast(stock, False, fused=False, dropout=dropout)
+    _fast(fused, False, fused=True, dropout=dropout)
     x = torch.randn(5, 24)
     for model in (stock, fused):
         if case == "merged":
@@ -163,3 +166,18 @@ def test_dropout_that_drops_everything_leaves_the_base_layer():
     _fast(stock, True, fused=False), _fast(fused, True, fused=True)
     x = torch.randn(4, 24)
     _close(_forward_backward(fused, x, 0), _forward_backward(stock, x, 0))
+
+
+@pytest.mark.parametrize("recorded, fused", [(None, True), ({"onednn_linear": True, "fused_lora": True}, True),
+                                             ({"onednn_linear": True}, False)])
+def test_training_fuses_new_runs_and_resumes_old_ones_as_they_started(recorded, fused):
+    """job.cpu_kernels: a new run fuses and records it; a run resumed from a compute.json written before the
+    fused path existed (no `fused_lora` entry) continues with peft's layers, the summation order it began with."""
+    from lorafit import job
+    from lorafit.distributed import World
+
+    model = _peft_block()
+    cfg = types.SimpleNamespace(train=types.SimpleNamespace(cpu_kernels="auto"))
+    counts, choice = job.cpu_kernels(cfg, model, torch.device("cpu"), World.from_env(), recorded)
+    assert choice["fused_lora"] is fused and ("fused_lora" in counts) is fused
+    assert any(type(m) is FusedLoraLinear for m in model.modules()) is fused

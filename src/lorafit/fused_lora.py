@@ -24,6 +24,10 @@ peft's path up to float summation order (tests/test_fused_lora.py: outputs and g
 1e-5). Everything the fused path does not cover runs peft's own forward: several active adapters,
 variants (DoRA), LoRA biases, a trainable base layer, merged or disabled adapters, peft's stock
 `nn.Dropout` (its Bernoulli stream differs), non-float32 or non-CPU tensors, autocast, tracing.
+
+`use_fused_lora(model, fast)` switches a model's LoRA linears and records them in the `kernels.FastPaths`
+of the other CPU fast paths (undone with them); training calls it on CPU unless `train.cpu_kernels` is
+`stock` (job.cpu_kernels). Loaded runs are merged, so prediction has no LoRA layers to switch.
 """
 
 from __future__ import annotations
@@ -33,9 +37,9 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
-from .kernels import FastDropout, OneDnnLinear, _mm, dropout_mask
+from .kernels import FastDropout, FastPaths, OneDnnLinear, _mm, dropout_mask
 
-__all__ = ["FusedLoraLinear"]
+__all__ = ["FusedLoraLinear", "use_fused_lora"]
 
 
 def _matmul(onednn: bool, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,3 +130,11 @@ class FusedLoraLinear(PeftLoraLinear):
             y = _matmul(onednn, x2, base.weight, base.bias)
             y.addmm_(_matmul(onednn, dropped, lora_a.weight), lora_b.weight.t(), alpha=scaling)
         return y.reshape(*x.shape[:-1], base.out_features)
+
+
+def use_fused_lora(model: nn.Module, fast: FastPaths) -> FastPaths:
+    """Switch every peft LoRA linear of `model` to `FusedLoraLinear`, recorded in `fast` as `fused_lora`
+    (undone by `fast.undo()` with the other fast paths); a model without any gains no entry."""
+    if any(type(module) is PeftLoraLinear for module in model.modules()):
+        fast.switch(model, "fused_lora", PeftLoraLinear, FusedLoraLinear)
+    return fast

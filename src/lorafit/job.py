@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
-from . import augment, batching, data, distill, hardware, kernels, methods
+from . import augment, batching, data, distill, fused_lora, hardware, kernels, methods
 from .averaging import WeightAverage
 from .config import Config, load_config, resolve, resolve_schedule, validate
 from .distributed import World
@@ -261,15 +261,21 @@ def cpu_kernels(cfg: Config, model: nn.Module, device: torch.device, world: Worl
     """
     if device.type != "cpu" or cfg.train.cpu_kernels == "stock":
         why = "not a CPU run" if device.type != "cpu" else "train.cpu_kernels=stock"
-        return {}, {"onednn_linear": False, "fast_dropout": False, "reason": why, "cpu": hardware.cpu_info()}
+        return {}, {"onednn_linear": False, "fast_dropout": False, "fused_lora": False, "reason": why,
+                    "cpu": hardware.cpu_info()}
     if cfg.train.cpu_kernels == "onednn":
         decision = {"onednn_linear": True, "reason": "train.cpu_kernels=onednn"}
     elif recorded is not None:
         decision = recorded
     else:
         decision = world.gather_objects(kernels.decide(torch.get_num_threads()) if world.is_main else None)[0]
-    fast = kernels.use_fast_paths(model, device, onednn=bool(decision["onednn_linear"])).counts
-    choice = {**decision, "onednn_linear": "onednn_linear" in fast, "fast_dropout": "fast_dropout" in fast}
+    paths = kernels.use_fast_paths(model, device, onednn=bool(decision["onednn_linear"]))
+    # A run started before the fused LoRA linear existed resumes without it (its summation order).
+    if recorded is None or recorded.get("fused_lora"):
+        fused_lora.use_fused_lora(model, paths)
+    fast = paths.counts
+    choice = {**decision, "onednn_linear": "onednn_linear" in fast, "fast_dropout": "fast_dropout" in fast,
+              "fused_lora": "fused_lora" in fast}
     return fast, {"cpu": hardware.cpu_info(), **choice}
 
 

@@ -48,7 +48,6 @@ import functools
 import logging
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -325,9 +324,9 @@ def use_fast_dropout(model: nn.Module, enable: bool = True) -> int:
 class FastPaths:
     """The CPU fast paths `use_fast_paths` switched on in one model, and the way back.
 
-    `counts`: layers switched, by kind (`onednn_linear`, `fast_dropout`, `fused_lora`); a kind is
-    present when it was asked for and usable here, even if the model had no such layer -- except
-    `fused_lora`, present only for a model with peft LoRA linears. summary.json records it as
+    `counts`: layers switched, by kind (`onednn_linear`, `fast_dropout`; `fused_lora` from
+    fused_lora.use_fused_lora); a kind is present when it was asked for and usable here, even if the
+    model had no such layer -- except `fused_lora`, present only for a model with peft LoRA linears. summary.json records it as
     `cpu_fast_paths`. `undo()` (or leaving `with fast:`) gives every switched module its stock class
     back; parameters, buffers and state_dict keys were never touched, so the model computes exactly
     as before the switch. Undoing twice does nothing.
@@ -336,7 +335,8 @@ class FastPaths:
     counts: dict[str, int] = field(default_factory=dict)
     switched: list[tuple[nn.Module, type]] = field(default_factory=list, repr=False)  # (module, its stock class)
 
-    def _switch(self, model: nn.Module, kind: str, source: type, target: type) -> None:
+    def switch(self, model: nn.Module, kind: str, source: type, target: type) -> None:
+        """Give every module of exactly class `source` the class `target` (its subclass), recorded under `kind`."""
         modules = _swap(model, source, target)
         self.switched += [(module, source) for module in modules]
         self.counts[kind] = len(modules)
@@ -354,14 +354,14 @@ class FastPaths:
 
 
 def use_fast_paths(model: nn.Module, device: torch.device, dropout: bool = True,
-                   onednn: bool | None = None, lora: bool = True) -> FastPaths:
+                   onednn: bool | None = None) -> FastPaths:
     """Switch `model` to the CPU fast paths on `device`; returns what was switched, to log or undo.
 
     oneDNN linears where `decide` finds them correct and faster here, or, when `onednn` is given (the
     decision a run being resumed recorded), as told, without timing: asked for but unusable here
     (op missing, or disagreeing with F.linear), PyTorch's linear is kept with a warning. Fast dropout
-    masks when `dropout`. peft's LoRA linears computed as one fused node each when `lora`
-    (lorafit/fused_lora.py). Nothing is switched off the CPU. Before any oneDNN call, oneDNN's primitive
+    masks when `dropout`. Nothing is switched off the CPU. (Training adds the fused LoRA linears,
+    lorafit/fused_lora.py's `use_fused_lora`, to the same record.) Before any oneDNN call, oneDNN's primitive
     cache is capped (`PRIMITIVE_CACHE_CAPACITY`; see `_cap_primitive_cache`).
     """
     fast = FastPaths()
@@ -374,12 +374,7 @@ def use_fast_paths(model: nn.Module, device: torch.device, dropout: bool = True,
                     "(the same results up to float rounding)", problem)
         onednn = False
     if onednn:
-        fast._switch(model, "onednn_linear", nn.Linear, OneDnnLinear)
+        fast.switch(model, "onednn_linear", nn.Linear, OneDnnLinear)
     if dropout:
-        fast._switch(model, "fast_dropout", nn.Dropout, FastDropout)
-    if lora and "peft" in sys.modules:  # a model with peft's LoRA layers was built with peft imported
-        from lorafit.fused_lora import FusedLoraLinear, PeftLoraLinear
-
-        if any(type(module) is PeftLoraLinear for module in model.modules()):
-            fast._switch(model, "fused_lora", PeftLoraLinear, FusedLoraLinear)
+        fast.switch(model, "fast_dropout", nn.Dropout, FastDropout)
     return fast
