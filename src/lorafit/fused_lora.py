@@ -52,15 +52,21 @@ def _dropout(x: torch.Tensor, keep: torch.Tensor | None, keep_scale: float) -> t
     return x if keep is None else (x * keep).mul_(keep_scale)
 
 
+def _fused_forward(x, weight, bias, lora_a, lora_b, scaling: float, keep, keep_scale: float, onednn: bool):
+    """(y, dropout(x), h): y = x W^T + b + scaling * h B^T with h = dropout(x) A^T, for 2-D x (M, in)."""
+    dropped = _dropout(x, keep, keep_scale)
+    h = _matmul(onednn, dropped, lora_a)  # (M, r)
+    y = _matmul(onednn, x, weight, bias)  # (M, out)
+    y.addmm_(h, lora_b.t(), alpha=scaling)
+    return y, dropped, h
+
+
 class _FusedLoraFunction(torch.autograd.Function):
     """y = x W^T + b + scaling * (dropout(x) A^T) B^T for 2-D x (M, in); W and b frozen."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, keep, keep_scale: float, onednn: bool):
-        dropped = _dropout(x, keep, keep_scale)
-        h = _matmul(onednn, dropped, lora_a)  # (M, r)
-        y = _matmul(onednn, x, weight, bias)  # (M, out)
-        y.addmm_(h, lora_b.t(), alpha=scaling)
+        y, dropped, h = _fused_forward(x, weight, bias, lora_a, lora_b, scaling, keep, keep_scale, onednn)
         ctx.save_for_backward(dropped, h, weight, lora_a, lora_b, keep)
         ctx.scaling, ctx.keep_scale, ctx.onednn = scaling, keep_scale, onednn
         return y
@@ -122,13 +128,11 @@ class FusedLoraLinear(PeftLoraLinear):
         if isinstance(dropout, FastDropout) and dropout.training and dropout.p > 0:
             keep, keep_scale = dropout_mask(x2, dropout.p)
         onednn = type(base) is OneDnnLinear
+        operands = (x2, base.weight, base.bias, lora_a.weight, lora_b.weight, scaling, keep, keep_scale, onednn)
         if torch.is_grad_enabled() and (x.requires_grad or lora_a.weight.requires_grad or lora_b.weight.requires_grad):
-            y = _FusedLoraFunction.apply(x2, base.weight, base.bias, lora_a.weight, lora_b.weight, scaling, keep,
-                                         keep_scale, onednn)
+            y = _FusedLoraFunction.apply(*operands)
         else:
-            dropped = _dropout(x2, keep, keep_scale)
-            y = _matmul(onednn, x2, base.weight, base.bias)
-            y.addmm_(_matmul(onednn, dropped, lora_a.weight), lora_b.weight.t(), alpha=scaling)
+            y = _fused_forward(*operands)[0]
         return y.reshape(*x.shape[:-1], base.out_features)
 
 

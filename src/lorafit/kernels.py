@@ -326,8 +326,8 @@ class FastPaths:
 
     `counts`: layers switched, by kind (`onednn_linear`, `fast_dropout`; `fused_lora` from
     fused_lora.use_fused_lora); a kind is present when it was asked for and usable here, even if the
-    model had no such layer -- except `fused_lora`, present only for a model with peft LoRA linears. summary.json records it as
-    `cpu_fast_paths`. `undo()` (or leaving `with fast:`) gives every switched module its stock class
+    model had no such layer -- except `fused_lora`, present only for a model with peft LoRA linears.
+    summary.json records it as `cpu_fast_paths`. `undo()` (or leaving `with fast:`) gives every switched module its stock class
     back; parameters, buffers and state_dict keys were never touched, so the model computes exactly
     as before the switch. Undoing twice does nothing.
     """
@@ -361,8 +361,8 @@ def use_fast_paths(model: nn.Module, device: torch.device, dropout: bool = True,
     decision a run being resumed recorded), as told, without timing: asked for but unusable here
     (op missing, or disagreeing with F.linear), PyTorch's linear is kept with a warning. Fast dropout
     masks when `dropout`. Nothing is switched off the CPU. (Training adds the fused LoRA linears,
-    lorafit/fused_lora.py's `use_fused_lora`, to the same record.) Before any oneDNN call, oneDNN's primitive
-    cache is capped (`PRIMITIVE_CACHE_CAPACITY`; see `_cap_primitive_cache`).
+    lorafit/fused_lora.py's `use_fused_lora`, to the same record.) Before any oneDNN call, oneDNN's
+    primitive cache is capped (`PRIMITIVE_CACHE_CAPACITY`; see `_cap_primitive_cache`).
     """
     fast = FastPaths()
     if device.type != "cpu":
