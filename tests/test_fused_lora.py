@@ -168,11 +168,14 @@ def test_dropout_that_drops_everything_leaves_the_base_layer():
     _close(_forward_backward(fused, x, 0), _forward_backward(stock, x, 0))
 
 
-@pytest.mark.parametrize("recorded, fused", [(None, True), ({"onednn_linear": True, "fused_lora": True}, True),
-                                             ({"onednn_linear": True}, False)])
-def test_training_fuses_new_runs_and_resumes_old_ones_as_they_started(recorded, fused):
-    """job.cpu_kernels: a new run fuses and records it; a run resumed from a compute.json written before the
-    fused path existed (no `fused_lora` entry) continues with peft's layers, the summation order it began with."""
+@pytest.mark.parametrize("recorded, fused, draw", [
+    (None, True, "int64"), ({"onednn_linear": True, "fused_lora": True, "dropout_draw": "int64"}, True, "int64"),
+    ({"onednn_linear": True, "fused_lora": True}, True, "int32"), ({"onednn_linear": True}, False, "int32")])
+def test_training_fuses_new_runs_and_resumes_old_ones_as_they_started(recorded, fused, draw):
+    """job.cpu_kernels: a new run fuses and draws 64-bit dropout numbers, and records both; a run resumed from
+    a compute.json written before the fused path existed (no `fused_lora` entry) continues with peft's layers,
+    the summation order it began with, and one written before the 64-bit draws (no `dropout_draw`) with
+    32-bit draws, the masks it began with -- through the fused path's dropout too."""
     from lorafit import job
     from lorafit.distributed import World
 
@@ -181,3 +184,14 @@ def test_training_fuses_new_runs_and_resumes_old_ones_as_they_started(recorded, 
     counts, choice = job.cpu_kernels(cfg, model, torch.device("cpu"), World.from_env(), recorded)
     assert choice["fused_lora"] is fused and ("fused_lora" in counts) is fused
     assert any(type(m) is FusedLoraLinear for m in model.modules()) is fused
+    assert choice["dropout_draw"] == draw
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert dropouts and all(type(m).draw == draw for m in dropouts)
+    if fused:  # the fused layer draws as its dropout module does: peft's forward through that module agrees
+        model.train()
+        layer = next(m for m in model.modules() if type(m) is FusedLoraLinear)
+        x = torch.randn(5, layer.in_features)
+        torch.manual_seed(7)
+        y = layer(x)
+        torch.manual_seed(7)
+        torch.testing.assert_close(y, peft.tuners.lora.layer.Linear.forward(layer, x), rtol=1e-5, atol=1e-6)

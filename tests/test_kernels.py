@@ -126,6 +126,52 @@ def test_fast_dropout_has_the_dropout_distribution():
     assert abs(both - 0.25) < 0.004
 
 
+@pytest.mark.parametrize("draw, dtype, per_draw", [("int64", torch.int64, 4), ("int32", torch.int32, 2)])
+def test_dropout_mask_is_a_uint8_view_of_the_drawn_comparison(draw, dtype, per_draw):
+    # uint8, not bool: a float tensor times a bool one converts the bool to float first (a copy per use,
+    # forward and backward); times uint8 it runs vectorised with the same numbers. The mask compares the
+    # 16-bit parts of ceil(n / per_draw) full-range draws (int64 by default; int32 for runs begun before).
+    x = torch.randn(37, 21)  # 777 elements: not a multiple of 4 or 2
+    torch.manual_seed(4)
+    keep, scale = kernels.dropout_mask(x, 0.1, draw)
+    assert keep.dtype == torch.uint8 and keep.shape == x.shape and set(keep.unique().tolist()) <= {0, 1}
+    assert scale == pytest.approx(65536 / (65536 - 6554))
+    after = torch.rand(3)
+    torch.manual_seed(4)
+    low = torch.iinfo(dtype).min
+    bits = torch.randint(low, -low - 1, (-(-x.numel() // per_draw),), dtype=dtype)
+    assert torch.equal(keep.bool(), bits.view(torch.int16)[: x.numel()].view(x.shape) >= 6554 - 32768)
+    assert torch.equal(torch.rand(3), after)  # no other draw from the generator
+    assert torch.equal(x * keep, x * keep.bool())
+    everything, zero = kernels.dropout_mask(x, 1.0, draw)
+    assert everything.dtype == torch.uint8 and not everything.any() and zero == 0.0
+
+
+def test_int64_draws_give_independent_uniform_16_bit_parts():
+    torch.manual_seed(5)
+    x = torch.ones(4_000_000)
+    keep, _ = kernels.dropout_mask(x, 0.25)
+    kept = keep.view(-1, 4).float()  # the four 16-bit parts of each 64-bit draw
+    assert torch.allclose(kept.mean(0), torch.full((4,), 0.75), atol=0.002)  # binomial sd 0.0004
+    both = (kept[:, :, None] * kept[:, None, :]).mean(0)  # P(part i and part j kept)
+    off = both[~torch.eye(4, dtype=torch.bool)]
+    assert torch.allclose(off, torch.full_like(off, 0.75**2), atol=0.003)
+
+
+def test_fast_dropout_int32_keeps_the_old_masks():
+    layer, old = nn.Dropout(0.3), nn.Dropout(0.3)
+    kernels.use_fast_dropout(layer)
+    kernels.use_fast_dropout(old)
+    old.__class__ = kernels.FastDropoutInt32
+    x = torch.randn(64, 33)
+    torch.manual_seed(6)
+    a = old(x)
+    torch.manual_seed(6)
+    assert torch.equal(a, kernels.fast_dropout(x, 0.3, "int32"))
+    torch.manual_seed(6)
+    assert not torch.equal(layer(x), a)  # the default draws differ
+
+
 @pytest.mark.parametrize("p", [1 - 0.4 / 65536, 0.999999, 1 - 1e-12, 1.0])
 def test_fast_dropout_with_p_that_rounds_to_one_drops_everything(p):
     # The config allows any p below 1; p within 1/131072 of 1 rounds to a keep probability of 0/65536.

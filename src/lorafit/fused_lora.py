@@ -113,7 +113,7 @@ class FusedLoraLinear(PeftLoraLinear):
         if any(p.dtype != torch.float32 for p in (base.weight, lora_a.weight, lora_b.weight)):
             return None
         dropout = self.lora_dropout[name]
-        if dropout.training and type(dropout) not in (nn.Identity, FastDropout):
+        if dropout.training and not (type(dropout) is nn.Identity or isinstance(dropout, FastDropout)):
             return None
         return name
 
@@ -126,7 +126,7 @@ class FusedLoraLinear(PeftLoraLinear):
         x2 = x.reshape(-1, base.in_features)
         keep, keep_scale = None, 1.0
         if isinstance(dropout, FastDropout) and dropout.training and dropout.p > 0:
-            keep, keep_scale = dropout_mask(x2, dropout.p)
+            keep, keep_scale = dropout_mask(x2, dropout.p, dropout.draw)
         onednn = type(base) is OneDnnLinear
         operands = (x2, base.weight, base.bias, lora_a.weight, lora_b.weight, scaling, keep, keep_scale, onednn)
         if torch.is_grad_enabled() and (x.requires_grad or lora_a.weight.requires_grad or lora_b.weight.requires_grad):

@@ -261,7 +261,7 @@ def cpu_kernels(cfg: Config, model: nn.Module, device: torch.device, world: Worl
     """
     if device.type != "cpu" or cfg.train.cpu_kernels == "stock":
         why = "not a CPU run" if device.type != "cpu" else "train.cpu_kernels=stock"
-        return {}, {"onednn_linear": False, "fast_dropout": False, "fused_lora": False, "reason": why,
+        return {}, {"onednn_linear": False, "fast_dropout": False, "fused_lora": False, "dropout_draw": None, "reason": why,
                     "cpu": hardware.cpu_info()}
     if cfg.train.cpu_kernels == "onednn":
         decision = {"onednn_linear": True, "reason": "train.cpu_kernels=onednn"}
@@ -273,9 +273,13 @@ def cpu_kernels(cfg: Config, model: nn.Module, device: torch.device, world: Worl
     # A run started before the fused LoRA linear existed resumes without it (its summation order).
     if recorded is None or recorded.get("fused_lora"):
         fused_lora.use_fused_lora(model, paths)
+    # ... and one started before the 64-bit dropout draws keeps drawing its masks as it began.
+    if recorded is not None and recorded.get("dropout_draw") != "int64" and "fast_dropout" in paths.counts:
+        paths.switch(model, "fast_dropout", kernels.FastDropout, kernels.FastDropoutInt32)
     fast = paths.counts
+    draw = next((type(m).draw for m in model.modules() if isinstance(m, kernels.FastDropout)), None)
     choice = {**decision, "onednn_linear": "onednn_linear" in fast, "fast_dropout": "fast_dropout" in fast,
-              "fused_lora": "fused_lora" in fast}
+              "fused_lora": "fused_lora" in fast, "dropout_draw": draw}
     return fast, {"cpu": hardware.cpu_info(), **choice}
 
 
