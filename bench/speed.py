@@ -25,7 +25,10 @@ its assumptions). The peak is measured on the threads the lorafit run trained wi
 `--threads`), and the theoretical peak is that many cores', not the machine's. A measured peak above
 the theoretical one is refused: the measurement (or the clock the host states) is wrong, so no
 roofline fraction is built on it (set LORAFIT_CPU_MAX_GHZ where the CPU boosts above the clock the
-OS states). The last line is one JSON object.
+OS states). The prediction roofline puts the prediction rates on the same scale: the useful GFLOP of
+one pass over the predicted texts (real tokens, the merged model's linear layers and attention) times
+texts/s, for lorafit, ONNX Runtime's best float32 path and twice that path (the issue's goal), each
+as a fraction of the theoretical float32 peak. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -117,6 +120,24 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> dict[str, float]:
     return out
 
 
+def _encoder_shape(cfg) -> tuple[int, int, int]:
+    """(hidden size, FFN size, layers) of the run's base model."""
+    from transformers import AutoConfig
+
+    from lorafit.models import resolve_model_path
+
+    mc = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name))
+    return mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers
+
+
+def _real_lengths(cfg, texts: list[str]) -> np.ndarray:
+    """Tokens per text (no padding), as lorafit tokenises them."""
+    from lorafit import batching
+    from lorafit.models import load_tokenizer
+
+    return np.array([len(t) for t in batching.tokenize(load_tokenizer(cfg.model), texts, cfg.data.max_length)], dtype=np.float64)
+
+
 def training_gflop(run: Path) -> float:
     """Useful FLOPs of the run's training on real tokens (no padding), in GFLOP.
 
@@ -124,22 +145,14 @@ def training_gflop(run: Path) -> float:
     gradient); a trained weight adds 2*in*out for its own gradient; a LoRA pair adds 6*r*(in+out).
     Attention scores and their use cost 4*T*H per token and layer forward, twice that backward.
     """
-    from lorafit import batching
     from lorafit.inference import run_split
-    from lorafit.models import load_tokenizer
     from lorafit.rundir import RunDir
 
     rundir = RunDir(run)
     cfg = rundir.config()
     summary = json.loads((run / "summary.json").read_text())
-    train = run_split(rundir, cfg, "train")
-    lengths = np.array([len(t) for t in batching.tokenize(load_tokenizer(cfg.model), train.texts, cfg.data.max_length)], dtype=np.float64)
-    from transformers import AutoConfig
-
-    from lorafit.models import resolve_model_path
-
-    mc = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name))
-    h, f, layers = mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers
+    lengths = _real_lengths(cfg, run_split(rundir, cfg, "train").texts)
+    h, f, layers = _encoder_shape(cfg)
     linear = layers * (4 * h * h + 2 * h * f)  # q, k, v, o, FFN in, FFN out: in*out summed
     per_token = 4 * linear  # forward + input gradient
     if cfg.method.name == "full":
@@ -150,6 +163,18 @@ def training_gflop(run: Path) -> float:
     attention = 3 * 4 * h * layers  # times T per token
     flops = (lengths * per_token + lengths**2 * attention).sum() * summary["epochs_run"]
     return flops / 1e9
+
+
+def predict_gflop(run: Path, texts: list[str]) -> float:
+    """Useful FLOPs of one forward pass over `texts` through the merged model, real tokens only, in GFLOP:
+    2*in*out per token for each linear layer, 4*T*H per token and layer for attention (the head is
+    negligible). A prediction path cannot run faster than this over the CPU's peak."""
+    from lorafit.rundir import RunDir
+
+    cfg = RunDir(run).config()
+    lengths = _real_lengths(cfg, texts)
+    h, f, layers = _encoder_shape(cfg)
+    return float((lengths * 2 * layers * (4 * h * h + 2 * h * f) + lengths**2 * 4 * h * layers).sum()) / 1e9
 
 
 def _timed(predict, texts: list[str], repeats: int) -> tuple[float, list]:
@@ -269,7 +294,7 @@ def predict_comparison(run: Path, out: Path, limit: int | None, threads: int, re
         bf16_per_s, bf16_top = _timed(lambda t: [p[0][0] for p in half.predict(t, top_k=1)], texts, repeats)
         bf16 = {"per_s": bf16_per_s, "identical": sum(a == b for a, b in zip(bf16_top, ours))}
     ort = onnxruntime_paths(run, out, texts, threads, ours, repeats)
-    return {"texts": len(texts), "threads": threads, "repeats": repeats, "pipeline_per_s": stock_per_s,
+    return {"texts": len(texts), "gflop": predict_gflop(run, texts), "threads": threads, "repeats": repeats, "pipeline_per_s": stock_per_s,
             "pipeline_batch64_per_s": stock_batched_per_s, "lorafit_per_s": ours_per_s,
             "identical": same, "identical_batched": same_batched,
             "onnxruntime_per_s": ort["per_s"], "onnxruntime_best": ort["best"], "identical_onnxruntime": ort["identical"],
@@ -382,6 +407,16 @@ def main() -> int:
               f"{predict['onnxruntime_int8_per_s']:.0f}/s (top-1 as float32 on {predict['identical_onnxruntime_int8']}/{n})")
     if predict["onnxruntime_fusions"]:
         print(f"  ORT transformer optimizer fusions: {predict['onnxruntime_fusions']}")
+    # Prediction's own roofline: what 2x ONNX Runtime's best float32 path would have to compute per second.
+    predict_rates = {"lorafit": predict["lorafit_per_s"], f"ORT {predict['onnxruntime_best']}": ort_best,
+                     "2x that ORT path": 2 * ort_best}
+    if predict["lorafit_bf16"]:
+        predict_rates["lorafit bf16"] = predict["lorafit_bf16"]["per_s"]
+    predict_gflops = {k: predict["gflop"] * v / n for k, v in predict_rates.items()}
+    if theoretical["gflops"]:
+        print(f"prediction roofline: {predict['gflop']:.0f} useful GFLOP per pass over the {n} texts; "
+              + ", ".join(f"{k} {g:.0f} GFLOP/s ({g / theoretical['gflops']:.2f} of the theoretical float32 peak)"
+                          for k, g in predict_gflops.items()))
     print(f"CPU: {info['model']} ({info['vendor']} family {info['family']} model {info['model_id']}), "
           f"{info['cores']} usable cores, torch threads {torch.get_num_threads()}; vector extensions: {' '.join(info['flags'])}")
     print(f"theoretical float32 peak ({theoretical['microarchitecture']}): {theoretical['formula']}")
@@ -408,6 +443,10 @@ def main() -> int:
         "predict_bf16_top1_agreement": (round(predict["lorafit_bf16"]["identical"] / predict["texts"], 4)
                                         if predict["lorafit_bf16"] else None),
         "predict_threads": predict["threads"],
+        "predict_gflop": round(predict["gflop"], 1),
+        "predict_gflops": {k: round(v, 1) for k, v in predict_gflops.items()},
+        "predict_2x_onnxruntime_fraction_of_theoretical": (round(predict_gflops["2x that ORT path"] / theoretical["gflops"], 3)
+                                                           if theoretical["gflops"] else None),
         "predictions_identical": predict["identical"] == predict["texts"],
         "roofline_fraction": round(fraction, 3) if fraction is not None else None,
         "roofline_fraction_of_theoretical": round(of_theoretical, 3) if of_theoretical is not None else None,
