@@ -159,6 +159,11 @@ def test_int64_draws_give_independent_uniform_16_bit_parts():
 
 
 def test_fast_dropout_int32_keeps_the_old_masks():
+    # The mask lorafit 72f6fb7 (before the 64-bit draws) drew after manual_seed(11) for a (3, 7) input at p 0.3.
+    torch.manual_seed(11)
+    keep, scale = kernels.dropout_mask(torch.zeros(3, 7), 0.3, "int32")
+    assert keep.tolist() == [[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 1, 1]]
+    assert scale == 65536 / (65536 - 19661)
     layer, old = nn.Dropout(0.3), nn.Dropout(0.3)
     kernels.use_fast_dropout(layer)
     kernels.use_fast_dropout(old)
@@ -170,6 +175,7 @@ def test_fast_dropout_int32_keeps_the_old_masks():
     assert torch.equal(a, kernels.fast_dropout(x, 0.3, "int32"))
     torch.manual_seed(6)
     assert not torch.equal(layer(x), a)  # the default draws differ
+    assert kernels.use_fast_dropout(old, enable=False) == 1 and type(old) is nn.Dropout  # either draw switches back
 
 
 @pytest.mark.parametrize("p", [1 - 0.4 / 65536, 0.999999, 1 - 1e-12, 1.0])

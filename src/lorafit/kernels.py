@@ -302,7 +302,7 @@ def dropout_mask(x: torch.Tensor, p: float, draw: str = "int64") -> tuple[torch.
     n = x.numel()
     threshold = dropped - 32768  # int16 draws are uniform on [-32768, 32767]
     dtype, per_draw = DRAWS[draw]
-    low = torch.iinfo(dtype).min  # the whole range: every 16-bit part uniform (high is exclusive: one value of 2^64 left out)
+    low = torch.iinfo(dtype).min  # the whole range, every 16-bit part uniform (torch draws v % (2^k - 1) + low: one value never, one twice; bias 2^-k)
     bits = torch.randint(low, -low - 1, ((n + per_draw - 1) // per_draw,), dtype=dtype, device=x.device)
     keep = bits.view(torch.int16)[:n].view(x.shape) >= threshold  # P(keep) = 1 - dropped / 65536
     return keep.view(torch.uint8), 65536 / (65536 - dropped)
@@ -337,9 +337,11 @@ def _swap(model: nn.Module, source: type, target: type) -> list[nn.Module]:
 
 
 def use_fast_dropout(model: nn.Module, enable: bool = True) -> int:
-    """Switch every plain `nn.Dropout` of `model` to `FastDropout` (or every `FastDropout` back);
+    """Switch every plain `nn.Dropout` of `model` to `FastDropout` (or every `FastDropout`, of either draw, back);
     returns how many changed. The unrecorded switch: loading and training use `use_fast_paths`."""
-    return len(_swap(model, nn.Dropout, FastDropout) if enable else _swap(model, FastDropout, nn.Dropout))
+    if enable:
+        return len(_swap(model, nn.Dropout, FastDropout))
+    return len(_swap(model, FastDropoutInt32, nn.Dropout) + _swap(model, FastDropout, nn.Dropout))
 
 
 @dataclass(eq=False)
