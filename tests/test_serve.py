@@ -75,10 +75,13 @@ def test_predictions_equal_each_run_loaded_alone(client, runs):
         body = response.json()
         assert body["adapter"] == name
         expected = lorafit.load(runs[name]).predict(TEXTS, top_k=5)
-        for got, want in zip(body["predictions"], expected):
+        # The answer: the top label, or out_of_scope under the run's validation threshold (which keeps 95% of
+        # in-scope validation texts, so a text of these tiny runs may fall below it).
+        answers = _expected_answers(runs[name], TEXTS)
+        for got, want, answer in zip(body["predictions"], expected, answers, strict=True):
             assert [p["label"] for p in got["top_k"]] == [label for label, _ in want]
             assert [p["score"] for p in got["top_k"]] == pytest.approx([p for _, p in want], abs=1e-6)
-            assert got["label"] == want[0][0] and not got["out_of_scope"]
+            assert got["label"] == answer and got["out_of_scope"] == (answer == "out_of_scope")
     # top_k beyond the label count gives every label once.
     body = client.post("/v1/predict", json={"texts": ["pizza"], "top_k": 50, "adapter": "binary"}).json()
     assert sorted(p["label"] for p in body["predictions"][0]["top_k"]) == ["food", "sport"]
@@ -131,7 +134,7 @@ def test_the_registry_follows_the_load_plan_and_one_token_budget(client, runs):
 
 def test_concurrent_requests_for_different_adapters_share_batches(runs):
     """Requests in flight together for two adapters are micro-batched and each gets its own answer."""
-    expected = {name: lorafit.load(runs[name]).predict(TEXTS, top_k=1) for name in ("topics", "binary")}
+    expected = {name: _expected_answers(runs[name], TEXTS) for name in ("topics", "binary")}
     app = create_app([("topics", str(runs["topics"]), None), ("binary", str(runs["binary"]), None)],
                      Limits(max_wait_ms=20))
 
@@ -150,7 +153,7 @@ def test_concurrent_requests_for_different_adapters_share_batches(runs):
         name = ("topics", "binary")[name]
         body = response.json()
         assert response.status_code == 200 and body["adapter"] == name
-        assert body["predictions"][0]["label"] == expected[name][i % 5][0][0]
+        assert body["predictions"][0]["label"] == expected[name][i % 5]
     # Micro-batches held more than one request, of both adapters (20 ms wait, 32 requests at once).
     counts = _histogram(metrics, "lorafit_batch_requests")
     assert counts["+Inf"] < 32 and counts["1.0"] < counts["+Inf"], counts
