@@ -120,14 +120,16 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> dict[str, float]:
     return out
 
 
-def _encoder_shape(cfg) -> tuple[int, int, int]:
-    """(hidden size, FFN size, layers) of the run's base model."""
+def _encoder_shape(cfg) -> tuple[int, int, int, int]:
+    """(hidden size, FFN size, layers, in*out summed over the linear layers) of the run's base model: per
+    layer the q, k, v and o projections and the FFN's in and out."""
     from transformers import AutoConfig
 
     from lorafit.models import resolve_model_path
 
     mc = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name))
-    return mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers
+    h, f, layers = mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers
+    return h, f, layers, layers * (4 * h * h + 2 * h * f)
 
 
 def _real_lengths(cfg, texts: list[str]) -> np.ndarray:
@@ -152,8 +154,7 @@ def training_gflop(run: Path) -> float:
     cfg = rundir.config()
     summary = json.loads((run / "summary.json").read_text())
     lengths = _real_lengths(cfg, run_split(rundir, cfg, "train").texts)
-    h, f, layers = _encoder_shape(cfg)
-    linear = layers * (4 * h * h + 2 * h * f)  # q, k, v, o, FFN in, FFN out: in*out summed
+    h, f, layers, linear = _encoder_shape(cfg)
     per_token = 4 * linear  # forward + input gradient
     if cfg.method.name == "full":
         per_token += 2 * linear
@@ -173,8 +174,8 @@ def predict_gflop(run: Path, texts: list[str]) -> float:
 
     cfg = RunDir(run).config()
     lengths = _real_lengths(cfg, texts)
-    h, f, layers = _encoder_shape(cfg)
-    return float((lengths * 2 * layers * (4 * h * h + 2 * h * f) + lengths**2 * 4 * h * layers).sum()) / 1e9
+    h, _, layers, linear = _encoder_shape(cfg)
+    return float((lengths * 2 * linear + lengths**2 * 4 * h * layers).sum()) / 1e9
 
 
 def _timed(predict, texts: list[str], repeats: int) -> tuple[float, list]:
@@ -294,7 +295,8 @@ def predict_comparison(run: Path, out: Path, limit: int | None, threads: int, re
         bf16_per_s, bf16_top = _timed(lambda t: [p[0][0] for p in half.predict(t, top_k=1)], texts, repeats)
         bf16 = {"per_s": bf16_per_s, "identical": sum(a == b for a, b in zip(bf16_top, ours))}
     ort = onnxruntime_paths(run, out, texts, threads, ours, repeats)
-    return {"texts": len(texts), "gflop": predict_gflop(run, texts), "threads": threads, "repeats": repeats, "pipeline_per_s": stock_per_s,
+    return {"texts": len(texts), "gflop": predict_gflop(run, texts), "threads": threads, "repeats": repeats,
+            "pipeline_per_s": stock_per_s,
             "pipeline_batch64_per_s": stock_batched_per_s, "lorafit_per_s": ours_per_s,
             "identical": same, "identical_batched": same_batched,
             "onnxruntime_per_s": ort["per_s"], "onnxruntime_best": ort["best"], "identical_onnxruntime": ort["identical"],
@@ -444,8 +446,8 @@ def main() -> int:
         "predict_threads": predict["threads"],
         "predict_gflop": round(predict["gflop"], 1),
         "predict_gflops": {k: round(v, 1) for k, v in predict_gflops.items()},
-        "predict_2x_onnxruntime_fraction_of_theoretical": (round(predict_gflops["2x onnxruntime_best"] / theoretical["gflops"], 3)
-                                                           if theoretical["gflops"] else None),
+        "predict_2x_onnxruntime_fraction_of_theoretical": (
+            round(predict_gflops["2x onnxruntime_best"] / theoretical["gflops"], 3) if theoretical["gflops"] else None),
         "predictions_identical": predict["identical"] == predict["texts"],
         "roofline_fraction": round(fraction, 3) if fraction is not None else None,
         "roofline_fraction_of_theoretical": round(of_theoretical, 3) if of_theoretical is not None else None,

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
-from .kernels import FastDropout, FastPaths, OneDnnLinear, _mm, dropout_mask
+from .kernels import FastDropout, FastPaths, OneDnnLinear, _mm, apply_mask, dropout_mask
 
 __all__ = ["FusedLoraLinear", "use_fused_lora"]
 
@@ -48,8 +48,8 @@ def _matmul(onednn: bool, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor |
 
 
 def _dropout(x: torch.Tensor, keep: torch.Tensor | None, keep_scale: float) -> torch.Tensor:
-    """x times the `keep` mask and the kept elements' scale: kernels.fast_dropout's arithmetic."""
-    return x if keep is None else (x * keep).mul_(keep_scale)
+    """x with the `keep` mask applied as kernels.fast_dropout applies it; x itself without a mask."""
+    return x if keep is None else apply_mask(x, keep, keep_scale)
 
 
 def _fused_forward(x, weight, bias, lora_a, lora_b, scaling: float, keep, keep_scale: float, onednn: bool):

@@ -274,10 +274,12 @@ def cpu_kernels(cfg: Config, model: nn.Module, device: torch.device, world: Worl
     if recorded is None or recorded.get("fused_lora"):
         fused_lora.use_fused_lora(model, paths)
     # ... and one started before the 64-bit dropout draws keeps drawing its masks as it began.
-    if recorded is not None and recorded.get("dropout_draw") != "int64" and "fast_dropout" in paths.counts:
-        paths.switch(model, "fast_dropout", kernels.FastDropout, kernels.FastDropoutInt32)
+    dropout = kernels.FastDropout
+    if recorded is not None and recorded.get("dropout_draw") != dropout.draw and "fast_dropout" in paths.counts:
+        paths.switch(model, "fast_dropout", dropout, kernels.FastDropoutInt32)
+        dropout = kernels.FastDropoutInt32
     fast = paths.counts
-    draw = next((type(m).draw for m in model.modules() if isinstance(m, kernels.FastDropout)), None)
+    draw = dropout.draw if "fast_dropout" in fast else None
     choice = {**decision, "onednn_linear": "onednn_linear" in fast, "fast_dropout": "fast_dropout" in fast,
               "fused_lora": "fused_lora" in fast, "dropout_draw": draw}
     return fast, {"cpu": hardware.cpu_info(), **choice}

@@ -61,9 +61,9 @@ from torch import nn
 
 from lorafit.hardware import cpu_info
 
-__all__ = ["OneDnnLinear", "FastDropout", "FastDropoutInt32", "FastPaths", "use_fast_paths", "use_onednn_linear", "use_fast_dropout",
-           "onednn_available", "decide", "fast_dropout", "dropout_mask", "MODEL_SHAPES", "MARGIN", "TOLERANCE",
-           "PRIMITIVE_CACHE_CAPACITY"]
+__all__ = ["OneDnnLinear", "FastDropout", "FastDropoutInt32", "FastPaths", "use_fast_paths", "use_onednn_linear",
+           "use_fast_dropout", "onednn_available", "decide", "fast_dropout", "dropout_mask", "apply_mask", "MODEL_SHAPES",
+           "MARGIN", "TOLERANCE", "PRIMITIVE_CACHE_CAPACITY"]
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,11 @@ def fast_dropout(x: torch.Tensor, p: float, draw: str = "int64") -> torch.Tensor
     Any p in [0, 1] works: one that rounds to 65536 / 65536 (p > 1 - 1/131072) drops every element,
     like `F.dropout(x, 1.0)`, rather than scaling the survivors by 1 / 0.
     """
-    keep, scale = dropout_mask(x, p, draw)
+    return apply_mask(x, *dropout_mask(x, p, draw))
+
+
+def apply_mask(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """x times `dropout_mask`'s mask and the kept elements' factor: inverted dropout's arithmetic."""
     return (x * keep).mul_(scale)
 
 
@@ -289,11 +293,11 @@ DRAWS = {"int64": (torch.int64, 4), "int32": (torch.int32, 2)}
 def dropout_mask(x: torch.Tensor, p: float, draw: str = "int64") -> tuple[torch.Tensor, float]:
     """`fast_dropout`'s mask for `x` and the factor of the kept elements: (keep, 1 / (1 - p')), a uint8
     tensor of x's shape holding 1 (kept) or 0 and p' = p rounded to k / 65536. A p' of 1 gives an all-zero
-    mask and factor 0 without drawing; otherwise ceil(n / 4) int64 numbers (`draw="int32"`: ceil(n / 2) int32
-    numbers, as before the 64-bit draws) are drawn from torch's default generator. The mask is the comparison's bool result viewed as uint8 (no copy): a float tensor times a
-    uint8 one runs vectorised, times a bool one converts the bool to float first -- 3.4x slower for a
-    (640, 1536) float32 product on 2 Zen 5 threads, the same numbers -- and both beat `masked_fill` and
-    `torch.where` here."""
+    mask and factor 0 without drawing; otherwise ceil(n / 4) int64 numbers (`draw="int32"`: ceil(n / 2)
+    int32 numbers, as before the 64-bit draws) are drawn from torch's default generator. The mask is the
+    comparison's bool result viewed as uint8 (no copy): a float tensor times a uint8 one runs vectorised,
+    times a bool one converts the bool to float first -- 3.4x slower for a (640, 1536) float32 product on
+    2 Zen 5 threads, the same numbers -- and both beat `masked_fill` and `torch.where` here."""
     if not 0 <= p <= 1:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     dropped = int(round(p * 65536))  # of every 65536 elements, on average
@@ -302,7 +306,9 @@ def dropout_mask(x: torch.Tensor, p: float, draw: str = "int64") -> tuple[torch.
     n = x.numel()
     threshold = dropped - 32768  # int16 draws are uniform on [-32768, 32767]
     dtype, per_draw = DRAWS[draw]
-    low = torch.iinfo(dtype).min  # the whole range, every 16-bit part uniform (torch draws v % (2^k - 1) + low: one value never, one twice; bias 2^-k)
+    # The whole range, so every 16-bit part is uniform (torch draws v % (2^k - 1) + low: one value never,
+    # one twice; a bias of 2^-k).
+    low = torch.iinfo(dtype).min
     bits = torch.randint(low, -low - 1, ((n + per_draw - 1) // per_draw,), dtype=dtype, device=x.device)
     keep = bits.view(torch.int16)[:n].view(x.shape) >= threshold  # P(keep) = 1 - dropped / 65536
     return keep.view(torch.uint8), 65536 / (65536 - dropped)
