@@ -258,6 +258,12 @@ class TrainConfig(_Section):
     distribution (lorafit/kernels.py, lorafit/fused_lora.py). The choice is recorded in compute.json
     and reused by --resume. onednn forces oneDNN's linear (and the other two); stock keeps PyTorch's
     and peft's own layers."""
+    cache_frozen_layers: bool = False
+    """With adapters only in upper layers (method.layers), run the embeddings and the layers below the lowest
+    adapted one once per training text, before the first step, without dropout, and start every training
+    forward from their stored output (lorafit/layer_cache.py): a step then costs the upper layers alone. The
+    frozen layers lose their dropout (the one change to training); validation, test and prediction run the
+    whole model. Costs the stored states' memory (float32, tokens x hidden size per training text)."""
     checkpoint_every: Annotated[int, Field(ge=0)] = 200
     """Write a resumable checkpoint every N optimiser steps (and at every epoch end); 0 turns
     checkpoints off. Checkpoints are removed when the run finishes."""
@@ -406,6 +412,9 @@ class Config(_Section):
         if self.train.ema is not None and self.method.name == "adalora":
             raise ValueError("train.ema does not combine with method adalora: its rank budget zeroes singular values "
                              "in place as it trains, which an average of the weights would undo; set train.ema=null")
+        if self.train.cache_frozen_layers and not getattr(self.method, "layers", None):
+            raise ValueError("train.cache_frozen_layers needs adapters in upper layers only: set method.layers (e.g. "
+                             "[3, 4, 5] of a 6-layer model) with an adapter method, or turn it off")
         return self
 
 

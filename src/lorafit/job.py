@@ -26,6 +26,7 @@ from .averaging import WeightAverage
 from .config import Config, load_config, resolve, resolve_schedule, validate
 from .distributed import World
 from .errors import UserError
+from .layer_cache import FrozenLayerCache
 from .methods.base import Method
 from .models import build_classifier, hub_id, load_tokenizer, looks_like_hub_id
 from .rundir import Compute, RunDir, Splits
@@ -147,6 +148,7 @@ class Job:
     average: WeightAverage | None = None  # train.ema's moving average of the trainable weights; None: off
     pretrained: nn.Module | None = None  # the base encoder without the method, built when an OOS score reads it
     teacher: torch.Tensor | None = None  # (N_train, C) float32 distill.teacher's logits on the training texts; None: off
+    layer_cache: FrozenLayerCache | None = None  # train.cache_frozen_layers: built when training starts; None: off
 
 
 def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None, teacher: str = "compute") -> Job:
@@ -196,6 +198,8 @@ def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None, teacher: 
     schedule = resolve_schedule(cfg, len(dataset.splits["train"]))
     model = method.apply(model, total_steps=schedule.total_steps)
     model.to(device)
+    # Checked here, before the run folder exists; the states themselves are computed when training starts.
+    layer_cache = FrozenLayerCache(model) if cfg.train.cache_frozen_layers else None
     fast, kernel_choice = cpu_kernels(cfg, model, device, world, recorded.cpu_kernels if recorded else None)
     if fast:
         log.info("CPU fast paths: %s", ", ".join(f"{k} x{v}" for k, v in fast.items()))
@@ -216,7 +220,7 @@ def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None, teacher: 
     return Job(cfg, run, device, amp, dataset, tokens, targets, pad_id, model, method, optimizer, scheduler, schedule,
                 method.adapted, world, forward, fast, max_tokens, scaler, compute, oos_tokens, class_weights=weights,
                resolved=resolved, average=WeightAverage(model, cfg.train.ema) if cfg.train.ema is not None else None,
-               teacher=None if teacher_logits is None else torch.from_numpy(teacher_logits).to(device))
+               teacher=None if teacher_logits is None else torch.from_numpy(teacher_logits).to(device), layer_cache=layer_cache)
 
 
 def class_weights(setting: str | dict[str, float], label_names: list[str], train_ids: list[int]) -> np.ndarray | None:

@@ -124,6 +124,8 @@ def _derived(job: Job, teacher: np.ndarray | None) -> dict:
     """config.yaml's `derived` section: the schedule, the adapted modules, the settings resolved from auto or
     null (`resolved`), the resolved class weights and, when distilling, the teacher's logits' fingerprint."""
     derived = asdict(job.schedule) | {"adapted_modules": len(job.adapted)}
+    if job.layer_cache is not None:
+        derived["cached_frozen_layers"] = job.layer_cache.first  # layers 0 .. first - 1 run once per training text
     if job.resolved:
         derived["resolved"] = job.resolved
     if job.class_weights is not None:
@@ -258,6 +260,9 @@ def _epochs(job: Job, p: Progress, best_state: dict | None, signals: _Signals) -
     cfg = job.cfg
     _log_start(job)
     lengths = [len(t) for t in job.tokens["train"]]
+    if job.layer_cache is not None and not job.layer_cache.built:
+        job.layer_cache.build(job.tokens["train"], job.pad_id, job.device, job.amp, job.max_tokens,
+                              cfg.train.progress and job.world.is_main)
     while p.epoch <= _last_epoch(cfg) and not p.stopped:
         if p.batch == 0 and p.epoch == cfg.contrastive.epochs + 1 and cfg.model.head_init == "centroids":
             _centroid_head(job)  # before the first classification step (a resume from here redoes it identically)
@@ -375,7 +380,9 @@ def _forward_backward(job: Job, batches: list[list[int]], i: int, lengths: list[
         y = torch.as_tensor(job.targets["train"][piece], device=device)  # (b,)
         teacher = None if job.teacher is None else job.teacher[torch.as_tensor(piece, device=device)]  # (b, C)
         # DDP all-reduces on the step's last backward only (no_sync must cover forward and backward).
-        with _no_sync(job.forward, not (boundary and k == len(pieces) - 1)):
+        # train.cache_frozen_layers: the forward starts above the frozen layers, from their stored states.
+        cached = job.layer_cache.feeding(piece if rdrop is None else piece + piece) if job.layer_cache else contextlib.nullcontext()
+        with _no_sync(job.forward, not (boundary and k == len(pieces) - 1)), cached:
             with autocast(device, job.amp):
                 logits = job.forward(input_ids.to(device), attention_mask.to(device)).float()  # (b, C); R-Drop (2b, C)
                 if rdrop is None:
