@@ -10,8 +10,9 @@ similar length and so pads less: one flag away for any user, so the fair stock b
     python bench/stock_recipe.py RUN_DIR --method lora --rank 8 --epochs 5 --out stock.json
     python bench/stock_recipe.py RUN_DIR --method lora --rank 8 --epochs 5 --group-by-length --out grouped.json
 
-Writes one JSON object: training examples/s, train seconds, peak RSS, test accuracy and macro-F1,
-the trained model's test predictions. Run it in its own process so the peak RSS is its own.
+Writes one JSON object: training examples/s, train seconds, peak RSS, test accuracy and macro-F1
+(scored against the labels the Trainer returns with its predictions: with length grouping it evaluates
+in length-grouped order too), the samplers used. Run it in its own process so the peak RSS is its own.
 """
 
 from __future__ import annotations
@@ -104,10 +105,16 @@ def main() -> int:
         peak_train = torch.cuda.max_memory_allocated() / 2**20
 
     started = time.perf_counter()
-    logits = trainer.predict(test_ds).predictions
+    output = trainer.predict(test_ds)
     predict_seconds = time.perf_counter() - started
-    predicted = np.asarray(logits).argmax(-1)
-    targets = np.array(test_ds["label"])
+    # Scored against the labels the Trainer returns with the predictions, not the dataset's column: with
+    # length grouping, transformers (huggingface/transformers#33514, 2024) also length-groups -- and
+    # shuffles -- evaluation, so predictions come back in another order than test_ds (scored against the
+    # column, a well-trained grouped run read as chance).
+    predicted = np.asarray(output.predictions).argmax(-1)
+    targets = np.asarray(output.label_ids)
+    if sorted(targets.tolist()) != sorted(test_ds["label"]):
+        raise SystemExit("stock_recipe: the Trainer's predictions do not cover the test set once each")
     result = {
         "tool": "stock (group_by_length)" if args.group_by_length else "stock", "sampler": sampler,
         "training_arguments": sampling, "transformers": transformers.__version__, "method": args.method, "rank": args.rank, "epochs": args.epochs, "seed": args.seed,
@@ -117,6 +124,7 @@ def main() -> int:
         "test_accuracy": float((predicted == targets).mean()),
         "test_macro_f1": float(f1_score(targets, predicted, average="macro")),
         "eval_examples_per_second": len(test_ds) / predict_seconds,
+        "eval_sampler": type(trainer._get_eval_sampler(test_ds)).__name__,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     with open(args.out, "w") as f:
