@@ -87,6 +87,8 @@ def _launch(launcher: str, args: list[str], cwd: Path, timeout: float = 300) -> 
                           "train.sampler": "class_balanced"}),
     # rank 0 runs the teacher and shares its logits; each slice learns from its own examples' logits
     ("torchrun", "lora", {"distill.teacher": "TEACHER", "distill.alpha": 0.8}),
+    # every process stores the frozen layer's states of all training texts and feeds its slices from them
+    ("torchrun", "lora", {"method.layers": "[1]", "train.cache_frozen_layers": "true", "train.max_batch_tokens": 24}),
 ])
 def test_two_gloo_processes_match_one_process(tmp_path, launcher, method, extra):
     # No dropout anywhere, so one process and two see the same gradients up to float summation order.
