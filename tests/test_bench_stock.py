@@ -14,17 +14,19 @@ import pytest
 from lorafit.config import load_config
 from lorafit.train import train
 
-from conftest import tiny_overrides, write_dataset
+from conftest import build_tiny_encoder, tiny_overrides, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_bert, tmp_path_factory) -> Path:
-    """A lorafit run folder: stock_recipe.py reads its train and test rows and labels."""
+def tiny_run(tmp_path_factory) -> Path:
+    """A lorafit run folder: stock_recipe.py reads its train and test rows and labels (and its own tiny encoder,
+    built here, not shared with other tests)."""
     root = tmp_path_factory.mktemp("stock")
+    model = build_tiny_encoder(root / "model")
     data = write_dataset(root / "data", n_train=150, n_test=90)
-    return train(load_config(None, tiny_overrides(tiny_bert, data, **{"train.epochs": 1})), root / "run").path
+    return train(load_config(None, tiny_overrides(model, data, **{"train.epochs": 1})), root / "run").path
 
 
 @pytest.mark.parametrize("grouped", [False, True])
@@ -34,7 +36,7 @@ def test_the_stock_recipe_scores_its_own_predictions(tiny_run, tmp_path, grouped
     predictions read as chance."""
     out = tmp_path / "stock.json"
     command = [sys.executable, str(ROOT / "bench" / "stock_recipe.py"), str(tiny_run), "--method", "full", "--lr", "2e-3",
-               "--epochs", "12", "--batch-size", "16", "--threads", "1", "--out", str(out)]
+               "--epochs", "30", "--batch-size", "16", "--threads", "1", "--out", str(out)]
     subprocess.run(command + (["--group-by-length"] if grouped else []), check=True, capture_output=True, cwd=ROOT)
     result = json.loads(out.read_text())
     assert result["sampler"] == ("LengthGroupedSampler" if grouped else "RandomSampler")

@@ -122,7 +122,8 @@ def train(config: Config | str | Path | dict, out: str | Path, overwrite: bool =
 
 def _derived(job: Job, teacher: np.ndarray | None) -> dict:
     """config.yaml's `derived` section: the schedule, the adapted modules, the settings resolved from auto or
-    null (`resolved`), the resolved class weights and, when distilling, the teacher's logits' fingerprint."""
+    null (`resolved`), the resolved class weights, with train.cache_frozen_layers the first layer that runs every
+    step (`cached_frozen_layers`) and, when distilling, the teacher's logits' fingerprint."""
     derived = asdict(job.schedule) | {"adapted_modules": len(job.adapted)}
     if job.layer_cache is not None:
         derived["cached_frozen_layers"] = job.layer_cache.first  # layers 0 .. first - 1 run once per training text
