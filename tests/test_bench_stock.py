@@ -1,6 +1,6 @@
 """bench/stock_recipe.py, the stock baseline of bench/speed.py, scores what the Trainer predicted against the
-right labels, with and without the Trainer's length grouping (which since huggingface/transformers#33514 also
-reorders evaluation)."""
+right labels under the Trainer's length grouping (which since huggingface/transformers#33514 also reorders
+evaluation)."""
 
 from __future__ import annotations
 
@@ -29,17 +29,16 @@ def tiny_run(tmp_path_factory) -> Path:
     return train(load_config(None, tiny_overrides(model, data, **{"train.epochs": 1})), root / "run").path
 
 
-# Only the grouped case: the ungrouped one scored 0.67 inside the clean-clone suite (alone: 1.0), unexplained yet.
-@pytest.mark.parametrize("grouped", [True])
-def test_the_stock_recipe_scores_its_own_predictions(tiny_run, tmp_path, grouped):
+def test_the_length_grouped_stock_recipe_scores_its_own_predictions(tiny_run, tmp_path):
     """Full fine-tuning of the tiny encoder learns the keyword task (3 classes, chance 1/3) well beyond chance
-    on test under either sampler; scored against the dataset's label column, the grouped run's shuffled
-    predictions read as chance."""
+    on test with the Trainer's length grouping; scored against the dataset's label column, its shuffled
+    predictions read as chance. (The same check without grouping scored 0.67 inside the clean-clone suite,
+    1.0 alone; left out until that is understood.)"""
     out = tmp_path / "stock.json"
     command = [sys.executable, str(ROOT / "bench" / "stock_recipe.py"), str(tiny_run), "--method", "full", "--lr", "2e-3",
-               "--epochs", "30", "--batch-size", "16", "--threads", "1", "--out", str(out)]
-    subprocess.run(command + (["--group-by-length"] if grouped else []), check=True, capture_output=True, cwd=ROOT)
+               "--epochs", "30", "--batch-size", "16", "--threads", "1", "--group-by-length", "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
     result = json.loads(out.read_text())
-    assert result["sampler"] == ("LengthGroupedSampler" if grouped else "RandomSampler")
-    assert result["eval_sampler"] == ("LengthGroupedSampler" if grouped else "SequentialSampler")
+    assert result["sampler"] == "LengthGroupedSampler"
+    assert result["eval_sampler"] == "LengthGroupedSampler"
     assert result["test_accuracy"] > 0.8, result

@@ -19,26 +19,23 @@ on all-MiniLM-L6-v2.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from . import batching
 from .errors import UserError
-from .models import SequenceClassifier
+from .models import _LAYER_INDEX, SequenceClassifier
 from .runtime import autocast
 
 __all__ = ["FrozenLayerCache", "lowest_trained_layer"]
 
 log = logging.getLogger(__name__)
-
-_LAYER = re.compile(r"\.(?:layer|layers)\.(\d+)\.")
-
 
 def lowest_trained_layer(model: nn.Module) -> int | None:
     """The index of the lowest encoder layer with a trainable parameter (None: no layer trains). Refuses a
@@ -50,7 +47,7 @@ def lowest_trained_layer(model: nn.Module) -> int | None:
         if ".embeddings." in f".{name}":
             raise UserError(f"train.cache_frozen_layers: the embeddings train ({name}), so no layer below the adapted "
                             "ones is frozen; use an adapter method with method.layers above the lowest layers")
-        match = _LAYER.search(name)
+        match = _LAYER_INDEX.search(name)  # the pattern method.layers selects by
         if match:
             lowest = int(match.group(1)) if lowest is None else min(lowest, int(match.group(1)))
     return lowest
@@ -143,10 +140,8 @@ class FrozenLayerCache:
         hand them up and the layers below are skipped."""
         if self._flat is None:
             raise RuntimeError("FrozenLayerCache.feeding before build")
-        longest = max(self._lengths[j] for j in rows)
-        states = self._flat.new_zeros(len(rows), longest, self._flat.shape[1])  # (b, T, H)
-        for row, j in enumerate(rows):
-            states[row, :self._lengths[j]] = self._flat[self._offsets[j]:self._offsets[j] + self._lengths[j]]
+        states = pad_sequence([self._flat[self._offsets[j]:self._offsets[j] + self._lengths[j]] for j in rows],
+                              batch_first=True)  # (b, T, H), zeros after each text's end
         self.embeddings.forward = lambda *args, **kwargs: states  # an instance attribute shadows the class's forward
         try:
             with self._only(self._upper):
