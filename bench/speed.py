@@ -11,6 +11,9 @@ very rows of lorafit's run, once as written by default and once with the Trainer
 (`train_sampling_strategy="group_by_length"`, one documented flag that pads less). The speed-up
 against the length-grouped stock recipe is the headline; the one against the default is printed
 next to it. Full fine-tuning is compared against the length-grouped stock recipe on the first seed.
+lorafit's CLI runs on jemalloc where the machine has it (src/lorafit/allocator.py; its summary.json records
+the allocator); the stock recipe runs on the system's malloc as a user starts it, or with `--stock-malloc
+same` on lorafit's library (LD_PRELOAD), to see how much of the gap the allocator is. Both are printed.
 Printed: training examples/s and the ratios, peak memory (RSS on CPU, CUDA max allocated on GPU)
 and the ratios, test accuracy and macro-F1 of all three; prediction throughput of `lorafit.load(run)
 .predict` against transformers `pipeline("text-classification")` on the same trained model (its
@@ -74,12 +77,25 @@ def run_lorafit(method: str, out: Path, epochs: float, seed: int, limit: int | N
     return {"tool": "lorafit", "train_examples_per_second": s["train_examples_per_second"],
             "peak_memory_mb": s["peak_memory_mb"], "test_accuracy": s["test_accuracy"], "test_macro_f1": s["test_macro_f1"],
             "train_seconds": s["train_seconds"], "trainable_params": s["trainable_params"],
-            "cpu_fast_paths": s.get("cpu_fast_paths")}
+            "cpu_fast_paths": s.get("cpu_fast_paths"), "allocator": s.get("allocator")}
 
 
 def run_stock(method: str, lorafit_run: Path, out: Path, epochs: float, seed: int, threads: int | None,
-              group_by_length: bool = False) -> dict:
+              group_by_length: bool = False, malloc: str = "system") -> dict:
+    """The stock recipe's figures (its own process). malloc="same": with lorafit's allocator preloaded
+    (LD_PRELOAD of the library lorafit's CLI picks), to see how much of the gap the allocator is."""
+    import os
+
+    from lorafit import allocator
     from lorafit.rundir import RunDir
+
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    if malloc == "same":
+        library = allocator.resolve(os.environ.get("LORAFIT_MALLOC", "auto").strip() or "auto")
+        if library is None:
+            raise SystemExit("--stock-malloc same: lorafit runs on the system's malloc here (LORAFIT_MALLOC), nothing to preload")
+        env["LD_PRELOAD"] = str(library)
+        out = out.with_name(out.stem + "-malloc" + out.suffix)
 
     cfg = RunDir(lorafit_run).config()
     if not out.is_file():
@@ -91,7 +107,7 @@ def run_stock(method: str, lorafit_run: Path, out: Path, epochs: float, seed: in
             command += ["--threads", str(threads)]
         if group_by_length:
             command.append("--group-by-length")
-        subprocess.run(command, check=True, cwd=ROOT)
+        subprocess.run(command, check=True, cwd=ROOT, env=env)
     return json.loads(out.read_text())
 
 
@@ -315,6 +331,9 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--threads", type=int, help="torch threads for all tools (default: all cores)")
     parser.add_argument("--skip-full", action="store_true", help="skip the full fine-tuning comparison")
+    parser.add_argument("--stock-malloc", choices=["system", "same"], default="system",
+                        help="the stock recipe's allocator: the system's malloc, as a user runs it (default), or the one "
+                             "lorafit's CLI preloads (jemalloc where installed; src/lorafit/allocator.py)")
     parser.add_argument("--out", default="runs/speed", help="run folders and results (finished runs are reused)")
     args = parser.parse_args()
     dataset = None
@@ -333,9 +352,10 @@ def main() -> int:
         step(f"seed {seed}: lorafit LoRA ...")
         ours = run_lorafit("lora", run, epochs, seed, limit, args.threads, dataset)
         step(f"seed {seed}: stock LoRA ...")
-        stock = run_stock("lora", run, out / f"stock-lora-s{seed}.json", epochs, seed, args.threads)
+        stock = run_stock("lora", run, out / f"stock-lora-s{seed}.json", epochs, seed, args.threads, malloc=args.stock_malloc)
         step(f"seed {seed}: stock LoRA, group_by_length ...")
-        grouped = run_stock("lora", run, out / f"stock-grouped-lora-s{seed}.json", epochs, seed, args.threads, group_by_length=True)
+        grouped = run_stock("lora", run, out / f"stock-grouped-lora-s{seed}.json", epochs, seed, args.threads, group_by_length=True,
+                            malloc=args.stock_malloc)
         triples.append((ours, stock, grouped))
     full = None
     if not (args.skip_full or args.quick):
@@ -343,7 +363,7 @@ def main() -> int:
         step("full fine-tuning: lorafit, then stock with group_by_length ...")
         full = (run_lorafit("full", run, epochs, seeds[0], limit, args.threads, dataset),
                 run_stock("full", run, out / f"stock-grouped-full-s{seeds[0]}.json", epochs, seeds[0], args.threads,
-                          group_by_length=True))
+                          group_by_length=True, malloc=args.stock_malloc))
     # The roofline compares the run's training with the matmul peak of the same threads, bounded by as
     # many cores: with --threads 1 on 16 cores, 16 cores' peak would let a wrong measurement through.
     # Prediction runs on those threads too, for every tool.
@@ -378,6 +398,9 @@ def main() -> int:
             print(f"| {seed} | {r['tool']} | {r['train_examples_per_second']:.1f} | {r['peak_memory_mb']:,.0f} MB "
                   f"| {100 * r['test_accuracy']:.2f}% | {100 * r['test_macro_f1']:.2f} |")
     print(f"\nlorafit CPU fast paths (layers switched): {triples[0][0]['cpu_fast_paths']}")
+    print(f"allocators (summary.json / the stock run's record): lorafit {triples[0][0]['allocator'] or 'not recorded'}, "
+          f"stock {triples[0][1].get('allocator', 'not recorded')}, stock grouped {triples[0][2].get('allocator', 'not recorded')}"
+          + ("" if args.stock_malloc == "same" else " (--stock-malloc same gives the stock recipe lorafit's)"))
     print(f"training speed-up against the stock recipe with length grouping (the headline): {speedup_grouped:.2f}x; "
           f"peak memory ratio {memory_grouped:.2f}x; accuracy lorafit - stock {delta(grouped_rows):+.2f} points")
     print(f"against the stock recipe as written by default (no length grouping): {speedup_default:.2f}x; "
@@ -455,6 +478,7 @@ def main() -> int:
         "measured_peak_refused": refused is not None,
         "theoretical_peak_gflops": round(theoretical["gflops"], 1) if theoretical["gflops"] else None,
         "theoretical_peak_formula": theoretical["formula"], "peak_threads": threads,
+        "lorafit_allocator": triples[0][0]["allocator"], "stock_allocator": triples[0][2].get("allocator"),
         "cpu_model": info["model"], "cpu_flags": info["flags"], "cpu_cores": info["cores"],
         "full_train_speedup_vs_grouped": (round(full[0]["train_examples_per_second"] / full[1]["train_examples_per_second"], 3)
                                           if full else None),

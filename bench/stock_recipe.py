@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from sklearn.metrics import f1_score
 
+from lorafit import allocator
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,6 +128,7 @@ def main() -> int:
         "eval_examples_per_second": len(test_ds) / predict_seconds,
         "eval_sampler": type(trainer._get_eval_sampler(test_ds)).__name__,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "allocator": allocator.active(),  # system, unless bench/speed.py --stock-malloc preloaded lorafit's
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -34,7 +34,7 @@ GOLDEN = HERE / "golden" / "tiny_run.json"
 #: adapter's size in bytes, which counts the (temporary) base model path written in adapter_config.json
 #: (the tensors themselves are pinned by digest).
 VOLATILE = {"train_seconds", "seconds_per_epoch", "train_examples_per_second", "peak_memory_mb", "versions", "compute",
-            "threads", "device", "adapter_bytes"}
+            "threads", "device", "adapter_bytes", "allocator"}
 RUNS = {
     "lora": {"method.name": "lora", "train.cpu_kernels": "stock", "train.grad_accum": 2, "train.max_batch_tokens": 40,
              "train.checkpoint_every": 3, "train.epochs": 3, "train.metric": "loss"},

@@ -22,7 +22,7 @@ from test_golden import VOLATILE
 HERE = Path(__file__).parent
 RECORDS = {Summary: "summary", Eval: "eval", Predictions: "predictions", Splits: "splits", Compute: "compute"}
 #: summary.json keys that a run folder of an earlier version may lack.
-NEWER = ("compute", "skipped_steps", "cpu_fast_paths", "processes", "versions", "autocast", "steps", "device")
+NEWER = ("compute", "skipped_steps", "cpu_fast_paths", "processes", "versions", "autocast", "steps", "device", "allocator")
 
 
 @pytest.fixture(scope="module")

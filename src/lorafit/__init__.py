@@ -8,6 +8,12 @@
 
 __version__ = "0.1.0"
 
+# Run as a program (`lorafit ...`, `python -m lorafit ...`), lorafit starts again on jemalloc where the
+# machine has it, before torch loads (allocator.py says why); importing lorafit never does.
+from . import allocator as _allocator  # noqa: E402
+
+_allocator.relaunch()
+
 from .config import Config, load_config  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .inference import Classifier, load  # noqa: E402

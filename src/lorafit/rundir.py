@@ -194,6 +194,7 @@ class Summary(Record):
     seconds_per_epoch: float
     train_examples_per_second: float
     peak_memory_mb: float  # rank 0's, under data parallelism
+    allocator: str  # the malloc the process trained on: jemalloc, tcmalloc or system (lorafit/allocator.py)
     best_epoch: int
     epochs_run: int
     stopped_early: bool

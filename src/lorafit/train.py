@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__, atomic, batching, checkpoint, contrastive, data, distill, modelcard, posthoc
+from . import __version__, allocator, atomic, batching, checkpoint, contrastive, data, distill, modelcard, posthoc
 from .config import Config, DistillConfig, TrainConfig
 from .distributed import World
 from .errors import UserError
@@ -766,6 +766,7 @@ def _summary(job: Job, p: Progress, test: dict) -> Summary:
         seconds_per_epoch=train_seconds / len(p.epoch_seconds),
         train_examples_per_second=p.examples_seen / train_seconds,
         peak_memory_mb=peak_memory_mb(job.device),
+        allocator=allocator.active(),
         best_epoch=p.best_epoch,
         epochs_run=len(p.epoch_seconds),
         stopped_early=len(p.epoch_seconds) < _last_epoch(cfg),
