@@ -83,8 +83,7 @@ def run_lorafit(method: str, out: Path, epochs: float, seed: int, limit: int | N
 def run_stock(method: str, lorafit_run: Path, out: Path, epochs: float, seed: int, threads: int | None,
               group_by_length: bool = False, malloc: str = "system") -> dict:
     """The stock recipe's figures (its own process). malloc="same": with lorafit's allocator preloaded
-    (LD_PRELOAD of the library lorafit's CLI picks, with the settings it runs it with), to see how much of
-    the gap the allocator is."""
+    (LD_PRELOAD of the library lorafit's CLI picks), to see how much of the gap the allocator is."""
     import os
 
     from lorafit import allocator
@@ -96,7 +95,6 @@ def run_stock(method: str, lorafit_run: Path, out: Path, epochs: float, seed: in
         if library is None:
             raise SystemExit("--stock-malloc same: lorafit runs on the system's malloc here (LORAFIT_MALLOC), nothing to preload")
         env["LD_PRELOAD"] = str(library)
-        env = {**allocator.settings(library), **env}  # its settings too (jemalloc without page decay)
         out = out.with_name(out.stem + "-malloc" + out.suffix)
 
     cfg = RunDir(lorafit_run).config()

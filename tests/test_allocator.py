@@ -20,22 +20,13 @@ JEMALLOC = allocator.find("jemalloc")
 needs_jemalloc = pytest.mark.skipif(JEMALLOC is None, reason="no libjemalloc on this machine (Debian: libjemalloc2)")
 
 #: A program named `lorafit` (as the console script is) that says what it runs on.
-PROBE = ("import ctypes, json, os, lorafit\n"
-         "def decay(name):  # jemalloc's own reading of its option, through its mallctl\n"
-         "    try:\n"
-         "        mallctl = ctypes.CDLL(None).mallctl\n"
-         "    except AttributeError:\n"
-         "        return None\n"
-         "    value, size = ctypes.c_ssize_t(), ctypes.c_size_t(ctypes.sizeof(ctypes.c_ssize_t))\n"
-         "    assert mallctl(name.encode(), ctypes.byref(value), ctypes.byref(size), None, 0) == 0\n"
-         "    return value.value\n"
+PROBE = ("import json, os, lorafit\n"
          "print(json.dumps({'allocator': lorafit.allocator.active(), 'LD_PRELOAD': os.environ.get('LD_PRELOAD'),"
-         " 'MALLOC_CONF': os.environ.get('MALLOC_CONF'), 'pid': os.getpid(),"
-         " 'decay': [decay('opt.dirty_decay_ms'), decay('opt.muzzy_decay_ms')]}))\n")
+         " 'pid': os.getpid()}))\n")
 
 
 def _env(**changes) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("LORAFIT_MALLOC", "LD_PRELOAD", "MALLOC_CONF")}
+    env = {k: v for k, v in os.environ.items() if k not in ("LORAFIT_MALLOC", "LD_PRELOAD")}
     env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, **changes)
     return env
 
@@ -59,18 +50,6 @@ def test_the_program_relaunches_on_jemalloc_and_gives_ld_preload_back(tmp_path):
     assert (seen["allocator"], seen["LD_PRELOAD"]) == ("jemalloc", "")
     assert _probe(tmp_path, LORAFIT_MALLOC="system")["allocator"] == "system"
     assert _probe(tmp_path, LORAFIT_MALLOC=str(JEMALLOC))["allocator"] == "jemalloc"
-
-
-@pytest.mark.ci_required
-@needs_jemalloc
-def test_jemalloc_runs_without_page_decay_unless_the_user_configures_it(tmp_path):
-    seen = _probe(tmp_path)
-    assert seen["decay"] == [-1, -1]  # freed pages kept for the next batch, never handed back
-    assert seen["MALLOC_CONF"] is None  # ... and the setting not handed on to what it starts
-    seen = _probe(tmp_path, MALLOC_CONF="dirty_decay_ms:5000")
-    assert seen["decay"][0] == 5000 and seen["MALLOC_CONF"] == "dirty_decay_ms:5000"  # the user's wins, is kept
-    assert _probe(tmp_path, LORAFIT_MALLOC="system")["decay"] == [None, None]  # no jemalloc: nothing to set
-    assert allocator.settings(JEMALLOC) == {"MALLOC_CONF": allocator.JEMALLOC_CONF}
 
 
 @needs_jemalloc

@@ -24,9 +24,7 @@ interpreter's allocator: start Python with `LD_PRELOAD=/path/to/libjemalloc.so.2
 Debian/Ubuntu ship jemalloc as `libjemalloc2` and tcmalloc as `libtcmalloc-minimal4`; conda as
 `jemalloc`. The relaunched process takes its own library out of `LD_PRELOAD` again, so the programs it
 starts (a browser, a tokenizer's helper) run as they would have; lorafit processes it starts choose for
-themselves. jemalloc runs without page decay (`JEMALLOC_CONF`: freed pages stay with the process for the
-next batch instead of being returned and faulted in again; measured 6% faster for +4% peak memory) unless
-`MALLOC_CONF` is set, which then wins. `summary.json` records the allocator a run trained on (`allocator`), read from the
+themselves. `summary.json` records the allocator a run trained on (`allocator`), read from the
 libraries this process has loaded, not from the setting. Standard library only: it runs before torch
 is imported.
 """
@@ -38,7 +36,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-__all__ = ["JEMALLOC_CONF", "LIBRARIES", "active", "find", "resolve", "relaunch", "settings"]
+__all__ = ["LIBRARIES", "active", "find", "resolve", "relaunch"]
 
 #: The file names each allocator's library goes by, most usual first.
 LIBRARIES = {
@@ -48,12 +46,6 @@ LIBRARIES = {
 _CHOICES = ("auto", "system", *LIBRARIES)
 #: Set for the relaunched process only: "" where LD_PRELOAD was unset before, else "=" and its value, to give back.
 _MARK = "_LORAFIT_MALLOC_RELAUNCHED"
-#: Set for the relaunched process only, where lorafit (not the user) set MALLOC_CONF: taken out again.
-_CONF_MARK = "_LORAFIT_MALLOC_CONF_SET"
-#: jemalloc's settings lorafit runs with (where MALLOC_CONF is unset): keep freed pages for reuse rather
-#: than hand them back to the kernel over 10 s (its default decay), which re-faulted ~15,000 pages per
-#: Banking77 training step here; with no decay, ~150 (README "Speed", "The memory allocator").
-JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 
 
 def _dirs() -> list[Path]:
@@ -99,17 +91,6 @@ def resolve(choice: str) -> Path | None:
     raise ValueError(f"LORAFIT_MALLOC={choice!r} is not one of {', '.join(_CHOICES)} or a path to a shared library")
 
 
-def settings(library: Path) -> dict[str, str]:
-    """The environment an allocator library runs with under lorafit, beside LD_PRELOAD: jemalloc without
-    page decay (`JEMALLOC_CONF`), tcmalloc without its report of large allocations. The caller keeps a
-    value the user set."""
-    if "jemalloc" in library.name:
-        return {"MALLOC_CONF": JEMALLOC_CONF}
-    if "tcmalloc" in library.name:  # tcmalloc reports every allocation above 1 GB on stderr
-        return {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
-    return {}
-
-
 def active() -> str:
     """The allocator this process runs on: `jemalloc` or `tcmalloc` where its library is loaded
     (preloaded or otherwise), `system` where neither is (or where this cannot be seen: not Linux)."""
@@ -141,8 +122,6 @@ def relaunch() -> None:
             os.environ["LD_PRELOAD"] = given_back[1:]
         else:
             os.environ.pop("LD_PRELOAD", None)
-        if os.environ.pop(_CONF_MARK, None):  # read by jemalloc at start; not the user's, not handed on
-            os.environ.pop("MALLOC_CONF", None)
         return
     if not sys.platform.startswith("linux") or not _is_program():
         return
@@ -156,11 +135,8 @@ def relaunch() -> None:
     before = os.environ.get("LD_PRELOAD")
     env = {**os.environ, _MARK: "" if before is None else f"={before}",
            "LD_PRELOAD": f"{library} {before}" if before else str(library)}
-    for name, value in settings(library).items():
-        if name not in env:
-            env[name] = value
-            if name == "MALLOC_CONF":
-                env[_CONF_MARK] = "1"
+    if "tcmalloc" in library.name:  # tcmalloc reports every allocation above 1 GB on stderr
+        env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
