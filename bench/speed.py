@@ -2,6 +2,7 @@
 
     python bench/speed.py            # full: 5 epochs, seeds 0 and 1
     python bench/speed.py --quick    # 1,500 rows, 1 epoch, one seed, LoRA only: about 5 minutes on 2 cores
+    python bench/speed.py --seeds 0 --skip-full --skip-default    # the headline comparison alone, full size
     LORAFIT_DATA_DIR=/path/to/mirror python bench/speed.py --smoke    # every code path; figures mean nothing
 
 For each seed, LoRA (rank 8, lorafit's default targets: attention + FFN in every layer, batch 32)
@@ -320,6 +321,11 @@ def predict_comparison(run: Path, out: Path, limit: int | None, threads: int, re
             "identical_onnxruntime_int8": ort["int8_identical"]}
 
 
+def _round(value: float | None) -> float | None:
+    """value to 3 decimals; None (a comparison not made) stays None."""
+    return None if value is None else round(value, 3)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
@@ -331,6 +337,10 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--threads", type=int, help="torch threads for all tools (default: all cores)")
     parser.add_argument("--skip-full", action="store_true", help="skip the full fine-tuning comparison")
+    parser.add_argument("--skip-default", action="store_true",
+                        help="skip the stock recipe as written by default (no length grouping; the slowest run of all, "
+                             "about 40 minutes of the full bench on 2 cores): only the headline comparison, against the "
+                             "length-grouped stock recipe, is made")
     parser.add_argument("--stock-malloc", choices=["system", "same"], default="system",
                         help="the stock recipe's allocator: the system's malloc, as a user runs it (default), or the one "
                              "lorafit's CLI preloads (jemalloc where installed; src/lorafit/allocator.py)")
@@ -351,8 +361,10 @@ def main() -> int:
         run = out / f"lorafit-lora-s{seed}"
         step(f"seed {seed}: lorafit LoRA ...")
         ours = run_lorafit("lora", run, epochs, seed, limit, args.threads, dataset)
-        step(f"seed {seed}: stock LoRA ...")
-        stock = run_stock("lora", run, out / f"stock-lora-s{seed}.json", epochs, seed, args.threads, malloc=args.stock_malloc)
+        stock = None
+        if not args.skip_default:
+            step(f"seed {seed}: stock LoRA ...")
+            stock = run_stock("lora", run, out / f"stock-lora-s{seed}.json", epochs, seed, args.threads, malloc=args.stock_malloc)
         step(f"seed {seed}: stock LoRA, group_by_length ...")
         grouped = run_stock("lora", run, out / f"stock-grouped-lora-s{seed}.json", epochs, seed, args.threads, group_by_length=True,
                             malloc=args.stock_malloc)
@@ -385,26 +397,32 @@ def main() -> int:
 
     mean = lambda rows, key: statistics.fmean(r[key] for r in rows)  # noqa: E731
     ours_rows, stock_rows, grouped_rows = ([t[i] for t in triples] for i in range(3))
-    ratio = lambda key, baseline: mean(ours_rows, key) / mean(baseline, key)  # noqa: E731
+    skipped = args.skip_default
+    # --skip-default: no run without length grouping, so nothing against it (None in the JSON)
+    ratio = lambda key, baseline: None if skipped and baseline is stock_rows else mean(ours_rows, key) / mean(baseline, key)  # noqa: E731
     speedup_grouped, speedup_default = ratio("train_examples_per_second", grouped_rows), ratio("train_examples_per_second", stock_rows)
     memory_grouped, memory_default = ratio("peak_memory_mb", grouped_rows), ratio("peak_memory_mb", stock_rows)
-    delta = lambda baseline: 100 * (mean(ours_rows, "test_accuracy") - mean(baseline, "test_accuracy"))  # noqa: E731
+    delta = lambda baseline: (None if skipped and baseline is stock_rows  # noqa: E731
+                              else 100 * (mean(ours_rows, "test_accuracy") - mean(baseline, "test_accuracy")))
     print(f"\nLoRA r=8 on attention+FFN, batch 32, {epochs:g} epoch(s), {len(seeds)} seed(s), {mode}"
           f"{' (TREC-6)' if dataset else ''}; torch threads {args.threads or torch.get_num_threads()}\n")
     print("| seed | tool | train examples/s | peak memory | test accuracy | test macro-F1 |")
     print("|---|---|---:|---:|---:|---:|")
     for seed, rows in zip(seeds, triples):
-        for r in rows:
+        for r in filter(None, rows):
             print(f"| {seed} | {r['tool']} | {r['train_examples_per_second']:.1f} | {r['peak_memory_mb']:,.0f} MB "
                   f"| {100 * r['test_accuracy']:.2f}% | {100 * r['test_macro_f1']:.2f} |")
     print(f"\nlorafit CPU fast paths (layers switched): {triples[0][0]['cpu_fast_paths']}")
     print(f"allocators (summary.json / the stock run's record): lorafit {triples[0][0]['allocator'] or 'not recorded'}, "
-          f"stock {triples[0][1].get('allocator', 'not recorded')}, stock grouped {triples[0][2].get('allocator', 'not recorded')}"
+          f"stock {'not run' if skipped else triples[0][1].get('allocator', 'not recorded')}, stock grouped {triples[0][2].get('allocator', 'not recorded')}"
           + ("" if args.stock_malloc == "same" else " (--stock-malloc same gives the stock recipe lorafit's)"))
     print(f"training speed-up against the stock recipe with length grouping (the headline): {speedup_grouped:.2f}x; "
           f"peak memory ratio {memory_grouped:.2f}x; accuracy lorafit - stock {delta(grouped_rows):+.2f} points")
-    print(f"against the stock recipe as written by default (no length grouping): {speedup_default:.2f}x; "
-          f"peak memory ratio {memory_default:.2f}x; accuracy {delta(stock_rows):+.2f} points")
+    if skipped:
+        print("against the stock recipe as written by default (no length grouping): not run (--skip-default)")
+    else:
+        print(f"against the stock recipe as written by default (no length grouping): {speedup_default:.2f}x; "
+              f"peak memory ratio {memory_default:.2f}x; accuracy {delta(stock_rows):+.2f} points")
     if full:
         print(f"full fine-tuning: lorafit {full[0]['train_examples_per_second']:.1f} vs stock with length grouping "
               f"{full[1]['train_examples_per_second']:.1f} examples/s ({full[0]['train_examples_per_second'] / full[1]['train_examples_per_second']:.2f}x); "
@@ -454,9 +472,9 @@ def main() -> int:
           + (f"fraction of the measured peak {fraction:.2f}" if fraction is not None else "fraction of the measured peak: refused")
           + (f"; of the theoretical peak {of_theoretical:.2f}" if of_theoretical is not None else ""))
     summary = {
-        "train_speedup_vs_grouped": round(speedup_grouped, 3), "train_speedup_vs_default": round(speedup_default, 3),
-        "memory_ratio_vs_grouped": round(memory_grouped, 3), "memory_ratio_vs_default": round(memory_default, 3),
-        "accuracy_delta_vs_grouped": round(delta(grouped_rows), 3), "accuracy_delta_vs_default": round(delta(stock_rows), 3),
+        "train_speedup_vs_grouped": round(speedup_grouped, 3), "train_speedup_vs_default": _round(speedup_default),
+        "memory_ratio_vs_grouped": round(memory_grouped, 3), "memory_ratio_vs_default": _round(memory_default),
+        "accuracy_delta_vs_grouped": round(delta(grouped_rows), 3), "accuracy_delta_vs_default": _round(delta(stock_rows)),
         "stock_grouped_sampler": triples[0][2].get("sampler"),
         "predict_speedup": round(predict["lorafit_per_s"] / predict["pipeline_per_s"], 3),
         "predict_speedup_vs_batched_pipeline": round(predict["lorafit_per_s"] / predict["pipeline_batch64_per_s"], 3),
