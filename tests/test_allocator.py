@@ -106,5 +106,7 @@ def test_a_run_records_its_allocator_and_trains_the_same_numbers_on_any(tiny_ber
     read = lambda run, name: json.loads((run / name).read_text())  # noqa: E731
     assert read(runs["auto"], "summary.json")["allocator"] == "jemalloc"
     assert read(runs["system"], "summary.json")["allocator"] == "system"
-    assert read(runs["auto"], "predictions.json") == read(runs["system"], "predictions.json")  # bit for bit
-    assert read(runs["auto"], "eval.json")["loss"] == read(runs["system"], "eval.json")["loss"]
+    assert read(runs["auto"], "predictions.json") == read(runs["system"], "predictions.json")  # the same predictions
+    # ... and the same loss up to float rounding: where a buffer starts can change which vector kernel a BLAS call
+    # takes, so the last bits may differ (Zen 4: 1.1330199723 on jemalloc, 1.1330199761 on glibc; equal on Zen 5).
+    assert read(runs["auto"], "eval.json")["loss"] == pytest.approx(read(runs["system"], "eval.json")["loss"], rel=1e-6)

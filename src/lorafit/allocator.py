@@ -125,12 +125,19 @@ def relaunch() -> None:
         return
     if not sys.platform.startswith("linux") or not _is_program():
         return
+    choice = os.environ.get("LORAFIT_MALLOC", "auto").strip() or "auto"
+    if choice not in _CHOICES and "/" not in choice:
+        print(f"lorafit: error: LORAFIT_MALLOC={choice!r} is not one of {', '.join(_CHOICES)} or a path to a shared "
+              "library", file=sys.stderr)
+        raise SystemExit(2)
+    if active() != "system":  # one is loaded already (the user's LD_PRELOAD): kept, whatever this machine has
+        return
     try:
-        library = resolve(os.environ.get("LORAFIT_MALLOC", "auto").strip() or "auto")
+        library = resolve(choice)
     except ValueError as e:
         print(f"lorafit: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    if library is None or active() != "system":  # the system's asked for, or one is loaded already
+    if library is None:  # the system's asked for
         return
     before = os.environ.get("LD_PRELOAD")
     env = {**os.environ, _MARK: "" if before is None else f"={before}",
