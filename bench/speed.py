@@ -397,13 +397,14 @@ def main() -> int:
 
     mean = lambda rows, key: statistics.fmean(r[key] for r in rows)  # noqa: E731
     ours_rows, stock_rows, grouped_rows = ([t[i] for t in triples] for i in range(3))
-    skipped = args.skip_default
-    # --skip-default: no run without length grouping, so nothing against it (None in the JSON)
-    ratio = lambda key, baseline: None if skipped and baseline is stock_rows else mean(ours_rows, key) / mean(baseline, key)  # noqa: E731
-    speedup_grouped, speedup_default = ratio("train_examples_per_second", grouped_rows), ratio("train_examples_per_second", stock_rows)
-    memory_grouped, memory_default = ratio("peak_memory_mb", grouped_rows), ratio("peak_memory_mb", stock_rows)
-    delta = lambda baseline: (None if skipped and baseline is stock_rows  # noqa: E731
-                              else 100 * (mean(ours_rows, "test_accuracy") - mean(baseline, "test_accuracy")))
+    ratio = lambda key, baseline: mean(ours_rows, key) / mean(baseline, key)  # noqa: E731
+    delta = lambda baseline: 100 * (mean(ours_rows, "test_accuracy") - mean(baseline, "test_accuracy"))  # noqa: E731
+    speedup_grouped, memory_grouped = ratio("train_examples_per_second", grouped_rows), ratio("peak_memory_mb", grouped_rows)
+    skipped = args.skip_default  # no run without length grouping: nothing against it (None in the JSON)
+    speedup_default = memory_default = delta_default = None
+    if not skipped:
+        speedup_default, memory_default = ratio("train_examples_per_second", stock_rows), ratio("peak_memory_mb", stock_rows)
+        delta_default = delta(stock_rows)
     print(f"\nLoRA r=8 on attention+FFN, batch 32, {epochs:g} epoch(s), {len(seeds)} seed(s), {mode}"
           f"{' (TREC-6)' if dataset else ''}; torch threads {args.threads or torch.get_num_threads()}\n")
     print("| seed | tool | train examples/s | peak memory | test accuracy | test macro-F1 |")
@@ -422,7 +423,7 @@ def main() -> int:
         print("against the stock recipe as written by default (no length grouping): not run (--skip-default)")
     else:
         print(f"against the stock recipe as written by default (no length grouping): {speedup_default:.2f}x; "
-              f"peak memory ratio {memory_default:.2f}x; accuracy {delta(stock_rows):+.2f} points")
+              f"peak memory ratio {memory_default:.2f}x; accuracy {delta_default:+.2f} points")
     if full:
         print(f"full fine-tuning: lorafit {full[0]['train_examples_per_second']:.1f} vs stock with length grouping "
               f"{full[1]['train_examples_per_second']:.1f} examples/s ({full[0]['train_examples_per_second'] / full[1]['train_examples_per_second']:.2f}x); "
@@ -474,7 +475,7 @@ def main() -> int:
     summary = {
         "train_speedup_vs_grouped": round(speedup_grouped, 3), "train_speedup_vs_default": _round(speedup_default),
         "memory_ratio_vs_grouped": round(memory_grouped, 3), "memory_ratio_vs_default": _round(memory_default),
-        "accuracy_delta_vs_grouped": round(delta(grouped_rows), 3), "accuracy_delta_vs_default": _round(delta(stock_rows)),
+        "accuracy_delta_vs_grouped": round(delta(grouped_rows), 3), "accuracy_delta_vs_default": _round(delta_default),
         "stock_grouped_sampler": triples[0][2].get("sampler"),
         "predict_speedup": round(predict["lorafit_per_s"] / predict["pipeline_per_s"], 3),
         "predict_speedup_vs_batched_pipeline": round(predict["lorafit_per_s"] / predict["pipeline_batch64_per_s"], 3),

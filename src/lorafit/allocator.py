@@ -69,6 +69,13 @@ def find(name: str) -> Path | None:
     return None
 
 
+def _unknown(choice: str) -> str | None:
+    """The message for a LORAFIT_MALLOC value that is neither a choice nor a path; None for one that is."""
+    if choice in _CHOICES or "/" in choice:
+        return None
+    return f"LORAFIT_MALLOC={choice!r} is not one of {', '.join(_CHOICES)} or a path to a shared library"
+
+
 def resolve(choice: str) -> Path | None:
     """The library to preload for a LORAFIT_MALLOC value; None for the system's malloc. A choice this
     machine cannot honour raises ValueError with a message for the user."""
@@ -88,7 +95,7 @@ def resolve(choice: str) -> Path | None:
         if not Path(choice).is_file():
             raise ValueError(f"LORAFIT_MALLOC={choice}: no such file")
         return Path(choice).resolve()
-    raise ValueError(f"LORAFIT_MALLOC={choice!r} is not one of {', '.join(_CHOICES)} or a path to a shared library")
+    raise ValueError(_unknown(choice))
 
 
 def active() -> str:
@@ -126,13 +133,11 @@ def relaunch() -> None:
     if not sys.platform.startswith("linux") or not _is_program():
         return
     choice = os.environ.get("LORAFIT_MALLOC", "auto").strip() or "auto"
-    if choice not in _CHOICES and "/" not in choice:
-        print(f"lorafit: error: LORAFIT_MALLOC={choice!r} is not one of {', '.join(_CHOICES)} or a path to a shared "
-              "library", file=sys.stderr)
-        raise SystemExit(2)
-    if active() != "system":  # one is loaded already (the user's LD_PRELOAD): kept, whatever this machine has
-        return
     try:
+        if (unknown := _unknown(choice)) is not None:  # a bad value is an error even where nothing relaunches
+            raise ValueError(unknown)
+        if active() != "system":  # one is loaded already (the user's LD_PRELOAD): kept, whatever this machine has
+            return
         library = resolve(choice)
     except ValueError as e:
         print(f"lorafit: error: {e}", file=sys.stderr)
