@@ -61,8 +61,10 @@ def step(message: str) -> None:
 
 
 def run_lorafit(method: str, out: Path, epochs: float, seed: int, limit: int | None, threads: int | None,
-                dataset: str | None = None) -> dict:
+                dataset: str | None = None, precision: str = "fp32") -> dict:
     overrides = [f"train.epochs={epochs:g}", f"seed={seed}", "train.batch_size=32", "train.patience=null"]
+    if precision != "fp32":
+        overrides.append(f"train.precision={precision}")
     if dataset:
         overrides.append(f"data.name={dataset}")
     if method == "lora":
@@ -82,7 +84,7 @@ def run_lorafit(method: str, out: Path, epochs: float, seed: int, limit: int | N
 
 
 def run_stock(method: str, lorafit_run: Path, out: Path, epochs: float, seed: int, threads: int | None,
-              group_by_length: bool = False, malloc: str = "system") -> dict:
+              group_by_length: bool = False, malloc: str = "system", precision: str = "fp32") -> dict:
     """The stock recipe's figures (its own process). malloc="same": with lorafit's allocator preloaded
     (LD_PRELOAD of the library lorafit's CLI picks), to see how much of the gap the allocator is."""
     import os
@@ -108,6 +110,8 @@ def run_stock(method: str, lorafit_run: Path, out: Path, epochs: float, seed: in
             command += ["--threads", str(threads)]
         if group_by_length:
             command.append("--group-by-length")
+        if precision == "bf16":
+            command.append("--bf16")
         subprocess.run(command, check=True, cwd=ROOT, env=env)
     return json.loads(out.read_text())
 
@@ -344,6 +348,9 @@ def main() -> int:
     parser.add_argument("--stock-malloc", choices=["system", "same"], default="system",
                         help="the stock recipe's allocator: the system's malloc, as a user runs it (default), or the one "
                              "lorafit's CLI preloads (jemalloc where installed; src/lorafit/allocator.py)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="what both tools train in: float32 (default), or bf16 mixed precision for both (lorafit "
+                             "train.precision=bf16, the stock Trainer's bf16=True); for CPUs with native bf16")
     parser.add_argument("--out", default="runs/speed", help="run folders and results (finished runs are reused)")
     args = parser.parse_args()
     dataset = None
@@ -353,29 +360,31 @@ def main() -> int:
         mode, limit, epochs, seeds, predict_limit = "quick", 1500, 1, [0], 1000
     else:
         mode, limit, epochs, seeds, predict_limit = "full", None, args.epochs, args.seeds, None
-    out = ROOT / args.out / mode
+    out = ROOT / args.out / (mode if args.precision == "fp32" else f"{mode}-{args.precision}")
+    bf16 = args.precision == "bf16"
     out.mkdir(parents=True, exist_ok=True)
 
     triples = []  # (lorafit, stock as written, stock with length grouping) per seed
     for seed in seeds:
         run = out / f"lorafit-lora-s{seed}"
         step(f"seed {seed}: lorafit LoRA ...")
-        ours = run_lorafit("lora", run, epochs, seed, limit, args.threads, dataset)
+        ours = run_lorafit("lora", run, epochs, seed, limit, args.threads, dataset, args.precision)
         stock = None
         if not args.skip_default:
             step(f"seed {seed}: stock LoRA ...")
-            stock = run_stock("lora", run, out / f"stock-lora-s{seed}.json", epochs, seed, args.threads, malloc=args.stock_malloc)
+            stock = run_stock("lora", run, out / f"stock-lora-s{seed}.json", epochs, seed, args.threads, malloc=args.stock_malloc,
+                              precision=args.precision)
         step(f"seed {seed}: stock LoRA, group_by_length ...")
         grouped = run_stock("lora", run, out / f"stock-grouped-lora-s{seed}.json", epochs, seed, args.threads, group_by_length=True,
-                            malloc=args.stock_malloc)
+                            malloc=args.stock_malloc, precision=args.precision)
         triples.append((ours, stock, grouped))
     full = None
     if not (args.skip_full or args.quick):
         run = out / f"lorafit-full-s{seeds[0]}"
         step("full fine-tuning: lorafit, then stock with group_by_length ...")
-        full = (run_lorafit("full", run, epochs, seeds[0], limit, args.threads, dataset),
+        full = (run_lorafit("full", run, epochs, seeds[0], limit, args.threads, dataset, args.precision),
                 run_stock("full", run, out / f"stock-grouped-full-s{seeds[0]}.json", epochs, seeds[0], args.threads,
-                          group_by_length=True, malloc=args.stock_malloc))
+                          group_by_length=True, malloc=args.stock_malloc, precision=args.precision))
     # The roofline compares the run's training with the matmul peak of the same threads, bounded by as
     # many cores: with --threads 1 on 16 cores, 16 cores' peak would let a wrong measurement through.
     # Prediction runs on those threads too, for every tool.
@@ -405,7 +414,7 @@ def main() -> int:
     if not skipped:
         speedup_default, memory_default = ratio("train_examples_per_second", stock_rows), ratio("peak_memory_mb", stock_rows)
         delta_default = delta(stock_rows)
-    print(f"\nLoRA r=8 on attention+FFN, batch 32, {epochs:g} epoch(s), {len(seeds)} seed(s), {mode}"
+    print(f"\nLoRA r=8 on attention+FFN, batch 32, {epochs:g} epoch(s), {len(seeds)} seed(s), {mode}, {args.precision}"
           f"{' (TREC-6)' if dataset else ''}; torch threads {args.threads or torch.get_num_threads()}\n")
     print("| seed | tool | train examples/s | peak memory | test accuracy | test macro-F1 |")
     print("|---|---|---:|---:|---:|---:|")
@@ -472,6 +481,9 @@ def main() -> int:
     print(f"roofline: {gflop:,.0f} useful GFLOP in {triples[0][0]['train_seconds']:.0f} s = {achieved:.1f} GFLOP/s; "
           + (f"fraction of the measured peak {fraction:.2f}" if fraction is not None else "fraction of the measured peak: refused")
           + (f"; of the theoretical peak {of_theoretical:.2f}" if of_theoretical is not None else ""))
+    if bf16:
+        print("  (both tools trained in bf16 mixed precision: the peaks above are float32's; native bf16 products can run "
+              "above them, so these fractions are on the float32 scale)")
     summary = {
         "train_speedup_vs_grouped": round(speedup_grouped, 3), "train_speedup_vs_default": _round(speedup_default),
         "memory_ratio_vs_grouped": round(memory_grouped, 3), "memory_ratio_vs_default": _round(memory_default),
@@ -501,7 +513,7 @@ def main() -> int:
         "cpu_model": info["model"], "cpu_flags": info["flags"], "cpu_cores": info["cores"],
         "full_train_speedup_vs_grouped": (round(full[0]["train_examples_per_second"] / full[1]["train_examples_per_second"], 3)
                                           if full else None),
-        "seeds": seeds, "epochs": epochs, "mode": mode, "quick": args.quick,
+        "seeds": seeds, "epochs": epochs, "mode": mode, "quick": args.quick, "precision": args.precision,
     }
     print(json.dumps(summary))
     return 0

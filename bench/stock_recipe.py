@@ -5,7 +5,9 @@ on `AutoModelForSequenceClassification`. Only the choice of rows comes from lora
 train and test splits, so both tools see the same data); everything timed is stock.
 `--group-by-length` turns on the Trainer's documented length grouping (transformers 5:
 `train_sampling_strategy="group_by_length"`; before: `group_by_length=True`), which batches texts of
-similar length and so pads less: one flag away for any user, so the fair stock baseline.
+similar length and so pads less: one flag away for any user, so the fair stock baseline. `--bf16` turns
+on the Trainer's documented mixed precision (`bf16=True`; on CPU it autocasts to bf16), the baseline for
+lorafit's `train.precision=bf16`.
 
     python bench/stock_recipe.py RUN_DIR --method lora --rank 8 --epochs 5 --out stock.json
     python bench/stock_recipe.py RUN_DIR --method lora --rank 8 --epochs 5 --group-by-length --out grouped.json
@@ -46,6 +48,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--group-by-length", action="store_true", help="the Trainer's length-grouped sampler")
+    parser.add_argument("--bf16", action="store_true",
+                        help="the Trainer's documented bf16=True (mixed precision; on CPU, autocast to bf16)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.threads:
@@ -92,7 +96,8 @@ def main() -> int:
         output_dir=f"{args.out}.trainer", per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
         num_train_epochs=args.epochs, learning_rate=args.lr, warmup_steps=args.warmup, weight_decay=args.weight_decay,
         lr_scheduler_type="linear", seed=args.seed, logging_strategy="no", save_strategy="no", eval_strategy="no",
-        report_to=[], use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True, **sampling,
+        report_to=[], use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True, bf16=args.bf16,
+        **sampling,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=train_ds,
                       data_collator=DataCollatorWithPadding(tokenizer))
@@ -119,7 +124,7 @@ def main() -> int:
         raise SystemExit("stock_recipe: the Trainer's predictions do not cover the test set once each")
     result = {
         "tool": "stock (group_by_length)" if args.group_by_length else "stock", "sampler": sampler,
-        "training_arguments": sampling, "transformers": transformers.__version__, "method": args.method, "rank": args.rank, "epochs": args.epochs, "seed": args.seed,
+        "training_arguments": {**sampling, "bf16": args.bf16}, "precision": "bf16" if args.bf16 else "fp32", "transformers": transformers.__version__, "method": args.method, "rank": args.rank, "epochs": args.epochs, "seed": args.seed,
         "train_examples": len(train_ds), "train_seconds": train_seconds,
         "train_examples_per_second": len(train_ds) * args.epochs / train_seconds,
         "peak_memory_mb": peak_train,

@@ -212,6 +212,11 @@ def test_bad_value_names_the_key(tiny_bert, tiny_data, tmp_path, capsys, overrid
         assert word in line, (word, line)
 
 
+def test_fp16_on_cpu_is_refused_and_says_what_runs_there(tiny_bert, tiny_data, tmp_path, capsys):
+    line = fails_cleanly(capsys, tmp_path / "run", *quick(tiny_bert, tiny_data), "train.device=cpu", "train.precision=fp16")
+    assert "train.precision=fp16 needs CUDA, not cpu" in line and "bf16" in line
+
+
 def test_malformed_override(tiny_bert, tiny_data, tmp_path, capsys):
     line = fails_cleanly(capsys, tmp_path / "run", *quick(tiny_bert, tiny_data), "train.=3")
     assert "bad override 'train.=3'" in line and "dotted.key=value" in line

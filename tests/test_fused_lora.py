@@ -101,7 +101,7 @@ def test_without_dropout_and_without_input_gradient():
         _close((fused(x),), (stock(x),))
 
 
-@pytest.mark.parametrize("case", ["dora", "nn_dropout", "merged", "two_adapters", "disabled", "bf16_autocast",
+@pytest.mark.parametrize("case", ["dora", "nn_dropout", "merged", "two_adapters", "disabled", "fp16_autocast",
                                   "trainable_base"])
 def test_what_the_fused_path_does_not_cover_runs_peft_exactly(case):
     stock = _peft_block(use_dora=(case == "dora"))
@@ -131,8 +131,8 @@ def test_what_the_fused_path_does_not_cover_runs_peft_exactly(case):
 
     FusedLoraLinear._fusable = spy
     try:
-        if case == "bf16_autocast":
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+        if case == "fp16_autocast":  # bf16 is the one autocast dtype the fused path computes in (below)
+            with torch.autocast("cpu", dtype=torch.float16):
                 expected, got = _forward_backward(stock, x, 1), _forward_backward(fused, x, 1)
         else:
             expected, got = _forward_backward(stock, x, 1), _forward_backward(fused, x, 1)
@@ -141,6 +141,45 @@ def test_what_the_fused_path_does_not_cover_runs_peft_exactly(case):
     assert calls and all(c is None for c in calls), "the fused path ran where it should have left it to peft"
     for u, v in zip(got, expected, strict=True):
         assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("shape", [(7, 24), (3, 5, 24)])
+def test_under_bf16_autocast_the_fused_path_computes_peft_in_bf16(onednn, shape):
+    """train.precision=bf16 on CPU: the fused path runs (bf16 products, bf16 output as autocast's linear
+    gives), with peft-under-autocast's numbers up to bf16 rounding, float32 gradients for float32
+    parameters and input, and the same dropout draws. The tolerance (3% of the largest value) is
+    bf16's rounding of a few operands; a missing scale, mask or term moves the outputs by far more."""
+    stock = _peft_block()
+    fused = copy.deepcopy(stock)
+    _fast(stock, onednn, fused=False), _fast(fused, onednn, fused=True)
+    x = torch.randn(shape)
+    calls = []
+    original = FusedLoraLinear._fusable
+
+    def spy(self, *args):
+        calls.append(original(self, *args))
+        return calls[-1]
+
+    FusedLoraLinear._fusable = spy
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected, got = _forward_backward(stock, x, 3), _forward_backward(fused, x, 3)
+            other = _forward_backward(stock, x, 4)
+            got_other = _forward_backward(fused, x, 4)
+            y = fused(x.clone())
+    finally:
+        FusedLoraLinear._fusable = original
+    assert calls and all(c == "default" for c in calls), "the fused path left bf16 autocast to peft"
+    assert y.dtype == torch.bfloat16  # as autocast's linear returns
+    assert [t.dtype for t in got] == [t.dtype for t in expected]  # float32 gradients of x, A and B
+    _close(got, expected, tol=3e-2)
+    assert not torch.allclose(other[0].float(), expected[0].float(), atol=0.05)  # seed 4's masks differ from seed 3's...
+    _close(got_other, other, tol=3e-2)  # ...and match across paths
+    assert torch.equal(got[-1], expected[-1])  # the random stream's next draw: the same number of draws
+    # Against float32 without autocast: bf16 rounding only (a wrong bf16 path would also pass the
+    # comparison with peft above only if peft were wrong in the same way).
+    _close(got[:-1], _forward_backward(copy.deepcopy(stock), x, 3)[:-1], tol=3e-2)
 
 
 def test_undo_gives_peft_its_class_back_and_saved_adapters_are_unchanged(tmp_path):

@@ -54,13 +54,16 @@ def _assert_same_outcome(a: Path, b: Path) -> None:
     assert not (b / "checkpoints").exists()
 
 
-@pytest.fixture(scope="module", params=["onednn", "stock"])
+@pytest.fixture(scope="module", params=["onednn", "stock", "onednn-bf16"])
 def reference(tiny_bert, tmp_path_factory, request):
     """The uninterrupted run (one per module and kernel choice), with the CPU kernels forced each way:
     the reference and the killed run are separate processes, and under train.cpu_kernels=auto each
-    would time the kernels itself."""
+    would time the kernels itself. `onednn-bf16`: train.precision=bf16 on CPU (autocast, the fused LoRA
+    linears in bf16)."""
     root = tmp_path_factory.mktemp(f"reference-{request.param}")
-    overrides = tiny_overrides(tiny_bert, write_dataset(root / "data"), **EXTRA, **{"train.cpu_kernels": request.param})
+    kernels, _, precision = request.param.partition("-")
+    extra = {"train.cpu_kernels": kernels, **({"train.precision": precision} if precision else {})}
+    overrides = tiny_overrides(tiny_bert, write_dataset(root / "data"), **EXTRA, **extra)
     out = root / "reference"
     subprocess.run(_cmd(overrides, out), check=True, env=_env(), capture_output=True)
     return overrides, out

@@ -8,8 +8,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from peft import PeftModel
+from safetensors.torch import load_file
 
 import lorafit
 from lorafit import evaluate
@@ -178,6 +180,32 @@ def test_training_learns(tiny_bert, tiny_data, tmp_path):
     assert epochs[-1]["train_loss"] < 0.5 * epochs[0]["train_loss"]
     # Keyword classes are easy: a working loop must get (nearly) all of them.
     assert result.eval["accuracy"] >= 0.9
+
+
+def test_bf16_on_cpu_trains_in_bf16_and_learns_what_float32_learns(tiny_bert, tiny_data, tmp_path, monkeypatch, caplog):
+    """train.precision=bf16 on CPU autocasts (recorded in compute.json; the losses move off float32's by bf16
+    rounding, not more), keeps float32 weights, learns, and warns where the CPU has no native bf16."""
+    from lorafit import hardware
+
+    extra = {"train.epochs": 4, "train.lr": 1e-2, "train.device": "cpu"}
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = lorafit.load_config(None, tiny_overrides(tiny_bert, tiny_data, **extra, **{"train.precision": precision}))
+        runs[precision] = (lorafit.train(cfg, tmp_path / precision), RunDir(tmp_path / precision))
+    assert runs["fp32"][1].compute().autocast is None and runs["bf16"][1].compute().autocast == "bfloat16"
+    assert json.loads((tmp_path / "bf16" / "summary.json").read_text())["cpu_fast_paths"]["fused_lora"] > 0
+    losses = {p: [r["train_loss"] for r in run.metrics() if r["type"] == "epoch"] for p, (_, run) in runs.items()}
+    assert losses["bf16"] != losses["fp32"]  # autocast took effect
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)  # ...and changed only the rounding
+    assert losses["bf16"][-1] < 0.85 * losses["bf16"][0]  # it learns (fp32 here: the same within 5%)
+    assert runs["bf16"][0].eval["accuracy"] >= runs["fp32"][0].eval["accuracy"] - 0.1
+    weights = load_file(str(tmp_path / "bf16" / "adapter" / "adapter_model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    monkeypatch.setattr(hardware, "native_bf16", lambda info=None: False)
+    cfg = lorafit.load_config(None, tiny_overrides(tiny_bert, tiny_data, **{**extra, "train.epochs": 1, "train.precision": "bf16"}))
+    with caplog.at_level("WARNING", logger="lorafit"):
+        lorafit.train(cfg, tmp_path / "emulated")
+    assert "no native bf16" in caplog.text and "slower than fp32" in caplog.text
 
 
 def test_run_config_round_trips(tiny_bert, tiny_data, tmp_path):

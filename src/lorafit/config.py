@@ -248,7 +248,8 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """auto picks cuda, then mps, then cpu."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Autocast dtype; auto is bf16 (or fp16) on CUDA and fp32 elsewhere. Only CUDA autocasts."""
+    """Autocast dtype; auto is bf16 (or fp16) on CUDA and fp32 elsewhere. bf16 also runs on CPU, where it
+    pays on CPUs with native bf16 (AVX-512 BF16, AMX, Arm BF16); fp16 needs CUDA."""
     threads: Annotated[int, Field(gt=0, le=1024)] | None = None
     """CPU threads for torch; null leaves torch's default (one per core)."""
     cpu_kernels: Literal["auto", "stock", "onednn"] = "auto"

@@ -21,9 +21,12 @@ It saves what peft's nodes save (the dropped-out input, h and the mask) and allo
 out) temporary. Dropout draws its mask exactly as `kernels.FastDropout` does, from the same random
 stream in the same order, so a run's random draws do not change with the switch; results equal
 peft's path up to float summation order (tests/test_fused_lora.py: outputs and gradients within
-1e-5). Everything the fused path does not cover runs peft's own forward: several active adapters,
-variants (DoRA), LoRA biases, a trainable base layer, merged or disabled adapters, peft's stock
-`nn.Dropout` (its Bernoulli stream differs), non-float32 or non-CPU tensors, autocast, tracing.
+1e-5). Under CPU autocast to bf16 (`train.precision=bf16` on CPU) the same node runs on bf16 casts of
+x and the weights and returns bf16, as autocast's linear does (peft's path under autocast up to bf16
+rounding; gradients reach the float32 parameters through the casts). Everything the fused path does not
+cover runs peft's own forward: several active adapters, variants (DoRA), LoRA biases, a trainable base
+layer, merged or disabled adapters, peft's stock `nn.Dropout` (its Bernoulli stream differs), tensors
+other than float32 (or bf16 under bf16 autocast) on the CPU, other autocast dtypes, tracing.
 
 `use_fused_lora(model, fast)` switches a model's LoRA linears and records them in the `kernels.FastPaths`
 of the other CPU fast paths (undone with them); training calls it on CPU unless `train.cpu_kernels` is
@@ -91,15 +94,22 @@ class _FusedLoraFunction(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None, None, None, None
 
 
+def _compute_dtypes() -> tuple[torch.dtype, ...]:
+    """The input dtypes the fused path takes here: float32, and under CPU autocast to bf16 also bf16 (the
+    output of an autocast layer below); nothing under another autocast dtype."""
+    if not torch.is_autocast_enabled("cpu"):
+        return (torch.float32,)
+    return (torch.float32, torch.bfloat16) if torch.get_autocast_dtype("cpu") == torch.bfloat16 else ()
+
+
 class FusedLoraLinear(PeftLoraLinear):
-    """peft's `lora.Linear`, with plain single-adapter LoRA on float32 CPU tensors run as one fused
-    autograd node (module doc); peft's own forward for everything else."""
+    """peft's `lora.Linear`, with plain single-adapter LoRA on float32 CPU tensors (or under bf16 autocast)
+    run as one fused autograd node (module doc); peft's own forward for everything else."""
 
     def _fusable(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
         """The one active plain LoRA adapter the fused path can compute, or None."""
         if (args or kwargs or self.disable_adapters or self.merged or x.device.type != "cpu"
-                or x.dtype != torch.float32 or x.dim() < 2 or x.numel() == 0
-                or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
+                or x.dtype not in _compute_dtypes() or x.dim() < 2 or x.numel() == 0 or torch.compiler.is_compiling()):
             return None
         active = [name for name in self.active_adapters if name in self.lora_A]
         if len(active) != 1 or active[0] in self.lora_variant:
@@ -121,14 +131,25 @@ class FusedLoraLinear(PeftLoraLinear):
         name = self._fusable(x, args, kwargs)
         if name is None:
             return super().forward(x, *args, **kwargs)
+        if not torch.is_autocast_enabled("cpu"):
+            return self._fused(x, name, None)
+        with torch.autocast("cpu", enabled=False):  # the products run in bf16 below, as autocast would run them
+            return self._fused(x, name, torch.bfloat16)
+
+    def _fused(self, x: torch.Tensor, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+        """The adapted layer on float32 tensors, or (dtype bf16, under autocast) on their bf16 casts, returning
+        bf16 as autocast's linear does; gradients reach the float32 parameters and x through the casts."""
         base, lora_a, lora_b = self.base_layer, self.lora_A[name], self.lora_B[name]
         dropout, scaling = self.lora_dropout[name], float(self.scaling[name])
-        x2 = x.reshape(-1, base.in_features)
+        x2, weight, bias, a, b = x.reshape(-1, base.in_features), base.weight, base.bias, lora_a.weight, lora_b.weight
+        if dtype is not None:
+            x2, weight, a, b = x2.to(dtype), weight.to(dtype), a.to(dtype), b.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
         keep, keep_scale = None, 1.0
         if isinstance(dropout, FastDropout) and dropout.training and dropout.p > 0:
             keep, keep_scale = dropout_mask(x2, dropout.p, dropout.draw)
-        onednn = type(base) is OneDnnLinear
-        operands = (x2, base.weight, base.bias, lora_a.weight, lora_b.weight, scaling, keep, keep_scale, onednn)
+        onednn = type(base) is OneDnnLinear and dtype is None  # oneDNN's private op: float32 only
+        operands = (x2, weight, bias, a, b, scaling, keep, keep_scale, onednn)
         if torch.is_grad_enabled() and (x.requires_grad or lora_a.weight.requires_grad or lora_b.weight.requires_grad):
             y = _FusedLoraFunction.apply(*operands)
         else:
