@@ -305,7 +305,7 @@ def predict_comparison(run: Path, out: Path, limit: int | None, threads: int, re
     stock_per_s, stock = _timed(lambda t: [r["label"] for r in classify(t)], texts, repeats)  # default: one text at a time
     stock_batched_per_s, stock_batched = _timed(lambda t: [r["label"] for r in classify(t, batch_size=64)], texts, repeats)
     step("prediction: lorafit ...")
-    clf = lorafit.load(run, device="cpu", threads=threads)
+    clf = lorafit.load(run, device="cpu", threads=threads, precision="fp32")  # a bf16-trained run predicts in bf16 by default
     ours_per_s, ours = _timed(lambda t: [p[0][0] for p in clf.predict(t, top_k=1)], texts, repeats)
     same = sum(s == o for s, o in zip(stock, ours))
     same_batched = sum(s == o for s, o in zip(stock_batched, ours))

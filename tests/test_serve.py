@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 import lorafit
 from lorafit.errors import UserError
 from lorafit.export import export
+from lorafit.rundir import RunDir
 from lorafit.serve import Limits, create_app
 
 from conftest import synthetic_frame, tiny_overrides
@@ -103,7 +104,7 @@ def test_adapters_share_one_base(client):
     assert listed["topics"]["shared_base"] and listed["binary"]["shared_base"]
     assert not listed["full"]["shared_base"] and listed["full"]["kind"] == "run"
     assert set(base.heads) == {"topics", "binary"}
-    assert set(base.model.peft_config) == {"topics", "binary"}
+    assert set(base.model.peft_config) == {base.adapters[name].key for name in ("topics", "binary")}  # peft's own names
 
 
 def test_the_registry_follows_the_load_plan_and_one_token_budget(client, runs):
@@ -549,6 +550,36 @@ def test_the_page_shows_what_the_api_answers(runs, tmp_path):
         assert ", ".join(f"{t['label']} ({t['score']:.4f})" for t in p["top_k"]) in cells
     threshold = json.loads((runs["topics"] / "ood.json").read_text())["threshold"]
     assert f"threshold {threshold:.4f}" in dom
+
+
+def test_adapters_may_be_named_like_module_attributes(runs):
+    """Served names are the user's: peft makes its adapter names module attributes, so the shared base
+    gives peft names of its own ("half", "train" or "to" once raised KeyError: attribute already exists)."""
+    names = [("half", str(runs["topics"]), None), ("train", str(runs["binary"]), None), ("to", str(runs["topics"]), None)]
+    with TestClient(create_app(names)) as c:
+        assert c.get("/v1/health").json()["shared_bases"] == 1
+        for name, run in (("half", "topics"), ("train", "binary"), ("to", "topics")):
+            got = c.post("/v1/predict", json={"texts": TEXTS, "adapter": name, "top_k": 1}).json()["predictions"]
+            expected = lorafit.load(runs[run]).predict(TEXTS, top_k=1)
+            assert [row["top_k"][0]["label"] for row in got] == [row[0][0] for row in expected], name
+
+
+def test_auto_precision_serves_and_loads_each_run_in_its_own(runs, tiny_bert, tmp_path):
+    """A run trained with train.precision=bf16 on CPU predicts in bf16 under `auto` (its temperature and
+    threshold were fitted on bf16 logits), a float32 run in float32; served side by side, the two adapters
+    get a shared base each, in its precision."""
+    data = Path(RunDir(runs["topics"]).config().data.name)
+    overrides = tiny_overrides(tiny_bert, data, **{"train.epochs": 3, "train.precision": "bf16", "train.device": "cpu"})
+    lorafit.train(lorafit.load_config(None, overrides), tmp_path / "half")
+    assert lorafit.load(tmp_path / "half").precision == "bf16"
+    assert lorafit.load(tmp_path / "half", precision="fp32").precision == "fp32"
+    assert lorafit.load(runs["topics"]).precision == "fp32"
+    names = [("topics", str(runs["topics"]), None), ("half", str(tmp_path / "half"), None)]
+    with TestClient(create_app(names)) as c:
+        assert {a["name"]: a["precision"] for a in c.get("/v1/adapters").json()["adapters"]} == {"topics": "fp32", "half": "bf16"}
+        assert c.get("/v1/health").json()["shared_bases"] == 2
+        for name, _, _ in names:
+            assert c.post("/v1/predict", json={"texts": TEXTS, "adapter": name}).status_code == 200
 
 
 def test_serving_in_bf16_runs_every_pytorch_model_under_bf16(runs):

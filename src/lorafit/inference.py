@@ -394,13 +394,18 @@ def check_precision(precision: str) -> None:
 
 
 def inference_autocast(plan: LoadPlan, target: torch.device, precision: str) -> torch.dtype | None:
-    """The autocast dtype a loaded PyTorch model runs under: `auto` is float32 on CPU (the numbers the
-    run's thresholds were chosen on) and the run's train.precision on CUDA; `bf16` also on CPU, where it
-    pays on CPUs with native bf16 (AVX-512 BF16, AMX, Arm BF16: 1.87x the float32 texts/s on a Zen 4 core,
-    top-1 agreeing on 99.84% of Banking77 test texts; README, Precision at prediction); `fp16` on CUDA only."""
+    """The autocast dtype a loaded PyTorch model runs under: `auto` is the run's own precision, the numbers its
+    temperature and thresholds were fitted on: its train.precision on CUDA; on CPU float32, or bf16 for a run
+    that trained with train.precision=bf16; `bf16` also on CPU, where it pays on CPUs with native bf16
+    (AVX-512 BF16, AMX, Arm BF16: 1.87x the float32 texts/s on a Zen 4 core, top-1 agreeing on 99.84% of
+    Banking77 test texts; README, Precision at prediction); `fp16` on CUDA only."""
     check_precision(precision)
     if precision == "auto":
-        return autocast_dtype(plan.cfg.train, target) if target.type == "cuda" else None
+        if target.type == "cuda":
+            return autocast_dtype(plan.cfg.train, target)
+        if target.type != "cpu" or plan.cfg.train.precision != "bf16":
+            return None
+        precision = "bf16"
     if precision == "fp32":
         return None
     if precision == "fp16":

@@ -117,6 +117,8 @@ class _Adapter:
     head: nn.Linear
     max_length: int
     max_tokens: int | None  # the run's train.max_batch_tokens resolved for SharedBase.device
+    key: str  # its name inside peft: "adapter_<n>", never the served name (peft makes adapter names module
+    # attributes, so a served name like "half", "train" or "to" would clash with nn.Module's own)
 
 
 class SharedBase:
@@ -132,6 +134,7 @@ class SharedBase:
         self.batch_size = batch_size
         self.tokenizer = load_tokenizer(base)
         self.adapters: dict[str, _Adapter] = {}
+        self.added = 0  # adapters ever added: numbers their names inside peft
 
     @property
     def heads(self) -> dict[str, nn.Linear]:
@@ -150,13 +153,15 @@ class SharedBase:
         if set(head_state) != {"weight", "bias"}:
             raise UserError(f"{plan.weights} has no classification head in adapter_model.safetensors; it was not written by lorafit")
         fresh = self.model is None
+        key = f"adapter_{self.added}"
+        self.added += 1
         if fresh:
             base = build_classifier(self.base, len(plan.labels), self.seed)
-            self.model = PeftModel(base, config, adapter_name=name).eval()
+            self.model = PeftModel(base, config, adapter_name=key).eval()
         else:
-            self.model.add_adapter(name, config)
+            self.model.add_adapter(key, config)
         try:
-            result = set_peft_model_state_dict(self.model, adapter_state, adapter_name=name)
+            result = set_peft_model_state_dict(self.model, adapter_state, adapter_name=key)
             if getattr(result, "unexpected_keys", None):
                 raise UserError(f"{plan.weights} does not fit its base model (unexpected keys {result.unexpected_keys[:3]})")
             head = nn.Linear(head_state["weight"].shape[1], head_state["weight"].shape[0])
@@ -165,12 +170,12 @@ class SharedBase:
             if fresh:
                 self.model = None
             else:
-                self.model.delete_adapter(name)
+                self.model.delete_adapter(key)
             if isinstance(e, UserError):
                 raise
             raise UserError(f"{plan.weights} does not fit its base model: {str(e).splitlines()[0][:200]}") from None
         self.adapters[name] = _Adapter(head.eval(), plan.cfg.data.max_length,
-                                       token_budget(plan.cfg.train.max_batch_tokens, self.device))
+                                       token_budget(plan.cfg.train.max_batch_tokens, self.device), key)
         self.model.requires_grad_(False)
         self.model.eval()  # peft creates a new adapter's dropout modules in training mode
 
@@ -196,7 +201,7 @@ class SharedBase:
     def _run(self, name: str, texts: list[str], head: Callable[[torch.Tensor], torch.Tensor], switch: bool = True) -> np.ndarray:
         """`head` of the pooled sentence vectors of `texts`, tokenised and batched as adapter `name` was trained."""
         if switch:
-            self.model.set_adapter(name)
+            self.model.set_adapter(self.adapters[name].key)
         encoder = self.model.base_model.model  # lorafit's SequenceClassifier with the adapters injected
         adapter = self.adapters[name]
 
@@ -263,9 +268,11 @@ class Registry:
         from peft import PeftConfig
 
         peft_config = PeftConfig.from_pretrained(str(plan.weights))
-        key = (resolve_model_path(plan.base.name), plan.base.pooling, str(peft_config.peft_type))
-        base = self.bases.get(key) or SharedBase(plan.base, plan.cfg.seed, self.limits.max_batch,
-                                                 inference_autocast(plan, SharedBase.device, self.precision))
+        # One base per precision too: under --precision auto a run trained in bf16 computes in bf16, one trained
+        # in float32 in float32 (the numbers each one's temperature and threshold were fitted on).
+        amp = inference_autocast(plan, SharedBase.device, self.precision)
+        key = (resolve_model_path(plan.base.name), plan.base.pooling, str(peft_config.peft_type), amp)
+        base = self.bases.get(key) or SharedBase(plan.base, plan.cfg.seed, self.limits.max_batch, amp)
         base.add(name, plan, peft_config)
         self.bases[key] = base  # only once it holds an adapter
         return Served(name, plan.labels, functools.partial(base.outputs, name),
