@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import types
 
@@ -101,6 +102,23 @@ def test_without_dropout_and_without_input_gradient():
         _close((fused(x),), (stock(x),))
 
 
+@contextlib.contextmanager
+def _fusable_calls():
+    """What every `FusedLoraLinear._fusable` call returned inside the block (None: peft's path)."""
+    calls = []
+    original = FusedLoraLinear._fusable
+
+    def spy(self, *args):
+        calls.append(original(self, *args))
+        return calls[-1]
+
+    FusedLoraLinear._fusable = spy
+    try:
+        yield calls
+    finally:
+        FusedLoraLinear._fusable = original
+
+
 @pytest.mark.parametrize("case", ["dora", "nn_dropout", "merged", "two_adapters", "disabled", "fp16_autocast",
                                   "trainable_base"])
 def test_what_the_fused_path_does_not_cover_runs_peft_exactly(case):
@@ -122,22 +140,12 @@ def test_what_the_fused_path_does_not_cover_runs_peft_exactly(case):
         elif case == "trainable_base":
             for layer in (model.base_model.model.query, model.base_model.model.value):
                 layer.base_layer.weight.requires_grad_(True)
-    calls = []
-    original = FusedLoraLinear._fusable
-
-    def spy(self, *args):
-        calls.append(original(self, *args))
-        return calls[-1]
-
-    FusedLoraLinear._fusable = spy
-    try:
+    with _fusable_calls() as calls:
         if case == "fp16_autocast":  # bf16 is the one autocast dtype the fused path computes in (below)
             with torch.autocast("cpu", dtype=torch.float16):
                 expected, got = _forward_backward(stock, x, 1), _forward_backward(fused, x, 1)
         else:
             expected, got = _forward_backward(stock, x, 1), _forward_backward(fused, x, 1)
-    finally:
-        FusedLoraLinear._fusable = original
     assert calls and all(c is None for c in calls), "the fused path ran where it should have left it to peft"
     for u, v in zip(got, expected, strict=True):
         assert torch.equal(u, v)
@@ -154,22 +162,11 @@ def test_under_bf16_autocast_the_fused_path_computes_peft_in_bf16(onednn, shape)
     fused = copy.deepcopy(stock)
     _fast(stock, onednn, fused=False), _fast(fused, onednn, fused=True)
     x = torch.randn(shape)
-    calls = []
-    original = FusedLoraLinear._fusable
-
-    def spy(self, *args):
-        calls.append(original(self, *args))
-        return calls[-1]
-
-    FusedLoraLinear._fusable = spy
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            expected, got = _forward_backward(stock, x, 3), _forward_backward(fused, x, 3)
-            other = _forward_backward(stock, x, 4)
-            got_other = _forward_backward(fused, x, 4)
-            y = fused(x.clone())
-    finally:
-        FusedLoraLinear._fusable = original
+    with _fusable_calls() as calls, torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = _forward_backward(stock, x, 3), _forward_backward(fused, x, 3)
+        other = _forward_backward(stock, x, 4)
+        got_other = _forward_backward(fused, x, 4)
+        y = fused(x.clone())
     assert calls and all(c == "default" for c in calls), "the fused path left bf16 autocast to peft"
     assert y.dtype == torch.bfloat16  # as autocast's linear returns
     assert [t.dtype for t in got] == [t.dtype for t in expected]  # float32 gradients of x, A and B
