@@ -95,7 +95,9 @@ def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | No
     if out_path == run_path or run_path in out_path.parents or out_path in run_path.parents:
         raise UserError("--out must be outside the run folder and must not contain it")
 
-    reference = load(run.path, device="cpu", merge=False, out_of_scope=False)
+    # Parity in float32 on both sides, whatever precision the run trained in: it checks the merge and the graph,
+    # and bf16 rounding differs between a merged and an unmerged model by more than float32's tolerance.
+    reference = load(run.path, device="cpu", merge=False, out_of_scope=False, precision="fp32")
     parity_split = run_split(run, cfg, split)
     log.info("reference: the training-time model on %d %s examples", len(parity_split.texts), split)
     reference_logits = reference.logits(parity_split.texts)  # (N, C), before any merging
@@ -133,7 +135,7 @@ def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | No
             meta |= {"soup": soup, "method": "soup", "base_model_hub_id": run.read_json("export.json").get("base_model_hub_id")}
         RunDir(tmp).write_json("export.json", meta)
 
-        exported = load(tmp, device="cpu", out_of_scope=False)  # from the written files alone
+        exported = load(tmp, device="cpu", out_of_scope=False, precision="fp32")  # from the written files alone
         log.info("parity: the exported %s model on the same examples", format)
         meta["parity"] = _parity(reference_logits, exported, parity_split, split, tolerance)
         # The model card (README.md; for an adapter it replaces peft's stub), from the run's files and these
