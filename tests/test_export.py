@@ -365,14 +365,19 @@ def test_bf16_prediction_runs_the_stock_layers_under_bf16_autocast(lora_run, dat
     assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
 
 
+@pytest.fixture(scope="module")
+def bf16_run(tiny_bert, data_dir, tmp_path_factory):
+    return _train(tiny_bert, data_dir, tmp_path_factory.mktemp("export-runs") / "half",
+                  **{"train.precision": "bf16", "train.device": "cpu"})
+
+
 @pytest.mark.parametrize("fmt", ["merged", "onnx"])
-def test_a_run_trained_in_bf16_exports_with_float32_parity(tiny_bert, data_dir, tmp_path, fmt):
+def test_a_run_trained_in_bf16_exports_with_float32_parity(bf16_run, tmp_path, fmt):
     """train.precision=bf16 on CPU: the export's parity check compares the merged model with the training-time
     one in float32 (what it checks is the merge and the graph, not bf16 rounding, which differs between a merged
     and an unmerged model by more than the float32 tolerance); loaded by default, the export runs in bf16 as the
     run does, an ONNX graph in its own precision."""
-    run = _train(tiny_bert, data_dir, tmp_path / "half", **{"train.precision": "bf16", "train.device": "cpu"})
-    meta = export(run, fmt, tmp_path / fmt)
+    meta = export(bf16_run, fmt, tmp_path / fmt)
     assert meta["parity"]["passed"] and meta["parity"]["top1_agreement"] == 1.0
     assert lorafit.load(tmp_path / fmt).precision == ("bf16" if fmt == "merged" else "onnx graph")
 

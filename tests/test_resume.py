@@ -54,19 +54,31 @@ def _assert_same_outcome(a: Path, b: Path) -> None:
     assert not (b / "checkpoints").exists()
 
 
-@pytest.fixture(scope="module", params=["onednn", "stock", "onednn-bf16"])
-def reference(tiny_bert, tmp_path_factory, request):
-    """The uninterrupted run (one per module and kernel choice), with the CPU kernels forced each way:
-    the reference and the killed run are separate processes, and under train.cpu_kernels=auto each
-    would time the kernels itself. `onednn-bf16`: train.precision=bf16 on CPU (autocast, the fused LoRA
-    linears in bf16)."""
-    root = tmp_path_factory.mktemp(f"reference-{request.param}")
-    kernels, _, precision = request.param.partition("-")
-    extra = {"train.cpu_kernels": kernels, **({"train.precision": precision} if precision else {})}
+def _reference(tiny_bert, root: Path, **extra) -> tuple[list[str], Path]:
     overrides = tiny_overrides(tiny_bert, write_dataset(root / "data"), **EXTRA, **extra)
     out = root / "reference"
     subprocess.run(_cmd(overrides, out), check=True, env=_env(), capture_output=True)
     return overrides, out
+
+
+@pytest.fixture(scope="module", params=["onednn", "stock"])
+def reference(tiny_bert, tmp_path_factory, request):
+    """The uninterrupted run (one per module and kernel choice), with the CPU kernels forced each way:
+    the reference and the killed run are separate processes, and under train.cpu_kernels=auto each
+    would time the kernels itself."""
+    return _reference(tiny_bert, tmp_path_factory.mktemp(f"reference-{request.param}"), **{"train.cpu_kernels": request.param})
+
+
+@pytest.fixture(scope="module")
+def reference_bf16(tiny_bert, tmp_path_factory):
+    """The same in train.precision=bf16 on CPU (autocast, the fused LoRA linears in bf16)."""
+    return _reference(tiny_bert, tmp_path_factory.mktemp("reference-bf16"),
+                      **{"train.cpu_kernels": "onednn", "train.precision": "bf16"})
+
+
+@pytest.mark.parametrize("kill_after_step", [7, 35])
+def test_sigkill_then_resume_in_bf16_is_bitwise_identical(reference_bf16, tmp_path, kill_after_step):
+    test_sigkill_then_resume_is_bitwise_identical(reference_bf16, tmp_path, kill_after_step)
 
 
 @pytest.mark.parametrize("kill_after_step", [1, 7, 20, 35])
