@@ -348,10 +348,18 @@ def test_static_calibration_sample_is_seeded_training_texts(light_run, tmp_path,
     assert seen == [(expected, 64)]  # padded per batch of at most 64, as lorafit.load batches an ONNX export
 
 
-def test_bf16_prediction_runs_the_stock_layers_under_bf16_autocast(lora_run, data_dir, monkeypatch):
+def test_bf16_prediction_runs_the_stock_layers_under_bf16_autocast(lora_run, data_dir, monkeypatch, caplog):
     """`precision=bf16` on CPU: the products run in bf16 (so the logits move a little from float32's),
-    through PyTorch's layers (oneDNN's float32 linear would keep them in float32), and stay close."""
-    from lorafit import kernels
+    through PyTorch's layers (oneDNN's float32 linear would keep them in float32), and stay close; on a CPU
+    without native bf16 a warning says it is emulated, and none where the CPU has it."""
+    from lorafit import hardware, kernels
+
+    for native in (True, False):
+        monkeypatch.setattr(hardware, "native_bf16", lambda info=None: native)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lorafit"):
+            lorafit.load(lora_run, device="cpu", precision="bf16")
+        assert ("bf16 prediction is emulated here and slower than fp32" in caplog.text) is not native
 
     monkeypatch.setattr(kernels, "decide", lambda threads: {"onednn_linear": True})  # a host where oneDNN wins in fp32
     texts = _test_texts(data_dir)

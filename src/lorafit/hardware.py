@@ -12,13 +12,16 @@ are those the measurement ran on: with `threads` below the core count, the peak 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import platform
 from pathlib import Path
 
 from .errors import UserError
 
-__all__ = ["cpu_info", "cpu_line", "VECTOR_FLAGS", "native_bf16", "theoretical_peak_gflops", "check_measured_peak"]
+log = logging.getLogger("lorafit")
+
+__all__ = ["cpu_info", "cpu_line", "VECTOR_FLAGS", "native_bf16", "warn_if_emulated_bf16", "theoretical_peak_gflops", "check_measured_peak"]
 
 #: The /proc/cpuinfo flags that decide which float kernels a CPU can run.
 VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni",
@@ -82,6 +85,14 @@ def native_bf16(info: dict | None = None) -> bool:
     Without /proc/cpuinfo (macOS) nothing is known: False."""
     flags = (info or cpu_info())["flags"]
     return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
+
+
+def warn_if_emulated_bf16(what: str) -> None:
+    """Warn that `what` (e.g. "train.precision=bf16") runs emulated, slower than float32, on a CPU without
+    native bf16; say nothing where the CPU has it."""
+    if not native_bf16():
+        log.warning(f"this CPU has no native bf16 (AVX-512 BF16, AMX or Arm BF16): {what} is emulated here and "
+                    "slower than fp32")
 
 
 def cpu_line(info: dict | None = None) -> str:

@@ -412,8 +412,8 @@ def inference_autocast(plan: LoadPlan, target: torch.device, precision: str) -> 
         if target.type != "cuda":
             raise UserError(f"precision fp16 runs on CUDA only, not {target.type}; on CPU use bf16 or fp32")
         return torch.float16
-    if target.type == "cpu" and not hardware.native_bf16():
-        log.warning("this CPU has no native bf16 (AVX-512 BF16, AMX or Arm BF16): bf16 is emulated here and slower than fp32")
+    if target.type == "cpu":
+        hardware.warn_if_emulated_bf16("bf16 prediction")
     return torch.bfloat16
 
 

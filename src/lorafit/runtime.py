@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import random
 import resource
 import sys
@@ -15,7 +14,6 @@ from . import hardware
 from .config import TrainConfig
 from .errors import UserError
 
-log = logging.getLogger("lorafit")
 
 __all__ = ["select_device", "autocast", "seed_everything", "peak_memory_mb", "set_threads", "token_budget"]
 
@@ -54,9 +52,7 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type != "cuda"):
         return None
     if device.type == "cpu" and cfg.precision == "bf16":
-        if not hardware.native_bf16():
-            log.warning("this CPU has no native bf16 (AVX-512 BF16, AMX or Arm BF16): train.precision=bf16 is "
-                        "emulated here and slower than fp32")
+        hardware.warn_if_emulated_bf16("train.precision=bf16")
         return torch.bfloat16
     if device.type != "cuda":
         hint = "use precision=auto, fp32" + (" or bf16" if cfg.precision == "fp16" else "")
