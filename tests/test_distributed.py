@@ -77,13 +77,14 @@ def _launch(launcher: str, args: list[str], cwd: Path, timeout: float = 300) -> 
 
 
 @pytest.mark.parametrize("launcher,method,extra", [
-    ("torchrun", "lora", {"train.grad_accum": 1}),
+    # (LoRA with torchrun and no other setting is what every torchrun case below adds to.)
     ("torchrun", "full", {"train.grad_accum": 2, "train.lr": 1e-3}),
     ("accelerate", "lora", {"train.grad_accum": 1}),
     ("torchrun", "adalora", {"method.init_rank": 6}),  # rank budget from averaged grads
-    ("torchrun", "lora", {"train.max_batch_tokens": 24}),  # slices cut in pieces: one all-reduce, after the last
-    # each slice's class-weighted sum over the global step's summed class weights
-    ("torchrun", "lora", {"train.grad_accum": 2, "train.class_weights": "{food: 3.0, sport: 0.5}", "train.loss": "focal",
+    # slices cut in pieces (one all-reduce, after the last), accumulated over 2 slices; each piece's
+    # class-weighted sum over the global step's summed class weights
+    ("torchrun", "lora", {"train.max_batch_tokens": 24, "train.grad_accum": 2,
+                          "train.class_weights": "{food: 3.0, sport: 0.5}", "train.loss": "focal",
                           "train.sampler": "class_balanced"}),
     # rank 0 runs the teacher and shares its logits; each slice learns from its own examples' logits
     ("torchrun", "lora", {"distill.teacher": "TEACHER", "distill.alpha": 0.8}),

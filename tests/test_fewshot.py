@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -264,15 +265,24 @@ def _cmd(overrides, out):
     return [sys.executable, "-m", "lorafit", "train", *overrides, "--out", str(out), "--quiet"]
 
 
-@pytest.mark.parametrize("kill_after_step", [2, 4, 6])  # in the contrastive stage, at its end, in classification
-def test_contrastive_run_resumes_bit_for_bit(tiny_bert, tmp_path, kill_after_step):
-    import os
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    overrides = tiny_overrides(tiny_bert, write_dataset(tmp_path / "data", n_train=150, n_test=30),
+
+@pytest.fixture(scope="module")
+def contrastive_reference(tiny_bert, tmp_path_factory):
+    """The uninterrupted contrastive run the killed ones must end like: (overrides, run folder), made once."""
+    root = tmp_path_factory.mktemp("contrastive-reference")
+    overrides = tiny_overrides(tiny_bert, write_dataset(root / "data", n_train=150, n_test=30),
                                **CONTRASTIVE, **{"train.cpu_kernels": "stock"})
-    reference = tmp_path / "reference"
-    subprocess.run(_cmd(overrides, reference), check=True, env=env, capture_output=True)
+    subprocess.run(_cmd(overrides, root / "reference"), check=True, env=_env(), capture_output=True)
+    return overrides, root / "reference"
+
+
+@pytest.mark.parametrize("kill_after_step", [2, 4, 6])  # in the contrastive stage, at its end, in classification
+def test_contrastive_run_resumes_bit_for_bit(contrastive_reference, tmp_path, kill_after_step):
+    overrides, reference = contrastive_reference
+    env = _env()
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(overrides, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_at_checkpoint(proc, out, kill_after_step)

@@ -62,21 +62,31 @@ def _reference(tiny_bert, root: Path, **extra) -> tuple[list[str], Path]:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_bert, tmp_path_factory, request):
-    """The uninterrupted run (one per module and setting, `request.param`), with the CPU kernels forced each way:
-    the reference and the killed run are separate processes, and under train.cpu_kernels=auto each
-    would time the kernels itself. `bf16`: oneDNN kernels and train.precision=bf16 on CPU (autocast, the
-    fused LoRA linears in bf16)."""
-    extra = {"train.cpu_kernels": "onednn", "train.precision": "bf16"} if request.param == "bf16" else {"train.cpu_kernels": request.param}
-    return _reference(tiny_bert, tmp_path_factory.mktemp(f"reference-{request.param}"), **extra)
+def references(tiny_bert, tmp_path_factory):
+    """The uninterrupted runs, made once per module and setting on first use: `references(setting)` gives
+    (overrides, run folder). The CPU kernels are forced each way (`onednn`, `stock`): the reference and the
+    killed run are separate processes, and under train.cpu_kernels=auto each would time the kernels itself.
+    `bf16`: oneDNN kernels and train.precision=bf16 on CPU (autocast, the fused LoRA linears in bf16).
+    (A module-scoped fixture parametrised indirectly from a list of pairs is set up again for every pair:
+    pytest keys its cache by the pair's index, not by the value.)"""
+    made: dict[str, tuple[list[str], Path]] = {}
+
+    def get(setting: str) -> tuple[list[str], Path]:
+        if setting not in made:
+            extra = ({"train.cpu_kernels": "onednn", "train.precision": "bf16"} if setting == "bf16"
+                     else {"train.cpu_kernels": setting})
+            made[setting] = _reference(tiny_bert, tmp_path_factory.mktemp(f"reference-{setting}"), **extra)
+        return made[setting]
+
+    return get
 
 
 # Every kill point with lorafit's default kernels; two with PyTorch's and in bf16 (what resumes there is the
 # same checkpoint code: the kernel choice and the precision are what those cases add).
-@pytest.mark.parametrize("reference, kill_after_step", [("onednn", 1), ("onednn", 7), ("onednn", 20), ("onednn", 35),
-                                                        ("stock", 7), ("stock", 35), ("bf16", 20)], indirect=["reference"])
-def test_sigkill_then_resume_is_bitwise_identical(reference, tmp_path, kill_after_step):
-    overrides, ref = reference
+@pytest.mark.parametrize("setting, kill_after_step", [("onednn", 1), ("onednn", 7), ("onednn", 20), ("onednn", 35),
+                                                      ("stock", 7), ("stock", 35), ("bf16", 20)])
+def test_sigkill_then_resume_is_bitwise_identical(references, tmp_path, setting, kill_after_step):
+    overrides, ref = references(setting)
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(overrides, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_at_checkpoint(proc, out, kill_after_step)
@@ -85,9 +95,9 @@ def test_sigkill_then_resume_is_bitwise_identical(reference, tmp_path, kill_afte
     _assert_same_outcome(ref, out)
 
 
-@pytest.mark.parametrize("reference", ["onednn", "stock"], indirect=True)
-def test_sigterm_checkpoints_and_says_how_to_resume(reference, tmp_path):
-    overrides, ref = reference
+@pytest.mark.parametrize("setting", ["onednn", "stock"])
+def test_sigterm_checkpoints_and_says_how_to_resume(references, tmp_path, setting):
+    overrides, ref = references(setting)
     out = tmp_path / "stopped"
     proc = subprocess.Popen(_cmd(overrides, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while proc.poll() is None and checkpoint.latest(out) is None:
