@@ -78,6 +78,11 @@ def main() -> int:
                       remove_columns=["text"])
 
     train_ds, test_ds = encode(train), encode(test)
+    # Seeded before the model is made, as the Trainer's docs advise (or `model_init`): the classification head
+    # (and LoRA's A matrices) are initialised from torch's generator, which this PyTorch seeds from the OS at
+    # start-up, so without this every process trained from another head (the tiny test task then scored 0.67
+    # in some processes, 1.0 in others).
+    transformers.set_seed(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=index)
     if args.method == "lora":
@@ -105,7 +110,7 @@ def main() -> int:
     if args.group_by_length and sampler != "LengthGroupedSampler":
         raise SystemExit(f"stock_recipe: asked for length grouping, but the Trainer samples with {sampler}")
     started = time.perf_counter()
-    trainer.train()
+    trained = trainer.train()
     train_seconds = time.perf_counter() - started
     peak_train = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
@@ -127,7 +132,7 @@ def main() -> int:
         "training_arguments": {**sampling, "bf16": args.bf16}, "precision": "bf16" if args.bf16 else "fp32", "transformers": transformers.__version__, "method": args.method, "rank": args.rank, "epochs": args.epochs, "seed": args.seed,
         "train_examples": len(train_ds), "train_seconds": train_seconds,
         "train_examples_per_second": len(train_ds) * args.epochs / train_seconds,
-        "peak_memory_mb": peak_train,
+        "peak_memory_mb": peak_train, "train_loss": trained.training_loss,
         "test_accuracy": float((predicted == targets).mean()),
         "test_macro_f1": float(f1_score(targets, predicted, average="macro")),
         "eval_examples_per_second": len(test_ds) / predict_seconds,
