@@ -14,6 +14,7 @@ from lorafit import batching
 from lorafit.config import load_config
 from lorafit.job import prepare
 from lorafit.rundir import RunDir
+from lorafit.runtime import autocast
 from lorafit.train import resume, train
 
 from conftest import (assert_same_adapter_run, assert_same_training, build_tiny_encoder, crash_after_step,
@@ -29,13 +30,16 @@ def _job(tmp_path, model, data, **extra):
 
 
 @pytest.mark.parametrize("arch", ["bert", "distilbert", "roberta"])
-@pytest.mark.parametrize("kernels", ["auto", "stock"])
+@pytest.mark.parametrize("kernels", ["auto", "stock", "bf16"])
 def test_a_cached_step_equals_the_whole_model_with_frozen_layers_in_eval(tiny_models, tiny_data, tmp_path, arch, kernels):
     """The loop's forward and backward (`train._forward_backward`) with the cache give the logits' loss and
     gradients of the whole model whose embeddings and layer 0 run in eval mode (dropout on above them, the
-    same masks: the random stream is left in the same state)."""
+    same masks: the random stream is left in the same state). `bf16`: train.precision=bf16 on CPU, the states
+    stored from the frozen layers under the autocast the whole model runs them in (stored from float32 layers
+    instead, the gradients differ by ~4e-3 of their largest value)."""
     train_module = importlib.import_module("lorafit.train")
-    job = _job(tmp_path, tiny_models[arch], tiny_data, **{"train.cpu_kernels": kernels, "train.max_batch_tokens": 60})
+    extra = {"train.precision": "bf16", "train.device": "cpu"} if kernels == "bf16" else {"train.cpu_kernels": kernels}
+    job = _job(tmp_path, tiny_models[arch], tiny_data, **extra, **{"train.max_batch_tokens": 60})
     assert job.layer_cache.first == 1 and job.layer_cache.nbytes > 0
     lengths = [len(t) for t in job.tokens["train"]]
     batch = [5, 0, 17, 3, 9, 40, 41, 2]
@@ -54,11 +58,13 @@ def test_a_cached_step_equals_the_whole_model_with_frozen_layers_in_eval(tiny_mo
     expected = 0.0
     for piece in batching.split_by_tokens(batch, lengths, 60):
         input_ids, attention_mask = batching.collate([job.tokens["train"][j] for j in piece], job.pad_id)
-        logits = job.forward(input_ids, attention_mask).float()
+        with autocast(job.device, job.amp):
+            logits = job.forward(input_ids, attention_mask).float()
         loss_sum = torch.nn.functional.cross_entropy(logits, torch.as_tensor(job.targets["train"][piece]), reduction="sum")
         (loss_sum / len(batch)).backward()
         expected += float(loss_sum.detach())
     torch.testing.assert_close(torch.rand(3), after, rtol=0, atol=0)  # the same draws, no more, no fewer
+    assert (job.amp == torch.bfloat16) is (kernels == "bf16")
     assert loss == pytest.approx(expected, rel=1e-5)
     for name, p in job.model.named_parameters():
         if p.grad is not None:
@@ -94,11 +100,14 @@ def test_without_encoder_dropout_a_cached_run_trains_like_the_whole_model(tmp_pa
     assert "cache_frozen_layers: true" in config and "cached_frozen_layers: 1" in config
 
 
-def test_a_killed_cached_run_resumes_bit_for_bit(tiny_bert, tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: configs/banking77-lora-fast.yaml's combination
+def test_a_killed_cached_run_resumes_bit_for_bit(tiny_bert, tiny_data, tmp_path, monkeypatch, precision):
     """The states are rebuilt on resume from length-sorted batches that do not depend on the epoch: the same
     floats, so the resumed run ends as the uninterrupted one."""
-    overrides = tiny_overrides(tiny_bert, tiny_data, **CACHED, **{"train.epochs": 3, "train.checkpoint_every": 3})
+    overrides = tiny_overrides(tiny_bert, tiny_data, **CACHED, **{"train.epochs": 3, "train.checkpoint_every": 3,
+                                                                 "train.precision": precision, "train.device": "cpu"})
     reference = train(load_config(None, overrides), tmp_path / "reference")
+    assert RunDir(reference.path).compute().autocast == {"fp32": None, "bf16": "bfloat16"}[precision]
     crash_after_step(overrides, tmp_path / "killed", monkeypatch, step=20)
     resume(tmp_path / "killed")
     assert_same_adapter_run(reference.path, tmp_path / "killed")
