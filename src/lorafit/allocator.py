@@ -36,7 +36,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-__all__ = ["LIBRARIES", "active", "find", "resolve", "relaunch"]
+__all__ = ["LIBRARIES", "active", "find", "resolve", "relaunch", "is_program"]
 
 #: The file names each allocator's library goes by, most usual first.
 LIBRARIES = {
@@ -111,7 +111,7 @@ def active() -> str:
     return "system"
 
 
-def _is_program() -> bool:
+def is_program() -> bool:
     """Whether this interpreter runs lorafit as a program: `python [options] -m lorafit ...` or the
     `lorafit` console script, not a program that imports it."""
     argv = getattr(sys, "orig_argv", None) or []
@@ -130,7 +130,7 @@ def relaunch() -> None:
         else:
             os.environ.pop("LD_PRELOAD", None)
         return
-    if not sys.platform.startswith("linux") or not _is_program():
+    if not sys.platform.startswith("linux") or not is_program():
         return
     choice = os.environ.get("LORAFIT_MALLOC", "auto").strip() or "auto"
     try:
