@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +202,16 @@ def train_fails_cleanly(capsys, out: Path, items: list[str]) -> str:
     assert len(lines) == 1 and lines[0].startswith("lorafit: error: "), captured.err
     assert not out.exists(), f"run folder {out} was created"
     return lines[0]
+
+
+def train_command(overrides: list[str], out: Path) -> list[str]:
+    """`lorafit train` in a process of its own (to be killed, or to time its own kernels), quiet."""
+    return [sys.executable, "-m", "lorafit", "train", *overrides, "--out", str(out), "--quiet"]
+
+
+def subprocess_env() -> dict[str, str]:
+    """This environment for a lorafit subprocess: one OpenMP thread, the hub offline."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def kill_at_checkpoint(proc, out: Path, step: int, timeout: float = 300, tree: bool = False) -> None:

@@ -6,10 +6,8 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
 import random
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from lorafit.cli import main
 from lorafit.config import load_config
 from lorafit.train import resume
 
-from conftest import kill_at_checkpoint, synthetic_frame, tiny_overrides, write_dataset
+from conftest import kill_at_checkpoint, subprocess_env, synthetic_frame, tiny_overrides, train_command, write_dataset
 
 # -- the draw -----------------------------------------------------------------------------------
 
@@ -261,30 +259,21 @@ def test_centroid_head_starts_where_nearest_centroid_classifies(tiny_bert, tmp_p
     assert torch.equal(seen["head"], seen["nearest"])
 
 
-def _cmd(overrides, out):
-    return [sys.executable, "-m", "lorafit", "train", *overrides, "--out", str(out), "--quiet"]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
 @pytest.fixture(scope="module")
 def contrastive_reference(tiny_bert, tmp_path_factory):
     """The uninterrupted contrastive run the killed ones must end like: (overrides, run folder), made once."""
     root = tmp_path_factory.mktemp("contrastive-reference")
     overrides = tiny_overrides(tiny_bert, write_dataset(root / "data", n_train=150, n_test=30),
                                **CONTRASTIVE, **{"train.cpu_kernels": "stock"})
-    subprocess.run(_cmd(overrides, root / "reference"), check=True, env=_env(), capture_output=True)
+    subprocess.run(train_command(overrides, root / "reference"), check=True, env=subprocess_env(), capture_output=True)
     return overrides, root / "reference"
 
 
 @pytest.mark.parametrize("kill_after_step", [2, 4, 6])  # in the contrastive stage, at its end, in classification
 def test_contrastive_run_resumes_bit_for_bit(contrastive_reference, tmp_path, kill_after_step):
     overrides, reference = contrastive_reference
-    env = _env()
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(overrides, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(train_command(overrides, out), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_at_checkpoint(proc, out, kill_after_step)
     resume(out)
     from safetensors.torch import load_file

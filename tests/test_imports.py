@@ -123,6 +123,8 @@ API_PROBE = ("import json, sys, lorafit\n"
              "loaded = 'torch' in sys.modules\n"
              "import lorafit.train\n"  # the submodule of the same name as the function, imported after the package
              "print(json.dumps([loaded, callable(lorafit.train), type(lorafit.train).__name__, lorafit.load_config.__module__]))\n")
+#: A plain environment for it: the system allocator (no relaunch), the hub offline.
+PROBE_ENV = {"LORAFIT_MALLOC": "system", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
 
 
 def test_run_as_a_program_lorafit_answers_before_loading_torch(tmp_path):
@@ -131,22 +133,20 @@ def test_run_as_a_program_lorafit_answers_before_loading_torch(tmp_path):
     script = tmp_path / "bin" / "lorafit"
     script.parent.mkdir()
     script.write_text(API_PROBE)
-    env = {"LORAFIT_MALLOC": "system", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    program = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    program = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=PROBE_ENV)
     assert program.returncode == 0, program.stderr
     loaded, _, _, config_module = json.loads(program.stdout)
     assert not loaded and config_module == "lorafit.config"
     # ... and `lorafit --help` itself, as `python -m lorafit`, lists the verbs without torch.
     code = "import runpy, sys; sys.argv = ['lorafit', '--help']\ntry:\n    runpy.run_module('lorafit', run_name='__main__')\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
     (tmp_path / "bin" / "lorafit").write_text(code)
-    helped = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    helped = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=PROBE_ENV)
     assert "train" in helped.stdout and helped.stdout.strip().endswith("False"), helped.stdout + helped.stderr
 
 
 def test_imported_lorafit_binds_the_api_functions_over_the_submodules():
     """Imported by a program of another name, the whole API is there at once, and lorafit.train stays the
     function after the submodule lorafit.train is imported."""
-    program = subprocess.run([sys.executable, "-c", API_PROBE], capture_output=True, text=True, timeout=300,
-                             env={"LORAFIT_MALLOC": "system", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    program = subprocess.run([sys.executable, "-c", API_PROBE], capture_output=True, text=True, timeout=300, env=PROBE_ENV)
     assert program.returncode == 0, program.stderr
     assert json.loads(program.stdout) == [True, True, "function", "lorafit.config"]

@@ -5,7 +5,6 @@ checkpoint intact and the run resumable."""
 from __future__ import annotations
 
 import json
-import os
 import resource
 import signal
 import subprocess
@@ -21,18 +20,10 @@ import lorafit
 from lorafit import checkpoint
 from lorafit.train import resume
 
-from conftest import kill_at_checkpoint, tiny_overrides, write_dataset
+from conftest import kill_at_checkpoint, subprocess_env, tiny_overrides, train_command, write_dataset
 
 EXTRA = {"train.epochs": 4, "train.checkpoint_every": 3, "train.keep_checkpoints": 2, "method.dropout": 0.1,
          "train.lr": 1e-2}
-
-
-def _cmd(overrides, out):
-    return [sys.executable, "-m", "lorafit", "train", *overrides, "--out", str(out), "--quiet"]
-
-
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -57,7 +48,7 @@ def _assert_same_outcome(a: Path, b: Path) -> None:
 def _reference(tiny_bert, root: Path, **extra) -> tuple[list[str], Path]:
     overrides = tiny_overrides(tiny_bert, write_dataset(root / "data"), **EXTRA, **extra)
     out = root / "reference"
-    subprocess.run(_cmd(overrides, out), check=True, env=_env(), capture_output=True)
+    subprocess.run(train_command(overrides, out), check=True, env=subprocess_env(), capture_output=True)
     return overrides, out
 
 
@@ -88,7 +79,7 @@ def references(tiny_bert, tmp_path_factory):
 def test_sigkill_then_resume_is_bitwise_identical(references, tmp_path, setting, kill_after_step):
     overrides, ref = references(setting)
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(overrides, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(train_command(overrides, out), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_at_checkpoint(proc, out, kill_after_step)
     result = resume(out)
     assert result.eval["accuracy"] == json.loads((ref / "eval.json").read_text())["accuracy"]
@@ -99,7 +90,7 @@ def test_sigkill_then_resume_is_bitwise_identical(references, tmp_path, setting,
 def test_sigterm_checkpoints_and_says_how_to_resume(references, tmp_path, setting):
     overrides, ref = references(setting)
     out = tmp_path / "stopped"
-    proc = subprocess.Popen(_cmd(overrides, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(train_command(overrides, out), env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while proc.poll() is None and checkpoint.latest(out) is None:
         time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)
@@ -108,7 +99,7 @@ def test_sigterm_checkpoints_and_says_how_to_resume(references, tmp_path, settin
     assert "Traceback" not in err
     assert f"lorafit train --resume {out}" in err
     assert checkpoint.latest(out) is not None
-    assert subprocess.run([sys.executable, "-m", "lorafit", "train", "--resume", str(out), "--quiet"], env=_env(),
+    assert subprocess.run([sys.executable, "-m", "lorafit", "train", "--resume", str(out), "--quiet"], env=subprocess_env(),
                           capture_output=True).returncode == 0
     _assert_same_outcome(ref, out)
 
@@ -133,7 +124,7 @@ def test_failed_write_keeps_previous_checkpoint(tiny_bert, tiny_data, tmp_path, 
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     out = tmp_path / "full-disk"
-    proc = subprocess.run(_cmd(overrides, out), env=_env(), capture_output=True, text=True, preexec_fn=limit_file_size)
+    proc = subprocess.run(train_command(overrides, out), env=subprocess_env(), capture_output=True, text=True, preexec_fn=limit_file_size)
     assert proc.returncode == 2, proc.stderr
     message = proc.stderr.strip().splitlines()[-1]
     assert "cannot write to" in message and "is intact" in message and "--resume" in message
@@ -165,7 +156,7 @@ def test_resume_computes_with_the_kernels_the_run_started_with(tiny_bert, tiny_d
 
     overrides = tiny_overrides(tiny_bert, tiny_data, **EXTRA)
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(overrides, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(train_command(overrides, out), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_at_checkpoint(proc, out, 7)
     recorded = json.loads((out / "compute.json").read_text())
     assert recorded["threads"] == 1 and recorded["cpu_kernels"]["cpu"]["model"]

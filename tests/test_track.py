@@ -12,7 +12,7 @@ import pytest
 import lorafit
 from lorafit.errors import UserError
 
-from conftest import tiny_overrides
+from conftest import subprocess_env, tiny_overrides, train_command
 
 
 def _train(tiny_bert, tiny_data, out, sinks: str, **extra):
@@ -130,10 +130,8 @@ def _wandb_records(raw: bytes):
 def test_killed_and_resumed_run_continues_the_same_tracker_runs(tiny_bert, tiny_data, tmp_path):
     pytest.importorskip("mlflow")
     pytest.importorskip("tensorboard")
-    import os
     import signal
     import subprocess
-    import sys
     import time
 
     from mlflow.tracking import MlflowClient
@@ -147,8 +145,7 @@ def test_killed_and_resumed_run_continues_the_same_tracker_runs(tiny_bert, tiny_
     overrides = tiny_overrides(tiny_bert, tiny_data, **{
         "train.epochs": 3, "train.log_every": 1, "train.checkpoint_every": 4, "track.sinks": "[mlflow,tensorboard]",
         "track.mlflow_uri": uri})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lorafit", "train", *overrides, "--out", str(out), "--quiet"], env=env,
+    proc = subprocess.Popen(train_command(overrides, out), env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
