@@ -16,11 +16,11 @@ _allocator.relaunch()
 
 from .errors import UserError  # noqa: E402
 
-__all__ = ["Config", "load_config", "UserError", "Classifier", "load", "train", "RunResult", "soup", "__version__"]
-
 #: The API's names and the modules that define them.
 _API = {"Config": "config", "load_config": "config", "Classifier": "inference", "load": "inference", "soup": "soup",
         "train": "train", "RunResult": "train"}
+
+__all__ = [*_API, "UserError", "__version__"]
 
 if not _allocator.is_program():
     # Imported: the whole API at once (torch, transformers, peft: seconds). Eager, not lazy, because `train`
