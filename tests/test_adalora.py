@@ -20,8 +20,8 @@ from lorafit.methods import registry
 from lorafit.models import build_classifier, find_targets
 from lorafit.train import resume
 
-from conftest import kill_at_checkpoint, tiny_overrides
-from test_resume import _assert_same_outcome, _cmd, _env
+from conftest import kill_at_checkpoint, subprocess_env, tiny_overrides, train_command
+from test_resume import _assert_same_outcome
 
 SETTINGS = {"name": "adalora", "rank": 2, "init_rank": 4, "alpha": 8, "dropout": 0.0, "targets": ["attention", "ffn"]}
 
@@ -92,9 +92,9 @@ def test_killed_adalora_run_resumes_exactly(tiny_bert, tiny_data, tmp_path):
              "train.cpu_kernels": "stock"}  # the reference and the killed run must not each time the kernels
     overrides = tiny_overrides(tiny_bert, tiny_data, **extra)
     ref = tmp_path / "reference"
-    subprocess.run(_cmd(overrides, ref), check=True, env=_env(), capture_output=True)
+    subprocess.run(train_command(overrides, ref), check=True, env=subprocess_env(), capture_output=True)
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(overrides, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(train_command(overrides, out), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_at_checkpoint(proc, out, 18)  # inside the budget phase
     resume(out)
     _assert_same_outcome(ref, out)
