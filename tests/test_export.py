@@ -350,8 +350,9 @@ def test_static_calibration_sample_is_seeded_training_texts(light_run, tmp_path,
 
 def test_bf16_prediction_runs_the_stock_layers_under_bf16_autocast(lora_run, data_dir, monkeypatch, caplog):
     """`precision=bf16` on CPU: the products run in bf16 (so the logits move a little from float32's),
-    through PyTorch's layers (oneDNN's float32 linear would keep them in float32), and stay close; on a CPU
-    without native bf16 a warning says it is emulated, and none where the CPU has it."""
+    through PyTorch's layers (oneDNN's float32 linear would keep them in float32) with their frozen weights
+    cast once (frozen_casts.py: autocast's numbers to the bit), and stay close; on a CPU without native bf16
+    a warning says it is emulated, and none where the CPU has it."""
     from lorafit import hardware, kernels
 
     for native in (True, False):
@@ -366,9 +367,13 @@ def test_bf16_prediction_runs_the_stock_layers_under_bf16_autocast(lora_run, dat
     exact = lorafit.load(lora_run, device="cpu")
     assert exact.backend.amp is None and exact.backend.fast_paths.counts.get("onednn_linear")
     fast = lorafit.load(lora_run, device="cpu", precision="bf16")
-    assert fast.backend.amp == torch.bfloat16 and not fast.backend.fast_paths.counts
+    assert fast.backend.amp == torch.bfloat16 and list(fast.backend.fast_paths.counts) == ["cast_once_linear"]
     a, b = exact.logits(texts), fast.logits(texts)
     assert b.dtype == np.float32 and not np.array_equal(a, b)  # bf16 arithmetic did run
+    fast.backend.fast_paths.undo()  # stock layers: autocast casts the weights at every call, to the same numbers
+    linears = sum(type(m) is torch.nn.Linear for m in fast.backend.model.modules())
+    assert fast.backend.fast_paths.counts["cast_once_linear"] == linears > 0  # every linear layer had been switched
+    assert np.array_equal(fast.logits(texts), b)
     assert np.abs(a - b).max() < 0.05 * max(1.0, np.abs(a).max())
     assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
 

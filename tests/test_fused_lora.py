@@ -179,6 +179,33 @@ def test_under_bf16_autocast_the_fused_path_computes_peft_in_bf16(onednn, shape)
     _close(got[:-1], _forward_backward(copy.deepcopy(stock), x, 3)[:-1], tol=3e-2)
 
 
+def test_under_bf16_autocast_the_fused_path_casts_the_frozen_base_weight_once():
+    """The base weight's bf16 cast is kept between steps (frozen_casts.py); the adapter's trainable A and B are
+    cast at every call, so their gradients reach them; the numbers are those of a fresh cast every step."""
+    from test_frozen_casts import Casts
+
+    fused = _peft_block()
+    _fast(fused, False, fused=True)
+    fresh = copy.deepcopy(fused)  # its kept casts are thrown away before every step below
+    base = fused.base_model.model.query.base_layer.weight
+    x = torch.randn(7, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with Casts(base.shape) as casts:
+            got = [_forward_backward(fused, x, seed) for seed in (3, 4, 5)]
+        assert casts.count == 1
+        lora_a = fused.base_model.model.query.lora_A["default"].weight
+        with Casts(lora_a.shape) as casts:
+            _forward_backward(fused, x, 6)
+        assert casts.count == 1 + 1  # forward, and backward's cast of the gradient back to float32
+        expected = []
+        for seed in (3, 4, 5):
+            for module in fresh.modules():
+                module.__dict__.pop("_lorafit_casts", None)
+            expected.append(_forward_backward(fresh, x, seed))
+    for u, v in zip(got, expected, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(u, v, strict=True))
+
+
 def test_undo_gives_peft_its_class_back_and_saved_adapters_are_unchanged(tmp_path):
     model = _peft_block()
     before = {k: v.clone() for k, v in model.state_dict().items()}

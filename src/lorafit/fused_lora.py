@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
+from .frozen_casts import cast_once
 from .kernels import FastDropout, FastPaths, OneDnnLinear, _mm, apply_mask, dropout_mask
 
 __all__ = ["FusedLoraLinear", "use_fused_lora"]
@@ -142,9 +143,9 @@ class FusedLoraLinear(PeftLoraLinear):
         base, lora_a, lora_b = self.base_layer, self.lora_A[name], self.lora_B[name]
         dropout, scaling = self.lora_dropout[name], float(self.scaling[name])
         x2, weight, bias, a, b = x.reshape(-1, base.in_features), base.weight, base.bias, lora_a.weight, lora_b.weight
-        if dtype is not None:
-            x2, weight, a, b = x2.to(dtype), weight.to(dtype), a.to(dtype), b.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
+        if dtype is not None:  # the frozen base weight and bias cast once (frozen_casts.py), the adapter every call
+            x2, a, b = x2.to(dtype), a.to(dtype), b.to(dtype)
+            weight, bias = cast_once(base, "weight", dtype), cast_once(base, "bias", dtype)
         keep, keep_scale = None, 1.0
         if isinstance(dropout, FastDropout) and dropout.training and dropout.p > 0:
             keep, keep_scale = dropout_mask(x2, dropout.p, dropout.draw)

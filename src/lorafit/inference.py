@@ -26,6 +26,7 @@ from .config import Config, ModelConfig
 from .errors import UserError
 from .evaluate import classification_metrics, softmax
 from .fitted import Posthoc
+from .frozen_casts import CastOnceLinear
 from .models import ALIASES, build_classifier, load_tokenizer, looks_like_hub_id
 from .rundir import RunDir
 from .runtime import autocast, autocast_dtype, select_device, token_budget
@@ -46,8 +47,9 @@ class TorchBackend:
     """A PyTorch module (lorafit's SequenceClassifier, or a transformers model returning `.logits`).
 
     `fast=True` (a model loaded for prediction) runs its linear layers through oneDNN on CPU where
-    that is faster here (lorafit/kernels.py); `fast_paths` records the switch (`.undo()` gives the
-    model its stock layers back). The training loop's evaluation leaves its model's layers as
+    that is faster here (lorafit/kernels.py), or under autocast (`amp`) as `CastOnceLinear`s, which cast
+    their frozen weights to `amp` once (lorafit/frozen_casts.py); `fast_paths` records the switch
+    (`.undo()` gives the model its stock layers back). The training loop's evaluation leaves its model's layers as
     `train.cpu_kernels` chose them.
     """
 
@@ -55,7 +57,11 @@ class TorchBackend:
         self.model = model.to(device).eval()
         self.device = device
         self.amp = amp
-        self.fast_paths = kernels.use_fast_paths(self.model, device, dropout=False) if fast else kernels.FastPaths()
+        self.fast_paths = kernels.FastPaths()
+        if fast and amp is None:
+            self.fast_paths = kernels.use_fast_paths(self.model, device, dropout=False)
+        elif fast:  # oneDNN's float32 linear would keep the products in float32; the weights' casts are made once
+            self.fast_paths.switch(self.model, "cast_once_linear", nn.Linear, CastOnceLinear)
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
@@ -458,17 +464,15 @@ def load(path: str | Path | LoadPlan, device: str = "auto", threads: int | None 
         model = _torch_model(plan, merge)
         target = select_device(device)
         amp = inference_autocast(plan, target, precision)
-        # oneDNN's float32 linear (kernels.py) would keep a bf16 model's products in float32: not under bf16
-        fast = amp is None
         tokenizer = _folder_tokenizer(plan.folder) if plan.base is None else load_tokenizer(plan.base)
-        classifier = Classifier(TorchBackend(model, target, amp, fast=fast), tokenizer, plan.labels, plan.cfg,
+        classifier = Classifier(TorchBackend(model, target, amp, fast=True), tokenizer, plan.labels, plan.cfg,
                                 token_budget(plan.cfg.train.max_batch_tokens, target), plan.kind)
     classifier.oos = recorded_decision(plan, threshold)
     if not out_of_scope:
         classifier.oos = OutOfScope("msp", None, "none (loaded for logits only)", classifier.oos.temperature)
     elif "base" in classifier.oos.reads:  # the pre-trained encoder, rebuilt from the run's model.name, as at training
         pretrained = build_classifier(pretrained_config(plan), len(plan.labels), plan.cfg.seed)
-        classifier.pretrained = TorchBackend(Vectors(pretrained), target, amp, fast=amp is None)
+        classifier.pretrained = TorchBackend(Vectors(pretrained), target, amp, fast=True)
     return classifier
 
 
