@@ -348,6 +348,38 @@ def test_length_grouped_batches_cover_every_index_once_with_little_padding():
     assert _padding_ratio(lengths, [order[i : i + 16] for i in range(0, len(order), 16)]) > 3
 
 
+def test_length_grouped_batches_run_in_growing_length_inside_megabatches_in_random_order():
+    """transformers' LengthGroupedSampler order: consecutive batches mostly share a length (a kernel built for a
+    shape is reused), each megabatch's batches shortest first, the megabatches themselves in random order."""
+    lengths = _varied_lengths(n=800, seed=1)
+    first = batching.length_grouped_batches(lengths, 8, random.Random(3), group=10)
+    assert sorted(i for b in first for i in b) == list(range(800)) and len(first) == 100
+    batch_max = [max(lengths[i] for i in b) for b in first]
+    megabatches = [batch_max[k : k + 10] for k in range(0, 100, 10)]
+    assert all(m == sorted(m) for m in megabatches)  # growing length inside each megabatch...
+    assert batch_max != sorted(batch_max)  # ...not over the epoch
+    starts = [max(lengths[i] for i in first[k]) for k in range(0, 100, 10)]
+    other = batching.length_grouped_batches(lengths, 8, random.Random(4), group=10)
+    assert starts != [max(lengths[i] for i in other[k]) for k in range(0, 100, 10)]
+    # Fewer than 4 x group batches: smaller megabatches, at least 4 of them, so the batches still change
+    # from epoch to epoch (one megabatch sorted by length would give nearly the same batches every epoch).
+    few = _varied_lengths(n=96, seed=2)
+    epochs = [batching.length_grouped_batches(few, 8, random.Random(seed)) for seed in (0, 1)]
+    for batches in epochs:
+        maxima = [max(few[i] for i in b) for b in batches]
+        assert sum(b < a for a, b in zip(maxima, maxima[1:])) >= 3  # at least 4 runs of growing length
+    assert {tuple(sorted(b)) for b in epochs[0]} != {tuple(sorted(b)) for b in epochs[1]}
+
+
+def test_the_shuffled_batch_order_of_older_runs_is_unchanged():
+    """Runs begun before the length-run order resume with these very batches (compute.json without batch_order)."""
+    rng = random.Random(0)
+    lengths = [rng.randint(3, 12) if rng.random() < 0.7 else rng.randint(13, 256) for _ in range(30)]
+    assert batching.shuffled_length_grouped_batches(lengths, 4, random.Random(5), group=3) == [
+        [15, 18, 14, 27], [19, 22], [1, 20, 21, 0], [7, 5, 16, 3], [2, 26, 4, 29], [12, 28, 6, 24], [23, 11, 8, 25],
+        [17, 9, 13, 10]]  # what lorafit's length_grouped_batches returned before
+
+
 def test_length_grouped_batches_are_seeded_and_shuffled():
     lengths = _varied_lengths(n=800, seed=1)
     first = batching.length_grouped_batches(lengths, 8, random.Random(3), group=10)

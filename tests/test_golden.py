@@ -6,9 +6,9 @@ dropout forced on, so those paths are pinned too). What is pinned: eval.json, pr
 summary.json without its timings and host facts, the epoch/step records of metrics.jsonl without
 timings, splits.json, labels.json, and the sha256 of every tensor of the trained artifact.
 
-Float results depend on the CPU's vector ISA (MKL and oneDNN pick kernels by it), so goldens are kept
-per `torch.backends.cpu.get_cpu_capability()`: on a host whose ISA has an entry the comparison is
-exact (byte-identical JSON values, identical tensors); on another host it falls back to the closest
+Float results depend on the CPU's vector ISA and vendor (MKL and oneDNN pick kernels by both), so goldens
+are kept per `torch.backends.cpu.get_cpu_capability()` and vendor (`_host`): on a host that has an entry the
+comparison is exact (byte-identical JSON values, identical tensors); on another host it falls back to the closest
 entry at 1e-4 (tensors: same names and shapes), and says so. Regenerate (only when a change is
 *meant* to alter results, and say why in the commit):
 
@@ -43,7 +43,11 @@ RUNS = {
 
 
 def _host() -> str:
-    return torch.backends.cpu.get_cpu_capability()
+    """The vector ISA PyTorch dispatches to and the CPU's vendor: MKL and oneDNN pick kernels by both (an AVX-512
+    golden made on AMD differed from an Intel AVX-512 run by ~2e-9 of a loss)."""
+    from lorafit.hardware import cpu_info
+
+    return f"{torch.backends.cpu.get_cpu_capability()} {cpu_info().get('vendor') or 'unknown'}"
 
 
 def _tensor_digests(folder: Path) -> dict[str, str]:
@@ -125,7 +129,7 @@ def test_golden_run_outputs_are_unchanged(tmp_path):
             assert {k: v.split(":")[0] for k, v in got["tensors"].items()} == \
                    {k: v.split(":")[0] for k, v in expected["tensors"].items()}
     if not exact:
-        warnings.warn(f"no golden for CPU capability {host!r} (have {sorted(golden)}): compared within 1e-4 only; "
+        warnings.warn(f"no golden for CPU {host!r} (have {sorted(golden)}): compared within 1e-4 only; "
                       "add this host's with: python tests/test_golden.py --write", stacklevel=1)
 
 
@@ -142,4 +146,4 @@ if __name__ == "__main__":
     golden[_host()] = results
     GOLDEN.parent.mkdir(exist_ok=True)
     GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    print(f"wrote {GOLDEN} for CPU capability {_host()!r}")
+    print(f"wrote {GOLDEN} for CPU {_host()!r}")

@@ -207,3 +207,25 @@ def test_resume_refuses_data_that_changed_in_any_split(tiny_bert, tiny_data, tmp
     with pytest.raises(UserError, match=f"the data changed since .*{split}.* cannot resume it exactly"):
         resume(tmp_path / "run")
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_run_begun_with_shuffled_batches_continues_with_them(tiny_bert, tiny_data, tmp_path):
+    """A new run records compute.json batch_order and draws length runs (batching.length_grouped_batches); a
+    run whose compute.json has no batch_order began with shuffled batches, and its continuation draws those."""
+    import random
+
+    from lorafit.job import prepare
+    from lorafit.rundir import Compute, RunDir
+
+    loop = importlib.import_module("lorafit.train")
+    overrides = tiny_overrides(tiny_bert, tiny_data, **{"train.batch_size": 2})
+    new = prepare(load_config(None, overrides), RunDir(tmp_path / "new"))
+    assert new.compute.batch_order == batching.BATCH_ORDER == new.compute.to_json()["batch_order"]
+    lengths = [len(t) for t in new.tokens["train"]]
+    epoch = lambda: random.Random(new.cfg.seed * 1000 + 1)  # noqa: E731  the first epoch's draws
+    assert loop._batches(new, 1, lengths) == batching.length_grouped_batches(lengths, 2, epoch())
+    older = Compute.from_json({k: v for k, v in new.compute.to_json().items() if k != "batch_order"})
+    old = prepare(load_config(None, overrides), RunDir(tmp_path / "old"), recorded=older)
+    assert old.compute.batch_order == batching.OLD_BATCH_ORDER
+    assert loop._batches(old, 1, lengths) == batching.shuffled_length_grouped_batches(lengths, 2, epoch())
+    assert loop._batches(old, 1, lengths) != loop._batches(new, 1, lengths)

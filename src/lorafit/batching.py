@@ -1,6 +1,6 @@
 """Token ids to batches, shared by training, prediction and serving.
 
-Tokenising, the batch orders (length-grouped and shuffled for training, optionally over a
+Tokenising, the batch orders (length-grouped runs in shuffled megabatches for training, optionally over a
 class-balanced draw of the examples; length-sorted for evaluation), the cut of a batch into pieces under a padded-token budget, and padding to tensors.
 Pure functions of lengths and ids: no model, no device, no data files.
 """
@@ -8,13 +8,16 @@ Pure functions of lengths and ids: no model, no device, no data files.
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 __all__ = [
     "tokenize",
+    "BATCH_ORDER",
+    "OLD_BATCH_ORDER",
     "length_grouped_batches",
+    "shuffled_length_grouped_batches",
     "class_balanced_draw",
     "class_balanced_batches",
     "sorted_batches",
@@ -28,21 +31,45 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random, group: int = 50) -> list[list[int]]:
-    """Shuffled batches of similar-length examples, so padding wastes almost nothing.
+#: compute.json's `batch_order` of runs lorafit starts now: `length_grouped_batches`. Runs whose compute.json
+#: has none began with `shuffled_length_grouped_batches` and resume with it.
+BATCH_ORDER = "length_runs"
+OLD_BATCH_ORDER = "shuffled"
 
-    Shuffle, cut into megabatches of `group` batches, sort each by length, cut into batches,
-    shuffle the batch order: random enough for SGD, with ~1.0 padded tokens per real token.
+
+def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random, group: int = 50) -> list[list[int]]:
+    """Batches of similar-length examples, in runs of growing length, so padding wastes almost nothing.
+
+    Shuffle, cut into megabatches of `group` batches (fewer where the data holds under 4 x `group` batches, so
+    that there are at least 4 megabatches), sort each by length and cut it into batches; the megabatches in
+    random order, each one's batches shortest first. This is the order of transformers' LengthGroupedSampler
+    (which runs longest first). Consecutive batches then often share a shape, which lets kernels built per
+    shape be reused: on a Xeon with AMX, whose bf16 products oneDNN builds per shape, a Banking77 LoRA epoch in
+    bf16 ran 8-13% faster than with `shuffled_length_grouped_batches`, the order before (and of the runs that
+    began with it, which resume with it: `OLD_BATCH_ORDER`).
     """
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    batches: list[list[int]] = []
-    span = batch_size * group
-    for start in range(0, len(order), span):
-        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
-        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    group = max(1, min(group, -(-len(lengths) // batch_size) // 4))
+    megabatches = _sorted_megabatches(lengths, batch_size, rng, group)
+    rng.shuffle(megabatches)
+    return [batch for megabatch in megabatches for batch in megabatch]
+
+
+def shuffled_length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random,
+                                    group: int = 50) -> list[list[int]]:
+    """The batches of runs begun before `length_grouped_batches` (compute.json without `batch_order`): shuffle,
+    cut into megabatches of `group` batches, sort each by length, cut into batches, shuffle the batch order."""
+    batches = [batch for megabatch in _sorted_megabatches(lengths, batch_size, rng, group) for batch in megabatch]
     rng.shuffle(batches)
     return batches
+
+
+def _sorted_megabatches(lengths: list[int], batch_size: int, rng: random.Random, group: int) -> list[list[list[int]]]:
+    """Every index once, shuffled, cut into megabatches of `group` batches, each sorted by length and cut into batches."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    span = batch_size * group
+    chunks = [sorted(order[start : start + span], key=lambda i: lengths[i]) for start in range(0, len(order), span)]
+    return [[chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)] for chunk in chunks]
 
 
 def class_balanced_draw(labels: list[int], rng: random.Random) -> list[int]:
@@ -56,11 +83,12 @@ def class_balanced_draw(labels: list[int], rng: random.Random) -> list[int]:
 
 
 def class_balanced_batches(lengths: list[int], labels: list[int], batch_size: int, rng: random.Random,
-                           group: int = 50) -> list[list[int]]:
+                           group: int = 50, order: Callable[..., list[list[int]]] | None = None) -> list[list[int]]:
     """An epoch over a class-balanced draw (`class_balanced_draw`, as many draws as examples), batched
-    like `length_grouped_batches`; an example may appear more than once, a rare one usually does."""
+    by `order` (`length_grouped_batches` by default); an example may appear more than once, a rare one
+    usually does."""
     drawn = class_balanced_draw(labels, rng)
-    batches = length_grouped_batches([lengths[i] for i in drawn], batch_size, rng, group)
+    batches = (order or length_grouped_batches)([lengths[i] for i in drawn], batch_size, rng, group)
     return [[drawn[j] for j in batch] for batch in batches]
 
 

@@ -205,9 +205,11 @@ def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None, teacher: 
         log.info("CPU fast paths: %s", ", ".join(f"{k} x{v}" for k, v in fast.items()))
     kept = recorded is not None and "max_batch_tokens" not in recorded.absent  # a run of an older version may lack it
     max_tokens = recorded.max_batch_tokens if kept else token_budget(cfg.train.max_batch_tokens, device)
+    # A run begun before the length-run batch order keeps its shuffled batches.
+    order = (batching.OLD_BATCH_ORDER if "batch_order" in recorded.absent else recorded.batch_order) if recorded else batching.BATCH_ORDER
     compute = Compute(device=str(device), threads=torch.get_num_threads(), processes=world.size, max_batch_tokens=max_tokens,
                       autocast=str(amp).replace("torch.", "") if amp else None, cpu_kernels=kernel_choice,
-                      base_model=base_model_record(cfg.model.name))
+                      base_model=base_model_record(cfg.model.name), batch_order=order)
     forward = world.wrap(model, device)
     optimizer = make_optimizer(model, method, cfg)
     scheduler = get_scheduler(

@@ -310,9 +310,12 @@ def _batches(job: Job, epoch: int, lengths: list[int]) -> list[list[int]]:
         return contrastive.class_grouped_batches(lengths, job.targets["train"].tolist(),
                                                  cfg.contrastive.batch_size or cfg.train.batch_size,
                                                  cfg.contrastive.examples_per_class, rng)
+    # compute.json's batch_order: runs begun before the length-run order resume with shuffled batches
+    order = (batching.shuffled_length_grouped_batches if job.compute.batch_order == batching.OLD_BATCH_ORDER
+             else batching.length_grouped_batches)
     if cfg.train.sampler == "class_balanced":
-        return batching.class_balanced_batches(lengths, job.targets["train"].tolist(), cfg.train.batch_size, rng)
-    return batching.length_grouped_batches(lengths, cfg.train.batch_size, rng)
+        return batching.class_balanced_batches(lengths, job.targets["train"].tolist(), cfg.train.batch_size, rng, order=order)
+    return order(lengths, cfg.train.batch_size, rng)
 
 
 def _weight(job: Job, examples: list[int], contrastive_stage: bool = False) -> float:
