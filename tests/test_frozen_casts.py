@@ -102,3 +102,26 @@ def test_a_cast_kept_in_inference_mode_serves_a_training_forward_and_float32_is_
     with Casts(once.weight.shape) as casts:  # no autocast: float32, no cast at all
         assert torch.equal(once(x), stock(x)) and once(x).dtype == torch.float32
     assert casts.count == 0
+
+
+def test_weights_made_in_inference_mode_are_cast_per_call_and_undoing_the_switch_forgets_the_casts():
+    """A model built inside inference mode has inference tensors (no version counter to watch): cast at every
+    call, as autocast does. FastPaths.undo drops what the switched layers kept (kernels.FastPaths)."""
+    from lorafit.kernels import FastPaths
+
+    x = torch.randn(7, 24)
+    with torch.inference_mode():
+        stock, once = _layers()
+        with torch.autocast(**BF16):
+            assert torch.equal(once(x), stock(x))
+    assert "_lorafit_casts" not in once.__dict__
+    stock = _layers()[0]
+    plain = copy.deepcopy(stock)
+    model = nn.Sequential(plain)
+    fast = FastPaths()
+    fast.switch(model, "cast_once_linear", nn.Linear, CastOnceLinear)
+    with torch.autocast(**BF16):
+        assert torch.equal(model(x), stock(x))
+    assert "_lorafit_casts" in plain.__dict__
+    fast.undo()
+    assert type(plain) is nn.Linear and "_lorafit_casts" not in plain.__dict__

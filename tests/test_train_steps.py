@@ -224,8 +224,15 @@ def test_a_run_begun_with_shuffled_batches_continues_with_them(tiny_bert, tiny_d
     lengths = [len(t) for t in new.tokens["train"]]
     epoch = lambda: random.Random(new.cfg.seed * 1000 + 1)  # noqa: E731  the first epoch's draws
     assert loop._batches(new, 1, lengths) == batching.length_grouped_batches(lengths, 2, epoch())
-    older = Compute.from_json({k: v for k, v in new.compute.to_json().items() if k != "batch_order"})
-    old = prepare(load_config(None, overrides), RunDir(tmp_path / "old"), recorded=older)
-    assert old.compute.batch_order == batching.OLD_BATCH_ORDER
-    assert loop._batches(old, 1, lengths) == batching.shuffled_length_grouped_batches(lengths, 2, epoch())
-    assert loop._batches(old, 1, lengths) != loop._batches(new, 1, lengths)
+    recorded = new.compute.to_json()
+    older = Compute.from_json({k: v for k, v in recorded.items() if k != "batch_order"})
+    for compute in (older, None):  # compute.json without batch_order, or none at all (a run older still)
+        old = prepare(load_config(None, overrides), RunDir(tmp_path / "old"), recorded=compute, resumed=True)
+        assert old.compute.batch_order == batching.OLD_BATCH_ORDER
+        assert loop._batches(old, 1, lengths) == batching.shuffled_length_grouped_batches(lengths, 2, epoch())
+        assert loop._batches(old, 1, lengths) != loop._batches(new, 1, lengths)
+    same = prepare(load_config(None, overrides), RunDir(tmp_path / "same"), recorded=new.compute, resumed=True)
+    assert loop._batches(same, 1, lengths) == loop._batches(new, 1, lengths)
+    newer = Compute.from_json(recorded | {"batch_order": "by_moon_phase"})
+    with pytest.raises(UserError, match="batch_order 'by_moon_phase', which this lorafit does not know"):
+        prepare(load_config(None, overrides), RunDir(tmp_path / "newer"), recorded=newer, resumed=True)

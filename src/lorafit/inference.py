@@ -61,6 +61,7 @@ class TorchBackend:
         if fast and amp is None:
             self.fast_paths = kernels.use_fast_paths(self.model, device, dropout=False)
         elif fast:  # oneDNN's float32 linear would keep the products in float32; the weights' casts are made once
+            self.model.requires_grad_(False)  # a loaded model's weights: frozen, so their casts can be kept
             self.fast_paths.switch(self.model, "cast_once_linear", nn.Linear, CastOnceLinear)
 
     @torch.inference_mode()

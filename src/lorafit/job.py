@@ -151,11 +151,13 @@ class Job:
     layer_cache: FrozenLayerCache | None = None  # train.cache_frozen_layers: built when training starts; None: off
 
 
-def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None, teacher: str = "compute") -> Job:
+def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None, teacher: str = "compute",
+            resumed: bool = False) -> Job:
     """Everything before the first step. `recorded`: the compute.json of the run being resumed, whose
     threads, token budget and CPU kernels are reused so the continuation computes as the start did.
     `teacher` (distill.teacher's logits, `distill.teacher_logits`): "compute" for a new run, "load" the
-    saved ones for a resume, "skip" where nothing trains."""
+    saved ones for a resume, "skip" where nothing trains. `resumed`: a continuation (whose `recorded` is None
+    where the run predates compute.json), which keeps the batch order it began with."""
     world = World.from_env()
     if world.size > 1 and cfg.contrastive.epochs:
         raise UserError("contrastive.epochs: the contrastive stage runs in one process (its loss compares the pairs "
@@ -205,8 +207,7 @@ def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None, teacher: 
         log.info("CPU fast paths: %s", ", ".join(f"{k} x{v}" for k, v in fast.items()))
     kept = recorded is not None and "max_batch_tokens" not in recorded.absent  # a run of an older version may lack it
     max_tokens = recorded.max_batch_tokens if kept else token_budget(cfg.train.max_batch_tokens, device)
-    # A run begun before the length-run batch order keeps its shuffled batches.
-    order = (batching.OLD_BATCH_ORDER if "batch_order" in recorded.absent else recorded.batch_order) if recorded else batching.BATCH_ORDER
+    order = _batch_order(recorded, resumed)
     compute = Compute(device=str(device), threads=torch.get_num_threads(), processes=world.size, max_batch_tokens=max_tokens,
                       autocast=str(amp).replace("torch.", "") if amp else None, cpu_kernels=kernel_choice,
                       base_model=base_model_record(cfg.model.name), batch_order=order)
@@ -223,6 +224,18 @@ def prepare(cfg: Config, run: RunDir, recorded: Compute | None = None, teacher: 
                 method.adapted, world, forward, fast, max_tokens, scaler, compute, oos_tokens, class_weights=weights,
                resolved=resolved, average=WeightAverage(model, cfg.train.ema) if cfg.train.ema is not None else None,
                teacher=None if teacher_logits is None else torch.from_numpy(teacher_logits).to(device), layer_cache=layer_cache)
+
+
+def _batch_order(recorded: Compute | None, resumed: bool) -> str:
+    """The training batches' order: a new run's, or the one a resumed run began with -- shuffled batches for a run
+    whose compute.json lacks batch_order, or that has no compute.json (both older than the length-run order)."""
+    if not resumed:
+        return batching.BATCH_ORDER
+    order = batching.OLD_BATCH_ORDER if recorded is None or "batch_order" in recorded.absent else recorded.batch_order
+    if order not in (batching.BATCH_ORDER, batching.OLD_BATCH_ORDER):
+        raise UserError(f"compute.json records batch_order {order!r}, which this lorafit does not know (a newer "
+                        f"version's run?): resume it with the lorafit that started it")
+    return order
 
 
 def class_weights(setting: str | dict[str, float], label_names: list[str], train_ids: list[int]) -> np.ndarray | None:

@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafit.frozen_casts import forget_casts
 from lorafit.hardware import cpu_info
 
 __all__ = ["OneDnnLinear", "FastDropout", "FastDropoutInt32", "FastPaths", "use_fast_paths", "use_onednn_linear",
@@ -375,6 +376,7 @@ class FastPaths:
         while self.switched:
             module, stock = self.switched.pop()
             module.__class__ = stock
+            forget_casts(module)  # what CastOnceLinear and the fused LoRA path kept
 
     def __enter__(self) -> FastPaths:
         return self

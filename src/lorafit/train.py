@@ -148,7 +148,7 @@ def resume(run_dir: str | Path) -> RunResult:
             raise UserError(f"{run.path} already finished (summary.json exists); nothing to resume")
         raise UserError(f"{run.path} has no checkpoint to resume from (train.checkpoint_every may be off)")
     recorded = run.compute() if (run.path / "compute.json").is_file() else None
-    job = prepare(cfg, run, recorded, teacher="load")
+    job = prepare(cfg, run, recorded, teacher="load", resumed=True)
     check_same_data(job, run)
     tensors, meta = checkpoint.load(latest)
     job.method.load_state_dict(job.model, {k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
