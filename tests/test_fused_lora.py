@@ -184,6 +184,8 @@ def test_under_bf16_autocast_the_fused_path_casts_the_frozen_base_weight_once():
     cast at every call, so their gradients reach them; the numbers are those of a fresh cast every step."""
     from test_frozen_casts import Casts
 
+    from lorafit.frozen_casts import forget_casts
+
     fused = _peft_block()
     _fast(fused, False, fused=True)
     fresh = copy.deepcopy(fused)  # its kept casts are thrown away before every step below
@@ -199,8 +201,7 @@ def test_under_bf16_autocast_the_fused_path_casts_the_frozen_base_weight_once():
         assert casts.count == 1 + 1  # forward, and backward's cast of the gradient back to float32
         expected = []
         for seed in (3, 4, 5):
-            for module in fresh.modules():
-                module.__dict__.pop("_lorafit_casts", None)
+            forget_casts(fresh)
             expected.append(_forward_backward(fresh, x, seed))
     for u, v in zip(got, expected, strict=True):
         assert all(torch.equal(a, b) for a, b in zip(u, v, strict=True))

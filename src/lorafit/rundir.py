@@ -175,7 +175,7 @@ class Compute(Record):
     autocast: str | None  # "bfloat16", "float16" or None (float32)
     cpu_kernels: dict[str, Any]  # the CPU fast-path decision and the CPU it was made on (hardware.cpu_info)
     base_model: dict[str, Any]  # {"name", "hub_id", "on_hub"}: the base as other machines know it
-    batch_order: str | None = None  # training batches' order (batching.BATCH_ORDER); absent in older runs
+    batch_order: str | None  # training batches' order (batching.BATCH_ORDER); absent in older runs
 
 
 @dataclass(frozen=True, kw_only=True)
