@@ -324,7 +324,8 @@ class OodConfig(_Section):
     of logits / T), mahalanobis (distance of the sentence vector to the class means, fitted on train),
     knn (cosine similarity to the k-th nearest training sentence vector), base_knn (the same on the
     pre-trained encoder's sentence vectors), hybrid (energy + base_knn, each standardised on in-scope
-    validation). predict and serve compute msp only; the others are measured at training (eval.json)."""
+    validation). Every score is measured at training (eval.json); this one decides in predict, eval, exports
+    and serve, from ood.json and ood.safetensors."""
     target_recall: Annotated[float, Field(gt=0, lt=1)] = 0.95
     """Without OOS examples in validation, the threshold keeps this share of in-scope validation examples."""
     k: Annotated[int, Field(gt=0)] = 1
