@@ -8,8 +8,9 @@ Runs land in OUT/<option>/seed=<seed> (finished runs are skipped, killed ones re
 does). Printed: per option its seeds, test accuracy, macro-F1 and the F1 of the two rarest classes
 (`surprise`, 3.6% of training examples; `love`, 8%), mean over seeds, and the paired difference from `none`
 on the seeds both have; then `lorafit compare`'s table (OUT/compare.md: 95% intervals, paired bootstrap).
-`smoothing` is label smoothing 0.1 (what the shipped config uses; an option for runs with `--set
-train.label_smoothing=0.0`). Each row also shows the 15-bin test ECE before and after the temperature.
+`no-smoothing` trains without the shipped config's label smoothing (0.1). `--set KEY=VALUE ...` applies to
+every run (an option's own settings win over it). Each row also shows the 15-bin test ECE before and after
+the temperature.
 Nothing here reads test to choose: each option is a fixed setting; the README's rule is to ship an option
 as emotion's default only if it raises macro-F1 without costing accuracy.
 """
@@ -32,14 +33,14 @@ OPTIONS = {
     "balanced": ["train.class_weights=balanced"],
     "focal": ["train.loss=focal"],
     "sampler": ["train.sampler=class_balanced"],
-    "smoothing": ["train.label_smoothing=0.1"],  # the shipped config before 2026-12-03
+    "no-smoothing": ["train.label_smoothing=0.0"],  # the shipped config smooths labels by 0.1
 }
 RARE = ("surprise", "love")
 
 
 def _run(out: Path, option: str, seed: int, overrides: list[str]) -> str | None:
     run = out / option / f"seed={seed}"
-    return train_or_resume(run, [CONFIG, *OPTIONS[option], *overrides, f"seed={seed}", "train.threads=1"],
+    return train_or_resume(run, [CONFIG, *overrides, *OPTIONS[option], f"seed={seed}", "train.threads=1"],
                            out / "logs" / f"{option}-seed={seed}.log", f"{option}/seed={seed}")
 
 
