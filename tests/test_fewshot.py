@@ -296,11 +296,20 @@ def test_then_train_head_keeps_the_contrastive_stage_s_adapters(tiny_bert, tmp_p
         snapshots["adapters"] = {k: v.detach().clone() for k, v in job.model.named_parameters() if "lora_" in k}
         snapshots["model"] = job.model
 
+    real_step = train_module._forward_backward
+
+    def first_step(job, *args, **kwargs):  # the classification stage's first step, its head set (centroids)
+        snapshots.setdefault("head", {k: v.detach().clone() for k, v in job.model.named_parameters() if "classifier" in k})
+        return real_step(job, *args, **kwargs)
+
     monkeypatch.setattr(train_module, "_end_contrastive_epoch", spy)
+    monkeypatch.setattr(train_module, "_forward_backward", first_step)
     cfg = _cfg(tmp_path, tiny_bert, **{**CONTRASTIVE, "contrastive.then_train": "head", "train.checkpoint_every": 0})
     lorafit.train(cfg, tmp_path / "run")
     after = {k: v for k, v in snapshots["model"].named_parameters() if "lora_" in k}
     assert after and all(torch.equal(after[k], snapshots["adapters"][k]) for k in after)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["train_loss"] for r in records if r["type"] == "epoch"]
-    assert len(losses) == 2 and losses[1] < losses[0]  # the head did train
+    assert len([r for r in records if r["type"] == "epoch"]) == 2
+    # the head did train (its epoch losses need not fall: 2 epochs of a tiny model under dropout)
+    head = {k: v for k, v in snapshots["model"].named_parameters() if "classifier" in k and v.requires_grad}
+    assert head and all(not torch.equal(head[k], snapshots["head"][k]) for k in head)

@@ -233,13 +233,15 @@ def test_dropout_that_drops_everything_leaves_the_base_layer():
 
 
 @pytest.mark.parametrize("recorded, fused, draw", [
-    (None, True, "int64"), ({"onednn_linear": True, "fused_lora": True, "dropout_draw": "int64"}, True, "int64"),
+    (None, True, "pcg64"), ({"onednn_linear": True, "fused_lora": True, "dropout_draw": "pcg64"}, True, "pcg64"),
+    ({"onednn_linear": True, "fused_lora": True, "dropout_draw": "int64"}, True, "int64"),
     ({"onednn_linear": True, "fused_lora": True}, True, "int32"), ({"onednn_linear": True}, False, "int32")])
 def test_training_fuses_new_runs_and_resumes_old_ones_as_they_started(recorded, fused, draw):
-    """job.cpu_kernels: a new run fuses and draws 64-bit dropout numbers, and records both; a run resumed from
+    """job.cpu_kernels: a new run fuses and draws PCG64 dropout numbers, and records both; a run resumed from
     a compute.json written before the fused path existed (no `fused_lora` entry) continues with peft's layers,
-    the summation order it began with, and one written before the 64-bit draws (no `dropout_draw`) with
-    32-bit draws, the masks it began with -- through the fused path's dropout too."""
+    the summation order it began with, one written before the PCG64 draws (`dropout_draw: int64`) with
+    torch's 64-bit draws, and one written before the 64-bit draws (no `dropout_draw`) with 32-bit draws,
+    the masks it began with -- through the fused path's dropout too."""
     from lorafit import job
     from lorafit.distributed import World
 
@@ -249,6 +251,7 @@ def test_training_fuses_new_runs_and_resumes_old_ones_as_they_started(recorded, 
     assert choice["fused_lora"] is fused and ("fused_lora" in counts) is fused
     assert any(type(m) is FusedLoraLinear for m in model.modules()) is fused
     assert choice["dropout_draw"] == draw
+    assert ("attention_dropout" in counts) is (draw == "pcg64")  # older draws keep SDPA's attention masks
     dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
     assert dropouts and all(type(m).draw == draw for m in dropouts)
     if fused:  # the fused layer draws as its dropout module does: peft's forward through that module agrees

@@ -126,11 +126,24 @@ def test_fast_dropout_has_the_dropout_distribution():
     assert abs(both - 0.25) < 0.004
 
 
-@pytest.mark.parametrize("draw, dtype, per_draw", [("int64", torch.int64, 4), ("int32", torch.int32, 2)])
-def test_dropout_mask_is_a_uint8_view_of_the_drawn_comparison(draw, dtype, per_draw):
+def _torch_or_pcg64_bits(draw: str, count: int) -> torch.Tensor:
+    """What dropout_mask should draw, written out: torch.randint for the replayed draws; for "pcg64", two
+    int64 words from torch's generator as a 128-bit seed of numpy's PCG64DXSM, which fills the tensor."""
+    if draw != "pcg64":
+        dtype = torch.int64 if draw == "int64" else torch.int32
+        low = torch.iinfo(dtype).min
+        return torch.randint(low, -low - 1, (count,), dtype=dtype)
+    low = torch.iinfo(torch.int64).min
+    high, low_word = (w % 2**64 for w in torch.randint(low, -low - 1, (2,), dtype=torch.int64).tolist())
+    return torch.from_numpy(np.random.PCG64DXSM((high << 64) | low_word).random_raw(count).view(np.int64))
+
+
+@pytest.mark.parametrize("draw, per_draw", [("pcg64", 4), ("int64", 4), ("int32", 2)])
+def test_dropout_mask_is_a_uint8_view_of_the_drawn_comparison(draw, per_draw):
     # uint8, not bool: a float tensor times a bool one converts the bool to float first (a copy per use,
     # forward and backward); times uint8 it runs vectorised with the same numbers. The mask compares the
-    # 16-bit parts of ceil(n / per_draw) full-range draws (int64 by default; int32 for runs begun before).
+    # 16-bit parts of ceil(n / per_draw) full-range draws (PCG64 by default; int64 or int32 from torch's
+    # generator for runs begun before).
     x = torch.randn(37, 21)  # 777 elements: not a multiple of 4 or 2
     torch.manual_seed(4)
     keep, scale = kernels.dropout_mask(x, 0.1, draw)
@@ -138,8 +151,7 @@ def test_dropout_mask_is_a_uint8_view_of_the_drawn_comparison(draw, dtype, per_d
     assert scale == pytest.approx(65536 / (65536 - 6554))
     after = torch.rand(3)
     torch.manual_seed(4)
-    low = torch.iinfo(dtype).min
-    bits = torch.randint(low, -low - 1, (-(-x.numel() // per_draw),), dtype=dtype)
+    bits = _torch_or_pcg64_bits(draw, -(-x.numel() // per_draw))
     assert torch.equal(keep.bool(), bits.view(torch.int16)[: x.numel()].view(x.shape) >= 6554 - 32768)
     assert torch.equal(torch.rand(3), after)  # no other draw from the generator
     assert torch.equal(x * keep, x * keep.bool())
@@ -147,35 +159,64 @@ def test_dropout_mask_is_a_uint8_view_of_the_drawn_comparison(draw, dtype, per_d
     assert everything.dtype == torch.uint8 and not everything.any() and zero == 0.0
 
 
-def test_int64_draws_give_independent_uniform_16_bit_parts():
+def test_the_default_draw_is_pcg64_seeded_from_torchs_generator():
+    # Reproducible from torch's generator alone (manual_seed, a checkpoint's RNG state), whatever the
+    # thread count, and each call takes a fresh seed: two calls never repeat a mask.
+    assert kernels.FastDropout.draw == "pcg64" and kernels.DROPOUT_BY_DRAW["pcg64"] is kernels.FastDropout
+    x = torch.ones(257, 33)
+    masks = []
+    for threads in (1, 2):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            torch.manual_seed(8)
+            masks.append((kernels.dropout_mask(x, 0.5)[0], kernels.dropout_mask(x, 0.5)[0]))
+        finally:
+            torch.set_num_threads(previous)
+    assert torch.equal(masks[0][0], masks[1][0]) and torch.equal(masks[0][1], masks[1][1])
+    assert not torch.equal(masks[0][0], masks[0][1])
+    torch.manual_seed(9)
+    assert not torch.equal(kernels.dropout_mask(x, 0.5)[0], masks[0][0])
+
+
+@pytest.mark.parametrize("draw", ["pcg64", "int64"])
+def test_64_bit_draws_give_independent_uniform_16_bit_parts(draw):
     torch.manual_seed(5)
     x = torch.ones(4_000_000)
-    keep, _ = kernels.dropout_mask(x, 0.25)
+    keep, _ = kernels.dropout_mask(x, 0.25, draw)
     kept = keep.view(-1, 4).float()  # the four 16-bit parts of each 64-bit draw
     assert torch.allclose(kept.mean(0), torch.full((4,), 0.75), atol=0.002)  # binomial sd 0.0004
     both = (kept[:, :, None] * kept[:, None, :]).mean(0)  # P(part i and part j kept)
     off = both[~torch.eye(4, dtype=torch.bool)]
     assert torch.allclose(off, torch.full_like(off, 0.75**2), atol=0.003)
+    # and consecutive 64-bit draws are independent too: part 0 of draw k with part 0 of draw k + 1
+    neighbours = (kept[:-1, 0] * kept[1:, 0]).mean()
+    assert abs(float(neighbours) - 0.75**2) < 0.003
 
 
-def test_fast_dropout_int32_keeps_the_old_masks():
-    # The mask lorafit 72f6fb7 (before the 64-bit draws) drew after manual_seed(11) for a (3, 7) input at p 0.3.
+@pytest.mark.parametrize("draw, cls, pinned", [
+    # The masks lorafit drew after manual_seed(11) for a (3, 7) input at p 0.3: 72f6fb7 (before the
+    # 64-bit draws) and c16c639 (before the PCG64 draws).
+    ("int32", kernels.FastDropoutInt32, [[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 1, 1]]),
+    ("int64", kernels.FastDropoutInt64, [[0, 1, 1, 0, 1, 0, 1], [0, 0, 1, 1, 1, 1, 1], [1, 1, 0, 1, 1, 1, 1]])])
+def test_fast_dropout_replays_the_old_masks(draw, cls, pinned):
     torch.manual_seed(11)
-    keep, scale = kernels.dropout_mask(torch.zeros(3, 7), 0.3, "int32")
-    assert keep.tolist() == [[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 1, 1]]
+    keep, scale = kernels.dropout_mask(torch.zeros(3, 7), 0.3, draw)
+    assert keep.tolist() == pinned
     assert scale == 65536 / (65536 - 19661)
+    assert kernels.DROPOUT_BY_DRAW[draw] is cls
     layer, old = nn.Dropout(0.3), nn.Dropout(0.3)
     kernels.use_fast_dropout(layer)
     kernels.use_fast_dropout(old)
-    old.__class__ = kernels.FastDropoutInt32
+    old.__class__ = cls
     x = torch.randn(64, 33)
     torch.manual_seed(6)
     a = old(x)
     torch.manual_seed(6)
-    assert torch.equal(a, kernels.fast_dropout(x, 0.3, "int32"))
+    assert torch.equal(a, kernels.fast_dropout(x, 0.3, draw))
     torch.manual_seed(6)
     assert not torch.equal(layer(x), a)  # the default draws differ
-    assert kernels.use_fast_dropout(old, enable=False) == 1 and type(old) is nn.Dropout  # either draw switches back
+    assert kernels.use_fast_dropout(old, enable=False) == 1 and type(old) is nn.Dropout  # any draw switches back
 
 
 @pytest.mark.parametrize("p", [1 - 0.4 / 65536, 0.999999, 1 - 1e-12, 1.0])

@@ -173,7 +173,9 @@ def test_training_is_deterministic(tiny_bert, tiny_data, tmp_path):
 
 
 def test_training_learns(tiny_bert, tiny_data, tmp_path):
-    overrides = tiny_overrides(tiny_bert, tiny_data, **{"method.name": "full", "train.epochs": 6, "train.lr": 3e-3})
+    # 8 epochs: after 6, seeds 0-5 ended at 0.867-1.0 on the 30 test rows (seed 0 at the threshold, under
+    # either dropout draw); after 8, at 0.967-1.0.
+    overrides = tiny_overrides(tiny_bert, tiny_data, **{"method.name": "full", "train.epochs": 8, "train.lr": 3e-3})
     overrides = [o for o in overrides if not o.startswith(("method.rank", "method.alpha"))]
     result = lorafit.train(lorafit.load_config(None, overrides), tmp_path / "a")
     epochs = [r for r in RunDir(tmp_path / "a").metrics() if r["type"] == "epoch"]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
-from . import augment, batching, data, distill, fused_lora, hardware, kernels, methods
+from . import attention_dropout, augment, batching, data, distill, fused_lora, hardware, kernels, methods
 from .averaging import WeightAverage
 from .config import Config, load_config, resolve, resolve_schedule, validate
 from .distributed import World
@@ -292,11 +292,17 @@ def cpu_kernels(cfg: Config, model: nn.Module, device: torch.device, world: Worl
     # A run started before the fused LoRA linear existed resumes without it (its summation order).
     if recorded is None or recorded.get("fused_lora"):
         fused_lora.use_fused_lora(model, paths)
-    # ... and one started before the 64-bit dropout draws keeps drawing its masks as it began.
+    # ... and one started before today's dropout draws keeps drawing its masks as it began: int64 (torch's
+    # generator, before the PCG64 draws) or, with no draw recorded (before the 64-bit draws), int32.
     dropout = kernels.FastDropout
-    if recorded is not None and recorded.get("dropout_draw") != dropout.draw and "fast_dropout" in paths.counts:
-        paths.switch(model, "fast_dropout", dropout, kernels.FastDropoutInt32)
-        dropout = kernels.FastDropoutInt32
+    if recorded is not None and "fast_dropout" in paths.counts:
+        replay = kernels.DROPOUT_BY_DRAW[recorded.get("dropout_draw") or "int32"]
+        if replay is not dropout:
+            paths.switch(model, "fast_dropout", dropout, replay)
+            dropout = replay
+    # Attention probabilities drop out by the same masks, where the draw is today's (older runs: SDPA's).
+    if dropout is kernels.FastDropout and "fast_dropout" in paths.counts:
+        attention_dropout.use_attention_dropout(model, paths)
     fast = paths.counts
     draw = dropout.draw if "fast_dropout" in fast else None
     choice = {**decision, "onednn_linear": "onednn_linear" in fast, "fast_dropout": "fast_dropout" in fast,

@@ -30,10 +30,13 @@ one 64-bit random number per *four* elements from the same generator and compare
 quarters with a threshold: the same Bernoulli mask distribution, with the drop probability rounded
 to a multiple of 1/65536 (0.1 -> 0.100006), at a fraction of the cost (torch's CPU `randint` costs
 per number drawn more than per bit: 64-bit draws for n / 4 numbers took 1.3 ms where 32-bit draws
-for n / 2 took 2.7 ms, n = 640 x 1536, Zen 5). Seeding and checkpoint-resume work as before (it uses
-torch's default generator); the draws differ from `F.dropout`'s. `FastDropoutInt32` draws as lorafit
-did before, one 32-bit number per two elements: runs whose compute.json predates the 64-bit draws
-resume with it, so their masks stay theirs.
+for n / 2 took 2.7 ms, n = 640 x 1536, Zen 5). The 64-bit numbers come from numpy's PCG64DXSM generator,
+seeded for each mask by a 128-bit draw from torch's default generator (`random_bits`): about 2x cheaper
+per number than torch's Mersenne Twister here, and seeding and checkpoint-resume work as before, since
+the stream depends on torch's generator alone; the draws differ from `F.dropout`'s. Runs whose
+compute.json records an older draw replay it: `FastDropoutInt64` (torch's 64-bit numbers, before the
+PCG64 draws) and `FastDropoutInt32` (one 32-bit number per two elements, before the 64-bit draws), so
+their masks stay theirs. (Attention probabilities drop out by the same masks: attention_dropout.py.)
 
 The switch is an explicit step of whoever loads or trains a model: `fast = use_fast_paths(model,
 device)` switches the layers on CPU (`onednn=` replays a recorded decision, e.g. the one of a run
@@ -53,8 +56,10 @@ import logging
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,7 +67,7 @@ from torch import nn
 from lorafit.frozen_casts import forget_casts
 from lorafit.hardware import cpu_info
 
-__all__ = ["OneDnnLinear", "FastDropout", "FastDropoutInt32", "FastPaths", "use_fast_paths", "use_onednn_linear",
+__all__ = ["OneDnnLinear", "FastDropout", "FastDropoutInt64", "FastDropoutInt32", "DROPOUT_BY_DRAW", "random_bits", "FastPaths", "use_fast_paths", "use_onednn_linear",
            "use_fast_dropout", "onednn_available", "decide", "fast_dropout", "dropout_mask", "apply_mask", "MODEL_SHAPES",
            "MARGIN", "TOLERANCE", "PRIMITIVE_CACHE_CAPACITY"]
 
@@ -273,7 +278,7 @@ def decide(threads: int) -> dict:
     return copy.deepcopy(_decide(threads))
 
 
-def fast_dropout(x: torch.Tensor, p: float, draw: str = "int64") -> torch.Tensor:
+def fast_dropout(x: torch.Tensor, p: float, draw: str = "pcg64") -> torch.Tensor:
     """Inverted dropout with drop probability p rounded to k / 65536: 16 random bits per element.
 
     Any p in [0, 1] works: one that rounds to 65536 / 65536 (p > 1 - 1/131072) drops every element,
@@ -287,18 +292,41 @@ def apply_mask(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tenso
     return (x * keep).mul_(scale)
 
 
-#: How dropout_mask draws its 16-bit numbers: (dtype, 16-bit numbers per draw), by name.
-DRAWS = {"int64": (torch.int64, 4), "int32": (torch.int32, 2)}
+#: How dropout_mask draws its 16-bit numbers: (torch dtype, 16-bit numbers per draw) for draws from torch's
+#: generator, by name; "pcg64" is the default (see `random_bits`), the others replay older runs' masks.
+DRAWS = {"pcg64": (torch.int64, 4), "int64": (torch.int64, 4), "int32": (torch.int32, 2)}
 
 
-def dropout_mask(x: torch.Tensor, p: float, draw: str = "int64") -> tuple[torch.Tensor, float]:
+def random_bits(count: int, draw: str = "pcg64") -> torch.Tensor:
+    """`count` uniform random 64-bit (or, for draw "int32", 32-bit) integers on the CPU, reproducible from
+    torch's default generator.
+
+    "int64"/"int32": drawn by `torch.randint` from torch's CPU generator (Mersenne Twister, one thread:
+    ~5.5 ns per 64-bit number here). "pcg64": torch's generator draws one 128-bit seed, and numpy's
+    PCG64DXSM generator seeded with it fills the tensor (~1.4 ns per 64-bit number, measured on the
+    2-core Xeon of 2026-12-03: 4.1 ms against torch's 16.6 ms for 3 million). Either way the stream
+    depends only on torch's generator state, so `torch.manual_seed` and a checkpoint's saved RNG state
+    reproduce the masks exactly, whatever the thread count.
+    """
+    dtype, _ = DRAWS[draw]
+    # The whole range, so every 16-bit part is uniform (torch draws v % (2^k - 1) + low: one value never,
+    # one twice; a bias of 2^-k).
+    low = torch.iinfo(dtype).min
+    if draw != "pcg64":
+        return torch.randint(low, -low - 1, (count,), dtype=dtype)
+    words = torch.randint(low, -low - 1, (2,), dtype=torch.int64).tolist()
+    seed = ((words[0] & (2**64 - 1)) << 64) | (words[1] & (2**64 - 1))
+    return torch.from_numpy(np.random.PCG64DXSM(seed).random_raw(count).view(np.int64))
+
+
+def dropout_mask(x: torch.Tensor, p: float, draw: str = "pcg64") -> tuple[torch.Tensor, float]:
     """`fast_dropout`'s mask for `x` and the factor of the kept elements: (keep, 1 / (1 - p')), a uint8
     tensor of x's shape holding 1 (kept) or 0 and p' = p rounded to k / 65536. A p' of 1 gives an all-zero
-    mask and factor 0 without drawing; otherwise ceil(n / 4) int64 numbers (`draw="int32"`: ceil(n / 2)
-    int32 numbers, as before the 64-bit draws) are drawn from torch's default generator. The mask is the
-    comparison's bool result viewed as uint8 (no copy): a float tensor times a uint8 one runs vectorised,
-    times a bool one converts the bool to float first -- 3.4x slower for a (640, 1536) float32 product on
-    2 Zen 5 threads, the same numbers -- and both beat `masked_fill` and `torch.where` here."""
+    mask and factor 0 without drawing; otherwise ceil(n / 4) 64-bit numbers (`draw="int32"`: ceil(n / 2)
+    32-bit numbers, as before the 64-bit draws) come from `random_bits`, each split in 16-bit parts. The
+    mask is the comparison's bool result viewed as uint8 (no copy): a float tensor times a uint8 one runs
+    vectorised, times a bool one converts the bool to float first -- 3.4x slower for a (640, 1536) float32
+    product on 2 Zen 5 threads, the same numbers -- and both beat `masked_fill` and `torch.where` here."""
     if not 0 <= p <= 1:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     dropped = int(round(p * 65536))  # of every 65536 elements, on average
@@ -306,19 +334,16 @@ def dropout_mask(x: torch.Tensor, p: float, draw: str = "int64") -> tuple[torch.
         return torch.zeros(x.shape, dtype=torch.uint8, device=x.device), 0.0
     n = x.numel()
     threshold = dropped - 32768  # int16 draws are uniform on [-32768, 32767]
-    dtype, per_draw = DRAWS[draw]
-    # The whole range, so every 16-bit part is uniform (torch draws v % (2^k - 1) + low: one value never,
-    # one twice; a bias of 2^-k).
-    low = torch.iinfo(dtype).min
-    bits = torch.randint(low, -low - 1, ((n + per_draw - 1) // per_draw,), dtype=dtype, device=x.device)
+    _, per_draw = DRAWS[draw]
+    bits = random_bits((n + per_draw - 1) // per_draw, draw).to(x.device)
     keep = bits.view(torch.int16)[:n].view(x.shape) >= threshold  # P(keep) = 1 - dropped / 65536
     return keep.view(torch.uint8), 65536 / (65536 - dropped)
 
 
 class FastDropout(nn.Dropout):
-    """`nn.Dropout` whose CPU training mask costs a quarter of a 64-bit draw per element (see module doc)."""
+    """`nn.Dropout` whose CPU training mask costs a quarter of a 64-bit PCG64 draw per element (see module doc)."""
 
-    draw = "int64"  # dropout_mask's draw
+    draw = "pcg64"  # dropout_mask's draw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace or not x.is_floating_point():
@@ -326,11 +351,22 @@ class FastDropout(nn.Dropout):
         return fast_dropout(x, self.p, self.draw)
 
 
+class FastDropoutInt64(FastDropout):
+    """`FastDropout` drawing its 64-bit numbers from torch's generator, as lorafit did before the PCG64 draws:
+    a run whose compute.json records `dropout_draw: int64` resumes with it (job.cpu_kernels), keeping its masks."""
+
+    draw = "int64"
+
+
 class FastDropoutInt32(FastDropout):
     """`FastDropout` drawing one 32-bit number per two elements, as lorafit did before its 64-bit draws: a
     run whose compute.json predates them resumes with it (job.cpu_kernels), keeping its dropout masks."""
 
     draw = "int32"
+
+
+#: The FastDropout class of each draw: a resumed run replays the one its compute.json records.
+DROPOUT_BY_DRAW = {cls.draw: cls for cls in (FastDropout, FastDropoutInt64, FastDropoutInt32)}
 
 
 def _swap(model: nn.Module, source: type, target: type) -> list[nn.Module]:
@@ -344,11 +380,11 @@ def _swap(model: nn.Module, source: type, target: type) -> list[nn.Module]:
 
 
 def use_fast_dropout(model: nn.Module, enable: bool = True) -> int:
-    """Switch every plain `nn.Dropout` of `model` to `FastDropout` (or every `FastDropout`, of either draw, back);
+    """Switch every plain `nn.Dropout` of `model` to `FastDropout` (or every `FastDropout`, of any draw, back);
     returns how many changed. The unrecorded switch: loading and training use `use_fast_paths`."""
     if enable:
         return len(_swap(model, nn.Dropout, FastDropout))
-    return len(_swap(model, FastDropoutInt32, nn.Dropout) + _swap(model, FastDropout, nn.Dropout))
+    return sum(len(_swap(model, cls, nn.Dropout)) for cls in DROPOUT_BY_DRAW.values())
 
 
 @dataclass(eq=False)
@@ -356,15 +392,22 @@ class FastPaths:
     """The CPU fast paths `use_fast_paths` switched on in one model, and the way back.
 
     `counts`: layers switched, by kind (`onednn_linear`, `fast_dropout`; `fused_lora` from
-    fused_lora.use_fused_lora); a kind is present when it was asked for and usable here, even if the
-    model had no such layer -- except `fused_lora`, present only for a model with peft LoRA linears.
-    summary.json records it as `cpu_fast_paths`. `undo()` (or leaving `with fast:`) gives every switched module its stock class
-    back; parameters, buffers and state_dict keys were never touched, so the model computes exactly
-    as before the switch. Undoing twice does nothing.
+    fused_lora.use_fused_lora; `attention_dropout`, configs switched, from
+    attention_dropout.use_attention_dropout); a kind is present when it was asked for and usable here,
+    even if the model had no such layer -- except `fused_lora`, present only for a model with peft LoRA
+    linears. summary.json records it as `cpu_fast_paths`. `undo()` (or leaving `with fast:`) gives every
+    switched module its stock class back and runs what `on_undo` was given, latest first; parameters,
+    buffers and state_dict keys were never touched, so the model computes exactly as before the switch.
+    Undoing twice does nothing.
     """
 
     counts: dict[str, int] = field(default_factory=dict)
     switched: list[tuple[nn.Module, type]] = field(default_factory=list, repr=False)  # (module, its stock class)
+    undos: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def on_undo(self, action: Callable[[], None]) -> None:
+        """Run `action` when the fast paths are undone (a switch that is not a class change)."""
+        self.undos.append(action)
 
     def switch(self, model: nn.Module, kind: str, source: type, target: type) -> None:
         """Give every module of exactly class `source` the class `target` (its subclass), recorded under `kind`."""
@@ -377,6 +420,8 @@ class FastPaths:
             module, stock = self.switched.pop()
             module.__class__ = stock
             forget_casts(module)  # what CastOnceLinear and the fused LoRA path kept
+        while self.undos:
+            self.undos.pop()()
 
     def __enter__(self) -> FastPaths:
         return self
