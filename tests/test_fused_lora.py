@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import types
 
 import peft
@@ -232,11 +233,13 @@ def test_dropout_that_drops_everything_leaves_the_base_layer():
     _close(_forward_backward(fused, x, 0), _forward_backward(stock, x, 0))
 
 
-@pytest.mark.parametrize("recorded, fused, draw", [
-    (None, True, "pcg64"), ({"onednn_linear": True, "fused_lora": True, "dropout_draw": "pcg64"}, True, "pcg64"),
-    ({"onednn_linear": True, "fused_lora": True, "dropout_draw": "int64"}, True, "int64"),
-    ({"onednn_linear": True, "fused_lora": True}, True, "int32"), ({"onednn_linear": True}, False, "int32")])
-def test_training_fuses_new_runs_and_resumes_old_ones_as_they_started(recorded, fused, draw):
+@pytest.mark.parametrize("recorded, fused, draw, shared", [
+    (None, True, "pcg64", True),
+    ({"onednn_linear": True, "fused_lora": True, "shared_lora_inputs": True, "dropout_draw": "pcg64"}, True, "pcg64", True),
+    ({"onednn_linear": True, "fused_lora": True, "dropout_draw": "pcg64"}, True, "pcg64", False),
+    ({"onednn_linear": True, "fused_lora": True, "dropout_draw": "int64"}, True, "int64", False),
+    ({"onednn_linear": True, "fused_lora": True}, True, "int32", False), ({"onednn_linear": True}, False, "int32", False)])
+def test_training_fuses_new_runs_and_resumes_old_ones_as_they_started(recorded, fused, draw, shared):
     """job.cpu_kernels: a new run fuses and draws PCG64 dropout numbers, and records both; a run resumed from
     a compute.json written before the fused path existed (no `fused_lora` entry) continues with peft's layers,
     the summation order it began with, one written before the PCG64 draws (`dropout_draw: int64`) with
@@ -252,6 +255,8 @@ def test_training_fuses_new_runs_and_resumes_old_ones_as_they_started(recorded, 
     assert any(type(m) is FusedLoraLinear for m in model.modules()) is fused
     assert choice["dropout_draw"] == draw
     assert ("attention_dropout" in counts) is (draw == "pcg64")  # older draws keep SDPA's attention masks
+    assert choice["shared_lora_inputs"] is shared and ("shared_lora_inputs" in counts) is shared
+    assert all(getattr(m, "share_inputs", False) is shared for m in model.modules() if type(m) is FusedLoraLinear)
     dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
     assert dropouts and all(type(m).draw == draw for m in dropouts)
     if fused:  # the fused layer draws as its dropout module does: peft's forward through that module agrees
@@ -262,3 +267,99 @@ def test_training_fuses_new_runs_and_resumes_old_ones_as_they_started(recorded, 
         y = layer(x)
         torch.manual_seed(7)
         torch.testing.assert_close(y, peft.tuners.lora.layer.Linear.forward(layer, x), rtol=1e-5, atol=1e-6)
+
+
+class QKV(nn.Module):
+    """Three linears reading one input, as BERT's query, key and value do."""
+
+    def __init__(self, width: int = 24):
+        super().__init__()
+        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
+
+    def forward(self, x):
+        return torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)
+
+
+def _peft_qkv(p: float = 0.25) -> nn.Module:
+    torch.manual_seed(0)
+    model = peft.get_peft_model(QKV(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=p, target_modules=["query", "key", "value"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_shared_inputs_draw_one_mask_for_query_key_and_value(bf16):
+    """use_fused_lora(share_inputs=True): linears called on the same tensor share its cast and one dropout mask,
+    drawn once from the random stream: the function of one LoRA of rank 3r on a fused QKV projection."""
+    model = _peft_qkv()
+    shared = copy.deepcopy(model)
+    fast = _fast(shared, False, fused=False)
+    use_fused_lora(shared, fast, share_inputs=True)
+    assert fast.counts["shared_lora_inputs"] == 1
+    shared.train()
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        torch.manual_seed(4)
+        y = shared(x)
+        after = torch.rand(1)
+    torch.manual_seed(4)
+    keep, scale = kernels.dropout_mask(torch.empty(10, 24), 0.25)
+    assert torch.equal(torch.rand(1), after)  # one mask drawn, not three
+    # The same function written out with that one mask, on the same (bf16-cast) operands.
+    cast = (lambda t: t.bfloat16()) if bf16 else (lambda t: t)
+    x_ref = x.detach().clone().requires_grad_(True)
+    dropped = cast(x_ref.reshape(10, 24)) * keep * scale
+    outs = []
+    for name in ("query", "key", "value"):
+        layer = getattr(model.base_model.model, name)
+        a, b = cast(layer.lora_A["default"].weight), cast(layer.lora_B["default"].weight)
+        base = cast(x_ref.reshape(10, 24)) @ cast(layer.base_layer.weight).t() + cast(layer.base_layer.bias)
+        outs.append((base + (dropped @ a.t()) @ b.t() * layer.scaling["default"]).reshape(2, 5, 24))
+    ref = torch.cat(outs, dim=-1)
+    tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y.float(), ref.float(), **tol)
+    g = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+    (y.float() * g).sum().backward()
+    (ref.float() * g).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+    for name in ("query", "key", "value"):
+        ours = getattr(shared.base_model.model, name).lora_A["default"].weight.grad
+        theirs = getattr(model.base_model.model, name).lora_A["default"].weight.grad
+        torch.testing.assert_close(ours, theirs, **tol)
+    fast.undo()
+    assert not any("share_inputs" in vars(m) for m in shared.modules())
+
+
+def test_shared_inputs_redraw_for_another_tensor_or_an_in_place_change(monkeypatch):
+    model = _peft_qkv()
+    use_fused_lora(model, _fast(model, False, fused=False), share_inputs=True)
+    model.train()
+    layers = [getattr(model.base_model.model, n) for n in ("query", "key", "value")]
+    draws = []
+    real = kernels.dropout_mask
+
+    def counting(x, p, draw="pcg64"):
+        draws.append(x.shape)
+        return real(x, p, draw)
+
+    monkeypatch.setattr(importlib.import_module("lorafit.fused_lora"), "dropout_mask", counting)
+    x = torch.randn(6, 24)
+    layers[0](x), layers[1](x)
+    assert len(draws) == 1
+    layers[2](x.clone())  # another tensor with the same values: its own mask
+    assert len(draws) == 2
+    x.add_(1.0)  # changed in place since: a new mask
+    layers[0](x)
+    assert len(draws) == 3
+    layers[1].lora_dropout["default"].p = 0.5  # other dropout: its own mask
+    layers[1](x)
+    assert len(draws) == 4
+    unshared = _peft_qkv()
+    use_fused_lora(unshared, _fast(unshared, False, fused=False))
+    unshared.train()
+    for name in ("query", "key", "value"):
+        getattr(unshared.base_model.model, name)(x)
+    assert len(draws) == 7  # without share_inputs (runs begun before it): one mask per linear

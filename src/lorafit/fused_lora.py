@@ -31,9 +31,17 @@ other than float32 (or bf16 under bf16 autocast) on the CPU, other autocast dtyp
 `use_fused_lora(model, fast)` switches a model's LoRA linears and records them in the `kernels.FastPaths`
 of the other CPU fast paths (undone with them); training calls it on CPU unless `train.cpu_kernels` is
 `stock` (job.cpu_kernels). Loaded runs are merged, so prediction has no LoRA layers to switch.
+
+With `share_inputs=True` (new training runs; compute.json `shared_lora_inputs`), linears called one after
+another on the very same tensor -- BERT's query, key and value on one hidden state -- share its bf16 cast
+and one dropout mask: the three adapters then compute what one LoRA of rank 3r on a fused QKV projection
+computes (peft's own modules draw a mask each, as runs begun before this do when resumed).
 """
 
 from __future__ import annotations
+
+import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -142,13 +150,12 @@ class FusedLoraLinear(PeftLoraLinear):
         bf16 as autocast's linear does; gradients reach the float32 parameters and x through the casts."""
         base, lora_a, lora_b = self.base_layer, self.lora_A[name], self.lora_B[name]
         dropout, scaling = self.lora_dropout[name], float(self.scaling[name])
-        x2, weight, bias, a, b = x.reshape(-1, base.in_features), base.weight, base.bias, lora_a.weight, lora_b.weight
+        weight, bias, a, b = base.weight, base.bias, lora_a.weight, lora_b.weight
         if dtype is not None:  # the frozen base weight and bias cast once (frozen_casts.py), the adapter every call
-            x2, a, b = x2.to(dtype), a.to(dtype), b.to(dtype)
+            a, b = a.to(dtype), b.to(dtype)
             weight, bias = cast_once(base, "weight", dtype), cast_once(base, "bias", dtype)
-        keep, keep_scale = None, 1.0
-        if isinstance(dropout, FastDropout) and dropout.training and dropout.p > 0:
-            keep, keep_scale = dropout_mask(x2, dropout.p, dropout.draw)
+        p = dropout.p if isinstance(dropout, FastDropout) and dropout.training and dropout.p > 0 else 0.0
+        x2, keep, keep_scale = self._input(x, dtype, p, dropout.draw if p else None)
         onednn = type(base) is OneDnnLinear and dtype is None  # oneDNN's private op: float32 only
         operands = (x2, weight, bias, a, b, scaling, keep, keep_scale, onednn)
         if torch.is_grad_enabled() and (x.requires_grad or lora_a.weight.requires_grad or lora_b.weight.requires_grad):
@@ -158,9 +165,46 @@ class FusedLoraLinear(PeftLoraLinear):
         return y.reshape(*x.shape[:-1], base.out_features)
 
 
-def use_fused_lora(model: nn.Module, fast: FastPaths) -> FastPaths:
+    def _input(self, x: torch.Tensor, dtype: torch.dtype | None, p: float, draw: str | None):
+        """(x as (M, in) in the compute dtype, its dropout mask or None, the kept elements' factor).
+
+        With `share_inputs` (use_fused_lora), the fused linear called next on the very same tensor -- same
+        object, not modified in place since, same compute dtype and dropout -- takes the same three: query,
+        key and value read one hidden state, so it is cast once and dropped out by one mask, as one LoRA on
+        a fused QKV projection would be (peft gives each module its own mask). Inference-mode tensors,
+        which keep no version counter, are not shared."""
+        share = getattr(self, "share_inputs", False) and not x.is_inference()  # (no version counter to check)
+        key = (x._version, dtype, p, draw) if share else None
+        if share:
+            last = getattr(_last_input, "entry", None)
+            if last is not None and last[0]() is x and last[1] == key:
+                return last[2]
+        x2 = x.reshape(-1, self.base_layer.in_features)
+        if dtype is not None:
+            x2 = x2.to(dtype)
+        keep, keep_scale = dropout_mask(x2, p, draw) if p else (None, 1.0)
+        if share:
+            _last_input.entry = (weakref.ref(x), key, (x2, keep, keep_scale))
+        return x2, keep, keep_scale
+
+
+#: The last input a sharing fused linear saw, per thread: (weak reference to it, its key, what `_input` made).
+_last_input = threading.local()
+
+
+def use_fused_lora(model: nn.Module, fast: FastPaths, share_inputs: bool = False) -> FastPaths:
     """Switch every peft LoRA linear of `model` to `FusedLoraLinear`, recorded in `fast` as `fused_lora`
-    (undone by `fast.undo()` with the other fast paths); a model without any gains no entry."""
+    (undone by `fast.undo()` with the other fast paths); a model without any gains no entry.
+
+    `share_inputs`: linears called one after another on the same tensor share its cast and dropout mask
+    (FusedLoraLinear._input; training turns it on for new runs, job.cpu_kernels), recorded as
+    `fast.counts["shared_lora_inputs"]` (1)."""
     if any(type(module) is PeftLoraLinear for module in model.modules()):
         fast.switch(model, "fused_lora", PeftLoraLinear, FusedLoraLinear)
+        if share_inputs:
+            switched = [module for module in model.modules() if type(module) is FusedLoraLinear]
+            for module in switched:
+                module.share_inputs = True
+            fast.on_undo(lambda: [module.__dict__.pop("share_inputs", None) for module in switched])
+            fast.counts["shared_lora_inputs"] = 1
     return fast

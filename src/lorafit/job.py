@@ -280,7 +280,8 @@ def cpu_kernels(cfg: Config, model: nn.Module, device: torch.device, world: Worl
     """
     if device.type != "cpu" or cfg.train.cpu_kernels == "stock":
         why = "not a CPU run" if device.type != "cpu" else "train.cpu_kernels=stock"
-        return {}, {"onednn_linear": False, "fast_dropout": False, "fused_lora": False, "dropout_draw": None, "reason": why,
+        return {}, {"onednn_linear": False, "fast_dropout": False, "fused_lora": False, "shared_lora_inputs": False,
+                    "dropout_draw": None, "reason": why,
                     "cpu": hardware.cpu_info()}
     if cfg.train.cpu_kernels == "onednn":
         decision = {"onednn_linear": True, "reason": "train.cpu_kernels=onednn"}
@@ -290,8 +291,10 @@ def cpu_kernels(cfg: Config, model: nn.Module, device: torch.device, world: Worl
         decision = world.gather_objects(kernels.decide(torch.get_num_threads()) if world.is_main else None)[0]
     paths = kernels.use_fast_paths(model, device, onednn=bool(decision["onednn_linear"]))
     # A run started before the fused LoRA linear existed resumes without it (its summation order).
+    # Sharing a layer input's cast and dropout mask (query, key, value) began later still: a run recorded
+    # without it resumes drawing one mask per linear.
     if recorded is None or recorded.get("fused_lora"):
-        fused_lora.use_fused_lora(model, paths)
+        fused_lora.use_fused_lora(model, paths, share_inputs=recorded is None or bool(recorded.get("shared_lora_inputs")))
     # ... and one started before today's dropout draws keeps drawing its masks as it began: int64 (torch's
     # generator, before the PCG64 draws) or, with no draw recorded (before the 64-bit draws), int32.
     dropout = kernels.FastDropout
@@ -306,7 +309,7 @@ def cpu_kernels(cfg: Config, model: nn.Module, device: torch.device, world: Worl
     fast = paths.counts
     draw = dropout.draw if "fast_dropout" in fast else None
     choice = {**decision, "onednn_linear": "onednn_linear" in fast, "fast_dropout": "fast_dropout" in fast,
-              "fused_lora": "fused_lora" in fast, "dropout_draw": draw}
+              "fused_lora": "fused_lora" in fast, "shared_lora_inputs": "shared_lora_inputs" in fast, "dropout_draw": draw}
     return fast, {"cpu": hardware.cpu_info(), **choice}
 
 

@@ -392,7 +392,7 @@ class FastPaths:
     """The CPU fast paths `use_fast_paths` switched on in one model, and the way back.
 
     `counts`: layers switched, by kind (`onednn_linear`, `fast_dropout`; `fused_lora` from
-    fused_lora.use_fused_lora; `attention_dropout`, configs switched, from
+    fused_lora.use_fused_lora, with `shared_lora_inputs` (1) where it shares inputs; `attention_dropout`, configs switched, from
     attention_dropout.use_attention_dropout); a kind is present when it was asked for and usable here,
     even if the model had no such layer -- except `fused_lora`, present only for a model with peft LoRA
     linears. summary.json records it as `cpu_fast_paths`. `undo()` (or leaving `with fast:`) gives every
