@@ -357,9 +357,26 @@ def test_shared_inputs_redraw_for_another_tensor_or_an_in_place_change(monkeypat
     layers[1].lora_dropout["default"].p = 0.5  # other dropout: its own mask
     layers[1](x)
     assert len(draws) == 4
+    x = torch.randn(6, 24, requires_grad=True)
+    with torch.no_grad():  # another grad mode: what was made without grad must not feed a graph
+        layers[0](x)
+    assert len(draws) == 5
+    layers[2](x).sum().backward()  # (layers[1]'s dropout differs now)
+    assert len(draws) == 6 and x.grad is not None and x.grad.abs().sum() > 0
     unshared = _peft_qkv()
     use_fused_lora(unshared, _fast(unshared, False, fused=False))
     unshared.train()
     for name in ("query", "key", "value"):
         getattr(unshared.base_model.model, name)(x)
-    assert len(draws) == 7  # without share_inputs (runs begun before it): one mask per linear
+    assert len(draws) == 9  # without share_inputs (runs begun before it): one mask per linear
+
+
+def test_a_run_recording_an_unknown_draw_is_refused_in_one_line():
+    from lorafit import job
+    from lorafit.distributed import World
+    from lorafit.errors import UserError
+
+    cfg = types.SimpleNamespace(train=types.SimpleNamespace(cpu_kernels="auto"))
+    with pytest.raises(UserError, match="dropout draws 'philox9'.*resume it with the lorafit version that started it"):
+        job.cpu_kernels(cfg, _peft_block(), torch.device("cpu"), World.from_env(),
+                        {"onednn_linear": False, "fused_lora": True, "dropout_draw": "philox9"})

@@ -15,7 +15,8 @@ does not apply (evaluation, dropout 0, off the CPU, anything but a plain encoder
 grouped-query attention, position biases, soft-capping, attention weights asked for).
 
 As the math path does, float16/bfloat16 inputs (CPU autocast) are computed in float32 and the output
-cast back; rows whose keys are all masked give zeros (SDPA's safe softmax). Results equal the math
+cast back; rows whose keys are all masked (boolean False or additive -inf) give zeros (SDPA's safe
+softmax). A module without an `is_causal` attribute counts as causal, as sdpa_attention_forward reads it. Results equal the math
 path's with the same mask up to float summation order (tests/test_attention_dropout.py).
 
 `use_attention_dropout(model, fast)` registers `attention` with transformers' `AttentionInterface` as
@@ -49,7 +50,7 @@ def _applies(module: nn.Module, query: torch.Tensor, attention_mask: torch.Tenso
     PCG64 FastDropout, on a plain bidirectional encoder's attention."""
     drop = getattr(module, "dropout", None)
     return (dropout > 0 and module.training and query.device.type == "cpu" and type(drop) is FastDropout
-            and drop.p == dropout and not (is_causal if is_causal is not None else getattr(module, "is_causal", False))
+            and drop.p == dropout and not (is_causal if is_causal is not None else getattr(module, "is_causal", True))
             and getattr(module, "num_key_value_groups", 1) == 1 and kwargs.get("position_bias") is None
             and kwargs.get("softcap") is None and not kwargs.get("output_attentions", False)
             and (attention_mask is None or attention_mask.dim() == 4) and not torch.jit.is_tracing()
@@ -74,18 +75,16 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     with torch.autocast("cpu", enabled=False):
         scores = torch.matmul(query, key.transpose(-2, -1)).mul_(scale)
-        empty = None
         if attention_mask is not None:
             if attention_mask.dtype == torch.bool:
                 scores = scores.masked_fill(~attention_mask, float("-inf"))
-                empty = ~attention_mask.any(-1, keepdim=True)
-                if not empty.any():
-                    empty = None
             else:
                 scores = scores + attention_mask.to(scores.dtype)
         probs = torch.softmax(scores, dim=-1)
-        if empty is not None:  # SDPA's safe softmax: a row with no key to attend to gives zeros
-            probs = probs.masked_fill(empty, 0.0)
+        if attention_mask is not None:  # SDPA's safe softmax: a row with no key to attend to gives zeros
+            empty = torch.isneginf(scores).all(-1, keepdim=True)
+            if empty.any():
+                probs = probs.masked_fill(empty, 0.0)
         keep, keep_scale = dropout_mask(probs, dropout, module.dropout.draw)
         output = torch.matmul(apply_mask(probs, keep, keep_scale), value)
     return output.to(dtype).transpose(1, 2).contiguous(), None

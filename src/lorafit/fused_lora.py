@@ -19,7 +19,8 @@ and its backward by hand:
 
 It saves what peft's nodes save (the dropped-out input, h and the mask) and allocates no (tokens x
 out) temporary. Dropout draws its mask exactly as `kernels.FastDropout` does, from the same random
-stream in the same order, so a run's random draws do not change with the switch; results equal
+stream in the same order, so a run's random draws do not change with the switch (unless it shares
+inputs, below); results equal
 peft's path up to float summation order (tests/test_fused_lora.py: outputs and gradients within
 1e-5). Under CPU autocast to bf16 (`train.precision=bf16` on CPU) the same node runs on bf16 casts of
 x and the weights and returns bf16, as autocast's linear does (peft's path under autocast up to bf16
@@ -169,12 +170,14 @@ class FusedLoraLinear(PeftLoraLinear):
         """(x as (M, in) in the compute dtype, its dropout mask or None, the kept elements' factor).
 
         With `share_inputs` (use_fused_lora), the fused linear called next on the very same tensor -- same
-        object, not modified in place since, same compute dtype and dropout -- takes the same three: query,
+        object, not modified in place since, same compute dtype, dropout and grad mode -- takes the same three: query,
         key and value read one hidden state, so it is cast once and dropped out by one mask, as one LoRA on
         a fused QKV projection would be (peft gives each module its own mask). Inference-mode tensors,
-        which keep no version counter, are not shared."""
+        which keep no version counter, are not shared. The entry lives until the next sharing call (or the
+        fast paths' undo); a forward pass reads fresh tensors from its first layer on, so none is reused
+        across passes -- a model fed one tensor object twice, unchanged, would be (lorafit's are not)."""
         share = getattr(self, "share_inputs", False) and not x.is_inference()  # (no version counter to check)
-        key = (x._version, dtype, p, draw) if share else None
+        key = (x._version, dtype, p, draw, torch.is_grad_enabled()) if share else None
         if share:
             last = getattr(_last_input, "entry", None)
             if last is not None and last[0]() is x and last[1] == key:
@@ -205,6 +208,11 @@ def use_fused_lora(model: nn.Module, fast: FastPaths, share_inputs: bool = False
             switched = [module for module in model.modules() if type(module) is FusedLoraLinear]
             for module in switched:
                 module.share_inputs = True
-            fast.on_undo(lambda: [module.__dict__.pop("share_inputs", None) for module in switched])
+            def unshare() -> None:
+                for module in switched:
+                    module.__dict__.pop("share_inputs", None)
+                _last_input.__dict__.pop("entry", None)  # this thread's; others' go with their next input
+
+            fast.on_undo(unshare)
             fast.counts["shared_lora_inputs"] = 1
     return fast

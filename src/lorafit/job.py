@@ -281,7 +281,7 @@ def cpu_kernels(cfg: Config, model: nn.Module, device: torch.device, world: Worl
     if device.type != "cpu" or cfg.train.cpu_kernels == "stock":
         why = "not a CPU run" if device.type != "cpu" else "train.cpu_kernels=stock"
         return {}, {"onednn_linear": False, "fast_dropout": False, "fused_lora": False, "shared_lora_inputs": False,
-                    "dropout_draw": None, "reason": why,
+                    "attention_dropout": False, "dropout_draw": None, "reason": why,
                     "cpu": hardware.cpu_info()}
     if cfg.train.cpu_kernels == "onednn":
         decision = {"onednn_linear": True, "reason": "train.cpu_kernels=onednn"}
@@ -299,7 +299,11 @@ def cpu_kernels(cfg: Config, model: nn.Module, device: torch.device, world: Worl
     # generator, before the PCG64 draws) or, with no draw recorded (before the 64-bit draws), int32.
     dropout = kernels.FastDropout
     if recorded is not None and "fast_dropout" in paths.counts:
-        replay = kernels.DROPOUT_BY_DRAW[recorded.get("dropout_draw") or "int32"]
+        recorded_draw = recorded.get("dropout_draw") or "int32"
+        if recorded_draw not in kernels.DROPOUT_BY_DRAW:
+            raise UserError(f"this run's compute.json records dropout draws {recorded_draw!r}, which this lorafit does not know "
+                            f"(it knows {', '.join(kernels.DROPOUT_BY_DRAW)}): resume it with the lorafit version that started it")
+        replay = kernels.DROPOUT_BY_DRAW[recorded_draw]
         if replay is not dropout:
             paths.switch(model, "fast_dropout", dropout, replay)
             dropout = replay
@@ -309,7 +313,8 @@ def cpu_kernels(cfg: Config, model: nn.Module, device: torch.device, world: Worl
     fast = paths.counts
     draw = dropout.draw if "fast_dropout" in fast else None
     choice = {**decision, "onednn_linear": "onednn_linear" in fast, "fast_dropout": "fast_dropout" in fast,
-              "fused_lora": "fused_lora" in fast, "shared_lora_inputs": "shared_lora_inputs" in fast, "dropout_draw": draw}
+              "fused_lora": "fused_lora" in fast, "shared_lora_inputs": "shared_lora_inputs" in fast,
+              "attention_dropout": bool(fast.get("attention_dropout")), "dropout_draw": draw}
     return fast, {"cpu": hardware.cpu_info(), **choice}
 
 
