@@ -30,11 +30,13 @@ class Block(nn.Module):
         return self.value(torch.tanh(self.query(x)))
 
 
-def _peft_block(seed: int = 0, dropout: float = 0.1, **lora) -> nn.Module:
-    """A LoRA-adapted `Block` with non-zero B (peft starts B at zero, which would hide dB A and dh)."""
+def _peft_block(seed: int = 0, dropout: float = 0.1, block: type = None, alpha: int = 12, **lora) -> nn.Module:
+    """A LoRA-adapted `Block` (or `block`) with non-zero B (peft starts B at zero, which would hide dB A and dh)."""
+    block = block or Block
     torch.manual_seed(seed)
-    config = peft.LoraConfig(r=4, lora_alpha=12, lora_dropout=dropout, target_modules=["query", "value"], **lora)
-    model = peft.get_peft_model(Block(), config)
+    targets = ["query", "key", "value"] if block is QKV else ["query", "value"]
+    config = peft.LoraConfig(r=4, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, **lora)
+    model = peft.get_peft_model(block(), config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -280,21 +282,11 @@ class QKV(nn.Module):
         return torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)
 
 
-def _peft_qkv(p: float = 0.25) -> nn.Module:
-    torch.manual_seed(0)
-    model = peft.get_peft_model(QKV(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=p, target_modules=["query", "key", "value"]))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.3)
-    return model
-
-
 @pytest.mark.parametrize("bf16", [False, True])
 def test_shared_inputs_draw_one_mask_for_query_key_and_value(bf16):
     """use_fused_lora(share_inputs=True): linears called on the same tensor share its cast and one dropout mask,
     drawn once from the random stream: the function of one LoRA of rank 3r on a fused QKV projection."""
-    model = _peft_qkv()
+    model = _peft_block(dropout=0.25, block=QKV, alpha=8)
     shared = copy.deepcopy(model)
     fast = _fast(shared, False, fused=False)
     use_fused_lora(shared, fast, share_inputs=True)
@@ -334,7 +326,7 @@ def test_shared_inputs_draw_one_mask_for_query_key_and_value(bf16):
 
 
 def test_shared_inputs_redraw_for_another_tensor_or_an_in_place_change(monkeypatch):
-    model = _peft_qkv()
+    model = _peft_block(dropout=0.25, block=QKV, alpha=8)
     use_fused_lora(model, _fast(model, False, fused=False), share_inputs=True)
     model.train()
     layers = [getattr(model.base_model.model, n) for n in ("query", "key", "value")]
@@ -363,7 +355,7 @@ def test_shared_inputs_redraw_for_another_tensor_or_an_in_place_change(monkeypat
     assert len(draws) == 5
     layers[2](x).sum().backward()  # (layers[1]'s dropout differs now)
     assert len(draws) == 6 and x.grad is not None and x.grad.abs().sum() > 0
-    unshared = _peft_qkv()
+    unshared = _peft_block(dropout=0.25, block=QKV, alpha=8)
     use_fused_lora(unshared, _fast(unshared, False, fused=False))
     unshared.train()
     for name in ("query", "key", "value"):

@@ -208,6 +208,7 @@ def use_fused_lora(model: nn.Module, fast: FastPaths, share_inputs: bool = False
             switched = [module for module in model.modules() if type(module) is FusedLoraLinear]
             for module in switched:
                 module.share_inputs = True
+
             def unshare() -> None:
                 for module in switched:
                     module.__dict__.pop("share_inputs", None)

@@ -293,8 +293,9 @@ def apply_mask(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tenso
     return (x * keep).mul_(scale)
 
 
-#: How dropout_mask draws its 16-bit numbers: (torch dtype, 16-bit numbers per draw) for draws from torch's
-#: generator, by name; "pcg64" is the default (see `random_bits`), the others replay older runs' masks.
+#: How dropout_mask draws its 16-bit numbers, by name: (dtype of the drawn numbers, 16-bit numbers per draw).
+#: "pcg64" is the default (numpy's generator seeded from torch's, see `random_bits`); "int64" and "int32"
+#: (torch's generator) replay older runs' masks.
 DRAWS = {"pcg64": (torch.int64, 4), "int64": (torch.int64, 4), "int32": (torch.int32, 2)}
 
 
