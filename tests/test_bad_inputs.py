@@ -324,3 +324,13 @@ def test_predict_text_that_is_not_utf8(tiny_bert, tiny_data, tmp_path, capsys):
     capsys.readouterr()
     assert main(["predict", str(out), "pizza", "caf\udce9"]) == 2
     assert capsys.readouterr().err == "lorafit: error: text 2 is not valid UTF-8: 'caf\\udce9'; pass texts in UTF-8\n"
+
+
+def test_a_check_that_combines_settings_words_its_own_line():
+    """Config._combinations' errors name their keys themselves: no empty key, no echo of the whole config."""
+    from lorafit.config import load_config
+
+    with pytest.raises(UserError) as caught:
+        load_config(None, ["train.keep=last", "train.patience=3"])
+    assert str(caught.value) == ("config error: train.patience stops on validation, which train.keep=last keeps out of "
+                                 "choosing the weights; set train.patience=null or train.keep=best")

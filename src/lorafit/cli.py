@@ -55,12 +55,22 @@ def _add_precision(p: argparse.ArgumentParser, cuda: bool = True) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .train import resume, train
+    from .train import resume, train, train_final
 
     if args.resume:
-        if args.items or args.out or args.data:
+        if args.items or args.out or args.data or args.final:
             raise UserError("--resume takes only the run folder: its config.yaml holds the settings")
         result = resume(args.resume)
+        if result.summary:
+            print(f"run saved to {result.path}")
+        return 0
+    if args.final:
+        if args.items or args.data:
+            raise UserError("--final takes the finished run and --out: the run's config.yaml holds the settings")
+        if not args.out:
+            raise UserError("--out RUN_DIR is required: the final model is a run folder of its own")
+        result = train_final(args.final, args.out, overwrite=args.overwrite, progress=False if args.quiet else None,
+                             epochs=args.final_epochs)
         if result.summary:
             print(f"run saved to {result.path}")
         return 0
@@ -354,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "snips, trec6), a CSV/JSONL/Parquet file, a folder of split files or hf:<hub id>; without a config "
                    "file the defaults pick the rest (README: One recipe for every dataset)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or killed run from its last checkpoint")
+    p.add_argument("--final", metavar="RUN_DIR", help="the final model of a finished run: its recipe trained again on "
+                   "train + validation for its best epoch count, with the temperature and threshold its validation chose")
+    p.add_argument("--final-epochs", choices=["best", "recipe"], default="best",
+                   help="with --final: train the run's best epoch count (default) or its whole train.epochs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)

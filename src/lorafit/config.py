@@ -102,6 +102,10 @@ class DataConfig(_Section):
     """Use only the first N training rows after a seeded shuffle (for smoke runs)."""
     validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
     """Share of train carved out (stratified, seeded) when the dataset has no validation split."""
+    train_on_validation: bool = False
+    """The validation rows (the file's or the carved ones) join the training split, so validation can choose
+    nothing: needs train.keep=last, a fixed ood.temperature (or ood.calibrate=false) and ood.threshold, no OOS
+    data. `lorafit train --final RUN` sets all of it from a finished run (its best epoch, temperature, threshold)."""
     max_length: Annotated[int, Field(ge=8, le=8192)] = 128
     """Texts are truncated to this many tokens."""
     oos_label: str | None = None
@@ -335,6 +339,10 @@ class OodConfig(_Section):
     calibrate: bool = True
     """Fit a temperature on validation after training (Guo et al. 2017) and use it wherever probabilities
     are shown or thresholded."""
+    temperature: Annotated[float, Field(gt=0)] | None = None
+    """A fixed temperature instead of the one fitted on validation (with ood.calibrate); null: fitted."""
+    threshold: float | None = None
+    """A fixed threshold of ood.score instead of one chosen on validation; null: chosen."""
 
 
 class ContrastiveConfig(_Section):
@@ -411,6 +419,8 @@ class Config(_Section):
         if self.train.keep == "last" and self.train.patience is not None:
             raise ValueError("train.patience stops on validation, which train.keep=last keeps out of choosing the "
                              "weights; set train.patience=null or train.keep=best")
+        if self.data.train_on_validation:
+            self._check_train_on_validation()
         if self.train.ema is not None and self.method.name == "adalora":
             raise ValueError("train.ema does not combine with method adalora: its rank budget zeroes singular values "
                              "in place as it trains, which an average of the weights would undo; set train.ema=null")
@@ -418,6 +428,22 @@ class Config(_Section):
             raise ValueError("train.cache_frozen_layers needs adapters in upper layers only: set method.layers (e.g. "
                              "[3, 4, 5] of a 6-layer model) with an adapter method, or turn it off")
         return self
+
+    def _check_train_on_validation(self) -> None:
+        """data.train_on_validation trains on the rows validation holds: nothing may be chosen on them."""
+        how = "(lorafit train --final RUN sets it from a finished run)"
+        if self.data.oos_label is not None or self.data.known_intents is not None:
+            raise ValueError("data.train_on_validation leaves no held-out examples to choose the out-of-scope threshold "
+                             "on; it does not combine with data.oos_label or data.known_intents")
+        if self.train.keep != "last":
+            raise ValueError(f"data.train_on_validation: validation rows are trained on, so they cannot pick the best "
+                             f"epoch; set train.keep=last and train.epochs to the count to train {how}")
+        if self.ood.calibrate and self.ood.temperature is None:
+            raise ValueError(f"data.train_on_validation: a temperature fitted on trained-on rows would be too low; set "
+                             f"ood.temperature {how}, or ood.calibrate=false")
+        if self.ood.threshold is None:
+            raise ValueError(f"data.train_on_validation: a threshold chosen on trained-on rows would be too high; set "
+                             f"ood.threshold {how}")
 
 
 @dataclass(frozen=True)
@@ -582,7 +608,8 @@ def format_validation_error(error: ValidationError) -> str:
             parts.append(f"unknown method {_short_repr(err['input'].get('name'))}; choose one of: {', '.join(registry.names())}")
         else:
             message = err["msg"].removeprefix("Value error, ")  # a validator of ours words its own message
-            parts.append(f"{key}: {message} (got {_short_repr(err['input'])})")
+            # A check of the whole config (Config._combinations) names its keys itself; its input is the whole config.
+            parts.append(f"{key}: {message} (got {_short_repr(err['input'])})" if key else message)
     more = f"; and {len(parts) - 5} more" if len(parts) > 5 else ""
     return "config error: " + "; ".join(parts[:5]) + more
 

@@ -418,6 +418,12 @@ def load(cfg: DataConfig, seed: int) -> tuple[Dataset, DataConfig]:
 
     if few_shot:
         train = _draw_shots(splits, provenance, cfg, seed if cfg.draw_seed is None else cfg.draw_seed)
+    if cfg.train_on_validation:  # config.py refuses it with OOS data, whose validation must choose a threshold
+        validation = splits["validation"]
+        train = splits["train"] = Split(train.texts + validation.texts, train.labels + validation.labels,
+                                        train.rows + validation.rows)
+        provenance["train"] = (f"{provenance.get('train', 'file')}, then the {len(validation)} validation rows appended "
+                               "(data.train_on_validation; their row numbers are validation's)")
 
     label_names = _label_order(train.labels)
     if len(label_names) < 2:

@@ -32,6 +32,7 @@ class Posthoc:
     thresholds: dict[str, dict]  # per score: {"threshold", "rule", validation figures}
     scorers: dict[str, ood.FeatureScorer] = field(default_factory=dict)  # mahalanobis, knn, base_knn
     standardise: dict[str, tuple[float, float]] = field(default_factory=dict)  # hybrid's parts: (mean, sd) on validation
+    fitted_on: str = "validation"  # where the temperature came from
 
     def scores(self, kind: str, features: np.ndarray, logits: np.ndarray, base_features: np.ndarray | None = None) -> np.ndarray:
         """In-scope scores (N,) of examples given their sentence vectors, logits and (for BASE_SCORES) the
@@ -48,10 +49,16 @@ class Posthoc:
 
     def record(self) -> dict:
         """ood.json: the temperature, and every score's threshold with the rule that chose it."""
-        return {"temperature": self.temperature, "fitted_on": "validation",
+        return {"temperature": self.temperature, "fitted_on": self.fitted_on,
                 "validation_calibration": {k: v for k, v in self.validation_calibration.items() if not k.startswith("reliability")},
                 "score": self.score, "threshold": self.thresholds[self.score]["threshold"],
-                "source": f"validation: {self.thresholds[self.score]['rule']}", "scores": self.thresholds}
+                "source": self.source, "scores": self.thresholds}
+
+    @property
+    def source(self) -> str:
+        """Where the deciding threshold came from: 'validation: RULE', or 'fixed (ood.threshold)'."""
+        rule = self.thresholds[self.score]["rule"]
+        return rule if rule.startswith("fixed") else f"validation: {rule}"
 
     @property
     def ready(self) -> bool:
@@ -108,4 +115,4 @@ def load(folder) -> Posthoc | None:
                     arrays = {key.split(".", 1)[1]: f.get_tensor(key) for key in f.keys() if key.startswith(f"{name}.")}
                     scorers[name] = ood.FeatureScorer(info["kind"], arrays, k=int(info["k"]))
     return Posthoc(float(record["temperature"]), record.get("validation_calibration") or {}, record["score"], thresholds,
-                   scorers, standardise)
+                   scorers, standardise, record.get("fitted_on", "validation"))

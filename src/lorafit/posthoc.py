@@ -49,7 +49,12 @@ def fit(job) -> Posthoc:
     cfg: Config = job.cfg
     val_features, val_logits = _split(job, "validation", oos=False)
     val_targets = job.targets["validation"]
-    temperature = calibration.fit_temperature(val_logits, val_targets) if cfg.ood.calibrate else 1.0
+    if not cfg.ood.calibrate:
+        temperature = 1.0
+    elif cfg.ood.temperature is not None:  # fixed (a refit's: chosen where validation was held out)
+        temperature = cfg.ood.temperature
+    else:
+        temperature = calibration.fit_temperature(val_logits, val_targets)
     has_oos = bool(job.oos_tokens["validation"] or job.oos_tokens["test"])
     kinds = list(ood.SCORES) if has_oos else [cfg.ood.score]  # with OOS data: every score, for the table
     scorers = {}
@@ -64,7 +69,8 @@ def fit(job) -> Posthoc:
         scorers["base_knn"] = ood.fit_feature_scorer("knn", _base_vectors(job, job.tokens["train"]), job.targets["train"], k=k)
         base = {oos: _base_vectors(job, job.oos_tokens["validation"] if oos else job.tokens["validation"])
                 for oos in (False, True)}
-    post = Posthoc(temperature, calibration.calibration_record(val_logits, val_targets, temperature), cfg.ood.score, {}, scorers)
+    post = Posthoc(temperature, calibration.calibration_record(val_logits, val_targets, temperature), cfg.ood.score, {}, scorers,
+                   fitted_on="validation" if cfg.ood.temperature is None else "ood.temperature (fixed)")
     if "hybrid" in kinds:  # each part standardised on the in-scope validation examples
         for part in ood.HYBRID_PARTS:
             values = post.scores(part, val_features, val_logits, base.get(False))
@@ -74,7 +80,11 @@ def fit(job) -> Posthoc:
     for kind in kinds:
         in_scope = post.scores(kind, val_features, val_logits, base.get(False))
         outside = post.scores(kind, oos_features, oos_logits, base.get(True)) if len(oos_logits) else None
-        post.thresholds[kind] = ood.choose_threshold(in_scope, outside, correct, cfg.ood.target_recall)
+        if kind == cfg.ood.score and cfg.ood.threshold is not None:
+            post.thresholds[kind] = {"threshold": float(cfg.ood.threshold), "rule": "fixed (ood.threshold)",
+                                     "validation_recall": float((in_scope >= cfg.ood.threshold).mean())}
+        else:
+            post.thresholds[kind] = ood.choose_threshold(in_scope, outside, correct, cfg.ood.target_recall)
     if "hybrid" in kinds:
         post.thresholds["hybrid"]["standardised"] = {part: {"mean": m, "sd": sd} for part, (m, sd) in post.standardise.items()}
     return post

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__, allocator, atomic, batching, checkpoint, contrastive, data, distill, modelcard, posthoc
-from .config import Config, DistillConfig, TrainConfig
+from . import __version__, allocator, atomic, batching, checkpoint, contrastive, data, distill, fitted, modelcard, posthoc
+from .config import Config, DistillConfig, TrainConfig, validate
 from .distributed import World
 from .errors import UserError
 from .evaluate import classification_metrics, softmax
@@ -100,8 +100,9 @@ def _better(metric: str, value: float, best: float | None) -> bool:
     return value < best if metric == "loss" else value > best
 
 
-def train(config: Config | str | Path | dict, out: str | Path, overwrite: bool = False) -> RunResult:
-    """Train, keep the best epoch, evaluate it on test; everything lands in the run folder `out`."""
+def train(config: Config | str | Path | dict, out: str | Path, overwrite: bool = False, final_of: dict | None = None) -> RunResult:
+    """Train, keep the best epoch, evaluate it on test; everything lands in the run folder `out`.
+    `final_of` (train_final's record of the run whose choices this one reuses) goes into config.yaml's `derived`."""
     cfg = as_config(config)
     run = RunDir(out)
     run.check_new(overwrite)
@@ -111,7 +112,7 @@ def train(config: Config | str | Path | dict, out: str | Path, overwrite: bool =
     if job.world.is_main:
         teacher = job.teacher.cpu().numpy() if job.teacher is not None else None
         run.create(overwrite)
-        run.write_config(job.cfg, derived=_derived(job, teacher))
+        run.write_config(job.cfg, derived=_derived(job, teacher) | ({"final_of": final_of} if final_of else {}))
         run.write_json("labels.json", job.dataset.label_names)
         run.write_record(splits_record(job))
         run.write_record(job.compute)
@@ -134,6 +135,49 @@ def _derived(job: Job, teacher: np.ndarray | None) -> dict:
     if teacher is not None:
         derived["distill"] = distill.record(job.cfg.distill, teacher)
     return derived
+
+
+def train_final(run_dir: str | Path, out: str | Path, overwrite: bool = False, progress: bool | None = None,
+                epochs: str = "best") -> RunResult:
+    """The final model of a finished run: its recipe trained again on train + validation (`data.train_on_validation`),
+    keeping the last epoch (validation, now trained on, chooses nothing), with the temperature and out-of-scope
+    threshold its held-out validation chose (`ood.temperature`, `ood.threshold`). `epochs`: "best", as many as the
+    run's best epoch (the usual refit after model selection), or "recipe", the run's own train.epochs (its whole
+    schedule, as if it had kept its last epoch). Where validation was carved from train, that is a tenth more
+    training rows. Test is read once, at the end, as in any run; config.yaml's `derived.final_of` names the run and
+    what was taken from it."""
+    if epochs not in ("best", "recipe"):
+        raise UserError(f"epochs={epochs!r}: choose best (the run's best epoch count) or recipe (its train.epochs)")
+    source = RunDir(run_dir)
+    cfg = source.config()  # a missing folder or config.yaml says so first
+    if not (source.path / "summary.json").is_file():
+        raise UserError(f"{source.path} has not finished training (no summary.json): its best epoch is not chosen yet")
+    if cfg.data.train_on_validation:
+        raise UserError(f"{source.path} already trained on its validation rows; give the run that chose its epochs")
+    if cfg.data.oos_label is not None or cfg.data.known_intents is not None:
+        raise UserError(f"{source.path} has out-of-scope examples, whose threshold needs held-out validation rows; "
+                        "a final model trained on them would have none")
+    post = fitted.load(source.path)
+    if post is None:
+        raise UserError(f"{source.path} has no ood.json (trained by an older lorafit): run `lorafit eval {source.path} --refit` first")
+    if post.score in fitted.NEEDS:
+        raise UserError(f"{source.path} decides out of scope by {post.score}, a score fitted on its own sentence vectors "
+                        "whose threshold would not carry over to another model; train it with ood.score=msp or energy")
+    best = source.summary().best_epoch
+    count = best - cfg.contrastive.epochs if epochs == "best" else cfg.train.epochs  # epochs are numbered through both stages
+    if count < 1:
+        raise UserError(f"{source.path}'s best epoch ({best}) is in its contrastive stage: no classification epoch to train")
+    temperature = post.temperature if cfg.ood.calibrate else None
+    threshold = float(post.thresholds[post.score]["threshold"])
+    recorded = cfg.model_dump(mode="json")
+    settings = {**recorded["train"], "epochs": count, "keep": "last", "patience": None}
+    if progress is not None:
+        settings["progress"] = progress
+    final = validate({**recorded, "data": {**recorded["data"], "train_on_validation": True}, "train": settings,
+                      "ood": {**recorded["ood"], "temperature": temperature, "threshold": threshold}})
+    record = {"run": str(source.path.resolve()), "best_epoch": best, "epochs_rule": epochs, "train_epochs": count, "temperature": temperature,
+              "threshold": threshold, "threshold_source": post.source, "temperature_fitted_on": post.fitted_on}
+    return train(final, out, overwrite=overwrite, final_of=record)
 
 
 def resume(run_dir: str | Path) -> RunResult:
