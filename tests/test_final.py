@@ -114,3 +114,51 @@ def test_final_of_a_run_with_out_of_scope_examples_is_refused(tiny_bert, tmp_pat
     line = train_fails_cleanly(capsys, tmp_path / "final", ["--final", str(src)])
     assert "out-of-scope examples" in line
     assert json.loads((src / "summary.json").read_text())["best_epoch"] == 1  # the source run itself is untouched
+
+
+def test_a_final_run_resumes_bit_for_bit(tiny_bert, tiny_data, tmp_path, monkeypatch):
+    """Killed mid-epoch 2 and resumed, a run on train + validation ends as the uninterrupted one (the joined
+    split is rebuilt the same, and the resume's data check accepts it)."""
+    from conftest import assert_same_adapter_run, crash_after_step
+
+    from lorafit.train import resume
+
+    extra = {"train.epochs": 3, "train.checkpoint_every": 3, "train.keep_checkpoints": 2, "method.dropout": 0.1,
+             "data.train_on_validation": "true", "train.keep": "last", "ood.temperature": 1.3, "ood.threshold": 0.4}
+    overrides = tiny_overrides(tiny_bert, tiny_data, **extra)
+    reference = train(load_config(None, overrides), tmp_path / "reference")
+    assert reference.summary["steps"] == 3 * 15  # 108 training + 12 validation rows, batches of 8
+    crash_after_step(overrides, tmp_path / "killed", monkeypatch, step=20)
+    resume(tmp_path / "killed")
+    assert_same_adapter_run(reference.path, tmp_path / "killed")
+    assert json.loads((tmp_path / "killed" / "ood.json").read_text())["temperature"] == 1.3
+
+
+def test_compare_takes_final_runs_as_one_configuration_that_cannot_be_the_reference(source_run, tiny_bert, tmp_path):
+    """Final runs of different seeds train their own runs' best epoch counts (a validation choice, like a best
+    epoch): one configuration. Their validation rows were trained on, so they never pick the reference,
+    however high their validation figures."""
+    import shutil
+
+    from lorafit.compare import collect, compare, to_markdown
+
+    other = tmp_path / "source-s1"
+    cfg = RunDir(source_run).config()
+    train(cfg.model_copy(update={"seed": 1}), other)
+    summary = json.loads((other / "summary.json").read_text())
+    summary["best_epoch"] = 1 if RunDir(source_run).summary().best_epoch != 1 else 2  # as if its validation chose otherwise
+    (other / "summary.json").write_text(json.dumps(summary))
+    sources = [tmp_path / "source-s0", other]
+    shutil.copytree(source_run, sources[0])
+    finals = [train_final(src, tmp_path / f"final-{i}", progress=False) for i, src in enumerate(sources)]
+    assert finals[0].summary["epochs_run"] != finals[1].summary["epochs_run"]
+    for final in finals:  # validation figures on trained-on rows: higher than any held-out configuration's
+        (final.path / "summary.json").write_text(json.dumps(
+            {**json.loads((final.path / "summary.json").read_text()), "best_validation": {"accuracy": 1.0}}))
+    result = compare(collect([*sources, *(f.path for f in finals)]))
+    assert len(result["rows"]) == 2
+    final_row = next(r for r in result["rows"] if not r["validation_held_out"])
+    assert final_row["seeds"] == [0, 1] and not final_row["best"] and final_row["validation"] == 1.0
+    assert "(trained on)" in to_markdown(result)
+    with pytest.raises(UserError, match="every configuration trained on its validation rows"):
+        compare(collect([f.path for f in finals]))

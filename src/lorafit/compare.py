@@ -61,6 +61,7 @@ class Run:
     correct: np.ndarray | None = None  # per test example
     label: str | None = None  # a sweep trial's swept values without the seed, e.g. "rank=16, alpha=2x"
     draw: int | None = None  # the few-shot draw's seed (data.draw_seed, else the seed); None: not a few-shot run
+    trained_on_validation: bool = False  # data.train_on_validation (lorafit train --final): its validation figures are not held out
 
     @property
     def replicate(self) -> int | str:
@@ -101,7 +102,12 @@ def _read_run(folder: Path) -> Run:
     settings = _settings(cfg)
     if settings.get("distill.teacher") is not None:
         settings["distill.teacher"] = _teacher_setting(run, settings["distill.teacher"])
-    result = Run(folder, cfg.seed, settings, run.summary(), run.eval(), run.labels())
+    if cfg.data.train_on_validation and (run.derived().get("final_of") or {}).get("epochs_rule") == "best":
+        # lorafit train --final: each seed trains its own run's best epoch count, a choice of that run's
+        # validation (as a best epoch is), not another configuration
+        settings["train.epochs"] = "its run's best epoch count"
+    result = Run(folder, cfg.seed, settings, run.summary(), run.eval(), run.labels(),
+                 trained_on_validation=cfg.data.train_on_validation)
     if cfg.data.shots_per_class is not None:
         result.draw = cfg.seed if cfg.data.draw_seed is None else cfg.data.draw_seed
     if (folder / "predictions.json").is_file():
@@ -220,13 +226,18 @@ def choose_reference(groups: list[Group]) -> tuple[int, str, list[float]]:
     """(index of the reference configuration, the validation metric that chose it, each group's mean).
 
     The metric is the runs' `train.metric` (what picked their best epochs) when they share one, else
-    accuracy. Reads validation figures only.
+    accuracy. Reads validation figures only, and only held-out ones: a configuration that trained on its
+    validation rows (lorafit train --final) is shown with them but cannot be the reference.
     """
     chosen_by = {r.settings.get("train.metric") or next(iter(r.summary.best_validation or {}), None)
                  for g in groups for r in g.runs}
     metric = chosen_by.pop() if len(chosen_by) == 1 and None not in chosen_by else "accuracy"
     means = [float(np.mean([_validation(r, metric) for r in g.runs])) for g in groups]
-    index = int(np.argmin(means) if metric == "loss" else np.argmax(means))
+    held_out = [i for i, g in enumerate(groups) if not any(r.trained_on_validation for r in g.runs)]
+    if not held_out:
+        raise UserError("every configuration trained on its validation rows (lorafit train --final), so none has held-out "
+                        "validation figures to choose a reference by; compare them together with the runs they refit")
+    index = min(held_out, key=lambda i: means[i]) if metric == "loss" else max(held_out, key=lambda i: means[i])
     return index, metric, means
 
 
@@ -300,6 +311,7 @@ def compare(runs: list[Run]) -> dict:
     best_index, metric, validation = choose_reference(groups)
     for i, (row, g) in enumerate(zip(rows, groups)):
         row["validation"] = validation[i]
+        row["validation_held_out"] = not any(r.trained_on_validation for r in g.runs)
         row["best"] = i == best_index  # the reference: best mean validation `metric`
         row["versus_best"] = None if i == best_index else paired_tests(groups[best_index], g)
     return {"rows": rows, "per_class": _per_class(groups, labels, best_index), "best": rows[best_index]["configuration"],
@@ -382,7 +394,7 @@ def table_rows(result: dict) -> list[list[str]]:
                       _p(v["p_bootstrap"]), _p(v["p_mcnemar"])]
         table.append([r["configuration"], str(len(r["seeds"])), f"{r['trainable_params']:,}", f"{r['trainable_percent']:.2f}",
                       _size(r["adapter_bytes"]), f"{r['seconds_per_epoch']:.0f}", f"{r['peak_memory_mb']:,.0f} MB",
-                      _validation_cell(r["validation"], metric),
+                      _validation_cell(r["validation"], metric) + ("" if r.get("validation_held_out", True) else " (trained on)"),
                       _pct(r["accuracy"], r["accuracy_ci"]), _pct(r["macro_f1"], r["macro_f1_ci"]), *versus])
     return table
 
@@ -395,6 +407,9 @@ def to_markdown(result: dict, hardest: int = 15) -> str:
         out.write("| " + " | ".join(cells) + " |\n")
     out.write(f"\nReference: {result['best']}, the {_chosen_by(result)} over seeds (each run's best epoch); "
               "test figures are reported, never used to choose.\n")
+    if not all(r.get("validation_held_out", True) for r in result["rows"]):
+        out.write("\n(trained on): a configuration trained on its validation rows (`lorafit train --final`); its "
+                  "validation figures are not held out, so it cannot be the reference.\n")
     out.write("\nCI: 95% t-interval over seeds (none with one seed). Δ and p: paired over shared seeds and the same "
               f"test examples. Bootstrap: B = {BOOTSTRAP_SAMPLES:,} draws, each resampling the shared seeds and, once for all "
               "seeds, the test examples (two levels); statistic the mean over seeds of the per-seed accuracy difference; "
