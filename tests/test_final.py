@@ -162,3 +162,28 @@ def test_compare_takes_final_runs_as_one_configuration_that_cannot_be_the_refere
     assert "(trained on)" in to_markdown(result)
     with pytest.raises(UserError, match="every configuration trained on its validation rows"):
         compare(collect([f.path for f in finals]))
+
+
+def test_final_runs_feed_no_choice_made_downstream(source_run, tmp_path, capsys):
+    """A final run's validation rows were trained on: its export checks parity on test, a soup of final runs
+    is left uncalibrated, a final run is refused as a distillation teacher, and feature scores are refused."""
+    from lorafit.export import export
+    from lorafit.soup import soup
+
+    final = train_final(source_run, tmp_path / "final", progress=False).path
+    meta = export(final, "merged", tmp_path / "merged")
+    assert meta["parity"]["split"] == "test"
+    soup([final, final], tmp_path / "soup")
+    assert not (tmp_path / "soup" / "ood.json").exists()
+    cfg = RunDir(source_run).config()
+    overrides = [f"model.name={cfg.model.name}", f"data.name={cfg.data.name}", "train.epochs=1", "train.progress=false",
+                 "method.rank=4", "method.alpha=8", "train.threads=1", f"distill.teacher={final}"]
+    line = train_fails_cleanly(capsys, tmp_path / "student", overrides)
+    assert "trained on its validation rows (lorafit train --final)" in line
+    with pytest.raises(UserError, match="ood.score=knn is fitted on validation"):
+        load_config(None, ["data.train_on_validation=true", "train.keep=last", "ood.temperature=1.0", "ood.threshold=0.5",
+                           "ood.score=knn"])
+    with pytest.raises(UserError, match="ood.calibrate=false turns off"):
+        load_config(None, ["ood.temperature=1.5", "ood.calibrate=false"])
+    line = train_fails_cleanly(capsys, tmp_path / "x", ["--final-epochs", "recipe", str(source_run / "config.yaml")])
+    assert "--final-epochs goes with --final RUN" in line

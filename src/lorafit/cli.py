@@ -64,13 +64,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         if result.summary:
             print(f"run saved to {result.path}")
         return 0
+    if args.final_epochs is not None and not args.final:
+        raise UserError("--final-epochs goes with --final RUN")
     if args.final:
         if args.items or args.data:
             raise UserError("--final takes the finished run and --out: the run's config.yaml holds the settings")
         if not args.out:
             raise UserError("--out RUN_DIR is required: the final model is a run folder of its own")
         result = train_final(args.final, args.out, overwrite=args.overwrite, progress=False if args.quiet else None,
-                             epochs=args.final_epochs)
+                             epochs=args.final_epochs or "best")
         if result.summary:
             print(f"run saved to {result.path}")
         return 0
@@ -366,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or killed run from its last checkpoint")
     p.add_argument("--final", metavar="RUN_DIR", help="the final model of a finished run: its recipe trained again on "
                    "train + validation for its best epoch count, with the temperature and threshold its validation chose")
-    p.add_argument("--final-epochs", choices=["best", "recipe"], default="best",
+    p.add_argument("--final-epochs", choices=["best", "recipe"],
                    help="with --final: train the run's best epoch count (default) or its whole train.epochs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -102,10 +102,11 @@ def _read_run(folder: Path) -> Run:
     settings = _settings(cfg)
     if settings.get("distill.teacher") is not None:
         settings["distill.teacher"] = _teacher_setting(run, settings["distill.teacher"])
-    if cfg.data.train_on_validation and (run.derived().get("final_of") or {}).get("epochs_rule") == "best":
+    final_of = (run.derived().get("final_of") or {}) if cfg.data.train_on_validation else {}
+    if final_of.get("epochs_rule") == "best":
         # lorafit train --final: each seed trains its own run's best epoch count, a choice of that run's
-        # validation (as a best epoch is), not another configuration
-        settings["train.epochs"] = "its run's best epoch count"
+        # validation (as a best epoch is), not another configuration; the run's own train.epochs still is
+        settings["train.epochs"] = f"its run's best epoch count (of {final_of.get('source_train_epochs', '?')})"
     result = Run(folder, cfg.seed, settings, run.summary(), run.eval(), run.labels(),
                  trained_on_validation=cfg.data.train_on_validation)
     if cfg.data.shots_per_class is not None:

@@ -421,6 +421,8 @@ class Config(_Section):
                              "weights; set train.patience=null or train.keep=best")
         if self.data.train_on_validation:
             self._check_train_on_validation()
+        if self.ood.temperature is not None and not self.ood.calibrate:
+            raise ValueError("ood.temperature is a fixed temperature, which ood.calibrate=false turns off; set one of them")
         if self.train.ema is not None and self.method.name == "adalora":
             raise ValueError("train.ema does not combine with method adalora: its rank budget zeroes singular values "
                              "in place as it trains, which an average of the weights would undo; set train.ema=null")
@@ -438,6 +440,9 @@ class Config(_Section):
         if self.train.keep != "last":
             raise ValueError(f"data.train_on_validation: validation rows are trained on, so they cannot pick the best "
                              f"epoch; set train.keep=last and train.epochs to the count to train {how}")
+        if self.ood.score not in ("msp", "energy"):
+            raise ValueError(f"data.train_on_validation: ood.score={self.ood.score} is fitted on validation (or on the "
+                             "trained model's sentence vectors, which a fixed threshold cannot follow); use msp or energy")
         if self.ood.calibrate and self.ood.temperature is None:
             raise ValueError(f"data.train_on_validation: a temperature fitted on trained-on rows would be too low; set "
                              f"ood.temperature {how}, or ood.calibrate=false")

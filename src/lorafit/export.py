@@ -98,6 +98,11 @@ def export(run_dir: str | Path, format: str, out: str | Path, quantize: str | No
     # Parity in float32 on both sides, whatever precision the run trained in: it checks the merge and the graph,
     # and bf16 rounding differs between a merged and an unmerged model by more than float32's tolerance.
     reference = load(run.path, device="cpu", merge=False, out_of_scope=False, precision="fp32")
+    if split == "validation" and cfg.data.train_on_validation:
+        # lorafit train --final: its validation rows were trained on, so an int8 export's accuracy there
+        # (published in its model card) would be a training figure, and static int8 calibrates on them
+        log.info("this run trained on its validation rows (lorafit train --final): parity is checked on test")
+        split = "test"
     parity_split = run_split(run, cfg, split)
     log.info("reference: the training-time model on %d %s examples", len(parity_split.texts), split)
     reference_logits = reference.logits(parity_split.texts)  # (N, C), before any merging

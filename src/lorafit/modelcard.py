@@ -236,8 +236,8 @@ class _Facts:
         last = self.keeps_last
         kept = "the last epoch (train.keep=last: validation chose nothing)" if last else "the best epoch (chosen on validation)"
         if self.config["data"].get("train_on_validation"):  # lorafit train --final: validation's rows were trained on
-            kept = ("the last epoch of a run on train + validation (`lorafit train --final`: its epoch count, temperature "
-                    "and threshold were chosen by an earlier run on held-out validation)")
+            kept = ("the last epoch of a run on train + validation, its epoch count, temperature and threshold set "
+                    "beforehand (`lorafit train --final` takes them from an earlier run's held-out validation)")
             best = {}  # figures on rows it trained on
         text = (f"## Results\n\nThe model of {kept}, evaluated once on test.\n\n"
                 "| split | examples | accuracy | macro F1 | weighted F1 | loss |\n|---|---|---|---|---|---|\n" + "\n".join(rows))
@@ -300,7 +300,7 @@ class _Facts:
                 f"- Intended for sorting short texts like those of {self._dataset_link()} into its {len(self.labels)} "
                 "classes, and as a baseline to compare other runs with.\n"
                 "- Its top class is always one of these, even for a text that belongs to none: `lorafit predict` and "
-                "`lorafit serve` answer out of scope under the threshold chosen on held-out validation (ood.json), or one you "
+                "`lorafit serve` answer out of scope under the threshold of ood.json (chosen on held-out validation), or one you "
                 "set (`--threshold`); check it on your own data.\n"
                 f"- The figures above were measured on {self.eval.examples:,} test examples from the same source as the "
                 "training data; on texts of another style, domain or language expect them to drop.\n"

@@ -50,11 +50,11 @@ def fit(job) -> Posthoc:
     val_features, val_logits = _split(job, "validation", oos=False)
     val_targets = job.targets["validation"]
     if not cfg.ood.calibrate:
-        temperature = 1.0
-    elif cfg.ood.temperature is not None:  # fixed (a refit's: chosen where validation was held out)
-        temperature = cfg.ood.temperature
+        temperature, fitted_on = 1.0, "none (ood.calibrate=false)"
+    elif cfg.ood.temperature is not None:  # fixed (a final model's: chosen where validation was held out)
+        temperature, fitted_on = cfg.ood.temperature, "ood.temperature (fixed)"
     else:
-        temperature = calibration.fit_temperature(val_logits, val_targets)
+        temperature, fitted_on = calibration.fit_temperature(val_logits, val_targets), "validation"
     has_oos = bool(job.oos_tokens["validation"] or job.oos_tokens["test"])
     kinds = list(ood.SCORES) if has_oos else [cfg.ood.score]  # with OOS data: every score, for the table
     scorers = {}
@@ -70,7 +70,7 @@ def fit(job) -> Posthoc:
         base = {oos: _base_vectors(job, job.oos_tokens["validation"] if oos else job.tokens["validation"])
                 for oos in (False, True)}
     post = Posthoc(temperature, calibration.calibration_record(val_logits, val_targets, temperature), cfg.ood.score, {}, scorers,
-                   fitted_on="validation" if cfg.ood.temperature is None else "ood.temperature (fixed)")
+                   fitted_on=fitted_on)
     if "hybrid" in kinds:  # each part standardised on the in-scope validation examples
         for part in ood.HYBRID_PARTS:
             values = post.scores(part, val_features, val_logits, base.get(False))
@@ -125,6 +125,10 @@ def refit(run_dir, ood_settings: dict | None = None) -> dict:
     cfg = run.config()  # a missing folder or config.yaml says so first
     if not (run.path / "summary.json").is_file():
         raise UserError(f"{run.path} has not finished training (no summary.json); nothing to re-fit")
+    if ood_settings and cfg.ood.threshold is not None and ood_settings.get("score", cfg.ood.score) != cfg.ood.score \
+            and "threshold" not in ood_settings:
+        raise UserError(f"{run.path} has a fixed threshold for {cfg.ood.score} (ood.threshold), which means nothing on "
+                        f"{ood_settings['score']}; give ood threshold=null or a threshold for it too")
     if ood_settings:
         recorded = cfg.model_dump(mode="json")
         cfg = validate({**recorded, "ood": {**recorded["ood"], **ood_settings}})  # a bad setting fails before any work

@@ -194,6 +194,8 @@ def _shared_validation(runs: list[RunDir], configs: list):
         splits = run.read_json("splits.json") if (run.path / "splits.json").is_file() else {}
         return splits.get("validation"), (splits.get("content_sha256") or {}).get("validation")
 
+    if any(cfg.data.train_on_validation for cfg in configs):  # lorafit train --final: its validation was trained on
+        return None
     recorded = [held_out(run) for run in runs]
     if recorded[0][0] is None or any(r != recorded[0] for r in recorded[1:]) or \
             any(cfg.data.name != configs[0].data.name for cfg in configs[1:]):

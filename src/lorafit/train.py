@@ -175,7 +175,8 @@ def train_final(run_dir: str | Path, out: str | Path, overwrite: bool = False, p
         settings["progress"] = progress
     final = validate({**recorded, "data": {**recorded["data"], "train_on_validation": True}, "train": settings,
                       "ood": {**recorded["ood"], "temperature": temperature, "threshold": threshold}})
-    record = {"run": str(source.path.resolve()), "best_epoch": best, "epochs_rule": epochs, "train_epochs": count, "temperature": temperature,
+    record = {"run": str(source.path.resolve()), "best_epoch": best, "epochs_rule": epochs, "train_epochs": count,
+              "source_train_epochs": cfg.train.epochs, "temperature": temperature,
               "threshold": threshold, "threshold_source": post.source, "temperature_fitted_on": post.fitted_on}
     return train(final, out, overwrite=overwrite, final_of=record)
 
