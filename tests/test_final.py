@@ -187,3 +187,14 @@ def test_final_runs_feed_no_choice_made_downstream(source_run, tmp_path, capsys)
         load_config(None, ["ood.temperature=1.5", "ood.calibrate=false"])
     line = train_fails_cleanly(capsys, tmp_path / "x", ["--final-epochs", "recipe", str(source_run / "config.yaml")])
     assert "--final-epochs goes with --final RUN" in line
+
+
+def test_refit_of_a_final_run_keeps_its_threshold_with_its_score(source_run, tmp_path):
+    from lorafit.posthoc import refit
+
+    final = train_final(source_run, tmp_path / "final", progress=False).path
+    with pytest.raises(UserError, match="fixed threshold for msp"):
+        refit(final, {"score": "energy"})
+    assert json.loads((final / "ood.json").read_text())["score"] == "msp"
+    refit(final)  # the same score: its fixed temperature and threshold again
+    assert json.loads((final / "ood.json").read_text())["source"] == "fixed (ood.threshold)"

@@ -106,7 +106,7 @@ def _read_run(folder: Path) -> Run:
     if final_of.get("epochs_rule") == "best":
         # lorafit train --final: each seed trains its own run's best epoch count, a choice of that run's
         # validation (as a best epoch is), not another configuration; the run's own train.epochs still is
-        settings["train.epochs"] = f"its run's best epoch count (of {final_of.get('source_train_epochs', '?')})"
+        settings["train.epochs"] = f"its run's best epoch count (of {_source_epochs(final_of)})"
     result = Run(folder, cfg.seed, settings, run.summary(), run.eval(), run.labels(),
                  trained_on_validation=cfg.data.train_on_validation)
     if cfg.data.shots_per_class is not None:
@@ -116,6 +116,16 @@ def _read_run(folder: Path) -> Run:
         result.target = np.asarray(p.target)
         result.correct = np.asarray(p.predicted) == result.target
     return result
+
+
+def _source_epochs(final_of: dict) -> int | str:
+    """The train.epochs of the run a final model was made from (recorded since it exists; else read from that run)."""
+    if "source_train_epochs" in final_of:
+        return final_of["source_train_epochs"]
+    try:
+        return RunDir(final_of["run"]).config().train.epochs
+    except (UserError, KeyError):
+        return "?"
 
 
 def _teacher_setting(run: RunDir, given: str) -> str:
