@@ -76,6 +76,11 @@ class Group:
     runs: list[Run] = field(default_factory=list)
     name: str = ""
 
+    @property
+    def validation_held_out(self) -> bool:
+        """Whether its runs' validation figures are held out (no run trained on its validation rows)."""
+        return not any(r.trained_on_validation for r in self.runs)
+
 
 def _flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
     out = {}
@@ -244,7 +249,7 @@ def choose_reference(groups: list[Group]) -> tuple[int, str, list[float]]:
                  for g in groups for r in g.runs}
     metric = chosen_by.pop() if len(chosen_by) == 1 and None not in chosen_by else "accuracy"
     means = [float(np.mean([_validation(r, metric) for r in g.runs])) for g in groups]
-    held_out = [i for i, g in enumerate(groups) if not any(r.trained_on_validation for r in g.runs)]
+    held_out = [i for i, g in enumerate(groups) if g.validation_held_out]
     if not held_out:
         raise UserError("every configuration trained on its validation rows (lorafit train --final), so none has held-out "
                         "validation figures to choose a reference by; compare them together with the runs they refit")
@@ -322,7 +327,7 @@ def compare(runs: list[Run]) -> dict:
     best_index, metric, validation = choose_reference(groups)
     for i, (row, g) in enumerate(zip(rows, groups)):
         row["validation"] = validation[i]
-        row["validation_held_out"] = not any(r.trained_on_validation for r in g.runs)
+        row["validation_held_out"] = g.validation_held_out
         row["best"] = i == best_index  # the reference: best mean validation `metric`
         row["versus_best"] = None if i == best_index else paired_tests(groups[best_index], g)
     return {"rows": rows, "per_class": _per_class(groups, labels, best_index), "best": rows[best_index]["configuration"],

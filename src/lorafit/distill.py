@@ -120,10 +120,11 @@ def _check_no_leak(teacher: Path, dataset: Dataset) -> None:
             log.warning("distill.teacher %s: %s does not record the rows it trained on: make sure it never saw this "
                         "run's validation or test examples", teacher, source)
             continue
-        if RunDir(source).config().data.train_on_validation:
+        run = RunDir(source)
+        if run.config().data.train_on_validation:
             raise UserError(f"distill.teacher {teacher}: {source} trained on its validation rows (lorafit train --final), "
                             "which may be this run's validation examples; distil from the run it was made from")
-        theirs = RunDir(source).splits().to_json()
+        theirs = run.splits().to_json()
         if theirs.get("source") != mine["source"]:
             log.warning("distill.teacher %s: %s trained on %s, this run on %s: lorafit cannot check that it never saw "
                         "this run's validation or test examples", teacher, source, theirs.get("source"), mine["source"])
