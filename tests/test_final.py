@@ -173,8 +173,9 @@ def test_final_runs_feed_no_choice_made_downstream(source_run, tmp_path, capsys)
     final = train_final(source_run, tmp_path / "final", progress=False).path
     meta = export(final, "merged", tmp_path / "merged")
     assert meta["parity"]["split"] == "test"
-    soup([final, final], tmp_path / "soup")
+    meta = soup([final, final], tmp_path / "soup")
     assert not (tmp_path / "soup" / "ood.json").exists()
+    assert meta["calibration"].startswith("none: a run trained on its validation rows (lorafit train --final)")
     cfg = RunDir(source_run).config()
     overrides = [f"model.name={cfg.model.name}", f"data.name={cfg.data.name}", "train.epochs=1", "train.progress=false",
                  "method.rank=4", "method.alpha=8", "train.threads=1", f"distill.teacher={final}"]

@@ -71,7 +71,7 @@ def soup(run_dirs: list[str | Path], out: str | Path, overwrite: bool = False, a
         raise UserError("--out must be outside the runs' folders and must not contain them")
 
     factors = _lora_concat(runs, configs) if adapter else None  # refuses what it cannot average before any work
-    validation = _shared_validation(runs, configs)
+    validation, why_none = _shared_validation(runs, configs)
     with atomic.folder(target.path) as tmp:
         if factors is not None:
             tensors, peft_config = factors
@@ -95,8 +95,8 @@ def soup(run_dirs: list[str | Path], out: str | Path, overwrite: bool = False, a
         }
         RunDir(tmp).write_json("export.json", meta)  # what `load` reads to know the folder's format
         if validation is None:
-            meta["calibration"] = ("none: the runs held out different validation examples, so no split is unseen by "
-                                   "all of them; probabilities are uncalibrated and there is no out-of-scope threshold")
+            meta["calibration"] = (f"none: {why_none}; probabilities are uncalibrated and there is no out-of-scope "
+                                   "threshold")
             log.warning("soup: %s", meta["calibration"])
         else:
             meta["calibration"] = _calibrate(load(tmp, device="cpu", out_of_scope=False), RunDir(tmp), first, validation)
@@ -189,18 +189,18 @@ def _mean_model(runs: list[RunDir], configs: list) -> SequenceClassifier:
 
 
 def _shared_validation(runs: list[RunDir], configs: list):
-    """The validation split every run held out (splits.json rows equal), or None."""
+    """(the validation split every run held out (splits.json rows equal), None), or (None, why there is none)."""
     def held_out(run: RunDir):  # the validation rows and a hash of their texts and labels
         splits = run.read_json("splits.json") if (run.path / "splits.json").is_file() else {}
         return splits.get("validation"), (splits.get("content_sha256") or {}).get("validation")
 
-    if any(cfg.data.train_on_validation for cfg in configs):  # lorafit train --final: its validation was trained on
-        return None
+    if any(cfg.data.train_on_validation for cfg in configs):
+        return None, "a run trained on its validation rows (lorafit train --final), so no split is unseen by all of them"
     recorded = [held_out(run) for run in runs]
     if recorded[0][0] is None or any(r != recorded[0] for r in recorded[1:]) or \
             any(cfg.data.name != configs[0].data.name for cfg in configs[1:]):
-        return None
-    return run_split(runs[0], configs[0], "validation")
+        return None, "the runs held out different validation examples, so no split is unseen by all of them"
+    return run_split(runs[0], configs[0], "validation"), None
 
 
 def _calibrate(classifier, folder: RunDir, cfg, validation) -> dict:
