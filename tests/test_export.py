@@ -68,6 +68,13 @@ def test_export_reloads_with_parity(lora_run, data_dir, tmp_path, fmt, quantize,
     if quantize:
         assert (logits.argmax(-1) == reference.argmax(-1)).mean() >= 0.9
         assert np.abs(logits - reference).max() > 0, "int8 weights should change the logits a little"
+        # MatMul/Gemm weights in 7 bits (reduce_range): full-range int8 weights saturate ORT's 16-bit
+        # pair sums on CPUs without VNNI (AVX2 only), where this parity check then fails
+        import onnx
+        from onnx import numpy_helper
+        weights = [numpy_helper.to_array(t) for t in onnx.load(str(out / "model.onnx")).graph.initializer
+                   if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+        assert weights and max(int(np.abs(w.astype(np.int16)).max()) for w in weights) <= 64
     else:
         assert np.abs(logits - reference).max() <= 1e-4
         assert parity["max_abs_logit_diff"] <= 1e-4 and parity["top1_agreement"] == 1.0
