@@ -51,8 +51,13 @@ class Posthoc:
         """ood.json: the temperature, and every score's threshold with the rule that chose it."""
         return {"temperature": self.temperature, "fitted_on": self.fitted_on,
                 "validation_calibration": {k: v for k, v in self.validation_calibration.items() if not k.startswith("reliability")},
-                "score": self.score, "threshold": self.thresholds[self.score]["threshold"],
+                "score": self.score, "threshold": self.threshold,
                 "source": self.source, "scores": self.thresholds}
+
+    @property
+    def threshold(self) -> float:
+        """The deciding score's threshold (out of scope below it)."""
+        return float(self.thresholds[self.score]["threshold"])
 
     @property
     def source(self) -> str:

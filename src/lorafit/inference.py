@@ -501,7 +501,7 @@ def recorded_decision(plan: LoadPlan, flag: float | None = None) -> OutOfScope:
         return OutOfScope("msp", flag, "flag" if flag is not None else "none (the run has no ood.json)")
     if flag is not None:
         return OutOfScope("msp", flag, "flag", post.temperature)
-    decision = OutOfScope(post.score, float(post.thresholds[post.score]["threshold"]), post.source, post.temperature, post)
+    decision = OutOfScope(post.score, post.threshold, post.source, post.temperature, post)
     if not post.ready:
         fix = "run `lorafit eval RUN --refit` with this lorafit" if plan.kind == "run" else \
             "refit the run it came from (`lorafit eval RUN --refit`) and export it again"

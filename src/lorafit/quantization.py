@@ -5,7 +5,10 @@ tables as int8. The weights use 7 of the 8 bits (ONNX Runtime's `reduce_range`):
 (AVX2-only ones such as AMD Zen 3) ORT's uint8 x int8 products add pairs of products in 16-bit registers,
 which saturate with full-range weights (ORT's quantisation docs); an exported graph is run on whatever CPU
 the user deploys to, so every export takes the range that is exact everywhere. Found on a Zen 3 host, where
-the tests' tiny model agreed with the float one on 14 of 15 texts with full-range weights, 15 of 15 with reduce_range. They differ in how the activations the MatMul/Gemm layers read are scaled:
+the tests' tiny model agreed with the float one on 14 of 15 texts with full-range weights, 15 of 15 with
+reduce_range.
+
+The two kinds differ in how the activations the MatMul/Gemm layers read are scaled:
 
     int8         dynamic: each MatMul quantises its input at run time with the range of the batch in
                  hand, so a text's scores move a little with its batch-mates (the other texts, and the

@@ -168,16 +168,15 @@ def train_final(run_dir: str | Path, out: str | Path, overwrite: bool = False, p
     if count < 1:
         raise UserError(f"{source.path}'s best epoch ({best}) is in its contrastive stage: no classification epoch to train")
     temperature = post.temperature if cfg.ood.calibrate else None
-    threshold = float(post.thresholds[post.score]["threshold"])
     recorded = cfg.model_dump(mode="json")
     settings = {**recorded["train"], "epochs": count, "keep": "last", "patience": None}
     if progress is not None:
         settings["progress"] = progress
     final = validate({**recorded, "data": {**recorded["data"], "train_on_validation": True}, "train": settings,
-                      "ood": {**recorded["ood"], "temperature": temperature, "threshold": threshold}})
+                      "ood": {**recorded["ood"], "temperature": temperature, "threshold": post.threshold}})
     record = {"run": str(source.path.resolve()), "best_epoch": best, "epochs_rule": epochs, "train_epochs": count,
               "source_train_epochs": cfg.train.epochs, "temperature": temperature,
-              "threshold": threshold, "threshold_source": post.source, "temperature_fitted_on": post.fitted_on}
+              "threshold": post.threshold, "threshold_source": post.source, "temperature_fitted_on": post.fitted_on}
     return train(final, out, overwrite=overwrite, final_of=record)
 
 
