@@ -3,12 +3,14 @@
 Starts from the first write-up's setting (configs/seeds/banking77-lora-qv.yaml: LoRA r=8, alpha 16 on
 query/value, the first token's state, one learning rate of 1e-3, no label smoothing, 5 epochs) and turns
 lorafit's defaults on one at a time, in this order, until the last row is `lorafit train --data NAME`
-with nothing else; then techniques tried on top of the defaults. Each (dataset, variant, seed) is one
-`lorafit train --data NAME <overrides>` run in OUT/<dataset>/<variant>/seed=<seed> (a re-run skips finished
-runs and resumes killed ones, as `lorafit sweep` does), and each dataset's variants go through `lorafit
-compare`: mean ± 95% CI over seeds, paired
-bootstrap and McNemar against the reference, the variant with the best mean validation accuracy (test
-never chooses anything). Prints one table per dataset and writes OUT/<dataset>/compare.md.
+with nothing else; then techniques tried on top of the defaults, and final models (`lorafit train --final`)
+of another variant's runs, which train on their validation rows and so can never be the reference. Each
+(dataset, variant, seed) is one `lorafit train --data NAME <overrides>` run (a final variant's: `lorafit train
+--final` of the refitted variant's run of that seed) in OUT/<dataset>/<variant>/seed=<seed> (a re-run skips
+finished runs and resumes killed ones, as `lorafit sweep` does), and each dataset's variants go through
+`lorafit compare`: mean ± 95% CI over seeds, paired bootstrap and McNemar against the reference, the variant
+with the best mean validation accuracy (test never chooses anything). Prints one table per dataset and
+writes OUT/<dataset>/compare.md.
 
     LORAFIT_DATA_DIR=/path/to/mirror python bench/ablations.py --out runs/ablations                  # everything
     LORAFIT_DATA_DIR=/path/to/mirror python bench/ablations.py --out runs/ablations --datasets trec6 \\
@@ -64,6 +66,13 @@ TECHNIQUES = [
     ("distill-full", "distilled from the full fine-tuning run of the same seed (same validation rows; distill.alpha 0.5, "
      "temperature 2)", {"distill.teacher": "{variants}/full/seed={seed}"}),
 ]
+#: The final model of another variant's run of the same seed (`lorafit train --final RUN`: that run's recipe trained
+#: again on train + validation for its best epoch count, with the temperature its held-out validation chose).
+#: name -> (what it is, the variant whose runs it refits, which must have run first).
+FINALS = {
+    "full+final": ("the full run of the same seed trained again on train + validation for its best epoch count "
+                   "(lorafit train --final)", "full"),
+}
 
 
 def variants() -> dict[str, tuple[str, dict]]:
@@ -75,20 +84,29 @@ def variants() -> dict[str, tuple[str, dict]]:
         out[name] = (what, dict(current))
     assert current == {}, "the last step must leave the defaults"
     out.update({name: (what, overrides) for name, what, overrides in TECHNIQUES})
+    out.update({name: (what, {}) for name, (what, _) in FINALS.items()})
     return out
 
 
-def _run(out: Path, dataset: str, name: str, overrides: dict, seeds: list[int], workers: int) -> list[str]:
-    """Every seed's run of one variant: `lorafit train --data DATASET <overrides of the defaults>`, one thread
-    (finished runs skipped, killed ones resumed: `_trials.train_or_resume`); returns the runs that failed."""
-    folder = out / dataset / name
+def train_args(out: Path, dataset: str, name: str, overrides: dict, seed: int) -> list[str]:
+    """The `lorafit train` arguments of one variant's run of `seed` (less --out): `--data DATASET` and the
+    overrides of the defaults, one thread; or for a final variant (FINALS) `--final` and the run it refits.
+    {variants} and {seed} in an override name another variant's run of this seed (a teacher)."""
+    if name in FINALS:
+        return ["--final", str(out / dataset / FINALS[name][1] / f"seed={seed}")]
     values = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in overrides.items()]
+    mine = [v.replace("{variants}", str(out / dataset)).replace("{seed}", str(seed)) for v in values]
+    return ["--data", dataset, *mine, f"seed={seed}", "train.threads=1"]
+
+
+def _run(out: Path, dataset: str, name: str, overrides: dict, seeds: list[int], workers: int) -> list[str]:
+    """Every seed's run of one variant (`train_args`; finished runs skipped, killed ones resumed:
+    `_trials.train_or_resume`); returns the runs that failed."""
+    folder = out / dataset / name
 
     def one(seed: int) -> str | None:
         run = folder / f"seed={seed}"
-        # {variants}, {seed}: another variant's run of this seed (a teacher), which must have run first
-        mine = [v.replace("{variants}", str(out / dataset)).replace("{seed}", str(seed)) for v in values]
-        return train_or_resume(run, ["--data", dataset, *mine, f"seed={seed}", "train.threads=1"],
+        return train_or_resume(run, train_args(out, dataset, name, overrides, seed),
                                folder / "logs" / f"{run.name}.log", f"{dataset}/{name}/{run.name}")
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -123,7 +141,8 @@ def _compact(result: dict, names: list[str]) -> str:
         v = row["versus_best"]
         versus = ("reference", "") if row["best"] else \
             (f"{100 * v['difference']:+.2f} [{100 * v['ci_low']:+.2f}, {100 * v['ci_high']:+.2f}]", f"{v['p_bootstrap']:.2g}")
-        lines.append(f"| {name} | {everything[name][0]} | {len(row['seeds'])} | {100 * row['validation']:.2f} | "
+        validation = f"{100 * row['validation']:.2f}" + ("" if row["validation_held_out"] else " (trained on)")
+        lines.append(f"| {name} | {everything[name][0]} | {len(row['seeds'])} | {validation} | "
                      f"{compare._pct(row['accuracy'], row['accuracy_ci'])} | {compare._pct(row['macro_f1'], row['macro_f1_ci'])} | {versus[0]} | "
                      f"{versus[1]} | {row['seconds_per_epoch']:.0f} |")
     best = next(name for name, row in by_variant.items() if row["best"])
