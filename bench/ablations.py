@@ -172,8 +172,9 @@ def main() -> int:
         print(f"\n## {dataset}\n")
         for name in args.variants:
             what, overrides = everything[name]
-            shown = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "none"
-            print(f"- {name}: {what} (overrides of the defaults: {shown})")
+            shown = "" if name in FINALS else \
+                " (overrides of the defaults: " + (", ".join(f"{k}={v}" for k, v in overrides.items()) or "none") + ")"
+            print(f"- {name}: {what}{shown}")
         print()
         print(_table(args.out, dataset, args.variants) or "(no finished runs)")
     if failed:
