@@ -141,7 +141,7 @@ def _compact(result: dict, names: list[str]) -> str:
         v = row["versus_best"]
         versus = ("reference", "") if row["best"] else \
             (f"{100 * v['difference']:+.2f} [{100 * v['ci_low']:+.2f}, {100 * v['ci_high']:+.2f}]", f"{v['p_bootstrap']:.2g}")
-        validation = f"{100 * row['validation']:.2f}" + ("" if row["validation_held_out"] else " (trained on)")
+        validation = compare._validation_cell(row, result["reference_metric"])
         lines.append(f"| {name} | {everything[name][0]} | {len(row['seeds'])} | {validation} | "
                      f"{compare._pct(row['accuracy'], row['accuracy_ci'])} | {compare._pct(row['macro_f1'], row['macro_f1_ci'])} | {versus[0]} | "
                      f"{versus[1]} | {row['seconds_per_epoch']:.0f} |")

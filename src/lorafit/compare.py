@@ -377,8 +377,11 @@ def _p(value: float) -> str:
     return f"{value:.4f}" if value >= 1e-4 else f"{value:.1e}"
 
 
-def _validation_cell(value: float, metric: str) -> str:
-    return f"{value:.4f}" if metric == "loss" else f"{100 * value:.2f}"
+def _validation_cell(row: dict, metric: str) -> str:
+    """A result row's mean validation figure, marked where its runs trained on their validation rows."""
+    value = row["validation"]
+    cell = f"{value:.4f}" if metric == "loss" else f"{100 * value:.2f}"
+    return cell + ("" if row.get("validation_held_out", True) else " (trained on)")
 
 
 def _chosen_by(result: dict) -> str:
@@ -410,7 +413,7 @@ def table_rows(result: dict) -> list[list[str]]:
                       _p(v["p_bootstrap"]), _p(v["p_mcnemar"])]
         table.append([r["configuration"], str(len(r["seeds"])), f"{r['trainable_params']:,}", f"{r['trainable_percent']:.2f}",
                       _size(r["adapter_bytes"]), f"{r['seconds_per_epoch']:.0f}", f"{r['peak_memory_mb']:,.0f} MB",
-                      _validation_cell(r["validation"], metric) + ("" if r.get("validation_held_out", True) else " (trained on)"),
+                      _validation_cell(r, metric),
                       _pct(r["accuracy"], r["accuracy_ci"]), _pct(r["macro_f1"], r["macro_f1_ci"]), *versus])
     return table
 
