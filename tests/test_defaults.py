@@ -183,6 +183,16 @@ def test_the_emotion_few_shot_config_is_the_measured_recipe():
     assert load_config(str(configs / "emotion-8shot.yaml"), []) == measured
 
 
+def test_the_emotion_full_config_is_the_measured_recipe():
+    """configs/emotion-full.yaml is what bench/ablations.py's `full` variant trained on emotion (the README's
+    figures): the defaults with method.name=full, resolved on emotion's 16,000 training tweets, written out."""
+    shipped, shipped_choices = resolve(load_config("configs/emotion-full.yaml"), 16000)
+    measured, _ = resolve(load_config(None, ["data.name=emotion", "method.name=full"]), 16000)
+    for section in ("data", "model", "method", "train", "contrastive", "ood"):
+        assert getattr(shipped, section) == getattr(measured, section), section
+    assert shipped.train.epochs == 3 and shipped_choices == {}  # nothing left for the defaults to choose
+
+
 def test_the_fast_banking77_config_is_the_measured_recipe():
     """configs/banking77-lora-fast.yaml is exactly the recipe the README's time-to-93.5% figures trained:
     the shipped Banking77 LoRA config with adapters on layers 3-5, the frozen layers cached, in bf16."""
