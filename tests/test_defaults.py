@@ -63,14 +63,19 @@ def test_a_method_without_a_head_rate_gives_the_head_train_lr(monkeypatch):
     assert resolved_cfg.train.head_lr == 3e-4
 
 
+def assert_same_recipe(a, b) -> None:
+    """Two resolved configs have the same data, model, method, train, contrastive and ood sections."""
+    for section in ("data", "model", "method", "train", "contrastive", "ood"):
+        assert getattr(a, section) == getattr(b, section), section
+
+
 def test_the_default_recipe_is_the_shipped_banking77_lora_one():
     """README: the shipped Banking77 LoRA config differs from the defaults only in naming its dataset and
     its validation share (which is the default too); resolved on Banking77's 9,000 training examples the
     two are the same recipe."""
     shipped, _ = resolve(load_config("configs/banking77-lora.yaml"), 9000)
     default, _ = resolve(load_config(None, ["data.name=banking77"]), 9000)
-    for section in ("data", "model", "method", "train", "contrastive", "ood"):
-        assert getattr(default, section) == getattr(shipped, section), section
+    assert_same_recipe(default, shipped)
 
 
 def test_train_with_only_data_and_out_records_what_it_chose(tiny_bert, tmp_path):
@@ -188,8 +193,7 @@ def test_the_emotion_full_config_is_the_measured_recipe():
     figures): the defaults with method.name=full, resolved on emotion's 16,000 training tweets, written out."""
     shipped, shipped_choices = resolve(load_config("configs/emotion-full.yaml"), 16000)
     measured, _ = resolve(load_config(None, ["data.name=emotion", "method.name=full"]), 16000)
-    for section in ("data", "model", "method", "train", "contrastive", "ood"):
-        assert getattr(shipped, section) == getattr(measured, section), section
+    assert_same_recipe(shipped, measured)
     assert shipped.train.epochs == 3 and shipped_choices == {}  # nothing left for the defaults to choose
 
 
