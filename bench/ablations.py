@@ -57,6 +57,8 @@ TECHNIQUES = [
     ("full", "full fine-tuning with its own learning rates (1e-4, head 2e-3)", {"method.name": "full"}),
     ("steps-x2", "twice the optimiser steps: train.auto_steps=2200", {"train.auto_steps": 2200}),
     ("ema", "judged and saved by a moving average of the weights: train.ema=0.995 (about 200 steps)", {"train.ema": 0.995}),
+    ("full+steps-x2", "full fine-tuning with twice the optimiser steps (train.auto_steps=2200)",
+     {"method.name": "full", "train.auto_steps": 2200}),
     ("full+llrd", "full fine-tuning, layer-wise learning-rate decay 0.9 (train.layer_lr_decay)",
      {"method.name": "full", "train.layer_lr_decay": 0.9}),
     ("centroid-head", "the head starts as a nearest-centroid classifier of the training sentence vectors",
