@@ -129,6 +129,8 @@ def main() -> int:
     from lorafit.inference import run_split
     from lorafit.rundir import RunDir
 
+    from _runs import test_predictions  # bench/ is on sys.path: run as python bench/<script>.py
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="finished runs on the same test split (emotion, or any 'i feel X' data)")
     parser.add_argument("--min-count", type=int, default=10, help="training tweets a word needs to be judged (default 10)")
@@ -140,14 +142,7 @@ def main() -> int:
     first = RunDir(args.runs[0])
     cfg = first.config()
     train, test = run_split(first, cfg, "train"), run_split(first, cfg, "test")
-    predictions = {}
-    for path in args.runs:
-        run = RunDir(path)
-        record, labels = run.predictions(), run.labels()
-        if record.split != "test" or [labels[t] for t in record.target] != list(test.labels):
-            print(f"{path}: its predictions.json is not this test split", file=sys.stderr)
-            return 2
-        predictions[path] = [labels[p] for p in record.predicted]
+    predictions = test_predictions(args.runs, test.labels)
 
     words = WordLabels.fit(train.texts, train.labels, args.min_count, args.clear)
     result = audit(words, test.texts, test.labels, predictions)

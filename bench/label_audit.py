@@ -97,6 +97,8 @@ def main() -> int:
     from lorafit.hardware import cpu_line
     from lorafit.rundir import RunDir
 
+    from _runs import test_predictions  # bench/ is on sys.path: run as python bench/<script>.py
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="finished runs of one dataset and base model (their test predictions are counted)")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.98, 0.95, 0.9], help="cosine similarities (default 0.98 0.95 0.9)")
@@ -113,14 +115,7 @@ def main() -> int:
     reference = list(dict.fromkeys((t, label) for name, split in dataset.splits.items() if name != "test"
                                    for t, label in zip(split.texts, split.labels)))
     ref_texts, ref_labels = [t for t, _ in reference], [label for _, label in reference]
-    predictions = {}
-    for path in args.runs:
-        run = RunDir(path)
-        record, labels = run.predictions(), run.labels()
-        if record.split != "test" or [labels[t] for t in record.target] != list(test.labels):
-            print(f"{path}: its predictions.json is not this test split", file=sys.stderr)
-            return 2
-        predictions[path] = [labels[p] for p in record.predicted]
+    predictions = test_predictions(args.runs, test.labels)
 
     print(cpu_line())
     print(f"{cfg.data.name}: {len(test.texts)} test queries against {len(ref_texts)} labelled rows (train and validation), "
