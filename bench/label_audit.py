@@ -126,12 +126,15 @@ def main() -> int:
     inner = audit(*nearest(ref_vec, ref_vec, exclude_self=True), ref_labels, ref_labels, {}, args.thresholds)
     result = audit(index, similarity, ref_labels, list(test.labels), predictions, args.thresholds)
 
-    print("\n| cosine >= | test queries with a neighbour that close | of them labelled otherwise | the same inside the labelled rows |")
-    print("|---:|---:|---:|---|")
+    print("\n| cosine >= | test queries with a neighbour that close | of them labelled otherwise | the same inside the labelled rows "
+          "| the runs on them (mean): test label / neighbour's / other | the runs' accuracy without them (mean) |")
+    print("|---:|---:|---:|---|---|---:|")
     for t in args.thresholds:
         r, i = result[t], inner[t]
+        mean = {key: np.mean([run[key] for run in r["runs"].values()]) for key in next(iter(r["runs"].values()))}
         print(f"| {t} | {r['close']} | **{r['conflicts']}** ({r['conflicts'] / len(test.texts):.2%} of test) | "
-              f"{i['conflicts']} of {i['close']} |")
+              f"{i['conflicts']} of {i['close']} | {mean['test_label']:.1f} / {mean['neighbour_label']:.1f} / {mean['other']:.1f} | "
+              f"{100 * mean['accuracy_without_conflicts']:.2f} (with them {100 * mean['accuracy']:.2f}) |")
     shown = args.thresholds[min(1, len(args.thresholds) - 1)]
     print(f"\nat cosine >= {shown}:\n\n| run | accuracy | on the {result[shown]['conflicts']} conflicts: test label / neighbour's "
           "label / other | accuracy without them |")

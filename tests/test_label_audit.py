@@ -13,6 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import label_audit as la  # noqa: E402  (bench/ is not a package)
 
+from conftest import tiny_overrides, write_dataset  # noqa: E402
+
 
 def test_nearest_is_by_cosine_and_can_leave_a_row_out_of_its_own_neighbours():
     reference = np.array([[1.0, 0.0], [0.0, 3.0], [1.0, 1.0]])
@@ -46,3 +48,38 @@ def test_common_errors_are_the_queries_every_run_misses_with_their_commonest_gue
     targets = ["a", "b", "c", "d"]
     runs = {"r1": ["a", "c", "a", "a"], "r2": ["b", "c", "b", "d"], "r3": ["a", "a", "b", "a"]}
     assert la.common_errors(targets, runs) == [(1, "c"), (2, "b")]
+
+
+def test_the_script_finds_a_verbatim_conflict_in_a_real_run_and_refuses_another_test_split(tiny_bert, tmp_path, monkeypatch, capsys):
+    import pandas as pd
+
+    from lorafit.config import load_config
+    from lorafit.train import train
+
+    import emotion_words
+
+    data = write_dataset(tmp_path / "data", n_train=80, n_test=20)
+    train_rows, test_rows = pd.read_csv(data / "train.csv"), pd.read_csv(data / "test.csv")
+    other = next(label for label in sorted(set(train_rows.label)) if label != train_rows.label[0])
+    test_rows.loc[0] = [train_rows.text[0], other]  # training's first text, under another label
+    test_rows.to_csv(data / "test.csv", index=False)
+    run = tmp_path / "run"
+    train(load_config(None, tiny_overrides(tiny_bert, data, **{"train.epochs": 1})), run)
+
+    monkeypatch.setattr(sys, "argv", ["label_audit.py", str(run), "--thresholds", "0.999", "0.95"])
+    assert la.main() == 0
+    out = capsys.readouterr().out
+    assert f"{other}: {train_rows.text[0]}  ||  {train_rows.label[0]}: {train_rows.text[0]}" in out
+    row = next(line for line in out.splitlines() if line.startswith("| 0.999 |"))
+    assert int(row.split("**")[1]) >= 1  # at least the planted conflict
+    monkeypatch.setattr(sys, "argv", ["emotion_words.py", str(run)])
+    assert emotion_words.main() == 0  # no "feel" here: every tweet in "other", and the script says so without failing
+    assert "| other | 20 |" in capsys.readouterr().out
+
+    elsewhere = write_dataset(tmp_path / "other-data", n_train=80, n_test=25, seed=5)
+    stranger = tmp_path / "stranger"
+    train(load_config(None, tiny_overrides(tiny_bert, elsewhere, **{"train.epochs": 1})), stranger)
+    monkeypatch.setattr(sys, "argv", ["label_audit.py", str(run), str(stranger)])
+    with pytest.raises(SystemExit) as exit_:
+        la.main()
+    assert exit_.value.code == 2 and "is not this test split" in capsys.readouterr().err
