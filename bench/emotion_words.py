@@ -85,20 +85,22 @@ class WordLabels:
 
 def audit(words: WordLabels, texts: list[str], targets: list[str], predictions: dict[str, list[str]]) -> dict:
     """Per group: size and each run's accuracy; per run: errors in each group, and accuracy and macro-F1 with
-    every tweet outside the split group right (the run's own predictions kept on it)."""
+    every tweet outside the split group right (the run's own predictions kept on it); the split words' test counts."""
     groups = [words.group(text) for text in texts]
     y = np.array(targets)
+    masks = {name: np.array([g == name for g in groups]) for name in ("clear", "split", "other")}
+    split = masks["split"]
     out: dict = {"groups": {}, "runs": {}, "class_split_share": {}}
-    for name in ("clear", "split", "other"):
-        mask = np.array([g == name for g in groups])
+    for name, mask in masks.items():
         out["groups"][name] = {"n": int(mask.sum()),
                                "accuracy": {run: float((np.array(p)[mask] == y[mask]).mean()) if mask.any() else None
                                             for run, p in predictions.items()}}
-    split = np.array([g == "split" for g in groups])
     labels = sorted(set(targets))
     # what the word alone gets right on the split group: its commonest training label, and in expectation a label
     # drawn from its training labels (the share of the test tweet's own label among them)
-    shares = [(words.counts[feeling_word(t, words.skip)], target) for t, target, g in zip(texts, targets, groups) if g == "split"]
+    split_words = [(feeling_word(t, words.skip), target) for t, target, g in zip(texts, targets, groups) if g == "split"]
+    shares = [(words.counts[word], target) for word, target in split_words]
+    out["split_words"] = Counter(word for word, _ in split_words)
     out["split_word_alone"] = {
         "commonest_label": float(np.mean([c.most_common(1)[0][0] == target for c, target in shares])) if shares else None,
         "drawn_label": float(np.mean([c[target] / sum(c.values()) for c, target in shares])) if shares else None}
@@ -107,7 +109,7 @@ def audit(words: WordLabels, texts: list[str], targets: list[str], predictions: 
         ceiling = np.where(split, p, y)
         out["runs"][run] = {
             "accuracy": float((p == y).mean()), "macro_f1": float(f1_score(y, p, average="macro")),
-            "errors": {name: int(((p != y) & np.array([g == name for g in groups])).sum()) for name in ("clear", "split", "other")},
+            "errors": {name: int(((p != y) & mask).sum()) for name, mask in masks.items()},
             "ceiling_accuracy": float((ceiling == y).mean()), "ceiling_macro_f1": float(f1_score(y, ceiling, average="macro")),
             "ceiling_f1": dict(zip(labels, (float(v) for v in f1_score(y, ceiling, average=None, labels=labels)))),
         }
@@ -117,12 +119,13 @@ def audit(words: WordLabels, texts: list[str], targets: list[str], predictions: 
     return out
 
 
-def verbatim_conflicts(train_texts: list[str], train_labels: list[str], texts: list[str], targets: list[str]) -> list[int]:
-    """Indices of test tweets found verbatim in training under another label."""
+def verbatim_conflicts(train_texts: list[str], train_labels: list[str], texts: list[str],
+                       targets: list[str]) -> dict[int, set[str]]:
+    """{index: the labels training gives it} of each test tweet found verbatim in training under another label."""
     seen: dict[str, set[str]] = {}
     for text, label in zip(train_texts, train_labels):
         seen.setdefault(text, set()).add(label)
-    return [i for i, (text, label) in enumerate(zip(texts, targets)) if text in seen and seen[text] != {label}]
+    return {i: seen[text] for i, (text, label) in enumerate(zip(texts, targets)) if text in seen and seen[text] != {label}}
 
 
 def main() -> int:
@@ -150,9 +153,8 @@ def main() -> int:
     judged = {w: c for w, c in words.counts.items() if sum(c.values()) >= args.min_count}
     print(f"feeling words seen in >= {args.min_count} training tweets: {len(judged)}; split (commonest label < "
           f"{args.clear:.0%}): {sum(max(c.values()) / sum(c.values()) < args.clear for c in judged.values())}")
-    in_test = Counter(feeling_word(t, words.skip) for t, g in zip(test.texts, map(words.group, test.texts)) if g == "split")
     print("commonest split words in test (test tweets: training labels):")
-    for word, n in in_test.most_common(args.words):
+    for word, n in result["split_words"].most_common(args.words):
         print(f"  {word} ({n}): " + ", ".join(f"{label} {count}" for label, count in words.counts[word].most_common()))
     print("share of each class's test tweets whose word is split: "
           + ", ".join(f"{label} {share:.1%}" for label, share in sorted(result["class_split_share"].items(), key=lambda kv: -kv[1])))
@@ -174,9 +176,8 @@ def main() -> int:
               f"{100 * f.get('surprise', float('nan')):.1f} / {100 * f.get('love', float('nan')):.1f} |")
     conflicts = verbatim_conflicts(train.texts, train.labels, test.texts, test.labels)
     print(f"\ntest tweets found verbatim in training under another label: {len(conflicts)}; predicted as training "
-          "labels them, by run: " + ", ".join(
-              str(sum(predictions[r][i] in {l for t, l in zip(train.texts, train.labels) if t == test.texts[i]} for i in conflicts))
-              for r in predictions))
+          "labels them, by run: " + ", ".join(str(sum(p[i] in training for i, training in conflicts.items()))
+                                              for p in predictions.values()))
     return 0
 
 

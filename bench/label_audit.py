@@ -45,24 +45,26 @@ def nearest(reference: np.ndarray, queries: np.ndarray, exclude_self: bool = Fal
 def audit(index: np.ndarray, similarity: np.ndarray, reference_labels: list[str], targets: list[str],
           predictions: dict[str, list[str]], thresholds: list[float]) -> dict:
     """Per threshold: test queries with a neighbour at >= it, the conflicts among them (neighbour labelled
-    otherwise), and per run its predictions on the conflicts (test label / neighbour's label / other) and its
-    accuracy on every other test query."""
+    otherwise; `indices`, most similar first), and per run its predictions on the conflicts (test label /
+    neighbour's label / other) and its accuracy on every other test query."""
     neighbour = np.asarray(reference_labels, dtype=object)[index]
     y = np.asarray(targets, dtype=object)
     out = {}
     for t in thresholds:
         close = similarity >= t
         conflict = close & (neighbour != y)
+        rest = ~conflict
         runs = {}
         for run, p in predictions.items():
             p = np.asarray(p, dtype=object)
-            rest = ~conflict
             runs[run] = {"test_label": int((p[conflict] == y[conflict]).sum()),
                          "neighbour_label": int((p[conflict] == neighbour[conflict]).sum()),
                          "other": int(((p[conflict] != y[conflict]) & (p[conflict] != neighbour[conflict])).sum()),
                          "accuracy": float((p == y).mean()),
                          "accuracy_without_conflicts": float((p[rest] == y[rest]).mean()) if rest.any() else None}
-        out[t] = {"close": int(close.sum()), "conflicts": int(conflict.sum()), "runs": runs}
+        indices = np.flatnonzero(conflict)
+        out[t] = {"close": int(close.sum()), "conflicts": int(conflict.sum()), "runs": runs,
+                  "indices": indices[np.argsort(-similarity[indices], kind="stable")].tolist()}
     return out
 
 
@@ -95,6 +97,7 @@ def main() -> int:
 
     from lorafit import data
     from lorafit.hardware import cpu_line
+    from lorafit.inference import run_split
     from lorafit.rundir import RunDir
 
     from _runs import test_predictions  # bench/ is on sys.path: run as python bench/<script>.py
@@ -110,7 +113,7 @@ def main() -> int:
     first = RunDir(args.runs[0])
     cfg = first.config()
     dataset, _ = data.load(cfg.data, cfg.seed)
-    test = dataset.splits["test"]
+    test = run_split(first, cfg, "test")  # checked against splits.json; in-scope rows only, as predictions.json holds
     # every labelled row once: a final run's train split already holds its validation rows
     reference = list(dict.fromkeys((t, label) for name, split in dataset.splits.items() if name != "test"
                                    for t, label in zip(split.texts, split.labels)))
@@ -142,7 +145,7 @@ def main() -> int:
     for run, r in result[shown]["runs"].items():
         print(f"| {Path(run).parent.name}/{Path(run).name} | {100 * r['accuracy']:.2f} | {r['test_label']} / "
               f"{r['neighbour_label']} / {r['other']} | {100 * r['accuracy_without_conflicts']:.2f} |")
-    conflicts = [i for i in np.argsort(-similarity) if similarity[i] >= shown and ref_labels[index[i]] != test.labels[i]]
+    conflicts = result[shown]["indices"]
     print(f"\nconflicts at cosine >= {shown}, most similar first (test label: query || neighbour's label: its text):")
     for i in conflicts[:args.show]:
         print(f"  {similarity[i]:.3f}  {test.labels[i]}: {test.texts[i]}  ||  {ref_labels[index[i]]}: {ref_texts[index[i]]}")
@@ -150,7 +153,7 @@ def main() -> int:
     print(f"\ntest queries every run gets wrong: {len(always)} (test label -> the runs' commonest prediction; * its nearest "
           f"labelled row is at cosine >= {shown} under another label)")
     for i, predicted in always[:args.show]:
-        mark = "*" if similarity[i] >= shown and ref_labels[index[i]] != test.labels[i] else " "
+        mark = "*" if i in conflicts else " "
         print(f"  {mark} {test.labels[i]} -> {predicted}: {test.texts[i]}")
     return 0
 

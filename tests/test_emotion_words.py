@@ -59,8 +59,10 @@ def test_groups_accuracies_errors_and_the_ceiling_are_counted_from_the_predictio
     # the word alone on the split group: "weird"'s commonest label, fear, is right once of twice; drawn: (0.6 + 0.4) / 2
     assert result["split_word_alone"] == pytest.approx({"commonest_label": 0.5, "drawn_label": 0.5})
     assert result["class_split_share"] == pytest.approx({"fear": 0.5, "joy": 0.0, "surprise": 1.0})
+    assert result["split_words"] == {"weird": 2}
 
 
 def test_verbatim_conflicts_are_test_tweets_training_labels_otherwise():
     train_texts, train_labels = ["a b", "a b", "c d", "e f"], ["joy", "love", "joy", "fear"]
-    assert ew.verbatim_conflicts(train_texts, train_labels, ["a b", "c d", "e f", "g h"], ["joy", "love", "fear", "joy"]) == [0, 1]
+    assert ew.verbatim_conflicts(train_texts, train_labels, ["a b", "c d", "e f", "g h"], ["joy", "love", "fear", "joy"]) == {
+        0: {"joy", "love"}, 1: {"joy"}}

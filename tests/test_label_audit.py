@@ -36,6 +36,7 @@ def test_conflicts_and_what_each_run_predicts_on_them_are_counted_per_threshold(
     result = la.audit(index, similarity, reference_labels, targets, {"r": run}, [0.98, 0.95])
     assert (result[0.98]["close"], result[0.98]["conflicts"]) == (2, 1)
     assert (result[0.95]["close"], result[0.95]["conflicts"]) == (4, 2)
+    assert result[0.95]["indices"] == [2, 1] and result[0.98]["indices"] == [2]  # most similar first
     r = result[0.95]["runs"]["r"]
     assert (r["test_label"], r["neighbour_label"], r["other"]) == (0, 1, 1)
     assert r["accuracy"] == pytest.approx(3 / 5) and r["accuracy_without_conflicts"] == pytest.approx(1.0)
