@@ -1,5 +1,6 @@
-"""Finished runs' test predictions as label names, for the audit scripts (bench/emotion_words.py,
-bench/label_audit.py): each run's predictions.json, checked to hold the same test split, in the same order."""
+"""For the audit scripts (bench/emotion_words.py, bench/label_audit.py): finished runs' test predictions as
+label names, each run's predictions.json checked to hold the same test split in the same order; and their
+entry point, which answers a user's mistake (lorafit's UserError) with one line and exit 2, as the CLI does."""
 
 from __future__ import annotations
 
@@ -19,3 +20,15 @@ def test_predictions(paths: list[str], targets: list[str]) -> dict[str, list[str
             raise SystemExit(2)
         out[path] = [labels[p] for p in record.predicted]
     return out
+
+
+def run_script(main) -> None:
+    """sys.exit(main()), a UserError (a missing run folder, a dataset that is not there) printed as one line, exit 2."""
+    from lorafit.errors import UserError
+
+    try:
+        code = main()
+    except UserError as e:
+        print(f"{sys.argv[0]}: error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

@@ -182,4 +182,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _runs import run_script  # bench/ is on sys.path: run as python bench/<script>.py
+
+    run_script(main)

@@ -84,3 +84,13 @@ def test_the_script_finds_a_verbatim_conflict_in_a_real_run_and_refuses_another_
     with pytest.raises(SystemExit) as exit_:
         la.main()
     assert exit_.value.code == 2 and "is not this test split" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["label_audit.py", "emotion_words.py"])
+def test_a_missing_run_is_one_line_and_exit_2(script, tmp_path):
+    import subprocess
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    done = subprocess.run([sys.executable, str(bench / script), str(tmp_path / "no-such-run")], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [f"{bench / script}: error: run folder not found: {tmp_path / 'no-such-run'}"]
